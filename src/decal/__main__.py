@@ -1,0 +1,5 @@
+"""`python -m decal` runs the CLI."""
+
+from .cli import main
+
+main()

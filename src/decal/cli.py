@@ -1,0 +1,71 @@
+"""The `decal` command line: a thin entry point that registers one module per subcommand.
+
+Each module in `decal.commands` exposes `register(app)`; heavy imports (torch, transformers,
+trl) happen inside the command functions so `decal --help` stays fast. Errors that a user can
+fix (bad data, bad config, missing files) end as one line on stderr and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+import typer
+
+from .errors import DecalError
+
+__all__ = ["app", "main"]
+
+# Subcommand modules, in the order `decal --help` lists them.
+COMMANDS = [
+    "tasks",
+]
+
+app = typer.Typer(
+    name="decal",
+    help="Decision-token calibration: evaluate, fine-tune, calibrate and report on LLM decision makers.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def _register() -> None:
+    for name in COMMANDS:
+        importlib.import_module(f"decal.commands.{name}").register(app)
+
+
+_register()
+
+
+def _fail(message: str, code: int) -> int:
+    first = " ".join(str(message).strip().splitlines()) or "failed"
+    print(f"error: {first}", file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns (and exits with) 0 on success, 1 on a failed run, 2 on a usage error."""
+    try:
+        result = app(args=argv, standalone_mode=False)
+        code = result if isinstance(result, int) else 0
+    except click.exceptions.Exit as e:
+        code = e.exit_code
+    except click.exceptions.Abort:
+        code = _fail("aborted", 130)
+    except click.exceptions.ClickException as e:  # usage errors: bad flag, missing argument
+        code = _fail(e.format_message(), 2)
+    except KeyboardInterrupt:
+        code = _fail("interrupted; rerun the same command to resume", 130)
+    except (DecalError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
+        code = _fail(str(e) or type(e).__name__, 1)
+    except OSError as e:
+        code = _fail(f"{e.strerror or e}: {e.filename}" if getattr(e, "filename", None) else str(e), 1)
+    if argv is None:
+        sys.exit(code)
+    return code
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,245 @@
+"""Prediction records: the one schema that scoring writes and metrics, calibrators, plots and reports read.
+
+One JSON object per example (DESIGN.md, "Prediction record"), appended to `predictions.jsonl`
+in a run folder and flushed per batch, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+
+import os
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from .errors import DataError
+
+__all__ = [
+    "PredictionRecord",
+    "RecordArrays",
+    "RecordWriter",
+    "read_records",
+    "iter_records",
+    "records_to_arrays",
+    "completed_ids",
+]
+
+_REQUIRED = ("id", "task", "split", "label", "prediction", "correct", "valid", "confidence", "option_probs", "labels")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PredictionRecord:
+    """One example's decision: see DESIGN.md for each field's meaning.
+
+    `confidence` is the full-vocabulary probability of the emitted decision token (reasoning) or
+    of the constrained argmax option (non-reasoning); `option_probs[k]` is the full-vocabulary
+    probability of option k's decision token at the decision position (not renormalised).
+    """
+
+    id: str
+    task: str
+    split: str
+    label: str
+    prediction: str
+    correct: bool
+    valid: bool
+    confidence: float
+    option_probs: list[float]
+    labels: list[str]
+    emitted_token: str | None = None
+    completion: str | None = None
+    model: str | None = None
+    adapter: str | None = None
+    seed: int | None = None
+    prompt_version: str | None = None
+    top_token: str | None = None
+    top_is_option: bool | None = None
+    seconds: float | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), ensure_ascii=False, allow_nan=True)
+
+    @classmethod
+    def from_dict(cls, row: dict, *, path=None, line: int | None = None) -> "PredictionRecord":
+        """Validate one decoded JSON object; errors name the file, line and field."""
+        if not isinstance(row, dict):
+            raise DataError("expected a JSON object", path=path, line=line)
+        for key in _REQUIRED:
+            if key not in row:
+                raise DataError("missing required field", path=path, line=line, field=key)
+        known = {f for f in cls.__dataclass_fields__}
+        kwargs = {k: v for k, v in row.items() if k in known}
+        labels, probs = row["labels"], row["option_probs"]
+        if not isinstance(labels, list) or len(labels) < 2:
+            raise DataError("must be a list of at least two labels", path=path, line=line, field="labels")
+        if not isinstance(probs, list) or len(probs) != len(labels):
+            raise DataError(f"must be a list of {len(labels)} numbers", path=path, line=line, field="option_probs")
+        for name, value in (("confidence", row["confidence"]), *(("option_probs", p) for p in probs)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not (0.0 <= value <= 1.0):
+                raise DataError(f"must be a probability in [0, 1]; got {value!r}", path=path, line=line, field=name)
+        for name in ("label", "prediction"):
+            if row[name] not in labels:
+                raise DataError(f"{row[name]!r} is not one of {labels}", path=path, line=line, field=name)
+        for name in ("correct", "valid"):
+            if not isinstance(row[name], bool):
+                raise DataError(f"must be true or false; got {row[name]!r}", path=path, line=line, field=name)
+        kwargs["id"] = str(row["id"])
+        return cls(**kwargs)
+
+    def with_confidence(self, confidence: float, option_probs: Sequence[float] | None = None, **extra) -> "PredictionRecord":
+        """A copy with calibrated confidence (and option probabilities), for post-hoc calibrators."""
+        new_extra = {**self.extra, **extra}
+        return replace(
+            self,
+            confidence=float(confidence),
+            option_probs=list(map(float, option_probs)) if option_probs is not None else self.option_probs,
+            extra=new_extra,
+        )
+
+
+def iter_records(path: str | os.PathLike) -> Iterator[PredictionRecord]:
+    """Stream records from a JSONL file, validating each line."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"not UTF-8 ({e.reason} at byte {e.start})", path=path, line=lineno) from e
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DataError(f"invalid JSON: {e.msg}", path=path, line=lineno) from e
+            yield PredictionRecord.from_dict(row, path=path, line=lineno)
+
+
+def read_records(path: str | os.PathLike) -> list[PredictionRecord]:
+    """Read all records of a `predictions.jsonl` (or of a run folder holding one).
+
+    Raises `DataError` on a malformed line, on duplicate ids, and on an empty file.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "predictions.jsonl"
+    records, seen = [], set()
+    for lineno, rec in enumerate(iter_records(path), start=1):
+        if rec.id in seen:
+            raise DataError(f"duplicate id {rec.id!r}", path=path, line=lineno, field="id")
+        seen.add(rec.id)
+        records.append(rec)
+    if not records:
+        raise DataError("no prediction records", path=path)
+    return records
+
+
+@dataclass(frozen=True)
+class RecordArrays:
+    """Records as plain arrays for the metric functions.
+
+    confidence: (n,) float; correct: (n,) bool; valid: (n,) bool; class_probs: (n, K) rows summing
+    to 1 (option_probs renormalised); label_index: (n,) int; prediction_index: (n,) int.
+    """
+
+    confidence: np.ndarray
+    correct: np.ndarray
+    valid: np.ndarray
+    option_probs: np.ndarray
+    class_probs: np.ndarray
+    label_index: np.ndarray
+    prediction_index: np.ndarray
+    labels: tuple[str, ...]
+
+
+def records_to_arrays(records: Sequence[PredictionRecord]) -> RecordArrays:
+    """Stack records that share one label set into arrays; raises `DataError` if label sets differ."""
+    if not records:
+        raise DataError("no prediction records")
+    labels = tuple(records[0].labels)
+    for r in records:
+        if tuple(r.labels) != labels:
+            raise DataError(f"record {r.id!r} has labels {r.labels}, expected {list(labels)}", field="labels")
+    index = {lab: i for i, lab in enumerate(labels)}
+    option_probs = np.asarray([r.option_probs for r in records], dtype=np.float64)
+    totals = option_probs.sum(axis=1, keepdims=True)
+    # A row with no mass on any option (possible in float underflow) becomes uniform over options.
+    safe = np.where(totals > 0, totals, 1.0)
+    class_probs = np.where(totals > 0, option_probs / safe, 1.0 / len(labels))
+    return RecordArrays(
+        confidence=np.asarray([r.confidence for r in records], dtype=np.float64),
+        correct=np.asarray([r.correct for r in records], dtype=bool),
+        valid=np.asarray([r.valid for r in records], dtype=bool),
+        option_probs=option_probs,
+        class_probs=class_probs,
+        label_index=np.asarray([index[r.label] for r in records], dtype=np.int64),
+        prediction_index=np.asarray([index[r.prediction] for r in records], dtype=np.int64),
+        labels=labels,
+    )
+
+
+def completed_ids(path: str | os.PathLike) -> set[str]:
+    """Ids already written to an append-only predictions file, repairing a torn last line.
+
+    A crash (SIGKILL) can leave the last line half-written; that line is cut off so the
+    example is scored again, and no id is lost or doubled.
+    """
+    path = Path(path)
+    if not path.exists():
+        return set()
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        cut = data.rfind(b"\n") + 1
+        with path.open("r+b") as f:
+            f.truncate(cut)
+        data = data[:cut]
+    ids = set()
+    for lineno, raw in enumerate(data.splitlines(), start=1):
+        if raw.strip():
+            try:
+                ids.add(str(json.loads(raw)["id"]))
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise DataError(f"cannot resume: unreadable record ({e})", path=path, line=lineno) from e
+    return ids
+
+
+class RecordWriter:
+    """Append records to a JSONL file, flushing and syncing after each batch.
+
+    Use as a context manager; `write_batch` is the unit that survives a crash.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = None
+
+    def __enter__(self) -> "RecordWriter":
+        self._file = self.path.open("a", encoding="utf-8")
+        return self
+
+    def write_batch(self, records: Iterable[PredictionRecord | dict]) -> None:
+        lines = []
+        for r in records:
+            if isinstance(r, PredictionRecord):
+                lines.append(r.to_json())
+            else:
+                lines.append(json.dumps(r, ensure_ascii=False, allow_nan=True))
+        if not lines:
+            return
+        self._file.write("\n".join(lines) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def __exit__(self, *exc) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+

