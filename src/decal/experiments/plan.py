@@ -1,0 +1,278 @@
+"""Expand an experiment config into an ordered list of steps (train, select, evaluate, calibrate, analyze).
+
+Every step owns one folder under the experiment folder; its id is that folder's path relative
+to the experiment folder, built from `decal._io.safe_name` parts:
+
+    runs/<model>/<method>[_<variant>]/<train-task>[/seed-<s>]/train
+    runs/<model>/<method>[_<variant>]/<train-task>[/seed-<s>]/select
+    runs/<model>/<method>[_<variant>]/<train-task>[/seed-<s>]/eval/<task>-<split>
+    runs/<model>/<method>[_<variant>]/<train-task>[/seed-<s>]/calibrate/<calibrator>
+    analysis/<model>/<method>/<kind>-<task>-<split>
+
+Steps list their dependencies; the plan is in dependency order, so running it front to back is
+always valid. A step's commands are `decal` argument lists (the runner prefixes
+`python -m decal`); `select` runs in-process (it copies the chosen adapter).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .._io import safe_name
+from .config import EvalSpec, ExperimentConfig, MethodSpec, ModelSpec, TrainTaskSpec
+
+__all__ = ["Step", "build_plan", "select_steps", "run_prefix"]
+
+StepKind = Literal["train", "select", "evaluate", "calibrate", "analyze"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Step:
+    """One unit of work with its own folder and `DONE` marker.
+
+    id: folder path relative to the experiment folder (also the name `--only` matches).
+    kind: train | select | evaluate | calibrate | analyze.
+    commands: `decal` argument lists run in order; `{step}` in an argument is the step folder.
+    deps: ids of the steps that must be done first.
+    files: text files (name -> content) written into the step folder before the commands.
+    info: model, method, variant, train_task, eval_task, eval_split, domain, calibrator, seed.
+    """
+
+    id: str
+    kind: StepKind
+    commands: tuple[tuple[str, ...], ...] = ()
+    deps: tuple[str, ...] = ()
+    files: dict[str, str] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def run_prefix(model: ModelSpec, method: MethodSpec, train_task: TrainTaskSpec, seed: int, n_seeds: int) -> str:
+    """The folder of one trained (or base) model: `runs/<model>/<method>[_<variant>]/<train-task>[/seed-s]`."""
+    method_dir = safe_name(method.name if not method.variant else f"{method.name}_{method.variant}")
+    parts = ["runs", safe_name(model.name), method_dir, safe_name(train_task.task)]
+    if n_seeds > 1:
+        parts.append(f"seed-{seed}")
+    return "/".join(parts)
+
+
+def _applies(restrict: tuple[str, ...] | None, name: str) -> bool:
+    return restrict is None or name in restrict
+
+
+def _eval_args(config: ExperimentConfig, method: MethodSpec, ev: EvalSpec, seed: int) -> list[str]:
+    settings = config.evaluation.merged(method.evaluation)
+    args = ["--task", ev.task, "--split", ev.split]
+    if method.resolved_reasoning:
+        args.append("--reasoning")
+    for flag, value in (
+        ("--limit", settings.limit),
+        ("--batch-size", settings.batch_size),
+        ("--max-new-tokens", settings.max_new_tokens if method.resolved_reasoning else None),
+        ("--temperature", settings.temperature),
+    ):
+        if value is not None:
+            args += [flag, str(value)]
+    args += ["--seed", str(seed)]
+    if config.data_dir:
+        args += ["--data-dir", config.data_dir]
+    return args
+
+
+def _metrics_command(config: ExperimentConfig, run_dir: str) -> tuple[str, ...]:
+    m = config.metrics
+    return ("metrics", run_dir, "--n-bins", str(m.n_bins), "--binning", m.binning, "--bootstrap", str(m.bootstrap))
+
+
+def _train_yaml(config: ExperimentConfig, method: MethodSpec, task: TrainTaskSpec, seed: int) -> str:
+    """The per-step training YAML (keys = `decal train` flag names with underscores)."""
+    settings = dict(method.train)
+    settings.setdefault("reasoning", method.resolved_reasoning)
+    settings.setdefault("seed", seed)
+    if task.select_split is not None:
+        settings.setdefault("select_split", task.select_split)
+        if task.select_limit is not None:
+            settings.setdefault("select_limit", task.select_limit)
+    if config.data_dir:
+        settings.setdefault("data_dir", config.data_dir)
+    return yaml.safe_dump(settings, sort_keys=True)
+
+
+def _model_steps(config, model, method, task, seed, root: Path) -> list[Step]:
+    """Train + select (trained methods) and one evaluate step per evaluation of `task`."""
+    prefix = run_prefix(model, method, task, seed, len(config.seeds))
+    base_info = {
+        "model": model.name,
+        "method": method.name,
+        "kind": method.method,
+        "variant": method.variant,
+        "train_task": task.task,
+        "seed": seed,
+    }
+    steps: list[Step] = []
+    adapter_args: list[str] = []
+    eval_deps: tuple[str, ...] = ()
+    if method.method != "base":
+        train_id, select_id = f"{prefix}/train", f"{prefix}/select"
+        steps.append(
+            Step(
+                id=train_id,
+                kind="train",
+                commands=(
+                    (
+                        "train", "--method", method.method, "--model", model.path, "--task", task.task,
+                        "--split", task.split, "--out", str(root / train_id), "--config", str(root / train_id / "train.yaml"),
+                    ),
+                ),
+                files={"train.yaml": _train_yaml(config, method, task, seed)},
+                info=dict(base_info),
+            )
+        )
+        steps.append(Step(id=select_id, kind="select", deps=(train_id,), info={**base_info, "train_dir": train_id}))
+        adapter_args = ["--adapter", str(root / select_id / "adapter")]
+        eval_deps = (select_id,)
+    for ev in task.evaluations:
+        eval_id = f"{prefix}/eval/{safe_name(ev.task)}-{safe_name(ev.split)}"
+        out = str(root / eval_id)
+        evaluate = ("evaluate", "--model", model.path, *adapter_args, *_eval_args(config, method, ev, seed), "--out", out)
+        steps.append(
+            Step(
+                id=eval_id,
+                kind="evaluate",
+                commands=(evaluate, _metrics_command(config, out)),
+                deps=eval_deps,
+                info={**base_info, "eval_task": ev.task, "eval_split": ev.split, "domain": ev.domain, "calibrator": "none"},
+            )
+        )
+    return steps
+
+
+def _calibrate_steps(config, model, method, task, seed, root: Path, eval_steps: list[Step]) -> list[Step]:
+    steps = []
+    prefix = run_prefix(model, method, task, seed, len(config.seeds))
+    for cal in config.calibrators:
+        if method.name not in cal.methods or not _applies(cal.models, model.name):
+            continue
+        fit = [s for s in eval_steps if (s.info["eval_task"], s.info["eval_split"]) == (cal.fit_task, cal.fit_split)]
+        if not fit:
+            continue  # this training task does not evaluate on the calibrator's fit data
+        others = [s for s in eval_steps if s is not fit[0]]
+        step_id = f"{prefix}/calibrate/{safe_name(cal.method)}"
+        command = ["calibrate", "--method", cal.method, "--fit", str(root / fit[0].id)]
+        if cal.fit_fraction < 1.0:
+            command += ["--fit-fraction", str(cal.fit_fraction), "--seed", str(seed)]
+        if others:
+            command += ["--apply", *(str(root / s.id) for s in others)]
+        command += ["--out", str(root / step_id)]
+        steps.append(
+            Step(
+                id=step_id,
+                kind="calibrate",
+                commands=(tuple(command),),
+                deps=tuple(s.id for s in (fit[0], *others)),
+                info={
+                    **{k: v for k, v in fit[0].info.items() if k not in ("eval_task", "eval_split", "domain")},
+                    "calibrator": cal.method,
+                    "fit_task": cal.fit_task,
+                    "fit_split": cal.fit_split,
+                    "domains": {f"{s.info['eval_task']}/{s.info['eval_split']}": s.info["domain"] for s in eval_steps},
+                },
+            )
+        )
+    return steps
+
+
+def _analysis_steps(config: ExperimentConfig, root: Path, model_steps: dict) -> list[Step]:
+    steps = []
+    for a in config.analyses:
+        for model in config.models:
+            if not _applies(a.models, model.name):
+                continue
+            for method_name in a.methods:
+                method = config.method(method_name)
+                # The analysed model: the method trained on the analysed task if there is one, else the first.
+                task = next((t for t in config.train_tasks if t.task == a.task), config.train_tasks[0])
+                seed = config.seeds[0]
+                key = (model.name, method.name, method.variant, task.task, seed)
+                if key not in model_steps:
+                    continue
+                prefix = run_prefix(model, method, task, seed, len(config.seeds))
+                step_id = f"analysis/{safe_name(model.name)}/{safe_name(method.name)}/{a.kind}-{safe_name(a.task)}-{safe_name(a.split)}"
+                command = ["analyze", a.kind, "--model", model.path]
+                deps: tuple[str, ...] = ()
+                if method.method != "base":
+                    command += ["--adapter", str(root / prefix / "select" / "adapter")]
+                    deps = (f"{prefix}/select",)
+                command += ["--task", a.task, "--split", a.split]
+                for key_, value in a.settings.items():
+                    command += [f"--{key_.replace('_', '-')}", str(value)]
+                if config.data_dir:
+                    command += ["--data-dir", config.data_dir]
+                command += ["--out", str(root / step_id)]
+                steps.append(
+                    Step(
+                        id=step_id,
+                        kind="analyze",
+                        commands=(tuple(command),),
+                        deps=deps,
+                        info={"model": model.name, "method": method.name, "analysis": a.kind, "task": a.task, "split": a.split},
+                    )
+                )
+    return steps
+
+
+def build_plan(config: ExperimentConfig, root: str | Path) -> list[Step]:
+    """All steps of an experiment, in dependency order.
+
+    Args:
+        config: The validated experiment config.
+        root: The experiment folder (absolute paths in the commands are built from it).
+
+    Returns:
+        The steps; ids are unique.
+    """
+    root = Path(root).resolve()
+    steps: list[Step] = []
+    model_steps: dict = {}
+    for model in config.models:
+        for task in config.train_tasks:
+            for method in config.all_methods():
+                if not (_applies(method.models, model.name) and _applies(method.train_tasks, task.task)):
+                    continue
+                for seed in config.seeds:
+                    own = _model_steps(config, model, method, task, seed, root)
+                    evals = [s for s in own if s.kind == "evaluate"]
+                    own += _calibrate_steps(config, model, method, task, seed, root, evals)
+                    model_steps[(model.name, method.name, method.variant, task.task, seed)] = own
+                    steps += own
+    steps += _analysis_steps(config, root, model_steps)
+    ids = [s.id for s in steps]
+    if len(set(ids)) != len(ids):
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        raise ValueError(f"two steps share a folder: {dup[0]}; give the clashing entries distinct names")
+    return steps
+
+
+def select_steps(steps: list[Step], pattern: str | None) -> list[Step]:
+    """The steps whose id matches the glob `pattern` (or contains it), plus everything they depend on.
+
+    Raises:
+        ValueError: no step matches.
+    """
+    if not pattern:
+        return list(steps)
+    by_id = {s.id: s for s in steps}
+    wanted: set[str] = set()
+    todo = [s.id for s in steps if fnmatch.fnmatch(s.id, pattern) or pattern in s.id]
+    if not todo:
+        raise ValueError(f"`--only {pattern}` matches no step; step ids look like {steps[0].id!r}" if steps else "empty plan")
+    while todo:
+        sid = todo.pop()
+        if sid not in wanted:
+            wanted.add(sid)
+            todo.extend(by_id[sid].deps)
+    return [s for s in steps if s.id in wanted]

@@ -1,0 +1,156 @@
+"""The results table: every metric of every evaluation (and calibrated evaluation) with its interval.
+
+`results.csv` in the experiment folder has one row per (run, metric) with the columns
+`RESULT_COLUMNS`. It is rebuilt from the finished steps' `metrics.json` files (the shape
+`decal metrics` writes) and written atomically, so a crash never leaves half a table.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+from typing import Iterable
+
+from .._io import read_json, write_text_atomic
+from ..errors import DataError
+from .plan import Step
+
+__all__ = ["RESULT_COLUMNS", "collect_results", "write_results", "read_results", "RESULTS_FILE"]
+
+RESULTS_FILE = "results.csv"
+RESULT_COLUMNS = (
+    "experiment",
+    "model",
+    "method",
+    "variant",
+    "train_task",
+    "eval_task",
+    "eval_split",
+    "domain",
+    "calibrator",
+    "seed",
+    "metric",
+    "value",
+    "ci_low",
+    "ci_high",
+    "n",
+    "run_dir",
+)
+
+
+def _metric_rows(metrics_path: Path, common: dict) -> list[dict]:
+    report = read_json(metrics_path)
+    if not isinstance(report, dict) or not isinstance(report.get("metrics"), dict):
+        raise DataError("expected an object with a `metrics` mapping", path=metrics_path)
+    rows = []
+    for name, entry in report["metrics"].items():
+        if isinstance(entry, dict):
+            value, low, high = entry.get("value"), entry.get("ci_low"), entry.get("ci_high")
+        else:  # a bare number (no bootstrap)
+            value, low, high = entry, None, None
+        rows.append({**common, "metric": name, "value": value, "ci_low": low, "ci_high": high, "n": report.get("n")})
+    return rows
+
+
+def _first_record(run_dir: Path) -> dict:
+    with (run_dir / "predictions.jsonl").open(encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                return json.loads(line)
+    raise DataError("no prediction records", path=run_dir / "predictions.jsonl")
+
+
+def _step_rows(experiment: str, root: Path, step: Step) -> list[dict]:
+    info = step.info
+    common = {
+        "experiment": experiment,
+        "model": info["model"],
+        "method": info["method"],
+        "variant": info.get("variant", ""),
+        "train_task": info["train_task"],
+        "seed": info.get("seed", 0),
+    }
+    folder = root / step.id
+    if step.kind == "evaluate":
+        common.update(eval_task=info["eval_task"], eval_split=info["eval_split"], domain=info["domain"], calibrator="none")
+        common["run_dir"] = step.id
+        return _metric_rows(folder / "metrics.json", common)
+    rows = []
+    # A calibrate step holds one folder per calibrated run; its records name their task and split.
+    for sub in sorted(p for p in folder.iterdir() if (p / "metrics.json").is_file()):
+        first = _first_record(sub)
+        key = f"{first['task']}/{first['split']}"
+        domain = info.get("domains", {}).get(key, "in" if key == f"{info['fit_task']}/{info['fit_split']}" else "ood")
+        sub_common = {
+            **common,
+            "eval_task": first["task"],
+            "eval_split": first["split"],
+            "domain": domain,
+            "calibrator": info["calibrator"],
+            "run_dir": f"{step.id}/{sub.name}",
+        }
+        rows += _metric_rows(sub / "metrics.json", sub_common)
+    return rows
+
+
+def collect_results(experiment: str, root: str | Path, steps: Iterable[Step]) -> list[dict]:
+    """Rows for every finished evaluate and calibrate step (those with a `DONE` marker)."""
+    root = Path(root)
+    rows: list[dict] = []
+    for step in steps:
+        if step.kind in ("evaluate", "calibrate") and (root / step.id / "DONE").is_file():
+            rows += _step_rows(experiment, root, step)
+    return rows
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else repr(value)
+    return str(value)
+
+
+def write_results(path: str | Path, rows: list[dict]) -> None:
+    """Write the results table atomically (CSV, columns `RESULT_COLUMNS`)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=RESULT_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: _fmt(row.get(k)) for k in RESULT_COLUMNS})
+    write_text_atomic(path, buf.getvalue())
+
+
+def _parse_float(text: str) -> float | None:
+    return None if text == "" else float(text)
+
+
+def read_results(path: str | Path) -> list[dict]:
+    """Read `results.csv` back; numbers become floats (`None` where empty), `seed` and `n` ints.
+
+    Raises:
+        FileNotFoundError: no table yet.
+        DataError: a missing column or a malformed number (names the file and line).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no results table; run `decal run CONFIG` first")
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in RESULT_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise DataError(f"missing column(s) {', '.join(missing)}", path=path, line=1)
+        rows = []
+        for lineno, row in enumerate(reader, start=2):
+            try:
+                for key in ("value", "ci_low", "ci_high"):
+                    row[key] = _parse_float(row[key])
+                row["seed"] = int(row["seed"]) if row["seed"] else 0
+                row["n"] = int(row["n"]) if row["n"] else None
+            except ValueError as e:
+                raise DataError(f"malformed number ({e})", path=path, line=lineno) from e
+            rows.append(row)
+    return rows

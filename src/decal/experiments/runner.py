@@ -1,0 +1,235 @@
+"""Run an experiment plan step by step, resumably.
+
+Each step runs its `decal` commands as subprocesses (`python -m decal ...`), which isolates
+memory between steps and lets each command resume its own partial output. A step is done only
+when its folder holds a `DONE` marker, written atomically after every command exited 0; a rerun
+skips done steps and reruns unfinished ones. Every start, skip, finish and failure is appended
+to `steps.jsonl` in the experiment folder, and `results.csv` is rewritten after each finished
+evaluation, so an interrupted run leaves a valid table of what finished.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal, Sequence
+
+from .._io import write_json_atomic, write_text_atomic
+from ..errors import DecalError
+from .config import ExperimentConfig
+from .plan import Step, build_plan, select_steps
+from .results import RESULTS_FILE, collect_results, write_results
+
+__all__ = [
+    "Executor",
+    "StepFailedError",
+    "StepStatus",
+    "experiment_dir",
+    "plan_status",
+    "run_experiment",
+    "subprocess_executor",
+    "DONE",
+    "STEP_LOG",
+    "EXPERIMENT_FILE",
+]
+
+logger = logging.getLogger(__name__)
+
+DONE = "DONE"
+STEP_LOG = "steps.jsonl"
+EXPERIMENT_FILE = "experiment.json"
+
+# Runs one `decal` argument list, appending its output to `log_path`; returns the exit code.
+Executor = Callable[[Sequence[str], Path], int]
+StepStatus = Literal["done", "partial", "pending"]
+
+
+class StepFailedError(DecalError, RuntimeError):
+    """A step's command exited non-zero; the message names the step and its log file."""
+
+
+def subprocess_executor(argv: Sequence[str], log_path: Path) -> int:
+    """Run `python -m decal <argv>` with stdout and stderr appended to `log_path`."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log:
+        log.write(f"\n$ decal {' '.join(argv)}\n".encode())
+        log.flush()
+        proc = subprocess.Popen([sys.executable, "-m", "decal", *argv], stdout=log, stderr=subprocess.STDOUT)
+        try:
+            return proc.wait()
+        except BaseException:
+            # Ctrl-C or a kill of the runner: stop the child too, so no orphan keeps training.
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
+
+
+def experiment_dir(config: ExperimentConfig, out: str | Path | None = None) -> Path:
+    """The experiment folder: `out` if given, else the config's `output_dir` (relative to the cwd)."""
+    return Path(out if out is not None else config.output_dir).resolve()
+
+
+def plan_status(root: Path, step: Step) -> StepStatus:
+    """`done` (DONE marker), `partial` (folder exists, no marker) or `pending`."""
+    folder = root / step.id
+    if (folder / DONE).is_file():
+        return "done"
+    return "partial" if folder.exists() else "pending"
+
+
+def _log_event(root: Path, event: str, step: Step, **extra) -> None:
+    entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "event": event, "step": step.id, "kind": step.kind, **extra}
+    with (root / STEP_LOG).open("a", encoding="utf-8") as f:
+        f.write(json.dumps(entry) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _select_adapter(root: Path, step: Step) -> dict:
+    """Copy the chosen adapter of a training run into `select/adapter`.
+
+    The selected checkpoint (`best_adapter`, when `decal train --select-split` ran) wins over the
+    final one (`adapter`); evaluations always read `select/adapter`, so their commands are fixed
+    at planning time.
+    """
+    train_dir = root / step.info["train_dir"]
+    chosen = train_dir / "best_adapter"
+    if not chosen.is_dir():
+        chosen = train_dir / "adapter"
+    if not chosen.is_dir():
+        raise StepFailedError(f"step {step.id}: training left no adapter in {train_dir} (expected adapter/ or best_adapter/)")
+    target = root / step.id / "adapter"
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(chosen, target)
+    selection = train_dir / "selection.json"
+    info = {"adapter": str(chosen.relative_to(root)), "selection": None}
+    if selection.is_file():
+        info["selection"] = json.loads(selection.read_text(encoding="utf-8"))
+    write_json_atomic(root / step.id / "selected.json", info)
+    return info
+
+
+def _metrics_for_calibrated(root: Path, step: Step, metrics_argv: tuple[str, ...] | None) -> list[tuple[str, ...]]:
+    """`decal metrics` for every calibrated run folder the calibrate command wrote."""
+    if metrics_argv is None:
+        return []
+    folder = root / step.id
+    subs = sorted(p for p in folder.iterdir() if (p / "predictions.jsonl").is_file())
+    return [("metrics", str(p), *metrics_argv) for p in subs]
+
+
+def _run_step(root: Path, step: Step, executor: Executor, metrics_argv: tuple[str, ...]) -> None:
+    folder = root / step.id
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in step.files.items():
+        write_text_atomic(folder / name, text)
+    log_path = folder / "log.txt"
+    commands = list(step.commands)
+    if step.kind == "select":
+        _select_adapter(root, step)
+    i = 0
+    while i < len(commands):
+        argv = commands[i]
+        code = executor(argv, log_path)
+        if code != 0:
+            raise StepFailedError(
+                f"step {step.id} failed: `decal {argv[0]}` exited with {code}; see {log_path} "
+                "(rerun the same command to resume)"
+            )
+        if step.kind == "calibrate" and i == len(step.commands) - 1:
+            commands += _metrics_for_calibrated(root, step, metrics_argv)
+        i += 1
+    marker = {"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "commands": [list(c) for c in commands]}
+    write_json_atomic(folder / DONE, marker)
+
+
+def _experiment_record(config: ExperimentConfig, steps: list[Step]) -> dict:
+    """What the report needs besides the results table: names, order, labels and sweep values."""
+    try:
+        from ..training.config import TrainConfig
+
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    except ImportError:
+        defaults = {}
+    methods = []
+    for m in config.all_methods():
+        params = {k: m.train.get(k, defaults.get(k)) for k in ("cal_lambda", "beta")}
+        methods.append({"name": m.name, "method": m.method, "variant": m.variant, "reasoning": m.resolved_reasoning, **params})
+    return {
+        "config": dataclasses.asdict(config),
+        "methods": methods,
+        "steps": [{"id": s.id, "kind": s.kind, "info": s.info} for s in steps],
+    }
+
+
+def run_experiment(
+    config: ExperimentConfig,
+    *,
+    out: str | Path | None = None,
+    only: str | None = None,
+    dry_run: bool = False,
+    executor: Executor | None = None,
+    on_step: Callable[[Step, str], None] | None = None,
+) -> list[Step]:
+    """Run (or, with `dry_run`, only plan) an experiment; finished steps are skipped.
+
+    Args:
+        config: The validated experiment config.
+        out: Experiment folder (default: `config.output_dir`).
+        only: Glob (or substring) on step ids; the matching steps and their dependencies run.
+        dry_run: Plan only: nothing is written.
+        executor: Runs one `decal` argv (default: a `python -m decal` subprocess); tests inject fakes.
+        on_step: Called with (step, event) for event in skip | start | done, for progress output.
+
+    Returns:
+        The selected steps, in order.
+
+    Raises:
+        StepFailedError: a command failed; the steps before it stay done.
+    """
+    root = experiment_dir(config, out)
+    all_steps = build_plan(config, root)
+    steps = select_steps(all_steps, only)
+    if dry_run:
+        return steps
+    executor = executor or subprocess_executor
+    root.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(root / EXPERIMENT_FILE, _experiment_record(config, all_steps))
+    m = config.metrics
+    metrics_argv = ("--n-bins", str(m.n_bins), "--binning", m.binning, "--bootstrap", str(m.bootstrap))
+    for step in steps:
+        if plan_status(root, step) == "done":
+            _log_event(root, "skip", step)
+            if on_step:
+                on_step(step, "skip")
+            continue
+        missing = [d for d in step.deps if not (root / d / DONE).is_file()]
+        if missing:  # cannot happen in plan order; guards against a hand-deleted marker mid-run
+            raise StepFailedError(f"step {step.id} needs {missing[0]}, which is not done")
+        _log_event(root, "start", step)
+        if on_step:
+            on_step(step, "start")
+        started = time.perf_counter()
+        try:
+            _run_step(root, step, executor, metrics_argv)
+        except StepFailedError as e:
+            _log_event(root, "fail", step, error=str(e))
+            raise
+        _log_event(root, "done", step, seconds=round(time.perf_counter() - started, 2))
+        if on_step:
+            on_step(step, "done")
+        if step.kind in ("evaluate", "calibrate"):
+            write_results(root / RESULTS_FILE, collect_results(config.name, root, all_steps))
+    return steps
