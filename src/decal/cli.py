@@ -20,6 +20,9 @@ __all__ = ["app", "main"]
 # Subcommand modules, in the order `decal --help` lists them.
 COMMANDS = [
     "tasks",
+    "run",
+    "report",
+    "demo",
 ]
 
 app = typer.Typer(

@@ -1,0 +1,62 @@
+"""`decal demo`: the packaged demo grid (SmolLM2 on the built-in task), then its report.
+
+base -> SFT -> GRPO -> cal-GRPO -> evaluate (in-domain and OOD) -> Platt calibration -> report,
+offline, sized for a 2-core CPU. Rerunning resumes; finished steps are not redone.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+__all__ = ["register", "demo_config_path"]
+
+EPILOG = """Examples:
+
+  decal demo
+
+  decal demo --out /tmp/demo-runs
+
+  decal demo --dry-run
+"""
+
+
+def demo_config_path() -> Path:
+    """The demo config shipped inside the package (`decal/configs/demo.yaml`)."""
+    from importlib.resources import files
+
+    return Path(str(files("decal") / "configs" / "demo.yaml"))
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("demo", epilog=EPILOG)
+    def demo_command(
+        out: Path = typer.Option(Path("demo-runs"), "--out", metavar="DIR", help="Experiment folder."),
+        config: Optional[Path] = typer.Option(None, "--config", metavar="FILE", help="Another experiment YAML (default: the packaged demo)."),
+        dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan only."),
+    ) -> None:
+        """Run the demo grid and write its Markdown and HTML reports (about 15 minutes on 2 CPU cores)."""
+        from rich.console import Console
+
+        from ..experiments.config import load_experiment_config
+        from ..experiments.plan import build_plan
+        from ..experiments.report import write_report
+        from .report import results_table
+        from .run import print_plan, run_with_progress
+
+        console = Console()
+        cfg = load_experiment_config(config or demo_config_path())
+        root = out.resolve()
+        print_plan(console, build_plan(cfg, root), root)
+        if dry_run:
+            return
+        started = time.perf_counter()
+        run_with_progress(cfg, out=root, only=None, console=console)
+        write_report(root, format="md")
+        html_path = write_report(root, format="html")
+        console.print(results_table(root))
+        console.print(f"finished in {(time.perf_counter() - started) / 60:.1f} min")
+        console.print(f"HTML report: {html_path}")

@@ -1,0 +1,91 @@
+"""`decal run CONFIG`: plan an experiment grid, print the plan, and run (or resume) it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+__all__ = ["register", "print_plan", "run_with_progress"]
+
+EPILOG = """Examples:
+
+  decal run configs/paper.yaml --dry-run
+
+  decal run configs/cpu-small.yaml
+
+  decal run configs/paper.yaml --only 'runs/Qwen3-1.7B/*/commonsense_qa/*'
+
+  decal run configs/demo.yaml --out /tmp/demo   # rerun the same command to resume after a crash
+"""
+
+
+def print_plan(console, steps, root: Path) -> None:
+    """A table of the steps with their status (done / partial / pending)."""
+    from rich.table import Table
+
+    from ..experiments.runner import plan_status
+
+    table = Table(title=f"Plan: {len(steps)} steps in {root}", show_lines=False)
+    table.add_column("#")
+    table.add_column("step", overflow="fold")
+    table.add_column("kind")
+    table.add_column("status")
+    counts: dict[str, int] = {}
+    for i, step in enumerate(steps, 1):
+        status = plan_status(root, step)
+        counts[status] = counts.get(status, 0) + 1
+        style = {"done": "green", "partial": "yellow"}.get(status, "")
+        table.add_row(str(i), step.id, step.kind, f"[{style}]{status}[/]" if style else status)
+    console.print(table)
+    console.print(", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+
+
+def run_with_progress(config, *, out, only, console) -> Path:
+    """Run the experiment, printing one line per step; returns the experiment folder."""
+    import time
+
+    from ..experiments.runner import experiment_dir, run_experiment
+
+    root = experiment_dir(config, out)
+    started: dict[str, float] = {}
+
+    def on_step(step, event: str) -> None:
+        if event == "start":
+            started[step.id] = time.perf_counter()
+            console.print(f"[bold]run[/]  {step.kind:<9} {step.id}")
+        elif event == "done":
+            console.print(f"[green]done[/] {step.kind:<9} {step.id} ({time.perf_counter() - started[step.id]:.0f} s)")
+
+    run_experiment(config, out=root, only=only, on_step=on_step)
+    return root
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("run", epilog=EPILOG)
+    def run_command(
+        config: Path = typer.Argument(..., metavar="CONFIG", help="Experiment YAML (see configs/)."),
+        dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and what is already done; run nothing."),
+        only: Optional[str] = typer.Option(
+            None, "--only", metavar="PATTERN", help="Run the steps whose id matches this glob (or substring), with their dependencies."
+        ),
+        out: Optional[Path] = typer.Option(None, "--out", metavar="DIR", help="Experiment folder (default: the config's output_dir)."),
+    ) -> None:
+        """Plan the steps (train, select, evaluate, calibrate, analyze), print the plan, run what is not done."""
+        from rich.console import Console
+
+        from ..experiments.config import load_experiment_config
+        from ..experiments.plan import build_plan, select_steps
+        from ..experiments.runner import experiment_dir
+
+        console = Console()
+        cfg = load_experiment_config(config)
+        root = experiment_dir(cfg, out)
+        steps = select_steps(build_plan(cfg, root), only)
+        print_plan(console, steps, root)
+        if dry_run:
+            return
+        run_with_progress(cfg, out=root, only=only, console=console)
+        console.print(f"results: {root / 'results.csv'}")
+        console.print(f"report:  decal report {root} --format html")
