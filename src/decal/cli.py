@@ -23,6 +23,7 @@ COMMANDS = [
     "run",
     "report",
     "demo",
+    "analyze",
 ]
 
 app = typer.Typer(

@@ -1,0 +1,407 @@
+"""Reasoning swap (the paper's Table 3 and Figure 3): does the decision follow someone else's reasoning?
+
+Two phases, each resumable, both through the scoring code of `decal evaluate`:
+
+1. Greedy decoding of every example (`decal.scoring.generate_decisions`, temperature 0), one
+   JSON line per example in `greedy.jsonl`. The text before the decision is split into an
+   opening (a leading ``<think>`` and whitespace), the reasoning, and a closing (whitespace,
+   the end-of-reasoning marker and the whitespace the model wrote before its decision).
+2. For each valid prediction with `confidence >= min_confidence`, a donor is drawn among the
+   other examples of the same split whose greedy decision was a different label (and whose
+   reasoning is not empty). The swapped prompt is the original prompt + the recipient's opening
+   + the donor's reasoning + the recipient's closing, so it has the shape of the model's own
+   completion up to its decision position; one forward pass (`decal.scoring.score_prompts`)
+   reads the decision there. One JSON line per eligible example in `swaps.jsonl`.
+
+The donor is `random.Random(derive_seed(seed, example_id)).choice(sorted candidate ids)`: it
+depends only on the seed, the example id and the candidate set, so a resumed run picks the same
+donors as an uninterrupted one.
+
+After the swap, the decision is the model's greedy next token: valid when it is an option's
+decision token, and then `confidence` is its full-vocabulary probability. A swap *flipped* when
+that decision is the donor's label. `flip_rate = n_flipped / n_swapped`.
+
+Run folder: `run.json`, `greedy.jsonl`, `swaps.jsonl`, `summary.json`, `table.md`,
+`flipped_confidence.png/.svg`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from .._io import write_json_atomic, write_text_atomic
+from ..decision import END_OF_REASONING
+from ._common import check_run_config, decision_confidence, derive_seed, fraction, percent, progress_bar, read_rows, save_histogram
+
+__all__ = [
+    "SwapConfig",
+    "ReasoningParts",
+    "split_reasoning",
+    "greedy_row",
+    "choose_donor",
+    "swapped_prompt",
+    "summarize_swaps",
+    "swaps_table",
+    "run_swap",
+]
+
+logger = logging.getLogger(__name__)
+
+GREEDY_FILE = "greedy.jsonl"
+SWAPS_FILE = "swaps.jsonl"
+THINK_OPEN = "<think>"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SwapConfig:
+    """Settings of a reasoning-swap analysis (paper, Section 4.2)."""
+
+    min_confidence: float = field(default=0.99, metadata={"help": "swap predictions made with at least this confidence"})
+    limit: int | None = field(default=None, metadata={"help": "use only the first N examples of the split (recipients and donors)"})
+    seed: int = field(default=0, metadata={"help": "seed of the donor choice"})
+    max_new_tokens: int = field(default=256, metadata={"help": "generation budget of the greedy run"})
+    batch_size: int = field(default=8, metadata={"help": "prompts per generation / scoring batch"})
+    marker: str = field(default=END_OF_REASONING, metadata={"help": "end-of-reasoning marker"})
+
+    def __post_init__(self) -> None:
+        for name in ("max_new_tokens", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer; got {value!r}")
+        if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 2):
+            raise ValueError(f"`limit` must be an integer >= 2 (a swap needs a donor) or None; got {self.limit!r}")
+        if not 0.0 <= self.min_confidence <= 1.0:
+            raise ValueError(f"`min_confidence` must be in [0, 1]; got {self.min_confidence!r}")
+
+
+@dataclass(frozen=True)
+class ReasoningParts:
+    """A completion up to its decision, cut in three: `opening + reasoning + closing`.
+
+    opening: text before the reasoning (whitespace and a leading ``<think>``), kept as written.
+    reasoning: the reasoning text, without surrounding whitespace.
+    closing: whitespace after the reasoning, the marker, and the whitespace before the decision.
+    """
+
+    opening: str
+    reasoning: str
+    closing: str
+
+
+def split_reasoning(head: str, *, marker: str = END_OF_REASONING) -> ReasoningParts | None:
+    """Cut the text before the decision token into opening, reasoning and closing.
+
+    Args:
+        head: the completion text up to (not including) the decision token.
+        marker: the end-of-reasoning marker.
+
+    Returns:
+        The parts, or None when `head` has no marker or non-whitespace text after it.
+
+    Example:
+        >>> split_reasoning("<think>\\nIt is rude.\\n</think>\\n\\n")
+        ReasoningParts(opening='<think>\\n', reasoning='It is rude.', closing='\\n</think>\\n\\n')
+    """
+    at = head.find(marker)
+    if at < 0 or head[at + len(marker):].strip():
+        return None
+    before, after = head[:at], head[at:]
+    body = before.lstrip()
+    opening = before[: len(before) - len(body)]
+    if body.startswith(THINK_OPEN):
+        opening += THINK_OPEN
+        body = body[len(THINK_OPEN):]
+    reasoning = body.strip()
+    lead = len(body) - len(body.lstrip())
+    trail = body[lead + len(reasoning):]
+    return ReasoningParts(opening=opening + body[:lead], reasoning=reasoning, closing=trail + after)
+
+
+def greedy_row(example, generation, tokenizer, *, task: str, split: str, labels: Sequence[str], marker: str) -> dict:
+    """The JSON-ready record of one greedy generation, with its reasoning parts.
+
+    Args:
+        example: the `DecisionExample`.
+        generation: its `GeneratedDecision` (see `decal.scoring`).
+        tokenizer: decodes the completion up to the decision position.
+        task, split, labels: written into the row; `labels` orders `option_probs` (K,).
+        marker: the end-of-reasoning marker.
+
+    Returns:
+        A dict with the prediction-record fields and `opening`, `reasoning`, `closing` (None
+        when the decision is invalid or the text cannot be cut, see `split_reasoning`).
+    """
+    probs = [float(p) for p in generation.option_probs]
+    valid = bool(generation.valid)
+    option = int(generation.decision.option) if valid else -1
+    prediction = labels[option if valid else max(range(len(probs)), key=probs.__getitem__)]
+    parts = None
+    if valid:
+        head_ids = list(generation.completion_ids[: generation.decision.index])
+        parts = split_reasoning(tokenizer.decode(head_ids, skip_special_tokens=False), marker=marker)
+    return {
+        "id": example.id,
+        "task": task,
+        "split": split,
+        "label": example.label,
+        "labels": list(labels),
+        "prediction": prediction,
+        "valid": valid,
+        "correct": valid and prediction == example.label,
+        "confidence": decision_confidence(probs, option),
+        "option_probs": probs,
+        "emitted_token": generation.emitted_token,
+        "completion": generation.completion,
+        **(asdict(parts) if parts else {"opening": None, "reasoning": None, "closing": None}),
+    }
+
+
+def choose_donor(example_id: str, prediction: str, candidates: Mapping[str, str], *, seed: int) -> str | None:
+    """Pick the donor of a swap: a seeded random candidate whose decision differs from `prediction`.
+
+    Args:
+        example_id: the recipient's id (never its own donor).
+        prediction: the recipient's greedy decision.
+        candidates: donor id -> its greedy decision, for every possible donor of the split.
+        seed: the analysis seed.
+
+    Returns:
+        The donor id, or None when no candidate decided another label.
+
+    Example:
+        >>> choose_donor("a", "Safe", {"a": "Unsafe", "b": "Safe", "c": "Unsafe"}, seed=0)
+        'c'
+    """
+    pool = sorted(i for i, lab in candidates.items() if lab != prediction and i != example_id)
+    if not pool:
+        return None
+    return random.Random(derive_seed(seed, example_id)).choice(pool)
+
+
+def swapped_prompt(prompt: str, recipient: Mapping, donor: Mapping) -> str:
+    """The recipient's prompt and completion shape with the donor's reasoning in place of its own.
+
+    Args:
+        prompt: the recipient's rendered prompt.
+        recipient, donor: greedy rows (`opening`, `reasoning`, `closing`).
+    """
+    return f"{prompt}{recipient['opening']}{donor['reasoning']}{recipient['closing']}"
+
+
+def _swap_row(recipient: Mapping, donor: Mapping | None, text: str | None, scores, *, labels: Sequence[str]) -> dict:
+    row = {
+        "id": recipient["id"],
+        "task": recipient["task"],
+        "split": recipient["split"],
+        "label": recipient["label"],
+        "labels": list(labels),
+        "original_prediction": recipient["prediction"],
+        "original_confidence": recipient["confidence"],
+        "swapped": donor is not None,
+        "donor_id": donor["id"] if donor else None,
+        "donor_label": donor["prediction"] if donor else None,
+    }
+    if donor is None:
+        return row
+    probs = [float(p) for p in scores.option_probs]
+    valid = bool(scores.top_is_option)
+    # With greedy decoding the decision is the top token; when it is an option it is also the
+    # argmax over the options.
+    option = max(range(len(probs)), key=probs.__getitem__)
+    prediction = labels[option] if valid else None
+    row.update(
+        swapped_prompt=text,
+        prediction=prediction,
+        valid=valid,
+        confidence=decision_confidence(probs, option if valid else -1),
+        option_probs=probs,
+        top_token=scores.top_token,
+        flipped=valid and prediction == donor["prediction"],
+        donor_label_prob=probs[labels.index(donor["prediction"])],
+        original_label_prob=probs[labels.index(recipient["prediction"])],
+    )
+    return row
+
+
+def summarize_swaps(greedy: Sequence[Mapping], swaps: Sequence[Mapping], *, min_confidence: float) -> dict:
+    """Table 3 counts: eligible predictions, swaps done, flips, flip rate and flipped confidences.
+
+    Args:
+        greedy: all greedy rows of the run.
+        swaps: the swap rows of the eligible examples.
+        min_confidence: the eligibility threshold that was used.
+
+    Returns:
+        A JSON-ready dict: `n_examples, n_greedy_valid, n_greedy_invalid, n_eligible, n_swapped,
+        n_no_donor, n_flipped, n_kept (decision unchanged), n_other (another label),
+        n_invalid_after, flip_rate, median_flipped_confidence, mean_flipped_confidence,
+        share_flipped_at_or_above (flipped with confidence >= min_confidence),
+        flipped_confidences` (the Figure 3 values). Rates with an empty denominator are nan.
+    """
+    done = [s for s in swaps if s["swapped"]]
+    flipped = [s for s in done if s["flipped"]]
+    conf = [float(s["confidence"]) for s in flipped]
+    n_valid = sum(1 for g in greedy if g["valid"])
+    return {
+        "min_confidence": min_confidence,
+        "n_examples": len(greedy),
+        "n_greedy_valid": n_valid,
+        "n_greedy_invalid": len(greedy) - n_valid,
+        "n_eligible": len(swaps),
+        "n_swapped": len(done),
+        "n_no_donor": len(swaps) - len(done),
+        "n_flipped": len(flipped),
+        "n_kept": sum(1 for s in done if s["valid"] and s["prediction"] == s["original_prediction"]),
+        "n_other": sum(
+            1 for s in done if s["valid"] and not s["flipped"] and s["prediction"] != s["original_prediction"]
+        ),
+        "n_invalid_after": sum(1 for s in done if not s["valid"]),
+        "flip_rate": fraction(len(flipped), len(done)),
+        "median_flipped_confidence": statistics.median(conf) if conf else float("nan"),
+        "mean_flipped_confidence": statistics.fmean(conf) if conf else float("nan"),
+        "share_flipped_at_or_above": fraction(sum(c >= min_confidence for c in conf), len(conf)),
+        "flipped_confidences": conf,
+    }
+
+
+def swaps_table(summaries: Sequence[tuple[str, dict]]) -> str:
+    """A Table-3-style markdown table, one row per (task name, summary)."""
+    if not summaries:
+        raise ValueError("`summaries` must hold at least one (task, summary) pair")
+    t = summaries[0][1]["min_confidence"]
+    lines = [
+        f"| task | examples | eligible (conf >= {t}) | swaps done | flipped to donor's label | flip rate "
+        f"| median conf. of flipped | invalid after swap |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, s in summaries:
+        median = s["median_flipped_confidence"]
+        lines.append(
+            f"| {name} | {s['n_examples']} | {s['n_eligible']} | {s['n_swapped']} | {s['n_flipped']} "
+            f"| {percent(s['flip_rate'])} | {'n/a' if median != median else f'{median:.4f}'} "
+            f"| {s['n_invalid_after']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _greedy_phase(model, tokenizer, task, examples, prompts, decision_tokens, path: Path, config: SwapConfig, progress: bool) -> list[dict]:
+    from ..records import RecordWriter, completed_ids
+    from ..scoring import generate_decisions
+
+    done = completed_ids(path)
+    pending = [ex for ex in examples if ex.id not in done]
+    with RecordWriter(path) as writer, progress_bar(len(pending), "greedy", enabled=progress) as advance:
+        for start in range(0, len(pending), config.batch_size):
+            chunk = pending[start : start + config.batch_size]
+            generations = generate_decisions(
+                model, tokenizer, [prompts[ex.id] for ex in chunk], decision_tokens,
+                num_samples=1, temperature=0.0, max_new_tokens=config.max_new_tokens,
+                seed=config.seed, batch_size=config.batch_size, marker=config.marker,
+            )
+            writer.write_batch(
+                greedy_row(ex, gens[0], tokenizer, task=task.name, split=task.split, labels=task.labels, marker=config.marker)
+                for ex, gens in zip(chunk, generations)
+            )
+            advance(len(chunk))
+    by_id = {r["id"]: r for r in read_rows(path)}
+    return [by_id[ex.id] for ex in examples]
+
+
+def _eligible(greedy: Sequence[Mapping], min_confidence: float) -> list[Mapping]:
+    return [g for g in greedy if g["valid"] and g["opening"] is not None and g["confidence"] >= min_confidence]
+
+
+def _swap_phase(model, tokenizer, task, greedy, prompts, decision_tokens, path: Path, config: SwapConfig, progress: bool) -> list[dict]:
+    from ..records import RecordWriter, completed_ids
+    from ..scoring import score_prompts
+
+    by_id = {g["id"]: g for g in greedy}
+    # Donors: valid greedy decisions with a non-empty reasoning to lend.
+    candidates = {g["id"]: g["prediction"] for g in greedy if g["valid"] and g["reasoning"]}
+    eligible = _eligible(greedy, config.min_confidence)
+    done = completed_ids(path)
+    pending = [g for g in eligible if g["id"] not in done]
+    with RecordWriter(path) as writer, progress_bar(len(pending), "swaps", enabled=progress) as advance:
+        for start in range(0, len(pending), config.batch_size):
+            chunk = pending[start : start + config.batch_size]
+            donors = [choose_donor(g["id"], g["prediction"], candidates, seed=config.seed) for g in chunk]
+            texts = [swapped_prompt(prompts[g["id"]], g, by_id[d]) if d else None for g, d in zip(chunk, donors)]
+            to_score = [t for t in texts if t is not None]
+            scored = score_prompts(model, tokenizer, to_score, decision_tokens, batch_size=config.batch_size) if to_score else []
+            scores = iter(scored)
+            writer.write_batch(
+                _swap_row(g, by_id[d] if d else None, t, next(scores) if t else None, labels=task.labels)
+                for g, d, t in zip(chunk, donors, texts)
+            )
+            advance(len(chunk))
+    wanted = {g["id"] for g in eligible}
+    return [r for r in read_rows(path) if r["id"] in wanted]
+
+
+def _write_report(out_dir: Path, greedy, swaps, *, task_name: str, settings: dict, min_confidence: float) -> dict:
+    summary = {**settings, **summarize_swaps(greedy, swaps, min_confidence=min_confidence)}
+    write_json_atomic(out_dir / "summary.json", summary)
+    write_text_atomic(out_dir / "table.md", swaps_table([(task_name, summary)]))
+    save_histogram(
+        {"flipped": summary["flipped_confidences"]},
+        out_dir / "flipped_confidence",
+        title=f"{task_name}: confidence of {summary['n_flipped']} flipped predictions",
+        xlabel="confidence after the swap (probability of the decision token)",
+        threshold=min_confidence,
+    )
+    return summary
+
+
+def run_swap(
+    model,
+    tokenizer,
+    task,
+    out_dir: str | os.PathLike,
+    *,
+    config: SwapConfig = SwapConfig(),
+    model_name: str | None = None,
+    adapter: str | None = None,
+    progress: bool = False,
+) -> dict:
+    """Run the greedy pass and the reasoning swaps for `task` (resuming from `out_dir`), write the report.
+
+    Args:
+        model, tokenizer: from `decal.models.load_model`.
+        task: a `Task` loaded with `reasoning=True`; recipients and donors come from it.
+        out_dir: run folder; created if needed, resumed if it holds a run with the same settings.
+        config: the analysis settings.
+        model_name, adapter: recorded in `run.json` and the summary.
+        progress: show progress bars on stderr.
+
+    Returns:
+        The summary dict (also written to `summary.json`).
+
+    Raises:
+        ConfigError: `out_dir` holds a run with other settings.
+        ValueError: the task has fewer than two examples.
+    """
+    from ..decision import option_token_ids
+    from ..tasks.prompts import decision_context, render_chat
+
+    out_dir = Path(out_dir)
+    examples = list(task.examples[: config.limit])
+    if len(examples) < 2:
+        raise ValueError(f"task '{task.name}' split '{task.split}' needs at least two examples for swaps; got {len(examples)}")
+    settings = {"analysis": "swap", "task": task.name, "split": task.split, "model": model_name,
+                "adapter": adapter, **asdict(config)}
+    # The threshold only selects recipients (donors do not depend on it), so it may change on a rerun.
+    check_run_config(out_dir, {k: v for k, v in settings.items() if k != "min_confidence"})
+    prompts = {ex.id: render_chat(tokenizer, task.user_message(ex), reasoning=True) for ex in examples}
+    decision_tokens = option_token_ids(
+        tokenizer, task.labels, context=decision_context(prompts[examples[0].id], reasoning=True, marker=config.marker)
+    )
+    greedy = _greedy_phase(model, tokenizer, task, examples, prompts, decision_tokens, out_dir / GREEDY_FILE, config, progress)
+    swaps = _swap_phase(model, tokenizer, task, greedy, prompts, decision_tokens, out_dir / SWAPS_FILE, config, progress)
+    logger.info("swap: %d examples, %d eligible, %d swap rows", len(greedy), len(_eligible(greedy, config.min_confidence)), len(swaps))
+    return _write_report(out_dir, greedy, swaps, task_name=task.name, settings=settings, min_confidence=config.min_confidence)

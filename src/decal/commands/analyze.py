@@ -1,0 +1,135 @@
+"""`decal analyze rollouts|swap`: the paper's diagnosis experiments on any model (issue #7).
+
+Every analysis option maps to a field of `decal.analysis.RolloutConfig` / `SwapConfig`; the
+defaults live only there (a flag left out keeps the field's default).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import typer
+
+__all__ = ["register"]
+
+logger = logging.getLogger("decal.analyze")
+
+ROLLOUTS_EPILOG = """Examples:
+
+  decal analyze rollouts --model smollm2-135m-instruct --task openai_moderation --split train --samples 16 --max-new-tokens 128 --limit 100 --out runs/rollouts
+
+  decal analyze rollouts --model Qwen/Qwen3-1.7B --task commonsense_qa --split train --out runs/rollouts-csqa
+"""
+
+SWAP_EPILOG = """Examples:
+
+  decal analyze swap --model smollm2-135m-instruct --task openai_moderation --split train --limit 100 --max-new-tokens 128 --out runs/swap
+
+  decal analyze swap --model Qwen/Qwen3-1.7B --adapter runs/cal/adapter --task commonsense_qa --split train --seed 1 --out runs/swap-csqa
+"""
+
+
+def _help(config_cls, name: str) -> str:
+    from dataclasses import fields
+
+    return next(f.metadata.get("help", "") for f in fields(config_cls) if f.name == name)
+
+
+def _config(config_cls, **values):
+    # Precedence flag > dataclass default, merged on `is not None` (a 0 is a real value).
+    return config_cls(**{k: v for k, v in values.items() if v is not None})
+
+
+def _load(model: str, adapter: str | None, task: str, split: str, data_dir: str | None, dtype: str):
+    from ..models import load_model
+    from ..tasks import load_task
+
+    loaded_task = load_task(task, split, data_dir=data_dir, reasoning=True)
+    if not len(loaded_task):
+        raise ValueError(f"task '{task}' split '{split}' has no examples")
+    loaded_model, tokenizer = load_model(model, adapter=adapter, dtype=dtype)
+    return loaded_model, tokenizer, loaded_task
+
+
+def _print_result(out: str, table: str) -> None:
+    typer.echo(table.rstrip())
+    typer.echo(f"wrote {out}/summary.json, {out}/table.md and the figures")
+
+
+def register(app: typer.Typer) -> None:
+    analyze_app = typer.Typer(
+        help="Diagnosis experiments: rollout confidence spread (Table 2) and reasoning swap (Table 3).",
+        no_args_is_help=True,
+    )
+    app.add_typer(analyze_app, name="analyze")
+    _register_rollouts(analyze_app)
+    _register_swap(analyze_app)
+
+
+def _register_rollouts(analyze_app: typer.Typer) -> None:
+    from ..analysis.rollouts import RolloutConfig
+
+    def h(name: str) -> str:
+        return _help(RolloutConfig, name)
+
+    @analyze_app.command("rollouts", epilog=ROLLOUTS_EPILOG)
+    def rollouts_command(
+        model: str = typer.Option(..., "--model", metavar="MODEL", help="Alias, GGUF file, model folder or hub id."),
+        task: str = typer.Option(..., "--task", metavar="TASK", help="Task name (see `decal tasks list`)."),
+        split: str = typer.Option(..., "--split", metavar="SPLIT", help="Task split (the paper uses train)."),
+        out: str = typer.Option(..., "--out", metavar="DIR", help="Run folder; rerun the same command to resume."),
+        adapter: Optional[str] = typer.Option(None, "--adapter", metavar="DIR", help="LoRA adapter to attach."),
+        samples: Optional[int] = typer.Option(None, "--samples", metavar="N", help=h("samples")),
+        temperature: Optional[float] = typer.Option(None, "--temperature", metavar="T", help=h("temperature")),
+        max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", metavar="N", help=h("max_new_tokens")),
+        limit: Optional[int] = typer.Option(None, "--limit", metavar="N", help=h("limit")),
+        seed: Optional[int] = typer.Option(None, "--seed", metavar="N", help=h("seed")),
+        threshold: Optional[float] = typer.Option(None, "--threshold", metavar="P", help=h("threshold")),
+        batch_size: Optional[int] = typer.Option(None, "--batch-size", metavar="N", help=h("batch_size")),
+        dtype: str = typer.Option("float32", "--dtype", metavar="DTYPE", help="float32 or bfloat16 (faster on AVX512-BF16 CPUs)."),
+        data_dir: Optional[str] = typer.Option(None, "--data-dir", metavar="DIR", help="Paper datasets folder (default $DECAL_DATA_DIR)."),
+        progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on stderr."),
+    ) -> None:
+        """Sample rollouts per query and report the share with decision-token probability > 0.99."""
+        from ..analysis.rollouts import rollouts_table, run_rollouts
+
+        config = _config(RolloutConfig, samples=samples, temperature=temperature, max_new_tokens=max_new_tokens,
+                         limit=limit, seed=seed, threshold=threshold, batch_size=batch_size)
+        lm, tokenizer, loaded = _load(model, adapter, task, split, data_dir, dtype)
+        summary = run_rollouts(lm, tokenizer, loaded, out, config=config, model_name=model, adapter=adapter,
+                               progress=progress)
+        _print_result(out, rollouts_table([(loaded.name, summary)]))
+
+
+def _register_swap(analyze_app: typer.Typer) -> None:
+    from ..analysis.swap import SwapConfig
+
+    def h(name: str) -> str:
+        return _help(SwapConfig, name)
+
+    @analyze_app.command("swap", epilog=SWAP_EPILOG)
+    def swap_command(
+        model: str = typer.Option(..., "--model", metavar="MODEL", help="Alias, GGUF file, model folder or hub id."),
+        task: str = typer.Option(..., "--task", metavar="TASK", help="Task name (see `decal tasks list`)."),
+        split: str = typer.Option(..., "--split", metavar="SPLIT", help="Task split (recipients and donors)."),
+        out: str = typer.Option(..., "--out", metavar="DIR", help="Run folder; rerun the same command to resume."),
+        adapter: Optional[str] = typer.Option(None, "--adapter", metavar="DIR", help="LoRA adapter to attach."),
+        min_confidence: Optional[float] = typer.Option(None, "--min-confidence", metavar="P", help=h("min_confidence")),
+        limit: Optional[int] = typer.Option(None, "--limit", metavar="N", help=h("limit")),
+        seed: Optional[int] = typer.Option(None, "--seed", metavar="N", help=h("seed")),
+        max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", metavar="N", help=h("max_new_tokens")),
+        batch_size: Optional[int] = typer.Option(None, "--batch-size", metavar="N", help=h("batch_size")),
+        dtype: str = typer.Option("float32", "--dtype", metavar="DTYPE", help="float32 or bfloat16 (faster on AVX512-BF16 CPUs)."),
+        data_dir: Optional[str] = typer.Option(None, "--data-dir", metavar="DIR", help="Paper datasets folder (default $DECAL_DATA_DIR)."),
+        progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars on stderr."),
+    ) -> None:
+        """Swap in another example's reasoning and report how often the decision follows it."""
+        from ..analysis.swap import run_swap, swaps_table
+
+        config = _config(SwapConfig, min_confidence=min_confidence, limit=limit, seed=seed,
+                         max_new_tokens=max_new_tokens, batch_size=batch_size)
+        lm, tokenizer, loaded = _load(model, adapter, task, split, data_dir, dtype)
+        summary = run_swap(lm, tokenizer, loaded, out, config=config, model_name=model, adapter=adapter,
+                           progress=progress)
+        _print_result(out, swaps_table([(loaded.name, summary)]))
