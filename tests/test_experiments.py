@@ -90,7 +90,16 @@ class FakeDecal:
             run = Path(argv[1])
             n = sum(1 for _ in (run / "predictions.jsonl").open())
             value = 0.1 * len(str(run)) % 1  # differs between runs, fixed per run
-            report = {"n": n, "metrics": {"accuracy": {"value": value, "ci_low": None, "ci_high": None}, "ece": {"value": 0.2, "ci_low": 0.1, "ci_high": 0.3}}}
+            report = {
+                "n": n,
+                "metrics": {
+                    "accuracy": {"value": value, "ci_low": None, "ci_high": None},
+                    "ece": {"value": 0.2, "ci_low": 0.1, "ci_high": 0.3},
+                    "sce": {"value": 0.05, "ci_low": 0.01, "ci_high": 0.09},
+                    "mce": {"value": 0.07, "ci_low": 0.02, "ci_high": 0.1},
+                    "auroc": {"value": 0.75, "ci_low": 0.6, "ci_high": 0.9},
+                },
+            }
             (run / "metrics.json").write_text(json.dumps(report))
         elif cmd == "calibrate":
             out = Path(_flag(argv, "--out"))

@@ -15,6 +15,18 @@ import typer
 
 from .errors import DecalError
 
+# typer 0.29 raises the exceptions of its vendored click (`typer._click`); catch both spellings.
+_CLICKS = [click.exceptions]
+try:
+    from typer._click import exceptions as _typer_click_exceptions
+
+    _CLICKS.append(_typer_click_exceptions)
+except ImportError:  # older typer uses click itself
+    pass
+_EXIT = (click.exceptions.Exit, typer.Exit)
+_ABORT = (click.exceptions.Abort, typer.Abort)
+_USAGE = tuple(m.ClickException for m in _CLICKS)
+
 __all__ = ["app", "main"]
 
 # Subcommand modules, in the order `decal --help` lists them.
@@ -54,11 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = app(args=argv, standalone_mode=False)
         code = result if isinstance(result, int) else 0
-    except click.exceptions.Exit as e:
+    except _EXIT as e:
         code = e.exit_code
-    except click.exceptions.Abort:
+    except _ABORT:
         code = _fail("aborted", 130)
-    except click.exceptions.ClickException as e:  # usage errors: bad flag, missing argument
+    except _USAGE as e:  # usage errors: bad flag, missing argument
         code = _fail(e.format_message(), 2)
     except KeyboardInterrupt:
         code = _fail("interrupted; rerun the same command to resume", 130)

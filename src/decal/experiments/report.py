@@ -106,7 +106,7 @@ def _datasets(experiment: dict) -> list[_Dataset]:
 
 def _metric_table(key, title, metrics, models, methods, datasets, index, *, ci) -> Table | None:
     """Rows: dataset x method; columns: model x metric (the layout of Tables 1, 4, 6, 7)."""
-    header = ["Dataset", "Method"] + [f"{m} {label}" if len(models) > 1 or len(metrics) > 1 else label for m in models for _, label in metrics]
+    header = ["Dataset", "Method"] + [f"{m} {label}" for m in models for _, label in metrics]
     rows, tips, filled = [], [], False
     for ds in datasets:
         for i, meth in enumerate(methods):

@@ -1,0 +1,69 @@
+"""Paper-style reports (issue #8): tables in the paper's layouts, Markdown and offline HTML."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from decal.cli import main
+from decal.experiments.config import experiment_config_from_dict
+from decal.experiments.report import build_tables, write_report
+from decal.experiments.runner import run_experiment
+from test_experiments import FakeDecal, tiny_config
+
+
+@pytest.fixture()
+def experiment(tmp_path):
+    config = experiment_config_from_dict(tiny_config())
+    root = tmp_path / "exp"
+    run_experiment(config, out=root, executor=FakeDecal())
+    return root
+
+
+def test_tables_follow_the_paper_layouts(experiment):
+    tables, notes = build_tables(experiment)
+    by_key = {t.key: t for t in tables}
+    assert set(by_key) == {"table1", "table4", "table5", "table6", "table7", "table8"}
+    assert any("Table 9 omitted" in n for n in notes)
+    t4 = by_key["table4"]
+    assert t4.header == ("Dataset", "Method", "m1 Acc (↑)", "m1 ECE (↓)")
+    # Rows: dataset (marked † in-domain, * OOD) x method, Ours last; ECE 0.2 -> 20.00.
+    assert [r[:2] for r in t4.rows] == [("builtin †", "Base"), ("", "SFT"), ("", "Ours"), ("other *", "Base"), ("", "SFT"), ("", "Ours")]
+    assert all(r[3] == "20.00" for r in t4.rows)
+    assert "95% CI [10.00, 30.00]" in t4.tips[0][3]
+    # Table 1 leaves the calibration-aware method out.
+    assert [r[1] for r in by_key["table1"].rows] == ["Base", "SFT", "Base", "SFT"]
+    # Table 5: None and Platt rows, columns per dataset for Ours only (no GRPO in this grid).
+    t5 = by_key["table5"]
+    assert [r[1] for r in t5.rows] == ["None", "Platt"]
+    assert t5.header[2:] == ("builtin † Ours", "other * Ours")
+    # Table 8: the main cal-grpo run and the lambda=0.005 variant, in increasing lambda.
+    t8 = by_key["table8"]
+    assert t8.rows[1][1] == "0.005" and t8.rows[0][0] == "builtin †"
+    assert by_key["table6"].header[2:] == ("m1 SCE (↓)", "m1 MCE (↓)")
+    assert by_key["table7"].rows[0][2] == "75.00"
+
+
+def test_markdown_and_html_reports(experiment):
+    md = write_report(experiment, format="md").read_text()
+    assert "| builtin † | Base |" in md
+    assert "## Table 4" in md and "Table 9 omitted: no β sweep." in md
+    md_ci = write_report(experiment, format="md", out=experiment / "ci.md", ci=True, figures=False).read_text()
+    assert "20.00 [10.00, 30.00]" in md_ci
+    html_path = write_report(experiment, format="html")
+    html = html_path.read_text()
+    assert html.startswith("<!DOCTYPE html>") and html.count("<table>") == 6
+    assert "title='n=6, 95% CI [10.00, 30.00]'" in html
+    # One file, readable offline: no external resources.
+    assert not re.search(r"(src|href)=['\"]?(https?:|//)", html)
+    assert "<link" not in html and "<script" not in html
+
+
+def test_report_cli_errors_and_output(experiment, tmp_path, capsys):
+    assert main(["report", str(experiment), "--format", "html", "--no-figures"]) == 0
+    assert (experiment / "report.html").is_file()
+    assert main(["report", str(tmp_path / "nothing")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not an experiment folder" in err[0]
+    assert main(["report", str(experiment), "--format", "pdf"]) == 2
