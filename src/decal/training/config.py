@@ -1,0 +1,278 @@
+"""The training configuration of `decal train`: one frozen dataclass, its YAML loader and merge.
+
+Precedence is CLI flags > YAML file (`--config FILE`) > dataclass defaults, merged with
+`is not None`. Fields left at None take the method's paper default (DESIGN.md, "Paper
+settings"), which `TrainConfig.resolve()` fills in; each default is written exactly once, either
+as a field default or in `_METHOD_DEFAULTS`. Every check runs in `__post_init__`, so a bad
+config fails with one line before any model or dataset is loaded.
+
+Effective batch sizes of the paper: SFT 32 examples = 8 per device x 4 accumulation steps; GRPO
+256 completions = 32 completions per device x 8 accumulation steps (with 32 generations per
+prompt, 8 prompts per optimizer step). Under `accelerate launch` with N processes the effective
+batch is N times larger; divide `grad_accum` by N to keep the paper's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from ..errors import ConfigError
+
+__all__ = ["TrainConfig", "METHODS", "CAL_TARGETS", "load_config_file", "merge_config", "config_to_dict"]
+
+METHODS = ("sft", "grpo", "cal-grpo")
+CAL_TARGETS = ("uniform", "group-accuracy")
+_VLLM_MODES = ("server", "colocate")
+_DTYPES = ("float32", "bfloat16", "float16", "auto")
+# TRL 1.16 GRPO loss types (trl/trainer/grpo_config.py).
+_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
+
+# Paper defaults that differ by method (DESIGN.md, "Paper settings"); None fields take these.
+_METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "sft": {"learning_rate": 2e-4, "epochs": 5.0, "batch_size": 8, "grad_accum": 4, "reasoning": False},
+    "grpo": {"learning_rate": 1e-3, "epochs": 20.0, "batch_size": 32, "grad_accum": 8, "reasoning": True},
+}
+_METHOD_DEFAULTS["cal-grpo"] = _METHOD_DEFAULTS["grpo"]
+
+
+def _help(text: str, **kwargs) -> Any:
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """What `decal train` runs. YAML keys are exactly these field names."""
+
+    method: Literal["sft", "grpo", "cal-grpo"] = _help(
+        "Training method: sft (cross-entropy on the decision token), grpo, or cal-grpo "
+        "(GRPO with the decision-token advantage zeroed plus cal_lambda * CE).", default="sft")
+    model: str = _help("Base model: hub id, local folder or .gguf file.", default="")
+    task: str = _help("Task name (see `decal tasks list`) or a JSONL/CSV task file.", default="")
+    split: str = _help("Training split of the task.", default="train")
+    data_dir: str | None = _help("Folder with the paper datasets (default: $DECAL_DATA_DIR).", default=None)
+    reasoning: bool | None = _help(
+        "Prompt with the reasoning template; None: True for grpo/cal-grpo, False for sft.", default=None)
+    out: str = _help("Output folder: adapter/, checkpoint-N/, config.resolved.yaml, train_log.jsonl.", default="")
+    learning_rate: float | None = _help("AdamW learning rate; None: 2e-4 (sft) or 1e-3 (grpo).", default=None)
+    epochs: float | None = _help("Training epochs; None: 5 (sft) or 20 (grpo). Ignored when max_steps > 0.",
+                                 default=None)
+    max_steps: int = _help("Optimizer steps to run; -1 runs `epochs` epochs.", default=-1)
+    batch_size: int | None = _help(
+        "Per-device micro-batch: examples (sft) or completions (grpo); None: 8 (sft) or 32 (grpo).", default=None)
+    grad_accum: int | None = _help("Gradient accumulation steps; None: 4 (sft) or 8 (grpo).", default=None)
+    num_generations: int = _help("GRPO completions per prompt (at least 2).", default=32)
+    max_completion_length: int = _help("GRPO maximum new tokens per completion.", default=256)
+    max_prompt_length: int | None = _help(
+        "Keep only the last N prompt tokens (None: no truncation). DESIGN.md: 128 makes CPU runs ~2x faster.",
+        default=None)
+    temperature: float = _help("GRPO sampling temperature.", default=1.0)
+    beta: float = _help("GRPO KL coefficient (0 loads no reference model).", default=0.0)
+    epsilon: float = _help("GRPO clipping epsilon.", default=0.2)
+    loss_type: str = _help(f"TRL GRPO loss type, one of {', '.join(_LOSS_TYPES)}.", default="bnpo")
+    save_steps: int = _help("Save a checkpoint-N folder every N optimizer steps.", default=50)
+    seed: int = _help("Random seed (data order, LoRA init, sampling).", default=0)
+    lora_r: int = _help("LoRA rank.", default=16)
+    lora_alpha: int = _help("LoRA alpha.", default=32)
+    lora_dropout: float = _help("LoRA dropout, in [0, 1).", default=0.1)
+    lora_target_modules: list[str] | str = _help(
+        "LoRA target modules: a list of module names or 'all-linear'.", default="all-linear")
+    cal_lambda: float = _help("cal-grpo weight of the decision-token CE term (>= 0).", default=0.001)
+    cal_target: Literal["uniform", "group-accuracy"] = _help(
+        "cal-grpo CE target for a wrong sampled decision: uniform over options, or the group's accuracy.",
+        default="uniform")
+    use_vllm: bool = _help("Generate GRPO completions with vLLM (GPU; needs the vllm package).", default=False)
+    vllm_mode: Literal["server", "colocate"] = _help(
+        "vLLM mode: colocate (same process and GPUs) or server (a separate `trl vllm-serve`).", default="colocate")
+    vllm_server_base_url: str | None = _help("vLLM server URL in server mode (None: TRL's default host/port).",
+                                             default=None)
+    vllm_importance_sampling_correction: bool = _help(
+        "Reweight the policy gradient by the trainer/vLLM token-probability ratio, capped (TRL's correction "
+        "for the sampler/trainer mismatch); only acts with use_vllm.", default=True)
+    report_to: str = _help("Trackers to log to: none, tensorboard, wandb, mlflow (comma-separated).",
+                           default="none")
+    gradient_checkpointing: bool = _help("Recompute activations in the backward pass (less memory, slower).",
+                                         default=False)
+    dtype: str = _help(f"Weights dtype, one of {', '.join(_DTYPES)}. DESIGN.md: train in float32 "
+                       "(bf16 LoRA updates were lost to rounding).", default="float32")
+    limit: int | None = _help("Train on the first N examples of the split only.", default=None)
+    select_split: str | None = _help(
+        "After training, evaluate every checkpoint on this split and record the best in selection.json.",
+        default=None)
+    select_limit: int | None = _help("Evaluate checkpoint selection on the first N examples only.", default=None)
+    allow_pickle: bool = _help("Allow loading pickled (non-safetensors) weights.", default=False)
+    trust_remote_code: bool = _help("Allow model code from the model folder or hub.", default=False)
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            _check_type(f.name, getattr(self, f.name), hints[f.name])
+        self._check_values()
+
+    def _check_values(self) -> None:
+        positive = {"learning_rate": self.learning_rate, "epochs": self.epochs, "batch_size": self.batch_size,
+                    "grad_accum": self.grad_accum, "max_completion_length": self.max_completion_length,
+                    "max_prompt_length": self.max_prompt_length, "temperature": self.temperature,
+                    "save_steps": self.save_steps, "lora_r": self.lora_r, "lora_alpha": self.lora_alpha,
+                    "limit": self.limit, "select_limit": self.select_limit}
+        for name, value in positive.items():
+            if value is not None and value <= 0:
+                raise ConfigError(f"`{name}` must be > 0; got {value!r}.")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ConfigError(f"`max_steps` must be a positive step count or -1 (use epochs); got {self.max_steps!r}.")
+        if self.num_generations < 2:
+            raise ConfigError(f"`num_generations` must be >= 2; got {self.num_generations!r}. GRPO's advantage "
+                              f"compares completions of the same prompt, so one completion has nothing to compare to.")
+        for name in ("beta", "epsilon", "cal_lambda"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"`{name}` must be >= 0; got {getattr(self, name)!r}.")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"`lora_dropout` must be in [0, 1); got {self.lora_dropout!r}.")
+        if self.loss_type not in _LOSS_TYPES:
+            raise ConfigError(_unknown("loss_type", self.loss_type, _LOSS_TYPES))
+        if self.dtype not in _DTYPES:
+            raise ConfigError(_unknown("dtype", self.dtype, _DTYPES))
+        if self.seed < 0:
+            raise ConfigError(f"`seed` must be >= 0; got {self.seed!r}.")
+        if self.method == "sft" and self.reasoning:
+            raise ConfigError("`reasoning` must be False (or unset) for sft; got True. SFT trains the decision "
+                              "token right after the non-reasoning prompt; use grpo or cal-grpo for reasoning.")
+
+    def check_runnable(self) -> None:
+        """Raise ConfigError when a field a run needs (model, task, out) is empty."""
+        missing = [name for name in ("model", "task", "out") if not getattr(self, name)]
+        if missing:
+            flags = ", ".join(f"--{m}" for m in missing)
+            raise ConfigError(f"`{missing[0]}` must be set; pass {flags} or set it in the --config file.")
+
+    def resolve(self) -> TrainConfig:
+        """A copy with every None method-default filled in from the paper settings."""
+        defaults = _METHOD_DEFAULTS[self.method]
+        return dataclasses.replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
+
+    @property
+    def is_grpo(self) -> bool:
+        return self.method in ("grpo", "cal-grpo")
+
+
+def _unknown(name: str, value: Any, choices) -> str:
+    close = difflib.get_close_matches(str(value), list(choices), n=1)
+    hint = f" Did you mean: {close[0]}?" if close else ""
+    return f"Unknown {name} {value!r}.{hint} Available: {', '.join(choices)}."
+
+
+def _type_name(hint) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _matches(value: Any, hint) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is type(None):
+        return value is None
+    if origin is Literal:
+        return value in args
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return any(_matches(value, a) for a in args)
+    if origin is list:
+        return isinstance(value, list) and all(_matches(v, args[0]) for v in value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _check_type(name: str, value: Any, hint) -> None:
+    if _matches(value, hint):
+        return
+    if typing.get_origin(hint) is Literal or (
+        typing.get_origin(hint) is not None and any(typing.get_origin(a) is Literal for a in typing.get_args(hint))
+    ):
+        choices = [c for a in (hint,) for c in typing.get_args(a)]
+        raise ConfigError(_unknown(f"`{name}`", value, choices))
+    raise ConfigError(f"`{name}` must be {_type_name(hint)}; got {value!r} ({type(value).__name__}).")
+
+
+def _field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+def _check_keys(values: Mapping[str, Any], source: str) -> None:
+    names = _field_names()
+    for key in values:
+        if key not in names:
+            close = difflib.get_close_matches(str(key).replace("-", "_"), names, n=1)
+            hint = f" Did you mean: {close[0]}?" if close else ""
+            raise ConfigError(f"{source}: unknown training config key {key!r}.{hint} "
+                              f"Available: {', '.join(names)}.")
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML training config into a dict of field values (checked keys, raw values).
+
+    Args:
+        path: a YAML mapping whose keys are `TrainConfig` field names.
+
+    Returns:
+        The mapping; float fields written like `1e-3` (a string to YAML 1.1) become floats.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ConfigError: not a mapping, invalid YAML, or an unknown key.
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"training config not found: {path}")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}".replace("\n", " ")) from e
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: a training config must be a YAML mapping of field: value; "
+                          f"got {type(values).__name__}.")
+    _check_keys(values, str(path))
+    hints = typing.get_type_hints(TrainConfig)
+    for key, value in list(values.items()):
+        # YAML 1.1 reads `1e-3` (no dot) as a string; accept it for float fields only.
+        if isinstance(value, str) and float in typing.get_args(hints[key]) + (hints[key],):
+            try:
+                values[key] = float(value)
+            except ValueError:
+                pass
+    return values
+
+
+def merge_config(*, file_values: Mapping[str, Any] | None = None,
+                 cli_values: Mapping[str, Any] | None = None) -> tuple[TrainConfig, list[str]]:
+    """Merge CLI > file > defaults (`is not None`) and validate.
+
+    Args:
+        file_values: from `load_config_file`, or None.
+        cli_values: flag values; None means "not given".
+
+    Returns:
+        (config, overridden): the validated config and the keys the CLI set over the file.
+
+    Raises:
+        ConfigError: unknown key, wrong type or bad value.
+    """
+    file_values = dict(file_values or {})
+    cli = {k: v for k, v in (cli_values or {}).items() if v is not None}
+    _check_keys(file_values, "config file")
+    _check_keys(cli, "command line")
+    merged = {**{k: v for k, v in file_values.items() if v is not None}, **cli}
+    overridden = sorted(k for k in cli if k in file_values and file_values[k] != cli[k])
+    return TrainConfig(**merged), overridden
+
+
+def config_to_dict(config: TrainConfig) -> dict[str, Any]:
+    """Plain dict of all fields, in declaration order, for `config.resolved.yaml`."""
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
