@@ -101,6 +101,11 @@ class FakeDecal:
                 },
             }
             (run / "metrics.json").write_text(json.dumps(report))
+        elif cmd == "analyze":
+            out = Path(_flag(argv, "--out"))
+            out.mkdir(parents=True, exist_ok=True)
+            summary = {"share_above": 0.975, "threshold": 0.99, "n_rollouts": 64} if argv[1] == "rollouts" else {"flip_rate": 0.5, "n_swapped": 4}
+            (out / "summary.json").write_text(json.dumps(summary))
         elif cmd == "calibrate":
             out = Path(_flag(argv, "--out"))
             fit = Path(_flag(argv, "--fit"))
@@ -260,3 +265,14 @@ def test_paper_plan_lists_every_cell_of_tables_1_and_4_to_9():
     # Tables 2 and 3: rollouts and swap on each base model for both train splits.
     analyses = {(s.info["model"], s.info["analysis"], s.info["task"]) for s in steps if s.kind == "analyze"}
     assert len(analyses) == 12
+
+
+def test_interrupted_training_resumes_from_its_checkpoint(tmp_path):
+    config = experiment_config_from_dict(tiny_config())
+    root = tmp_path / "exp"
+    (root / "runs/m1/sft/builtin/train/checkpoint-2").mkdir(parents=True)  # left by a killed run
+    fake = FakeDecal()
+    run_experiment(config, out=root, executor=fake, only="runs/m1/*/builtin/train")
+    trains = {_flag(c, "--out").split("/runs/m1/")[1]: c for c in fake.calls if c[0] == "train"}
+    assert "--resume" in trains["sft/builtin/train"]
+    assert "--resume" not in trains["cal-grpo/builtin/train"]

@@ -67,3 +67,20 @@ def test_report_cli_errors_and_output(experiment, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not an experiment folder" in err[0]
     assert main(["report", str(experiment), "--format", "pdf"]) == 2
+
+
+def test_analysis_tables_2_and_3(tmp_path):
+    analyses = [
+        {"kind": "rollouts", "task": "builtin", "split": "train", "settings": {"samples": 4}},
+        {"kind": "swap", "task": "builtin", "split": "train"},
+    ]
+    config = experiment_config_from_dict(tiny_config(analyses=analyses))
+    root = tmp_path / "exp"
+    fake = FakeDecal()
+    run_experiment(config, out=root, executor=fake)
+    rollouts = next(c for c in fake.calls if c[:2] == ["analyze", "rollouts"])
+    assert rollouts[rollouts.index("--samples") + 1] == "4" and "--adapter" not in rollouts
+    tables, _ = build_tables(root)
+    by_key = {t.key: t for t in tables}
+    assert by_key["table2"].rows == (("builtin (train), base", "97.50"),)
+    assert by_key["table3"].rows == (("builtin (train), base", "50.00"),)

@@ -74,6 +74,7 @@ def _eval_args(config: ExperimentConfig, method: MethodSpec, ev: EvalSpec, seed:
         ("--batch-size", settings.batch_size),
         ("--max-new-tokens", settings.max_new_tokens if method.resolved_reasoning else None),
         ("--temperature", settings.temperature),
+        ("--dtype", settings.dtype),
     ):
         if value is not None:
             args += [flag, str(value)]
@@ -212,7 +213,8 @@ def _analysis_steps(config: ExperimentConfig, root: Path, model_steps: dict) -> 
                     command += [f"--{key_.replace('_', '-')}", str(value)]
                 if config.data_dir:
                     command += ["--data-dir", config.data_dir]
-                command += ["--out", str(root / step_id)]
+                # The step's output goes to its log file, where a progress bar is noise.
+                command += ["--no-progress", "--out", str(root / step_id)]
                 steps.append(
                     Step(
                         id=step_id,

@@ -1,7 +1,8 @@
 """Paper-style reports of an experiment folder: Markdown and a single offline HTML file.
 
 Tables follow the paper's layouts (values in percent with two decimals; † in-domain, * OOD):
-Table 1 (accuracy and ECE of base, SFT, GRPO), Table 4 (the same with the calibration-aware
+Table 1 (accuracy and ECE of base, SFT, GRPO), Tables 2 and 3 (rollout and reasoning-swap
+analyses, when the config runs them), Table 4 (the same with the calibration-aware
 method, "Ours"), Table 5 (ECE after post-hoc calibrators), Table 6 (SCE and MCE), Table 7
 (AUROC), Table 8 (lambda sweep) and Table 9 (KL beta sweep); the Figure 1/4 grids of
 reliability diagrams with confidence histograms come from `decal.plots.plot_grid`. A table
@@ -179,6 +180,28 @@ def _sweep_table(key, title, kind, param, symbol, experiment, models, datasets, 
     return Table(key, title, ("Dataset", symbol, "Acc (↑)", "ECE (↓)"), tuple(rows), tuple(tips))
 
 
+def _analysis_table(root: Path, experiment: dict, models: list[str], kind: str) -> Table | None:
+    """Table 2 (rollouts: share of decisions with p > threshold) or 3 (swap: flip rate); rows task, columns model."""
+    key, title = {
+        "rollouts": ("share_above", "Table 2: share of overconfident sampled decisions (p > {t})"),
+        "swap": ("flip_rate", "Table 3: share of predictions that flip after swapping the reasoning"),
+    }[kind]
+    labels = {t["task"]: t.get("label") or t["task"] for t in experiment["config"]["train_tasks"]}
+    cells: dict[tuple[str, str], dict] = {}
+    for step in experiment["steps"]:
+        info = step["info"]
+        summary = root / step["id"] / "summary.json"
+        if step["kind"] == "analyze" and info.get("analysis") == kind and (root / step["id"] / "DONE").is_file():
+            cells[(f"{labels.get(info['task'], info['task'])} ({info['split']}), {info['method']}", info["model"])] = read_json(summary)
+    if not cells:
+        return None
+    threshold = next(iter(cells.values())).get("threshold", 0.99)
+    row_names = list(dict.fromkeys(r for r, _ in cells))
+    rows = tuple((r, *(_pct(cells[(r, m)].get(key)) if (r, m) in cells else MISSING for m in models)) for r in row_names)
+    tips = tuple(("", *(f"n={cells[(r, m)].get('n_rollouts', cells[(r, m)].get('n_swapped', ''))}" if (r, m) in cells else "" for m in models)) for r in row_names)
+    return Table(f"table{2 if kind == 'rollouts' else 3}", title.format(t=threshold), ("Dataset", *models), rows, tips)
+
+
 def build_tables(experiment_dir: str | Path, *, ci: bool = False) -> tuple[list[Table], list[str]]:
     """The paper's tables for an experiment folder, and notes on the tables that could not be made.
 
@@ -203,13 +226,15 @@ def build_tables(experiment_dir: str | Path, *, ci: bool = False) -> tuple[list[
         ("table5", lambda: _posthoc_table(models, main, datasets, index, ci=ci)),
         ("table6", lambda: _metric_table("table6", "Table 6: SCE and MCE (%)", (("sce", "SCE (↓)"), ("mce", "MCE (↓)")), models, main, datasets, index, ci=ci)),
         ("table7", lambda: _metric_table("table7", "Table 7: AUROC (%) for selective prediction", (("auroc", "AUROC (↑)"),), models, main, datasets, index, ci=ci)),
+        ("table2", lambda: _analysis_table(root, experiment, models, "rollouts")),
+        ("table3", lambda: _analysis_table(root, experiment, models, "swap")),
         ("table8", lambda: _sweep_table("table8", "Table 8: sensitivity to the calibration weight λ", "cal-grpo", "cal_lambda", "λ", experiment, models, datasets, index, ci=ci)),
         ("table9", lambda: _sweep_table("table9", "Table 9: effect of the KL coefficient β in GRPO", "grpo", "beta", "β", experiment, models, datasets, index, ci=ci)),
     ]
     why = {
         "table1": "no base/SFT/GRPO evaluations", "table4": "no calibration-aware GRPO evaluations",
         "table5": "no post-hoc calibrators were run", "table6": "no SCE/MCE metrics", "table7": "no AUROC metrics",
-        "table8": "no λ sweep", "table9": "no β sweep",
+        "table2": "no rollout analysis was run", "table3": "no reasoning-swap analysis was run", "table8": "no λ sweep", "table9": "no β sweep",
     }
     tables, notes = [], []
     for key, make in candidates:
