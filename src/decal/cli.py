@@ -37,6 +37,9 @@ COMMANDS = [
     "report",
     "demo",
     "analyze",
+    "metrics",
+    "calibrate",
+    "threshold",
 ]
 
 app = typer.Typer(

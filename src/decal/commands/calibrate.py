@@ -1,0 +1,148 @@
+"""`decal calibrate`: fit a post-hoc calibrator on one run and write calibrated copies of runs.
+
+The paper's setup (Appendix B.1): fit on part of OpenAI Moderation, evaluate on the rest and on
+XSTest. With ``--fit-fraction f`` the calibrator is fitted on a seeded random fraction ``f`` of
+the fit run, and the other ``1 - f`` of it is written as a calibrated run too, so "the rest" is
+evaluated like any other run. Each calibrated run goes to ``OUT/<name>/predictions.jsonl`` with a
+``run.json`` (the source's, plus a ``calibration`` entry); the calibrator goes to
+``OUT/calibrator.json`` and a before/after summary to ``OUT/summary.json``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+__all__ = ["register", "calibrate_runs", "run_names"]
+
+EPILOG = """Examples:
+
+  decal calibrate --method isotonic --fit runs/grpo/moderation --fit-fraction 0.5 --seed 0 --apply runs/grpo/xstest --out runs/grpo/calibrate/isotonic
+
+  decal calibrate --method platt --fit runs/ours/moderation --fit-fraction 0.3 --apply runs/ours/xstest runs/ours/csqa --out cal/platt
+"""
+
+
+def run_names(paths: list[Path]) -> list[str]:
+    """One folder name per run: the shortest tail of its path that tells the runs apart.
+
+    >>> run_names([Path("a/grpo/xstest"), Path("b/ours/xstest"), Path("a/grpo/moderation")])
+    ['grpo--xstest', 'ours--xstest', 'moderation']
+    """
+    from .._io import safe_name
+
+    resolved = [p.resolve() for p in paths]
+    if len(set(resolved)) != len(resolved):
+        dup = next(p for p in paths if resolved.count(p.resolve()) > 1)
+        raise ValueError(f"run {dup} is given twice (as --fit with --fit-fraction and in --apply, or twice in --apply)")
+    names = []
+    for p in resolved:
+        depth = 1
+        while True:
+            tail = "/".join(p.parts[-depth:])
+            others = ["/".join(q.parts[-depth:]) for q in resolved if q != p]
+            if tail not in others or depth >= len(p.parts):
+                break
+            depth += 1
+        names.append(safe_name(tail))
+    return names
+
+
+def _split(records: list, fraction: float | None, seed: int) -> tuple[list, list]:
+    """(fit part, held-out rest) of a run; the rest keeps the file order."""
+    import numpy as np
+
+    if fraction is None or fraction == 1.0:
+        return records, []
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"`--fit-fraction` must be in (0, 1]; got {fraction!r}")
+    n = len(records)
+    n_fit = int(round(fraction * n))
+    if n_fit < 1 or n_fit >= n:
+        raise ValueError(f"`--fit-fraction` {fraction} of {n} records leaves {n_fit} to fit and {n - n_fit} to evaluate; both must be >= 1")
+    chosen = np.zeros(n, dtype=bool)
+    chosen[np.random.default_rng(seed).permutation(n)[:n_fit]] = True
+    return [r for r, c in zip(records, chosen) if c], [r for r, c in zip(records, chosen) if not c]
+
+
+def _write_run(out_dir: Path, source: Path, records: list, calibration: dict) -> None:
+    from .._io import read_json, write_json_atomic, write_text_atomic
+
+    meta = read_json(source / "run.json") if (source / "run.json").is_file() else {}
+    if not isinstance(meta, dict):
+        meta = {"source_run_json": meta}
+    meta["calibration"] = calibration
+    write_text_atomic(out_dir / "predictions.jsonl", "".join(r.to_json() + "\n" for r in records))
+    write_json_atomic(out_dir / "run.json", meta)
+
+
+def calibrate_runs(
+    method: str, fit_dir: Path, *, apply_dirs: list[Path], out: Path, fit_fraction: float | None = None, seed: int = 0
+) -> dict:
+    """Fit `method` on `fit_dir` (or a fraction of it) and write calibrated copies to `out`.
+
+    Returns:
+        ``{"calibrator": to_dict, "n_fit": int, "runs": [{"name", "source", "subset", "before",
+        "after"}]}`` where before/after are `decal.metrics.summarize` dicts.
+    """
+    from .._io import write_json_atomic
+    from ..calibrators import apply_calibrator, fit_calibrator, make_calibrator
+    from ..metrics import summarize
+    from ..records import read_records
+
+    calibrator = make_calibrator(method)
+    fit_dir, out = Path(fit_dir), Path(out)
+    fit_part, rest = _split(read_records(fit_dir), fit_fraction, seed)
+    fit_calibrator(calibrator, fit_part)
+    sources = ([(fit_dir, rest, "held-out")] if rest else []) + [(Path(p), None, "all") for p in apply_dirs]
+    names = run_names([s[0] for s in sources])
+    info = {"method": calibrator.name, "fit_run": str(fit_dir), "fit_fraction": fit_fraction, "seed": seed,
+            "n_fit": len(fit_part), "calibrator": str(out / "calibrator.json")}
+    summary = {"calibrator": calibrator.to_dict(), "n_fit": len(fit_part), "runs": []}
+    for name, (source, records, subset) in zip(names, sources):
+        records = read_records(source) if records is None else records
+        calibrated = apply_calibrator(calibrator, records)
+        _write_run(out / name, source, calibrated, {**info, "source_run": str(source), "subset": subset})
+        summary["runs"].append({"name": name, "source": str(source), "subset": subset,
+                                "before": summarize(records), "after": summarize(calibrated)})
+    calibrator.save(out / "calibrator.json")
+    write_json_atomic(out / "summary.json", summary)
+    return summary
+
+
+def _table(summary: dict):
+    from rich.table import Table
+
+    table = Table(title=f"{summary['calibrator']['method']} calibrator, fitted on {summary['n_fit']} records (%)")
+    for col in ("run", "subset", "n", "accuracy", "ECE before", "ECE after", "Brier before", "Brier after"):
+        table.add_column(col, justify="left" if col in ("run", "subset") else "right")
+    for r in summary["runs"]:
+        b, a = r["before"], r["after"]
+        table.add_row(r["name"], r["subset"], str(b["n"]), f"{100 * b['accuracy']:.2f}", f"{100 * b['ece']:.2f}",
+                      f"{100 * a['ece']:.2f}", f"{100 * b['brier']:.2f}", f"{100 * a['brier']:.2f}")
+    return table
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("calibrate", epilog=EPILOG)
+    def calibrate_command(
+        method: str = typer.Option(..., "--method", metavar="platt|isotonic|temperature", help="Post-hoc calibrator."),
+        fit: Path = typer.Option(..., "--fit", metavar="RUN_DIR", help="Run whose predictions the calibrator is fitted on."),
+        fit_fraction: Optional[float] = typer.Option(None, "--fit-fraction", metavar="F", help="Fit on this random fraction of --fit and write the rest as a calibrated run."),
+        seed: int = typer.Option(0, "--seed", metavar="S", help="Seed of the --fit-fraction split."),
+        apply: Optional[list[Path]] = typer.Option(None, "--apply", metavar="RUN_DIR...", help="Runs to calibrate (several may follow one --apply)."),
+        more: Optional[list[Path]] = typer.Argument(None, metavar="[RUN_DIR...]", hidden=True),
+        out: Path = typer.Option(..., "--out", metavar="DIR", help="Output folder: calibrator.json, summary.json, one folder per run."),
+    ) -> None:
+        """Fit a post-hoc calibrator on one run and write calibrated copies of runs."""
+        from rich.console import Console
+
+        # `--apply a b c` puts b and c in the positional list; both spellings mean the same.
+        apply_dirs = [*(apply or []), *(more or [])]
+        if fit_fraction is None and not apply_dirs:
+            raise typer.BadParameter("nothing to calibrate: give --apply RUN_DIR..., or --fit-fraction to evaluate on the rest of --fit", param_hint="--apply")
+        summary = calibrate_runs(method, fit, apply_dirs=apply_dirs, out=out, fit_fraction=fit_fraction, seed=seed)
+        Console().print(_table(summary))
+        typer.echo(f"calibrator: {out / 'calibrator.json'}")

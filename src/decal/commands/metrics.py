@@ -1,0 +1,87 @@
+"""`decal metrics RUN_DIR`: the metric table, `metrics.json` and the reliability figure of one run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+__all__ = ["register", "run_metrics", "metrics_table"]
+
+EPILOG = """Examples:
+
+  decal metrics runs/base/moderation
+
+  decal metrics runs/grpo/xstest --n-bins 15 --binning equal_width --bootstrap 0
+"""
+
+
+def _run_folder(run_dir: Path) -> tuple[Path, Path]:
+    """(folder for outputs, predictions file) from a run folder or a predictions file."""
+    if run_dir.is_dir():
+        return run_dir, run_dir / "predictions.jsonl"
+    if run_dir.is_file():
+        return run_dir.parent, run_dir
+    raise FileNotFoundError(f"{run_dir}: no such run folder (expected a folder holding predictions.jsonl)")
+
+
+def run_metrics(
+    run_dir: Path, *, n_bins: int = 10, binning: str = "equal_mass", bootstrap: int = 1000, seed: int = 0,
+    level: float = 0.95, figure: bool = True,
+) -> dict:
+    """Compute `metrics_report` for a run, write `metrics.json` (and the figure); return the report."""
+    from .._io import write_json_atomic
+    from ..metrics import metrics_report
+    from ..records import read_records
+
+    folder, predictions = _run_folder(Path(run_dir))
+    records = read_records(predictions)
+    report = metrics_report(records, n_bins=n_bins, binning=binning, n_resamples=bootstrap, seed=seed, level=level)
+    write_json_atomic(folder / "metrics.json", report)
+    if figure:
+        from ..plots import plot_reliability
+
+        first = records[0]
+        title = f"{first.model or folder.name}: {first.task}/{first.split}"
+        plot_reliability(records, folder / "reliability", title=title, n_bins=n_bins)
+    return report
+
+
+def metrics_table(report: dict, *, title: str):
+    """A rich table of a `metrics_report` (percent, like the paper; NLL in nats)."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    with_ci = report["bootstrap"] > 0
+    if with_ci:
+        table.add_column(f"{100 * report['level']:.0f}% CI", justify="right")
+    for key, m in report["metrics"].items():
+        scale = 1.0 if key == "nll" else 100.0  # NLL is in nats, not a fraction
+        value = "nan" if m["value"] is None else f"{scale * m['value']:.2f}"
+        row = [key, value]
+        if with_ci:
+            row.append("–" if m["ci_low"] is None else f"[{scale * m['ci_low']:.2f}, {scale * m['ci_high']:.2f}]")
+        table.add_row(*row)
+    return table
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("metrics", epilog=EPILOG)
+    def metrics_command(
+        run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="Run folder holding predictions.jsonl."),
+        n_bins: int = typer.Option(10, "--n-bins", metavar="M", help="Bins of every binned metric."),
+        binning: str = typer.Option("equal_mass", "--binning", metavar="equal_mass|equal_width", help="Binning of ECE (the paper: equal_mass)."),
+        bootstrap: int = typer.Option(1000, "--bootstrap", metavar="N", help="Bootstrap resamples for the intervals; 0 for none."),
+        seed: int = typer.Option(0, "--seed", metavar="S", help="Seed of the bootstrap."),
+        level: float = typer.Option(0.95, "--level", metavar="P", help="Coverage of the bootstrap intervals."),
+        figure: bool = typer.Option(True, "--figure/--no-figure", help="Write reliability.png/.svg into the run folder."),
+    ) -> None:
+        """Print the metrics of a run (percent) and write metrics.json and the reliability figure."""
+        from rich.console import Console
+
+        if bootstrap < 0:
+            raise typer.BadParameter(f"must be >= 0; got {bootstrap}", param_hint="--bootstrap")
+        report = run_metrics(run_dir, n_bins=n_bins, binning=binning, bootstrap=bootstrap, seed=seed, level=level, figure=figure)
+        Console().print(metrics_table(report, title=f"{run_dir} (n={report['n']}, %)"))

@@ -1,0 +1,171 @@
+"""Reliability diagrams over confidence histograms, like the paper's Figure 1.
+
+One panel is a reliability diagram (bars: accuracy per confidence bin; shaded: the gap between
+accuracy and mean confidence in that bin; dashed: the diagonal of perfect calibration) above a
+histogram of the confidences (fraction of examples per bin). `plot_reliability` draws one run;
+`plot_grid` draws several (rows: methods, columns: datasets). Both save ``.png`` and ``.svg``.
+
+The bars use equal-width bins by default, although the paper's ECE uses equal-mass bins: when
+confidences cluster near 1 (the overconfident models the paper studies) equal-mass bins shrink
+to slivers that cannot be seen. The ECE printed in each panel is the table's (equal-mass) ECE.
+Pass ``binning="equal_mass"`` to draw each bin over the range of its confidences instead.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from .metrics import Binning, _binned_stats, _check_binning, _check_conf_correct, _check_n_bins, _ece
+
+__all__ = ["plot_reliability", "plot_grid"]
+
+_BAR = "#3b6ea8"
+_GAP = "#d9534f"
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _conf_correct(data) -> tuple[np.ndarray, np.ndarray]:
+    """confidence and correct from records, a RecordArrays, or a ``(confidence, correct)`` pair."""
+    from .records import RecordArrays, records_to_arrays
+
+    if isinstance(data, tuple) and len(data) == 2:
+        return _check_conf_correct(*data)
+    arrays = data if isinstance(data, RecordArrays) else records_to_arrays(list(data))
+    return _check_conf_correct(arrays.confidence, arrays.correct)
+
+
+def _draw_panel(ax_rel, ax_hist, conf, corr, *, n_bins: int, binning: str, title: str | None) -> None:
+    stats = _binned_stats(conf, corr, n_bins, binning)
+    ok = stats.count > 0
+    if binning == "equal_width":
+        left, width = stats.lower, stats.upper - stats.lower
+    else:
+        # A bin covers its own confidences; keep a minimum width so a narrow bin stays visible.
+        width = np.maximum(stats.upper - stats.lower, 0.01)
+        left = np.minimum(stats.lower, 1.0 - width)
+    ax_rel.bar(left[ok], stats.acc[ok], width=width[ok], align="edge", color=_BAR, edgecolor="black",
+               linewidth=0.6, label="Accuracy")
+    gap_bottom = np.minimum(stats.acc[ok], stats.conf[ok])
+    gap_height = np.abs(stats.conf[ok] - stats.acc[ok])
+    ax_rel.bar(left[ok], gap_height, bottom=gap_bottom, width=width[ok], align="edge", color=_GAP, alpha=0.35,
+               edgecolor=_GAP, hatch="//", linewidth=0.6, label="Gap")
+    ax_rel.plot([0, 1], [0, 1], linestyle="--", color="gray", linewidth=1.0, label="Perfect calibration")
+    ax_rel.set_xlim(0, 1)
+    ax_rel.set_ylim(0, 1)
+    ax_rel.set_ylabel("Accuracy")
+    ax_rel.tick_params(labelbottom=False)
+    ece_value = _ece(conf, corr, n_bins, "equal_mass")
+    ax_rel.text(0.04, 0.95, f"ECE {100 * ece_value:.2f}\nAcc {100 * corr.mean():.1f}\nn {len(conf)}",
+                transform=ax_rel.transAxes, va="top", ha="left", fontsize=8,
+                bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.85, "edgecolor": "lightgray"})
+    if title:
+        ax_rel.set_title(title, fontsize=10)
+    # Histogram: always 20 equal-width bins, so the shape of the distribution is visible.
+    weights = np.full(len(conf), 1.0 / len(conf))
+    ax_hist.hist(conf, bins=np.linspace(0, 1, 21), weights=weights, color=_BAR, edgecolor="black", linewidth=0.6)
+    ax_hist.axvline(conf.mean(), color=_GAP, linestyle="--", linewidth=1.0)
+    ax_hist.set_xlim(0, 1)
+    ax_hist.set_ylim(0, 1)
+    ax_hist.set_xlabel("Confidence")
+    ax_hist.set_ylabel("% of samples")
+    ax_hist.yaxis.set_major_formatter(lambda v, _: f"{100 * v:.0f}")
+
+
+def _save(fig, path: str | os.PathLike) -> list[Path]:
+    base = Path(path)
+    if base.suffix.lower() in (".png", ".svg"):
+        base = base.with_suffix("")
+    base.parent.mkdir(parents=True, exist_ok=True)
+    out = []
+    for suffix in (".png", ".svg"):
+        target = base.with_name(base.name + suffix)
+        fig.savefig(target, dpi=150, bbox_inches="tight")
+        out.append(target)
+    return out
+
+
+def plot_reliability(
+    data, path: str | os.PathLike, *, title: str | None = None, n_bins: int = 10, binning: Binning = "equal_width"
+) -> list[Path]:
+    """Draw one run's reliability diagram over its confidence histogram.
+
+    Args:
+        data: Prediction records, a `RecordArrays`, or a ``(confidence, correct)`` pair of
+            arrays of shape (n,).
+        path: Output path without suffix (a ``.png``/``.svg`` suffix is dropped); both
+            ``<path>.png`` and ``<path>.svg`` are written.
+        title: Panel title (for example ``"Qwen3-1.7B GRPO, XSTest"``).
+        n_bins: Bars in the reliability diagram.
+        binning: ``"equal_width"`` (default, module docstring) or ``"equal_mass"``.
+
+    Returns:
+        The two written paths.
+    """
+    conf, corr = _conf_correct(data)
+    n_bins, binning = _check_n_bins(n_bins), _check_binning(binning)
+    plt = _pyplot()
+    fig, (ax_rel, ax_hist) = plt.subplots(2, 1, figsize=(3.6, 4.6), sharex=True,
+                                          gridspec_kw={"height_ratios": [3, 1], "hspace": 0.08})
+    try:
+        _draw_panel(ax_rel, ax_hist, conf, corr, n_bins=n_bins, binning=binning, title=title)
+        ax_rel.legend(loc="lower right", fontsize=7, frameon=True)
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def plot_grid(
+    runs: Mapping[tuple[str, str], object],
+    path: str | os.PathLike,
+    *,
+    title: str | None = None,
+    n_bins: int = 10,
+    binning: Binning = "equal_width",
+) -> list[Path]:
+    """Draw a grid of panels: one row per method, one column per dataset (the paper's Figure 1).
+
+    Args:
+        runs: ``{(row, column): data}``, where data is as in `plot_reliability`. Rows and
+            columns keep their first-seen order; a missing cell stays blank.
+        path: Output path without suffix; ``.png`` and ``.svg`` are written.
+        title: Figure title.
+        n_bins, binning: As in `plot_reliability`.
+    """
+    if not runs:
+        raise ValueError("`runs` must hold at least one (row, column) -> records entry; got none.")
+    for key in runs:
+        if not (isinstance(key, tuple) and len(key) == 2):
+            raise ValueError(f"`runs` keys must be (row, column) pairs; got {key!r}.")
+    n_bins, binning = _check_n_bins(n_bins), _check_binning(binning)
+    rows = list(dict.fromkeys(k[0] for k in runs))
+    cols = list(dict.fromkeys(k[1] for k in runs))
+    plt = _pyplot()
+    fig = plt.figure(figsize=(3.2 * len(cols), 4.2 * len(rows)))
+    outer = fig.add_gridspec(len(rows), len(cols), hspace=0.3, wspace=0.45)
+    try:
+        for i, row in enumerate(rows):
+            for j, col in enumerate(cols):
+                if (row, col) not in runs:
+                    continue
+                conf, corr = _conf_correct(runs[(row, col)])
+                inner = outer[i, j].subgridspec(2, 1, height_ratios=[3, 1], hspace=0.08)
+                ax_rel = fig.add_subplot(inner[0])
+                ax_hist = fig.add_subplot(inner[1], sharex=ax_rel)
+                _draw_panel(ax_rel, ax_hist, conf, corr, n_bins=n_bins, binning=binning, title=f"{row} / {col}")
+        if title:
+            fig.suptitle(title)
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
