@@ -82,11 +82,10 @@ def _step_rows(experiment: str, root: Path, step: Step) -> list[dict]:
     # A calibrate step holds one folder per calibrated run; its records name their task and split.
     for sub in sorted(p for p in folder.iterdir() if (p / "metrics.json").is_file()):
         first = _first_record(sub)
-        key = f"{first['task']}/{first['split']}"
-        domain = info.get("domains", {}).get(key, "in" if key == f"{info['fit_task']}/{info['fit_split']}" else "ood")
+        eval_task, domain = _match_evaluation(first["task"], first["split"], info)
         sub_common = {
             **common,
-            "eval_task": first["task"],
+            "eval_task": eval_task,
             "eval_split": first["split"],
             "domain": domain,
             "calibrator": info["calibrator"],
@@ -94,6 +93,19 @@ def _step_rows(experiment: str, root: Path, step: Step) -> list[dict]:
         }
         rows += _metric_rows(sub / "metrics.json", sub_common)
     return rows
+
+
+def _match_evaluation(task: str, split: str, info: dict) -> tuple[str, str]:
+    """The configured evaluation (task spec as written in the config, domain) of a calibrated run.
+
+    Records carry the task's own name (`builtin`), the config may hold a spec
+    (`builtin:difficulty=3`); the split and the name before `:` identify the evaluation.
+    """
+    for key, domain in info.get("domains", {}).items():
+        spec, _, spec_split = key.rpartition("/")
+        if spec_split == split and (spec == task or spec.split(":")[0] == task.split(":")[0]):
+            return spec, domain
+    return task, "in" if (task, split) == (info.get("fit_task"), info.get("fit_split")) else "ood"
 
 
 def collect_results(experiment: str, root: str | Path, steps: Iterable[Step]) -> list[dict]:
