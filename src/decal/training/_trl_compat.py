@@ -1,0 +1,116 @@
+"""The one place where decal touches TRL's private GRPO API (pinned: trl==1.16.0).
+
+`DecalGRPOTrainer` overrides two private hooks of `trl.GRPOTrainer` and reads a few private
+attributes. Each of them is named here, with the signature or the keys decal relies on, and
+`check_trl()` verifies them when a trainer is built, so a TRL upgrade that changes them fails
+loudly at construction instead of silently training something else. `tests/test_grpo.py`
+asserts the same facts.
+
+What decal relies on, as read in TRL 1.16.0 `trl/trainer/grpo_trainer.py`:
+
+- ``_generate_and_score_completions(self, inputs)`` returns a dict holding at least
+  `GENERATION_KEYS`; ``advantages`` is (B,), ``completion_ids`` (B, T) right-padded. It calls
+  the reward functions exactly once, on the process-local rows, in order.
+- ``_compute_loss(self, model, inputs)`` accepts (B, T) advantages (it only unsqueezes when
+  ``advantages.dim() == 1``), runs one forward through ``_get_per_token_logps_and_entropies``,
+  whose fused LM head calls the backbone ``model.base_model`` and projects its
+  ``last_hidden_state[:, :-1]``, and scales the bnpo/grpo/dr_grpo loss by
+  ``current_gradient_accumulation_steps`` in train mode.
+- ``_metrics[mode][name]`` lists are averaged by ``log``; ``num_generations`` and
+  ``num_generations_eval`` give the group size.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+__all__ = [
+    "TRL_VERSION",
+    "GENERATION_KEYS",
+    "HOOK_SIGNATURES",
+    "check_trl",
+    "generate_and_score",
+    "compute_loss",
+    "accumulation_normalizer",
+    "backbone",
+    "output_head",
+    "log_metric",
+    "group_size",
+]
+
+TRL_VERSION = "1.16.0"
+
+#: Keys of `_generate_and_score_completions`'s output that decal reads.
+GENERATION_KEYS: tuple[str, ...] = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages")
+
+#: Parameter names of the private methods decal overrides or calls.
+HOOK_SIGNATURES: dict[str, tuple[str, ...]] = {
+    "_generate_and_score_completions": ("self", "inputs"),
+    "_compute_loss": ("self", "model", "inputs"),
+    "_get_per_token_logps_and_entropies": ("self", "model", "input_ids", "attention_mask", "logits_to_keep"),
+}
+
+
+def check_trl() -> None:
+    """Raise RuntimeError when the installed TRL differs from the pinned one in anything decal uses."""
+    import trl
+    from trl import GRPOTrainer
+
+    if trl.__version__ != TRL_VERSION:
+        raise RuntimeError(
+            f"decal's GRPO trainer is written against trl=={TRL_VERSION}; found trl {trl.__version__}. "
+            f"Install the pinned version (pip install trl=={TRL_VERSION})."
+        )
+    for name, expected in HOOK_SIGNATURES.items():
+        method = getattr(GRPOTrainer, name, None)
+        if method is None:
+            raise RuntimeError(f"trl.GRPOTrainer has no `{name}`; decal needs trl=={TRL_VERSION}.")
+        params = tuple(inspect.signature(method).parameters)[: len(expected)]
+        if params != expected:
+            raise RuntimeError(f"trl.GRPOTrainer.{name} takes {params}, decal expects {expected}; pin trl=={TRL_VERSION}.")
+    source = inspect.getsource(GRPOTrainer._compute_loss)
+    if "advantages.dim() == 1" not in source:
+        raise RuntimeError("trl.GRPOTrainer._compute_loss no longer accepts (B, T) advantages; pin trl==1.16.0.")
+
+
+def generate_and_score(trainer, inputs: list[dict]) -> dict:
+    """Call the parent's generation + scoring hook (a subclass override included)."""
+    return trainer._generate_and_score_completions(inputs)
+
+
+def compute_loss(trainer, model, inputs: dict) -> torch.Tensor:
+    """Call the trainer's loss hook on a prepared batch dict (used by tests and benchmarks)."""
+    return trainer._compute_loss(model, inputs)
+
+
+def accumulation_normalizer(trainer) -> float:
+    """What TRL divides the bnpo/grpo/dr_grpo loss by: the accumulation steps in train, 1 in eval."""
+    return float(trainer.current_gradient_accumulation_steps) if trainer.model.training else 1.0
+
+
+def _peft_base(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def backbone(trainer, model) -> torch.nn.Module:
+    """The module whose ``last_hidden_state`` TRL's fused head projects (``model.base_model``)."""
+    causal_lm = _peft_base(trainer.accelerator.unwrap_model(model))
+    return causal_lm.base_model
+
+
+def output_head(trainer, model) -> torch.nn.Module:
+    """The output embedding (LM head) module, LoRA layers included when it carries any."""
+    return _peft_base(trainer.accelerator.unwrap_model(model)).get_output_embeddings()
+
+
+def log_metric(trainer, name: str, value: float) -> None:
+    """Append a value that TRL's ``log`` averages over the logging window."""
+    mode = "train" if trainer.model.training else "eval"
+    trainer._metrics[mode][name].append(float(value))
+
+
+def group_size(trainer) -> int:
+    """Rollouts per prompt in the current mode."""
+    return int(trainer.num_generations if trainer.model.training else trainer.num_generations_eval)

@@ -1,0 +1,300 @@
+"""GRPO with a verifiable decision reward, and calibration-aware GRPO, on TRL's GRPOTrainer.
+
+- GRPO (issue #5 item 3): reward 1 when the decision parsed by `decal.decision` equals the gold
+  label, else 0 (`decal.training.rewards`); TRL's clipped objective with ``loss_type="bnpo"`` and
+  no KL by default (``beta=0``, no reference model).
+- Calibration-aware GRPO (issue #6, DESIGN.md): the same, with the advantage of the decision
+  token set to 0 and ``cal_lambda * CE`` added, where CE is the decision-token cross-entropy of
+  `decal.training.losses` (targets: the paper's "uniform" rule, or decal's "group-accuracy"
+  extension). The CE reuses the training forward pass: a forward hook on the backbone keeps the
+  final hidden state at the B decision positions, and only those B rows go through the LM head,
+  so the ``(B, T, V)`` logits are never built and no second forward runs.
+
+Per step the trainer logs, besides TRL's ``reward``: ``decision/invalid_rate``,
+``decision/prob_correct`` and ``decision/prob_wrong`` (the mean full-vocabulary probability of the
+emitted decision token over correct / wrong rollouts), ``decision/frac_prob_above_0.99`` (over
+rollouts with a valid decision) and, for calibration-aware GRPO, ``cal/ce``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+from trl import GRPOConfig, GRPOTrainer
+
+from ..errors import ConfigError
+from ..decision import DecisionTokens, option_token_ids
+from ..tasks.prompts import decision_context, render_chat
+from . import _trl_compat
+from .losses import CAL_TARGETS, decision_ce, decision_targets
+from .rewards import DecisionReward
+
+__all__ = ["DecalGRPOConfig", "DecalGRPOTrainer", "grpo_dataset", "build_grpo_trainer"]
+
+logger = logging.getLogger(__name__)
+
+# Confidence above which a decision counts as overconfident (DESIGN.md, overconfidence ratio).
+_OVERCONFIDENT = 0.99
+
+
+@dataclass
+class DecalGRPOConfig(GRPOConfig):
+    """TRL's GRPOConfig plus the decision-token calibration options (fields documented in `help`)."""
+
+    calibration: bool = field(
+        default=False,
+        metadata={"help": "Calibration-aware GRPO: zero the decision token's advantage and add cal_lambda * CE at it."},
+    )
+    cal_lambda: float = field(
+        default=0.001,
+        metadata={"help": "Weight of the decision-token CE (paper: 0.001; sensitivity 0.0005-0.005). Must be >= 0."},
+    )
+    cal_target: str = field(
+        default="uniform",
+        metadata={
+            "help": "CE target: 'uniform' (paper: one-hot on gold when correct, uniform when wrong) or "
+            "'group-accuracy' (decal extension: the emitted option gets max(group accuracy, 1/K))."
+        },
+    )
+    reasoning: bool = field(
+        default=True,
+        metadata={"help": "Completions reason first and decide after </think>; False: the first token decides."},
+    )
+    loss_type: str = field(
+        default="bnpo",
+        metadata={"help": "TRL loss aggregation; the paper uses 'bnpo' (issue #5 item 3)."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not isinstance(self.cal_lambda, (int, float)) or not math.isfinite(self.cal_lambda) or self.cal_lambda < 0:
+            raise ConfigError(f"`cal_lambda` must be a finite number >= 0; got {self.cal_lambda!r}. The paper uses 0.001.")
+        if self.cal_target not in CAL_TARGETS:
+            raise ConfigError(f"Unknown cal_target {self.cal_target!r}. Available: {', '.join(CAL_TARGETS)}.")
+
+
+def grpo_dataset(task, tokenizer, *, reasoning: bool | None = None):
+    """The training prompts as a `datasets.Dataset` for TRL.
+
+    Args:
+        task: a `decal.tasks.Task`; every example must share the same option labels.
+        tokenizer: renders each prompt with its chat template.
+        reasoning: which template variant to render; default `task.reasoning`.
+
+    Returns:
+        A Dataset with columns ``prompt`` (the fully rendered chat prompt string, so TRL does not
+        apply a template again), ``id``, ``label`` and ``labels``.
+
+    Raises:
+        ValueError: the task is empty or its examples have different label sets.
+    """
+    from datasets import Dataset
+
+    reasoning = task.reasoning if reasoning is None else reasoning
+    examples = list(task.examples)
+    if not examples:
+        raise ValueError(f"task {task.name!r} split {task.split!r} has no examples to train on")
+    labels = examples[0].labels
+    for ex in examples:
+        if ex.labels != labels:
+            raise ValueError(
+                f"task {task.name!r}: example {ex.id!r} has labels {list(ex.labels)} but {examples[0].id!r} has "
+                f"{list(labels)}; GRPO needs one label set per task"
+            )
+    rows = {
+        "prompt": [render_chat(tokenizer, task.template.user_message(ex, reasoning=reasoning), reasoning=reasoning) for ex in examples],
+        "id": [ex.id for ex in examples],
+        "label": [ex.label for ex in examples],
+        "labels": [list(ex.labels) for ex in examples],
+    }
+    return Dataset.from_dict(rows)
+
+
+class _DecisionHidden:
+    """Forward hook on the backbone that keeps the final hidden state at given positions.
+
+    The hidden state at input position ``P + d - 1`` is the one TRL's fused head projects to score
+    completion token ``d`` (P = padded prompt length). Rows arrive in chunks when TRL splits the
+    batch, so an offset tracks which rows each call holds.
+    """
+
+    def __init__(self, module: torch.nn.Module, positions: torch.Tensor):
+        self.positions = positions  # (B,)
+        self.rows: list[torch.Tensor] = []
+        self._offset = 0
+        self._handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]  # (b, L, H)
+        b = hidden.size(0)
+        pos = self.positions[self._offset : self._offset + b].to(hidden.device)
+        self.rows.append(hidden[torch.arange(b, device=hidden.device), pos])  # (b, H)
+        self._offset += b
+
+    def remove(self) -> torch.Tensor:
+        self._handle.remove()
+        if self._offset != self.positions.numel():
+            raise RuntimeError(
+                f"the decision hook saw {self._offset} rows for {self.positions.numel()} completions; "
+                f"TRL's forward changed (see decal.training._trl_compat)"
+            )
+        return torch.cat(self.rows, dim=0)  # (B, H)
+
+
+class DecalGRPOTrainer(GRPOTrainer):
+    """TRL's GRPOTrainer with decision-token bookkeeping and the calibration-aware loss.
+
+    The only change w.r.t. GRPOTrainer is that each generation batch carries its parsed decisions
+    (``decision_index``, ``decision_option``, ``decision_gold`` (B,), ``option_token_ids`` (B, K)
+    and, with ``args.calibration``, ``decision_targets`` (B, K) and (B, T) advantages that are 0 at
+    the decision token), and that the loss adds ``args.cal_lambda * decision_ce`` computed from the
+    hidden states of TRL's own forward pass. Without ``args.calibration`` the loss is TRL's, and
+    the decision metrics are only logged.
+    """
+
+    def __init__(self, *args, decision_tokens: DecisionTokens, **kwargs):
+        _trl_compat.check_trl()
+        super().__init__(*args, **kwargs)
+        rewards = [f for f in self.reward_funcs if isinstance(f, DecisionReward)]
+        if len(rewards) != 1:
+            raise ValueError("DecalGRPOTrainer needs exactly one DecisionReward among `reward_funcs`")
+        self.decision_reward = rewards[0]
+        self.decision_tokens = decision_tokens
+        self._option_ids = torch.tensor(decision_tokens.token_ids, dtype=torch.long)  # (K,)
+
+    # 1. generation: parse decisions once, build targets, zero the decision advantage
+    def _generate_and_score_completions(self, inputs):
+        return self._add_decisions(super()._generate_and_score_completions(inputs))
+
+    def _add_decisions(self, output: dict) -> dict:
+        """Add the decision keys to a generation batch, from the reward's parse of the same rows."""
+        completion_ids = output["completion_ids"]  # (B, T)
+        b, t = completion_ids.shape
+        device = completion_ids.device
+        decisions, gold = self.decision_reward.last_decisions, self.decision_reward.last_gold
+        if len(decisions) != b:
+            raise RuntimeError(f"the reward saw {len(decisions)} completions, the batch has {b}; see _trl_compat")
+        index = torch.tensor([d.index if d.valid else -1 for d in decisions], dtype=torch.long, device=device)
+        option = torch.tensor([d.option if d.valid else -1 for d in decisions], dtype=torch.long, device=device)
+        gold_t = torch.tensor(gold, dtype=torch.long, device=device)
+        output["decision_index"] = index  # (B,)
+        output["decision_option"] = option  # (B,)
+        output["decision_gold"] = gold_t  # (B,)
+        # (B, K) rather than (K,): TRL shuffles and splits every tensor of the dict along dim 0
+        output["option_token_ids"] = self._option_ids.to(device).expand(b, -1).clone()
+        invalid = self.accelerator.gather((index < 0).float())
+        _trl_compat.log_metric(self, "decision/invalid_rate", invalid.mean().item())
+        if self.args.calibration:
+            accuracy = self._group_accuracy(option == gold_t) if self.args.cal_target == "group-accuracy" else None
+            output["decision_targets"] = decision_targets(
+                gold_t, option, len(self.decision_tokens.token_ids), kind=self.args.cal_target, group_accuracy=accuracy
+            )
+            advantages = output["advantages"]
+            if advantages.dim() == 1:
+                advantages = advantages.unsqueeze(1).expand(-1, t).clone()  # (B, T)
+            rows = torch.nonzero(index >= 0).squeeze(1)
+            advantages[rows, index[rows]] = 0.0  # no policy-gradient signal at the decision token (paper)
+            output["advantages"] = advantages
+        return output
+
+    def _group_accuracy(self, correct: torch.Tensor) -> torch.Tensor:
+        """(B,) share of correct rollouts in each row's group; groups may span processes."""
+        b = correct.numel()
+        everyone = self.accelerator.gather(correct.float())  # (N,) in TRL's global order
+        g = _trl_compat.group_size(self)
+        per_group = everyone.view(-1, g).mean(dim=1).repeat_interleave(g)  # (N,)
+        start = self.accelerator.process_index * b
+        return per_group[start : start + b]
+
+    # 2. loss: TRL's loss plus lambda * CE from the same forward
+    def _compute_loss(self, model, inputs):
+        index = inputs["decision_index"]  # (B,)
+        prompt_len = inputs["prompt_ids"].size(1)
+        positions = (prompt_len + index.clamp(min=0) - 1).clamp(min=0)  # (B,); invalid rows are masked later
+        hook = _DecisionHidden(_trl_compat.backbone(self, model), positions)
+        try:
+            loss = super()._compute_loss(model, inputs)
+        finally:
+            hidden = hook.remove()  # (B, H)
+        lam = float(self.args.cal_lambda) if self.args.calibration else 0.0
+        head = _trl_compat.output_head(self, model)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and lam > 0):
+            logits = head(hidden)  # (B, V), temperature 1, only B rows of the head
+        ce = None
+        if self.args.calibration:
+            ce = decision_ce(logits, inputs["option_token_ids"], inputs["decision_targets"])
+            if lam > 0:
+                # scaled for gradient accumulation like TRL's bnpo loss (issue #6 item 2)
+                loss = loss + lam * ce / _trl_compat.accumulation_normalizer(self)
+        self._log_decisions(logits.detach(), inputs, ce)
+        return loss
+
+    def _log_decisions(self, logits: torch.Tensor, inputs: dict, ce: torch.Tensor | None) -> None:
+        option, gold = inputs["decision_option"], inputs["decision_gold"]
+        valid = option >= 0  # (B,)
+        emitted = inputs["option_token_ids"].gather(1, option.clamp(min=0).unsqueeze(1)).squeeze(1)  # (B,)
+        prob = torch.softmax(logits.float(), dim=-1).gather(1, emitted.unsqueeze(1)).squeeze(1)  # (B,)
+        correct = valid & (option == gold)
+        wrong = valid & (option != gold)
+        n_valid = valid.float().sum()
+        stats = torch.stack([
+            (prob * correct).sum(), correct.float().sum(),
+            (prob * wrong).sum(), wrong.float().sum(),
+            ((prob > _OVERCONFIDENT) & valid).float().sum(), n_valid,
+            (ce.detach().float() * n_valid) if ce is not None else n_valid.new_zeros(()),
+        ])
+        s = self.accelerator.reduce(stats, reduction="sum").tolist()
+        if s[1] > 0:
+            _trl_compat.log_metric(self, "decision/prob_correct", s[0] / s[1])
+        if s[3] > 0:
+            _trl_compat.log_metric(self, "decision/prob_wrong", s[2] / s[3])
+        if s[5] > 0:
+            _trl_compat.log_metric(self, "decision/frac_prob_above_0.99", s[4] / s[5])
+            if ce is not None:
+                _trl_compat.log_metric(self, "cal/ce", s[6] / s[5])
+
+
+def _stop_ids(model, tokenizer) -> list[int]:
+    # the same stop set evaluation uses (decal.scoring): generation-config EOS ids, EOS and padding
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = set(eos if isinstance(eos, (list, tuple)) else [eos])
+    ids.update({tokenizer.eos_token_id, tokenizer.pad_token_id})
+    return sorted(int(i) for i in ids if i is not None)
+
+
+def build_grpo_trainer(*, model, tokenizer, task, args: DecalGRPOConfig, peft_config=None, callbacks=None) -> DecalGRPOTrainer:
+    """A ready-to-train `DecalGRPOTrainer` for `task` (GRPO, or calibration-aware with ``args.calibration``).
+
+    Args:
+        model: a causal LM (a `PreTrainedModel`), not yet wrapped by PEFT.
+        tokenizer: its tokenizer; a missing pad token is set to the EOS token.
+        task: the training `decal.tasks.Task`.
+        args: the trainer configuration.
+        peft_config: a `peft.LoraConfig`, or None to train all weights.
+        callbacks: extra `transformers.TrainerCallback`s.
+
+    Raises:
+        DecisionTokenCollisionError: two options share their decision token under `tokenizer`.
+        RuntimeError: the installed TRL is not the pinned one.
+    """
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    dataset = grpo_dataset(task, tokenizer, reasoning=args.reasoning)
+    first = dataset[0]
+    context = decision_context(first["prompt"], reasoning=args.reasoning)
+    tokens = option_token_ids(tokenizer, first["labels"], context=context)
+    logger.info("decision tokens %s for options %s", tokens.tokens, tokens.labels)
+    reward = DecisionReward(tokenizer, tokens, reasoning=args.reasoning, stop_ids=_stop_ids(model, tokenizer))
+    return DecalGRPOTrainer(
+        model=model,
+        reward_funcs=[reward],
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=callbacks,
+        decision_tokens=tokens,
+    )

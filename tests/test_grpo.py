@@ -1,0 +1,287 @@
+"""GRPO and calibration-aware GRPO on TRL 1.16 with the tiny random Qwen3 (issues #5 item 3, #6).
+
+Sizes are shrunk for a 2-core CPU: 4 prompts x 2 generations (the smallest batch with groups
+that can disagree), completions of at most 6-8 tokens (the decision is the first token in
+non-reasoning mode), LoRA rank 4, one or two steps.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import pytest
+import torch
+
+from conftest import build_tiny_qwen3
+from decal.errors import ConfigError
+from decal.tasks.schema import DecisionExample, PromptTemplate, Task
+from decal.training import _trl_compat
+from decal.training.grpo import DecalGRPOConfig, DecalGRPOTrainer, build_grpo_trainer, grpo_dataset
+from decal.training.losses import decision_ce
+
+LABELS = ("Safe", "Unsafe")
+TEMPLATE = PromptTemplate(
+    name="toy",
+    version="1",
+    non_reasoning="Is this safe? {input}\nAnswer {labels}.",
+    reasoning="Is this safe? {input}\nThink, then answer {labels}.",
+)
+
+
+def _task(n: int = 4) -> Task:
+    examples = tuple(
+        DecisionExample(id=f"ex-{i}", labels=LABELS, label=LABELS[i % 2], input=f"message number {i}") for i in range(n)
+    )
+    return Task(name="toy", split="train", examples=examples, template=TEMPLATE)
+
+
+def _args(tmp_path, **overrides) -> DecalGRPOConfig:
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,  # 2 prompts x 2 generations per step
+        num_generations=2,
+        max_completion_length=6,  # non-reasoning: the decision is token 0; a few more show the mask
+        max_steps=1,
+        learning_rate=5e-2,  # large so one step visibly moves a rank-4 LoRA
+        temperature=1.0,
+        bf16=False,  # CPU fp32 (DESIGN.md: train in fp32)
+        use_cpu=True,
+        gradient_checkpointing=False,  # tiny model: recomputation only costs time
+        report_to="none",
+        logging_steps=1,
+        save_strategy="no",
+        reasoning=False,
+        seed=0,
+    )
+    base.update(overrides)
+    return DecalGRPOConfig(**base)
+
+
+def _lora():
+    from peft import LoraConfig
+
+    return LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+
+
+def _option_bias(tokenizer, value: float = 14.0) -> dict:
+    # A random model spreads its mass over 151k tokens (entropy ~ln V), so it would almost never
+    # emit a decision token; a generation-time bias makes both options likely, which gives groups
+    # with right and wrong rollouts. The bias only affects sampling, not the training logps.
+    return {"sequence_bias": [[[tokenizer.convert_tokens_to_ids(t)], value] for t in LABELS]}
+
+
+@pytest.fixture()
+def tiny(qwen3_tokenizer):
+    return build_tiny_qwen3(qwen3_tokenizer, seed=0), qwen3_tokenizer
+
+
+# --- TRL private API, config, dataset -------------------------------------------------------
+
+
+def test_trl_private_api_is_what_decal_relies_on():
+    import trl
+    from trl import GRPOTrainer
+
+    _trl_compat.check_trl()
+    assert trl.__version__ == _trl_compat.TRL_VERSION
+    for name, params in _trl_compat.HOOK_SIGNATURES.items():
+        assert tuple(inspect.signature(getattr(GRPOTrainer, name)).parameters)[: len(params)] == params
+    source = inspect.getsource(GRPOTrainer._generate_and_score_completions)
+    for key in _trl_compat.GENERATION_KEYS:
+        assert f'"{key}": ' in source, key
+    # the base accepts (B, T) advantages: it only unsqueezes 1-D ones
+    assert "if advantages.dim() == 1:" in inspect.getsource(GRPOTrainer._compute_loss)
+    assert "current_gradient_accumulation_steps" in inspect.getsource(GRPOTrainer._compute_loss)
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [(dict(cal_lambda=-0.1), "cal_lambda"), (dict(cal_lambda=float("nan")), "cal_lambda"), (dict(cal_target="entropy"), "Unknown cal_target")],
+)
+def test_config_rejects_bad_calibration_options(tmp_path, overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        _args(tmp_path, calibration=True, **overrides)
+
+
+def test_config_defaults_follow_the_paper(tmp_path):
+    args = _args(tmp_path)
+    assert (args.loss_type, args.beta, args.epsilon, args.cal_lambda, args.cal_target) == ("bnpo", 0.0, 0.2, 0.001, "uniform")
+
+
+def test_grpo_dataset_holds_rendered_prompts(qwen3_tokenizer):
+    ds = grpo_dataset(_task(3), qwen3_tokenizer, reasoning=False)
+    assert ds.column_names == ["prompt", "id", "label", "labels"]
+    assert ds[1]["label"] == "Unsafe" and ds[1]["labels"] == list(LABELS)
+    assert ds[0]["prompt"].startswith("<|im_start|>user\nIs this safe? message number 0")
+    assert ds[0]["prompt"].endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+
+
+def test_grpo_dataset_rejects_mixed_label_sets(qwen3_tokenizer):
+    ex = list(_task(2).examples) + [DecisionExample(id="odd", labels=("A", "B"), label="A", input="x")]
+    task = Task(name="toy", split="train", examples=tuple(ex), template=TEMPLATE)
+    with pytest.raises(ValueError, match="one label set"):
+        grpo_dataset(task, qwen3_tokenizer)
+
+
+# --- the exact loss on a hand-made batch ----------------------------------------------------
+
+
+def _hand_batch(trainer, tokenizer, gold=("Safe", "Unsafe", "Safe", "Unsafe")):
+    """Four completions: correct at 0, wrong at 0, invalid (no option), correct at 2 after junk."""
+    safe, unsafe = (tokenizer.convert_tokens_to_ids(t) for t in LABELS)
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    pad = tokenizer.pad_token_id
+    hello = tokenizer.convert_tokens_to_ids("Hello")
+    prompt_ids = torch.tensor([[pad, 40, 41, 42], [43, 44, 45, 46], [pad, pad, 47, 48], [49, 50, 51, 52]])
+    prompt_mask = (prompt_ids != pad).long()
+    completion_ids = torch.tensor([
+        [safe, eos, pad, pad, pad],
+        [safe, hello, hello, eos, pad],
+        [hello, hello, hello, hello, hello],
+        [unsafe, unsafe, safe, eos, pad],
+    ])
+    completion_mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])
+    # non-reasoning: the decision is the first token; row 3's is "Unsafe" (correct), row 2 has none
+    trainer.decision_reward(completion_ids=[c[m.bool()].tolist() for c, m in zip(completion_ids, completion_mask)], label=list(gold))
+    advantages = torch.tensor([1.0, -1.0, -0.5, 0.7])
+    batch = {
+        "prompt_ids": prompt_ids,
+        "prompt_mask": prompt_mask,
+        "completion_ids": completion_ids,
+        "completion_mask": completion_mask,
+        "advantages": advantages,
+        "num_items_in_batch": completion_mask.sum(),
+    }
+    return trainer._add_decisions(batch)
+
+
+def _independent_loss(model, batch, *, lam, eps, accum, old_shift):
+    """Teacher-forced forward with full logits -> bnpo loss with A_d = 0, plus lam * CE at d."""
+    p = batch["prompt_ids"].size(1)
+    input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+    attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+    logits = model(input_ids=input_ids, attention_mask=attention).logits[:, p - 1 : -1]  # (B, T, V)
+    logps = torch.log_softmax(logits.float(), -1).gather(2, batch["completion_ids"].unsqueeze(2)).squeeze(2)  # (B, T)
+    old = logps.detach() + old_shift
+    ratio = torch.exp(logps - old)
+    adv = torch.tensor([1.0, -1.0, -0.5, 0.7]).unsqueeze(1).expand_as(logps).clone()
+    valid_rows, d = torch.tensor([0, 1, 3]), torch.tensor([0, 0, 0])
+    adv[valid_rows, d] = 0.0
+    per_token = -torch.min(ratio * adv, torch.clamp(ratio, 1 - eps, 1 + eps) * adv)
+    mask = batch["completion_mask"].float()
+    grpo = (per_token * mask).sum() / mask.sum() / accum
+    # q: one-hot on gold when correct (rows 0, 3), uniform when wrong (row 1); row 2 has no CE
+    q = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.0, 0.0], [0.0, 1.0]])
+    ids = batch["option_token_ids"][0]
+    ce = decision_ce(logits[torch.arange(4), torch.tensor([0, 0, 0, 0])], ids, q)
+    return grpo + lam * ce / accum, grpo, ce
+
+
+def _trainer(tiny, tmp_path, **overrides):
+    model, tok = tiny
+    return build_grpo_trainer(model=model, tokenizer=tok, task=_task(), args=_args(tmp_path, **overrides), peft_config=_lora())
+
+
+def _perturb_lora(model, seed=1):
+    # LoRA B starts at zero; give it values so the adapter contributes to the gradients compared
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                param.add_(0.05 * torch.randn(param.shape, generator=g))
+
+
+@pytest.mark.parametrize("lam", [0.5, 0.0])
+def test_trainer_loss_equals_grpo_with_zeroed_decision_advantage_plus_lambda_ce(tiny, tmp_path, lam):
+    trainer = _trainer(tiny, tmp_path, calibration=True, cal_lambda=lam)
+    model = trainer.model
+    _perturb_lora(model)
+    model.train()
+    trainer.current_gradient_accumulation_steps = 2  # set by Trainer's loop; exercises the scaling
+    batch = _hand_batch(trainer, tiny[1])
+    assert batch["advantages"].shape == batch["completion_ids"].shape
+    assert batch["advantages"][:, 0].tolist() == [0.0, 0.0, -0.5, 0.0]  # zeroed at d for valid rows only
+    assert batch["decision_targets"].tolist() == [[1.0, 0.0], [0.5, 0.5], [0.0, 0.0], [0.0, 1.0]]
+    shift = 0.3 * torch.randn(batch["completion_ids"].shape, generator=torch.Generator().manual_seed(2))
+    # old logps = current logps + shift, so the ratio and the clipping are exercised
+    p = batch["prompt_ids"].size(1)
+    with torch.no_grad():
+        ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+        att = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+        cur = torch.log_softmax(model(input_ids=ids, attention_mask=att).logits[:, p - 1 : -1], -1)
+        batch["old_per_token_logps"] = cur.gather(2, batch["completion_ids"].unsqueeze(2)).squeeze(2) + shift
+
+    params = [q for q in model.parameters() if q.requires_grad]
+    loss = _trl_compat.compute_loss(trainer, model, batch)
+    grads = torch.autograd.grad(loss, params)
+    expected, grpo_only, ce = _independent_loss(model, batch, lam=lam, eps=0.2, accum=2.0, old_shift=shift)
+    expected_grads = torch.autograd.grad(expected, params)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-7)
+    assert ce.item() > 0
+    if lam:
+        assert abs(expected.item() - grpo_only.item()) > 1e-3  # the CE term is really there
+    for g, e in zip(grads, expected_grads):
+        assert torch.allclose(g, e, rtol=1e-4, atol=1e-7)
+    metrics = trainer._metrics["train"]
+    assert metrics["cal/ce"][-1] == pytest.approx(ce.item(), rel=1e-5)
+    assert 0 < metrics["decision/prob_correct"][-1] < 1 and 0 < metrics["decision/prob_wrong"][-1] < 1
+
+
+def _decision_hidden_grad(trainer, batch):
+    """Gradient of the loss w.r.t. the final hidden states, (B, L, H)."""
+    model = trainer.model
+    backbone = _trl_compat.backbone(trainer, model)
+    kept = {}
+
+    def hook(module, args, output):
+        output.last_hidden_state.retain_grad()
+        kept["h"] = output.last_hidden_state
+
+    handle = backbone.register_forward_hook(hook)
+    try:
+        _trl_compat.compute_loss(trainer, model, batch).backward()
+    finally:
+        handle.remove()
+    return kept["h"].grad
+
+
+@pytest.mark.parametrize("calibration, lam, decision_grad", [(True, 0.0, False), (True, 0.5, True), (False, 0.001, True)])
+def test_decision_position_gradient(tiny, tmp_path, calibration, lam, decision_grad):
+    trainer = _trainer(tiny, tmp_path, calibration=calibration, cal_lambda=lam)
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    batch = _hand_batch(trainer, tiny[1])
+    grad = _decision_hidden_grad(trainer, batch)  # (B, L, H)
+    p = batch["prompt_ids"].size(1)
+    at_decision = grad[[0, 1, 3], p - 1].abs().sum()  # hidden state that scores completion token 0
+    after = grad[[0, 1, 3], p].abs().sum()  # scores token 1: keeps its advantage
+    assert after > 0
+    assert (at_decision > 0) == decision_grad
+    assert grad[2, p - 1].abs().sum() > 0  # the invalid row keeps its advantage at every token
+
+
+# --- a few real training steps --------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("calibration", [False, True])
+def test_training_steps_change_lora_and_save_an_adapter(tiny, tmp_path, calibration):
+    model, tok = tiny
+    args = _args(tmp_path, max_steps=2, calibration=calibration, generation_kwargs=_option_bias(tok))
+    trainer = build_grpo_trainer(model=model, tokenizer=tok, task=_task(), args=args, peft_config=_lora())
+    assert isinstance(trainer, DecalGRPOTrainer)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad and "lora_B" in n}
+    trainer.train()
+    changed = [n for n, p in trainer.model.named_parameters() if n in before and not torch.equal(p, before[n])]
+    assert changed, "no LoRA parameter changed"
+    logs = [h for h in trainer.state.log_history if "reward" in h]
+    assert len(logs) == 2 and all(math.isfinite(h["loss"]) for h in logs)
+    for key in ("decision/invalid_rate", "decision/frac_prob_above_0.99"):
+        assert all(key in h for h in logs), key
+    assert any("decision/prob_correct" in h or "decision/prob_wrong" in h for h in logs)
+    assert all(("cal/ce" in h) == calibration for h in logs)
+    assert all(h["decision/invalid_rate"] < 1.0 for h in logs)
+    trainer.save_model(str(tmp_path / "adapter"))
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "adapter" / "adapter_config.json").exists()
