@@ -89,6 +89,16 @@ SUMMARY_KEYS = (
 # Validation, once, at the public boundary; private kernels below assume valid input.
 
 
+def _where(bad: np.ndarray) -> str:
+    """'index 3' or 'row 3, column 1' for the first True entry of a mask."""
+    pos = tuple(int(i) for i in np.argwhere(bad)[0])
+    return f"index {pos[0]}" if len(pos) == 1 else f"row {pos[0]}, column {pos[1]}"
+
+
+def _first(arr: np.ndarray, bad: np.ndarray):
+    return arr[tuple(np.argwhere(bad)[0])].item()
+
+
 def _as_float_array(x, name: str, *, ndim: int) -> np.ndarray:
     try:
         arr = np.asarray(x, dtype=np.float64)
@@ -99,9 +109,9 @@ def _as_float_array(x, name: str, *, ndim: int) -> np.ndarray:
         raise ValueError(f"`{name}` must have shape {shape}; got shape {arr.shape}.")
     if arr.shape[0] == 0:
         raise ValueError(f"`{name}` must not be empty; got 0 examples.")
-    if not np.all(np.isfinite(arr)):
-        bad = np.argwhere(~np.isfinite(arr))[0]
-        raise ValueError(f"`{name}` must be finite; got {arr[tuple(bad)]!r} at index {tuple(int(i) for i in bad)}.")
+    finite = np.isfinite(arr)
+    if not finite.all():
+        raise ValueError(f"`{name}` must be finite; got {_first(arr, ~finite)!r} at {_where(~finite)}.")
     return arr
 
 
@@ -110,11 +120,7 @@ def _check_probabilities(x, name: str, *, ndim: int = 1) -> np.ndarray:
     arr = _as_float_array(x, name, ndim=ndim)
     outside = (arr < 0.0) | (arr > 1.0)
     if outside.any():
-        bad = np.argwhere(outside)[0]
-        raise ValueError(
-            f"`{name}` must hold probabilities in [0, 1]; got {arr[tuple(bad)]!r} at index "
-            f"{tuple(int(i) for i in bad)}."
-        )
+        raise ValueError(f"`{name}` must hold probabilities in [0, 1]; got {_first(arr, outside)!r} at {_where(outside)}.")
     return arr
 
 
@@ -128,7 +134,7 @@ def _check_class_probs(x, name: str = "class_probs") -> np.ndarray:
     if off.any():
         i = int(np.argmax(off))
         raise ValueError(
-            f"`{name}` rows must sum to 1; row {i} sums to {sums[i]!r}. Renormalise option_probs "
+            f"`{name}` rows must sum to 1; row {i} sums to {sums[i].item()!r}. Renormalise option_probs "
             "(decal.records.records_to_arrays gives class_probs)."
         )
     return arr
@@ -150,7 +156,7 @@ def _check_correct(x, name: str = "correct") -> np.ndarray:
     bad = ~((num == 0.0) | (num == 1.0))
     if bad.any():
         i = int(np.argmax(bad))
-        raise ValueError(f"`{name}` must be booleans (or 0/1); got {arr[i]!r} at index {i}.")
+        raise ValueError(f"`{name}` must be booleans (or 0/1); got {arr[i].item()!r} at index {i}.")
     return num == 1.0
 
 
@@ -166,13 +172,13 @@ def _check_labels(x, n_classes: int, name: str = "labels") -> np.ndarray:
     if np.issubdtype(arr.dtype, np.floating):
         if not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr)):
             i = int(np.argmax(~np.isfinite(arr) | (arr != np.round(arr))))
-            raise ValueError(f"`{name}` must be integer class indices; got {arr[i]!r} at index {i}.")
+            raise ValueError(f"`{name}` must be integer class indices; got {arr[i].item()!r} at index {i}.")
     out = arr.astype(np.int64)
     bad = (out < 0) | (out >= n_classes)
     if bad.any():
         i = int(np.argmax(bad))
         raise ValueError(
-            f"`{name}` must be class indices in [0, {n_classes}); got {arr[i]!r} at index {i} "
+            f"`{name}` must be class indices in [0, {n_classes}); got {arr[i].item()!r} at index {i} "
             f"(class_probs has {n_classes} columns)."
         )
     return out
