@@ -12,7 +12,11 @@ How (fixed-sequence testing, as in Learn-then-Test, Angelopoulos et al. 2021):
    [0, 1] plus ``1 - 10^-k`` points, because overconfident models put most predictions there).
 2. Walk the grid from the highest threshold down. At each ``t`` with ``n_t > 0`` accepted
    predictions of which ``k_t`` are correct, compute the one-sided Clopper-Pearson lower
-   bound of the accuracy at level ``1 - delta``. A threshold that accepts nothing is skipped.
+   bound of the accuracy at level ``1 - delta``. A threshold is skipped (neither passes nor
+   stops the walk) when it accepts too few predictions for even a perfect record to reach the
+   target, ``n_t < log(delta) / log(target_accuracy)``: at the very top of the grid only a
+   handful of predictions are accepted, and stopping there would never let the walk start.
+   The skip depends on the confidences alone, never on which predictions are correct.
 3. Stop at the first threshold whose bound is below the target; the answer is the last one that
    passed. Because the hypotheses are tested in a fixed order and the walk stops at the first
    failure, no correction for the number of thresholds is needed.
@@ -22,6 +26,7 @@ If even the highest non-empty threshold fails, no threshold is returned (defer e
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -101,7 +106,10 @@ def threshold_grid(n_linear: int = 1000, max_exponent: int = 8) -> np.ndarray:
         [0.0, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0]
     """
     near_one = 1.0 - 10.0 ** -np.arange(1, max_exponent + 1, dtype=np.float64)
-    return np.unique(np.concatenate([np.linspace(0.0, 1.0, n_linear + 1), near_one]))
+    # i / n (not linspace, whose 0.7 is 0.7000000000000001) so a confidence of exactly 0.7
+    # is accepted by the threshold 0.7.
+    linear = np.arange(n_linear + 1, dtype=np.float64) / n_linear
+    return np.unique(np.concatenate([linear, near_one]))
 
 
 def _check_target(target_accuracy, delta) -> None:
@@ -142,9 +150,11 @@ def choose_threshold(
     n_acc = len(conf) - first
     k_acc = correct_suffix[first]
     bounds = binomial_lower_bound(k_acc, n_acc, delta=delta)
+    # Smallest n for which n correct out of n can pass: target^n <= delta.
+    n_min = max(1, math.ceil(math.log(delta) / math.log(target_accuracy)))
     chosen = None
     for j in range(len(grid) - 1, -1, -1):  # fixed sequence: high to low, stop at first failure
-        if n_acc[j] == 0:
+        if n_acc[j] < n_min:
             continue
         if bounds[j] < target_accuracy:
             break
