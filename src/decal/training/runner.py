@@ -90,7 +90,9 @@ def _common_arguments(cfg: TrainConfig, *, progress: bool) -> dict[str, Any]:
         "logging_steps": 1,
         "seed": cfg.seed,
         "report_to": _report_to(cfg.report_to),
-        "gradient_checkpointing": cfg.gradient_checkpointing,
+        "activation_checkpointing": cfg.gradient_checkpointing,
+        # TRL's configs default to bf16 autocast; DESIGN.md trains in the weights' dtype (float32).
+        "bf16": False,
         "disable_tqdm": not progress,
         "remove_unused_columns": False,
     }

@@ -1,0 +1,132 @@
+"""`decal train` end to end on the tiny Qwen3: run folder, adapter loading, resume (also after SIGKILL),
+checkpoint selection, GRPO and cal-GRPO, and a two-process CPU run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from decal.cli import main
+from decal.training.callbacks import read_train_log
+from decal.training.checkpoints import last_checkpoint, list_checkpoints
+
+ROOT = Path(__file__).resolve().parents[1]
+# Small and fast: 8 builtin examples, micro-batch 4, LoRA rank 4.
+SFT_FLAGS = ["--method", "sft", "--task", "builtin", "--split", "train", "--limit", "8", "--batch-size", "4",
+             "--grad-accum", "1", "--lora-r", "4", "--lora-alpha", "8", "--save-steps", "1"]
+GRPO_FLAGS = ["--task", "builtin", "--split", "train", "--limit", "4", "--batch-size", "4", "--grad-accum", "1",
+              "--num-generations", "2", "--max-completion-length", "6", "--lora-r", "4", "--lora-alpha", "8",
+              "--save-steps", "1"]
+
+
+def _train(model_dir, out, *flags) -> int:
+    return main(["train", "--model", str(model_dir), "--out", str(out), *flags])
+
+
+def _lora_state(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def _logged_steps(out: Path) -> list[int]:
+    return [e["step"] for e in read_train_log(out) if "loss" in e]
+
+
+def test_sft_run_folder_and_adapter_loads(tiny_qwen3_dir, tmp_path):
+    out = tmp_path / "sft"
+    assert _train(tiny_qwen3_dir, out, *SFT_FLAGS, "--max-steps", "2") == 0
+    resolved = yaml.safe_load((out / "config.resolved.yaml").read_text())
+    assert resolved["method"] == "sft" and resolved["learning_rate"] == 2e-4 and resolved["reasoning"] is False
+    assert json.loads((out / "DONE").read_text())["global_step"] == 2
+    assert [s for s, _ in list_checkpoints(out)] == [1, 2]
+    assert _logged_steps(out) == [1, 2]
+    assert (out / "env.json").is_file()
+    # the final adapter equals the last checkpoint's and loads through decal.models.load_model
+    final, last = _lora_state(out / "adapter"), _lora_state(out / "checkpoint-2")
+    assert final.keys() == last.keys() and all(torch.equal(final[k], last[k]) for k in final)
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in final.items())
+    from decal.models import load_model
+
+    model, _ = load_model(str(tiny_qwen3_dir), adapter=str(out / "adapter"))
+    assert any("lora_" in n for n, _ in model.named_parameters())
+
+
+def test_rerun_without_resume_is_refused(tiny_qwen3_dir, tmp_path, capsys):
+    out = tmp_path / "sft"
+    assert _train(tiny_qwen3_dir, out, *SFT_FLAGS, "--max-steps", "1") == 0
+    capsys.readouterr()
+    assert _train(tiny_qwen3_dir, out, *SFT_FLAGS, "--max-steps", "1") == 1
+    assert "already holds a training run; pass --resume" in capsys.readouterr().err
+
+
+def test_resume_continues_from_the_saved_step(tiny_qwen3_dir, tmp_path):
+    out = tmp_path / "sft"
+    assert _train(tiny_qwen3_dir, out, *SFT_FLAGS, "--max-steps", "2") == 0
+    assert _train(tiny_qwen3_dir, out, *SFT_FLAGS, "--max-steps", "4", "--resume") == 0
+    done = json.loads((out / "DONE").read_text())
+    assert done["global_step"] == 4 and done["resumed_from"].endswith("checkpoint-2")
+    begins = [e for e in read_train_log(out) if e.get("event") == "train_begin"]
+    assert [(b["step"], b["resumed"]) for b in begins] == [(0, False), (2, True)]
+    assert _logged_steps(out) == [1, 2, 3, 4]
+
+
+def test_read_train_log_drops_replayed_steps(tmp_path):
+    lines = [{"event": "train_begin", "step": 0}, {"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0},
+             {"step": 3, "loss": 1.0}, {"event": "train_begin", "step": 2}, {"step": 3, "loss": 1.5}]
+    path = tmp_path / "train_log.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines) + '{"step": 4, "lo')  # torn last line
+    steps = [(e["step"], e["loss"]) for e in read_train_log(path) if "loss" in e]
+    assert steps == [(1, 3.0), (2, 2.0), (3, 1.5)]
+
+
+def test_last_checkpoint_skips_a_half_written_one(tmp_path):
+    for step, state in ((2, "{}"), (4, '{"glob')):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "adapter_config.json").write_text("{}")
+        (folder / "trainer_state.json").write_text(state)
+    (tmp_path / "checkpoint-6").mkdir()  # killed before anything was written
+    assert last_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
+    assert [s for s, _ in list_checkpoints(tmp_path, complete_only=False)] == [2, 4, 6]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill(tiny_qwen3_dir, tmp_path):
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "decal", "train", "--model", str(tiny_qwen3_dir), "--out", str(out),
+               *SFT_FLAGS, "--max-steps", "12", "--save-steps", "2"]
+    process = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while last_checkpoint(out) is None and process.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (out / "DONE").exists()
+    killed_at = int(last_checkpoint(out).name.split("-")[1])
+    assert 2 <= killed_at < 12
+    assert _train(tiny_qwen3_dir, out, *SFT_FLAGS, "--max-steps", "12", "--save-steps", "2", "--resume") == 0
+    done = json.loads((out / "DONE").read_text())
+    assert done["global_step"] == 12 and done["resumed_from"].endswith(f"checkpoint-{killed_at}")
+    begins = [e["step"] for e in read_train_log(out) if e.get("event") == "train_begin"]
+    assert begins[0] == 0 and begins[-1] == killed_at
+    assert _logged_steps(out) == list(range(1, 13))
