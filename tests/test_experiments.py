@@ -276,3 +276,30 @@ def test_interrupted_training_resumes_from_its_checkpoint(tmp_path):
     trains = {_flag(c, "--out").split("/runs/m1/")[1]: c for c in fake.calls if c[0] == "train"}
     assert "--resume" in trains["sft/builtin/train"]
     assert "--resume" not in trains["cal-grpo/builtin/train"]
+
+
+@pytest.mark.parametrize("name", ["paper", "cpu-small", "demo"])
+def test_shipped_configs_validate_against_the_training_config(name, tmp_path):
+    config = load_experiment_config(ROOT / "configs" / f"{name}.yaml")
+    steps = build_plan(config, tmp_path)
+    kinds = {s.kind for s in steps}
+    assert {"train", "select", "evaluate", "calibrate"} <= kinds
+    domains = {s.info["domain"] for s in steps if s.kind == "evaluate"}
+    assert domains == {"in", "ood"}
+
+
+def test_packaged_demo_config_is_the_repository_copy():
+    from decal.commands.demo import demo_config_path
+
+    assert demo_config_path().read_text() == (ROOT / "configs" / "demo.yaml").read_text()
+
+
+def test_unknown_training_setting_is_caught_before_running():
+    data = tiny_config()
+    data["methods"][1]["train"] = {"lerning_rate": 0.1}
+    with pytest.raises(ConfigError, match=r"methods\[1\]\.train\.lerning_rate.*Did you mean: learning_rate"):
+        experiment_config_from_dict(data)
+    data = tiny_config()
+    data["methods"][1]["train"] = {"model": "x"}
+    with pytest.raises(ConfigError, match="set by the experiment grid"):
+        experiment_config_from_dict(data)
