@@ -6,27 +6,26 @@ the lowest ``t`` whose accepted predictions reach ``target_accuracy`` with proba
 ``1 - delta``, in this sense: if the calibration run is a random sample of the deployment
 population, then ``P(accuracy of accepted predictions at t < target_accuracy) <= delta``.
 
-How (fixed-sequence testing, as in Learn-then-Test, Angelopoulos et al. 2021):
+How (a union bound over a fixed grid):
 
-1. Candidate thresholds form a grid fixed before seeing data (`threshold_grid`: a linear grid on
-   [0, 1] plus ``1 - 10^-k`` points, because overconfident models put most predictions there).
-2. Walk the grid from the highest threshold down. At each ``t`` with ``n_t > 0`` accepted
-   predictions of which ``k_t`` are correct, compute the one-sided Clopper-Pearson lower
-   bound of the accuracy at level ``1 - delta``. A threshold is skipped (neither passes nor
-   stops the walk) when it accepts too few predictions for even a perfect record to reach the
-   target, ``n_t < log(delta) / log(target_accuracy)``: at the very top of the grid only a
-   handful of predictions are accepted, and stopping there would never let the walk start.
-   The skip depends on the confidences alone, never on which predictions are correct.
-3. Stop at the first threshold whose bound is below the target; the answer is the last one that
-   passed. Because the hypotheses are tested in a fixed order and the walk stops at the first
-   failure, no correction for the number of thresholds is needed.
+1. Candidate thresholds form a grid fixed before seeing data (`threshold_grid`: 0, 0.01, ...,
+   1 plus the points ``1 - 10^-k``, because overconfident models put most predictions there);
+   ``m`` is its size (107 by default).
+2. At each threshold ``t`` with ``n_t`` accepted predictions of which ``k_t`` are correct,
+   compute the one-sided Clopper-Pearson lower bound of the accuracy at level ``1 - delta / m``.
+3. Return the lowest threshold whose bound reaches the target. Each threshold whose true
+   accuracy is below the target passes with probability at most ``delta / m``, so the chance
+   that any of them passes -- the chosen one included -- is at most ``delta``, whatever the
+   shape of the accuracy-confidence curve.
 
-If even the highest non-empty threshold fails, no threshold is returned (defer everything).
+A finer grid finds a threshold closer to the ideal one but tests each at a stricter level; the
+cost grows only like ``log m``. (A fixed-sequence walk from the top needs no correction but
+stops for good at the first small, unlucky group of top predictions.)
+If no threshold passes, none is returned (defer everything).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -98,7 +97,7 @@ def binomial_lower_bound(k, n, *, delta: float = 0.05):
     return np.where(k > 0, bound, 0.0)
 
 
-def threshold_grid(n_linear: int = 1000, max_exponent: int = 8) -> np.ndarray:
+def threshold_grid(n_linear: int = 100, max_exponent: int = 8) -> np.ndarray:
     """Candidate thresholds, ascending: ``linspace(0, 1, n_linear + 1)`` and ``1 - 10^-k``.
 
     Example:
@@ -128,16 +127,20 @@ def choose_threshold(
         confidence: Array of shape (n,), values in [0, 1], from the calibration run.
         correct: Array of shape (n,), booleans.
         target_accuracy: Accuracy to promise on accepted predictions, in (0, 1).
-        delta: Allowed probability that the promise fails (0.05).
+        delta: Allowed probability that the promise fails (0.05); each of the ``m`` grid
+            thresholds is tested at ``delta / m``.
         grid: Candidate thresholds fixed in advance (`threshold_grid()` by default).
 
-    Example:
-        Thirty correct predictions at 0.9 and ten wrong ones at 0.3:
+    Returns:
+        A `ThresholdChoice`; ``lower_bound`` is the bound at level ``1 - delta / m``.
 
-        >>> c = [0.9] * 30 + [0.3] * 10; y = [True] * 30 + [False] * 10
+    Example:
+        Sixty correct predictions at 0.9 and twenty wrong ones at 0.3:
+
+        >>> c = [0.9] * 60 + [0.3] * 20; y = [True] * 60 + [False] * 20
         >>> choice = choose_threshold(c, y, target_accuracy=0.8)
         >>> choice.threshold, choice.coverage, choice.accuracy
-        (0.301, 0.75, 1.0)
+        (0.31, 0.75, 1.0)
     """
     conf, corr = _check_conf_correct(confidence, correct)
     _check_target(target_accuracy, delta)
@@ -149,16 +152,9 @@ def choose_threshold(
     first = np.searchsorted(sorted_conf, grid, side="left")
     n_acc = len(conf) - first
     k_acc = correct_suffix[first]
-    bounds = binomial_lower_bound(k_acc, n_acc, delta=delta)
-    # Smallest n for which n correct out of n can pass: target^n <= delta.
-    n_min = max(1, math.ceil(math.log(delta) / math.log(target_accuracy)))
-    chosen = None
-    for j in range(len(grid) - 1, -1, -1):  # fixed sequence: high to low, stop at first failure
-        if n_acc[j] < n_min:
-            continue
-        if bounds[j] < target_accuracy:
-            break
-        chosen = j
+    bounds = binomial_lower_bound(k_acc, n_acc, delta=delta / len(grid))  # union bound over the grid
+    passing = np.flatnonzero((n_acc > 0) & (bounds >= target_accuracy))
+    chosen = int(passing[0]) if passing.size else None
     if chosen is None:
         return ThresholdChoice(None, 0.0, float("nan"), float("nan"), 0, len(conf), float(target_accuracy), float(delta))
     return ThresholdChoice(

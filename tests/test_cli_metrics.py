@@ -1,0 +1,150 @@
+"""`decal metrics`, `decal calibrate` and `decal threshold` on synthetic run folders."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from decal.cli import main
+from decal.metrics import summarize
+from decal.records import PredictionRecord, RecordWriter, read_records
+
+
+def _write_run(folder, n: int, *, seed: int, task: str, split: str = "test"):
+    """An overconfident binary guard run: confidence ~0.9-1, accuracy ~0.75."""
+    rng = np.random.default_rng(seed)
+    names = ["Safe", "Unsafe"]
+    records = []
+    for i in range(n):
+        conf = float(np.clip(1 - rng.exponential(0.04), 0.5, 1.0))
+        pred = int(rng.integers(2))
+        correct = bool(rng.random() < 0.75)
+        label = pred if correct else 1 - pred
+        probs = [0.0, 0.0]
+        probs[pred], probs[1 - pred] = conf, (1 - conf) * 0.5  # the rest is elsewhere in the vocabulary
+        records.append(PredictionRecord(
+            id=f"{task}-{i}", task=task, split=split, label=names[label], prediction=names[pred],
+            correct=correct, valid=True, confidence=conf, option_probs=probs, labels=names, model="toy",
+        ))
+    with RecordWriter(folder / "predictions.jsonl") as w:
+        w.write_batch(records)
+    (folder / "run.json").write_text(json.dumps({"model": "toy", "task": task}))
+    return folder
+
+
+@pytest.fixture()
+def runs(tmp_path):
+    root = tmp_path / "runs" / "grpo"
+    (root / "moderation").mkdir(parents=True)
+    (root / "xstest").mkdir(parents=True)
+    return _write_run(root / "moderation", 300, seed=0, task="moderation"), _write_run(root / "xstest", 150, seed=1, task="xstest")
+
+
+@pytest.mark.parametrize("command", ["metrics", "calibrate", "threshold"])
+def test_help_parses(command, capsys):
+    assert main([command, "--help"]) == 0
+    assert "Examples:" in capsys.readouterr().out
+
+
+def test_metrics_writes_json_and_figure(runs, capsys):
+    run = runs[0]
+    assert main(["metrics", str(run), "--bootstrap", "50", "--n-bins", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "ece" in out and "95% CI" in out
+    report = json.loads((run / "metrics.json").read_text())
+    assert report["n"] == 300 and report["n_bins"] == 8 and report["bootstrap"] == 50 and report["binning"] == "equal_mass"
+    expected = summarize(read_records(run), n_bins=8)
+    assert report["metrics"]["ece"]["value"] == pytest.approx(expected["ece"])
+    assert report["metrics"]["ece"]["ci_low"] < report["metrics"]["ece"]["value"] < report["metrics"]["ece"]["ci_high"]
+    assert (run / "reliability.png").stat().st_size > 0 and (run / "reliability.svg").stat().st_size > 0
+
+
+def test_metrics_without_bootstrap_has_null_intervals(runs):
+    run = runs[1]
+    assert main(["metrics", str(run), "--bootstrap", "0", "--binning", "equal_width", "--no-figure"]) == 0
+    report = json.loads((run / "metrics.json").read_text())
+    assert all(m["ci_low"] is None and m["ci_high"] is None for m in report["metrics"].values())
+    assert not (run / "reliability.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["metrics", "{tmp}/missing"], "no such run folder"),
+        (["metrics", "{run}", "--binning", "quantile", "--bootstrap", "0"], "`binning` must be one of"),
+        (["metrics", "{run}", "--n-bins", "0", "--bootstrap", "0"], "`n_bins` must be a positive integer"),
+        (["metrics", "{bad}", "--bootstrap", "0"], "predictions.jsonl:2: field 'confidence'"),
+        (["calibrate", "--method", "histogram", "--fit", "{run}", "--apply", "{run}", "--out", "{tmp}/o"], "Unknown calibrator 'histogram'"),
+        (["calibrate", "--method", "platt", "--fit", "{run}", "--fit-fraction", "1.5", "--out", "{tmp}/o"], "--fit-fraction"),
+        (["threshold", "{run}", "--target-accuracy", "1.2"], "`target_accuracy` must be in (0, 1)"),
+    ],
+)
+def test_errors_are_one_line(runs, tmp_path, capsys, argv, message):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    lines = (runs[0] / "predictions.jsonl").read_text().splitlines()
+    row = json.loads(lines[1])
+    row["confidence"] = 1.5
+    (bad / "predictions.jsonl").write_text("\n".join([lines[0], json.dumps(row)]) + "\n")
+    argv = [a.format(tmp=tmp_path, run=runs[0], bad=bad) for a in argv]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err
+
+
+def test_calibrate_fits_on_a_fraction_and_writes_the_rest(runs, tmp_path, capsys):
+    moderation, xstest = runs
+    out = tmp_path / "cal"
+    argv = ["calibrate", "--method", "isotonic", "--fit", str(moderation), "--fit-fraction", "0.5", "--seed", "3",
+            "--apply", str(xstest), "--out", str(out)]
+    assert main(argv) == 0
+    assert "held-out" in capsys.readouterr().out
+    rest = read_records(out / "moderation")
+    applied = read_records(out / "xstest")
+    assert len(rest) == 150 and len(applied) == 150
+    # the held-out half is disjoint from the fitted half, and the same seed gives the same split
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_fit"] == 150
+    meta = json.loads((out / "xstest" / "run.json").read_text())
+    assert meta["model"] == "toy"  # copied from the source
+    assert meta["calibration"]["method"] == "isotonic" and meta["calibration"]["subset"] == "all"
+    assert json.loads((out / "moderation" / "run.json").read_text())["calibration"]["subset"] == "held-out"
+    assert json.loads((out / "calibrator.json").read_text())["method"] == "isotonic"
+    # calibration lowers the ECE of both evaluated runs
+    for r in summary["runs"]:
+        assert r["after"]["ece"] < r["before"]["ece"]
+    ids_first = {r.id for r in rest}
+    assert main([*argv[:-1], str(tmp_path / "cal2")]) == 0
+    assert {r.id for r in read_records(tmp_path / "cal2" / "moderation")} == ids_first
+
+
+def test_calibrate_accepts_several_runs_after_one_apply(runs, tmp_path):
+    moderation, xstest = runs
+    other = tmp_path / "ours" / "xstest"
+    other.mkdir(parents=True)
+    _write_run(other, 40, seed=5, task="xstest")
+    out = tmp_path / "cal"
+    assert main(["calibrate", "--method", "platt", "--fit", str(moderation), "--apply", str(xstest), str(other),
+                 "--out", str(out)]) == 0
+    # two runs named xstest: their folders take the parent's name too
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["grpo--xstest", "ours--xstest"]
+    assert main(["metrics", str(out / "ours--xstest"), "--bootstrap", "0", "--no-figure"]) == 0
+
+
+def test_threshold_reports_coverage_on_other_runs(runs, tmp_path, capsys):
+    moderation, xstest = runs
+    out = tmp_path / "cal"
+    assert main(["calibrate", "--method", "temperature", "--fit", str(moderation), "--apply", str(xstest), "--out", str(out)]) == 0
+    capsys.readouterr()
+    result = tmp_path / "threshold.json"
+    assert main(["threshold", str(moderation), "--target-accuracy", "0.6", "--apply", str(xstest), str(out / "xstest"),
+                 "--out", str(result)]) == 0
+    assert "threshold" in capsys.readouterr().out
+    report = json.loads(result.read_text())
+    choice = report["choice"]
+    assert choice["threshold"] is not None and choice["lower_bound"] >= 0.6
+    assert [a["run"] for a in report["applied"]] == [str(xstest), str(out / "xstest")]
+    for a in report["applied"]:
+        assert 0 < a["coverage"] <= 1 and a["n"] == 150
