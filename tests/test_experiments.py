@@ -61,7 +61,7 @@ def _write_preds(folder: Path, task: str, split: str, n: int = 6) -> None:
             correct = i % 3 != 0
             rec = {
                 "id": str(i), "task": task, "split": split, "label": "A", "prediction": "A" if correct else "B",
-                "correct": correct, "valid": True, "confidence": 0.6 + 0.05 * i, "option_probs": [0.6, 0.3],
+                "correct": correct, "valid": True, "confidence": 0.5 + 0.4 * i / n, "option_probs": [0.6, 0.3],
                 "labels": ["A", "B"],
             }
             f.write(json.dumps(rec) + "\n")

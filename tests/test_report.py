@@ -58,6 +58,10 @@ def test_markdown_and_html_reports(experiment):
     # One file, readable offline: no external resources.
     assert not re.search(r"(src|href)=['\"]?(https?:|//)", html)
     assert "<link" not in html and "<script" not in html
+    # Figure 1: the reliability grid, embedded as base64 PNG; the Markdown links the file.
+    assert html.count("src='data:image/png;base64,") == 1
+    assert (experiment / "figures" / "reliability-m1.png").is_file()
+    assert "![Figure 1: reliability diagrams and confidence distributions of m1](figures/reliability-m1.png)" in md
 
 
 def test_report_cli_errors_and_output(experiment, tmp_path, capsys):

@@ -56,9 +56,32 @@ class StepFailedError(DecalError, RuntimeError):
     """A step's command exited non-zero; the message names the step and its log file."""
 
 
+def _metrics_in_process(argv: Sequence[str], log_path: Path) -> int:
+    """`decal metrics RUN_DIR --n-bins N --binning B --bootstrap R`, without a new interpreter.
+
+    Metrics need no model and take a second; a subprocess would spend longer importing torch.
+    """
+    from ..commands.metrics import run_metrics
+
+    flags = dict(zip(argv[2::2], argv[3::2]))
+    report = run_metrics(
+        Path(argv[1]), n_bins=int(flags["--n-bins"]), binning=flags["--binning"], bootstrap=int(flags["--bootstrap"])
+    )
+    with log_path.open("a", encoding="utf-8") as log:
+        log.write(f"\n$ decal {' '.join(argv)}  (in process)\nn={report['n']} " + " ".join(
+            f"{k}={v['value']:.4f}" for k, v in report["metrics"].items() if k in ("accuracy", "ece") and v["value"] is not None
+        ) + "\n")
+    return 0
+
+
 def subprocess_executor(argv: Sequence[str], log_path: Path) -> int:
-    """Run `python -m decal <argv>` with stdout and stderr appended to `log_path`."""
+    """Run `python -m decal <argv>` with stdout and stderr appended to `log_path`.
+
+    `decal metrics` runs in this process instead (see `_metrics_in_process`).
+    """
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    if argv and argv[0] == "metrics":
+        return _metrics_in_process(argv, log_path)
     with log_path.open("ab") as log:
         log.write(f"\n$ decal {' '.join(argv)}\n".encode())
         log.flush()
