@@ -32,6 +32,7 @@ __all__ = ["app", "main"]
 # Subcommand modules, in the order `decal --help` lists them.
 COMMANDS = [
     "tasks",
+    "evaluate",
     "train",
     "run",
     "report",
