@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from decal.errors import ConfigError
+from decal.errors import ConfigError, DecalError
 from decal.experiments.config import experiment_config_from_dict, load_experiment_config
 from decal.experiments.plan import build_plan, select_steps
 from decal.experiments.results import RESULT_COLUMNS, read_results
@@ -303,3 +303,20 @@ def test_unknown_training_setting_is_caught_before_running():
     data["methods"][1]["train"] = {"model": "x"}
     with pytest.raises(ConfigError, match="set by the experiment grid"):
         experiment_config_from_dict(data)
+
+
+def test_a_second_runner_on_the_same_folder_is_refused(tmp_path):
+    config = experiment_config_from_dict(tiny_config())
+    root = tmp_path / "exp"
+    seen = []
+
+    def nested(argv, log_path):
+        # While the first runner holds the folder, a second one must refuse to start.
+        if not seen:
+            with pytest.raises(DecalError, match="in use by another `decal run`"):
+                run_experiment(config, out=root, executor=FakeDecal())
+            seen.append(True)
+        return FakeDecal()(argv, log_path)
+
+    run_experiment(config, out=root, executor=nested)
+    assert seen == [True]

@@ -10,6 +10,7 @@ evaluation, so an interrupted run leaves a valid table of what finished.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -46,6 +47,7 @@ logger = logging.getLogger(__name__)
 DONE = "DONE"
 STEP_LOG = "steps.jsonl"
 EXPERIMENT_FILE = "experiment.json"
+LOCK_FILE = ".lock"
 
 # Runs one `decal` argument list, appending its output to `log_path`; returns the exit code.
 Executor = Callable[[Sequence[str], Path], int]
@@ -96,6 +98,31 @@ def subprocess_executor(argv: Sequence[str], log_path: Path) -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
             raise
+
+
+@contextlib.contextmanager
+def _exclusive(root: Path):
+    """Hold an exclusive lock on the experiment folder: two runners would redo each other's steps."""
+    try:
+        import fcntl
+    except ImportError:  # no flock on this platform: run unlocked
+        yield
+        return
+    with (root / LOCK_FILE).open("a+") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise DecalError(f"{root} is in use by another `decal run` ({holder}); wait for it or use another --out") from e
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def experiment_dir(config: ExperimentConfig, out: str | Path | None = None) -> Path:
@@ -230,9 +257,14 @@ def run_experiment(
     steps = select_steps(all_steps, only)
     if dry_run:
         return steps
-    executor = executor or subprocess_executor
     root.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(root / EXPERIMENT_FILE, _experiment_record(config, all_steps))
+    with _exclusive(root):
+        write_json_atomic(root / EXPERIMENT_FILE, _experiment_record(config, all_steps))
+        _run_steps(config, root, all_steps, steps, executor or subprocess_executor, on_step)
+    return steps
+
+
+def _run_steps(config, root: Path, all_steps: list[Step], steps: list[Step], executor: Executor, on_step) -> None:
     m = config.metrics
     metrics_argv = ("--n-bins", str(m.n_bins), "--binning", m.binning, "--bootstrap", str(m.bootstrap))
     for step in steps:
@@ -258,4 +290,3 @@ def run_experiment(
             on_step(step, "done")
         if step.kind in ("evaluate", "calibrate"):
             write_results(root / RESULTS_FILE, collect_results(config.name, root, all_steps))
-    return steps

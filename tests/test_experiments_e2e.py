@@ -1,0 +1,138 @@
+"""End-to-end experiment runs on the tiny random Qwen3 (issues #8 and #9): real `decal` subprocesses.
+
+- A tiny grid (base and cal-GRPO, in-domain and OOD evaluations, Platt scaling) produces the
+  results table and both report formats.
+- `decal run` killed with SIGKILL after its first step finished, then rerun, redoes nothing
+  that had finished and ends with the same results table as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from decal.experiments.config import experiment_config_from_dict
+from decal.experiments.results import read_results
+from decal.experiments.runner import DONE, STEP_LOG, run_experiment
+
+pytestmark = pytest.mark.slow
+
+
+def _grid(model_dir: Path, *, methods: list[dict], calibrators: list[dict] = ()) -> dict:
+    return {
+        "name": "tiny-e2e",
+        "output_dir": "unused",
+        "models": [{"name": "tiny-qwen3", "path": str(model_dir)}],
+        "train_tasks": [
+            {
+                "task": "builtin",
+                "split": "train",
+                "evaluations": [
+                    {"task": "builtin", "split": "validation", "domain": "in", "label": "Sentiment"},
+                    {"task": "builtin:difficulty=3", "split": "test", "domain": "ood", "label": "Hard"},
+                ],
+            }
+        ],
+        "methods": methods,
+        "calibrators": list(calibrators),
+        "evaluation": {"limit": 8, "batch_size": 8},
+        "metrics": {"bootstrap": 20},
+    }
+
+
+BASE = {"name": "base", "method": "base", "reasoning": False}
+CAL_GRPO = {
+    "name": "cal-grpo",
+    "method": "cal-grpo",
+    "reasoning": False,
+    "train": {
+        "limit": 4, "max_steps": 1, "batch_size": 4, "num_generations": 2, "grad_accum": 1,
+        "max_completion_length": 4, "save_steps": 1, "cal_lambda": 0.01,
+    },
+}
+
+
+def test_tiny_grid_produces_results_and_both_reports(tiny_qwen3_dir, tmp_path):
+    data = _grid(
+        tiny_qwen3_dir,
+        methods=[BASE, CAL_GRPO],
+        calibrators=[{"method": "platt", "fit_task": "builtin", "fit_split": "validation", "methods": ["cal-grpo"]}],
+    )
+    config = experiment_config_from_dict(data)
+    root = tmp_path / "exp"
+    steps = run_experiment(config, out=root)
+    assert all((root / s.id / DONE).is_file() for s in steps)
+    assert (root / "runs/tiny-qwen3/cal-grpo/builtin/select/adapter/adapter_config.json").is_file()
+    rows = read_results(root / "results.csv")
+    cells = {(r["method"], r["eval_task"], r["calibrator"], r["metric"]) for r in rows}
+    for method in ("base", "cal-grpo"):
+        for task in ("builtin", "builtin:difficulty=3"):
+            for metric in ("accuracy", "ece", "sce", "mce", "auroc"):
+                assert (method, task, "none", metric) in cells, (method, task, metric)
+    assert ("cal-grpo", "builtin:difficulty=3", "platt", "ece") in cells
+    ece = next(r for r in rows if r["metric"] == "ece" and r["calibrator"] == "none")
+    assert ece["n"] == 8 and ece["ci_low"] <= ece["value"] <= ece["ci_high"]
+
+    from decal.cli import main
+
+    assert main(["report", str(root), "--format", "md"]) == 0
+    assert main(["report", str(root), "--format", "html"]) == 0
+    md = (root / "report.md").read_text()
+    html = (root / "report.html").read_text()
+    assert "## Table 4" in md and "| Sentiment † | Base |" in md and "Hard *" in md
+    assert "Table 5" in md  # Platt after cal-GRPO
+    assert "data:image/png;base64," in html and "<table>" in html
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"decal run exited with {proc.returncode} before {path} appeared")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} did not appear within {timeout} s")
+        time.sleep(0.2)
+
+
+def test_killed_run_resumes_without_redoing_finished_steps(tiny_qwen3_dir, tmp_path):
+    data = _grid(tiny_qwen3_dir, methods=[BASE])
+    config_path = tmp_path / "grid.yaml"
+    config_path.write_text(yaml.safe_dump(data))
+    root = tmp_path / "killed"
+    first = root / "runs/tiny-qwen3/base/builtin/eval/builtin-validation"
+
+    # 1. Start `decal run`, SIGKILL it (and the step it started) as soon as step 1 is done.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "decal", "run", str(config_path), "--out", str(root)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        _wait_for(first / DONE, proc, timeout=240)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    marker_mtime = (first / DONE).stat().st_mtime_ns
+    predictions_mtime = (first / "predictions.jsonl").stat().st_mtime_ns
+
+    # 2. Rerun: the finished step is skipped, its files untouched; the rest runs.
+    config = experiment_config_from_dict(data)
+    run_experiment(config, out=root)
+    events = [json.loads(line) for line in (root / STEP_LOG).read_text().splitlines()]
+    first_id = first.relative_to(root).as_posix()
+    assert [e["event"] for e in events if e["step"] == first_id] == ["start", "done", "skip"]
+    assert (first / DONE).stat().st_mtime_ns == marker_mtime
+    assert (first / "predictions.jsonl").stat().st_mtime_ns == predictions_mtime
+    assert all((root / s.id / DONE).is_file() for s in run_experiment(config, out=root, dry_run=True))
+
+    # 3. The resumed results equal an uninterrupted run's.
+    clean = tmp_path / "clean"
+    run_experiment(config, out=clean)
+    assert (root / "results.csv").read_text() == (clean / "results.csv").read_text()
