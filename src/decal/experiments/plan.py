@@ -78,7 +78,8 @@ def _eval_args(config: ExperimentConfig, method: MethodSpec, ev: EvalSpec, seed:
     ):
         if value is not None:
             args += [flag, str(value)]
-    args += ["--seed", str(seed)]
+    # Output goes to the step's log file, where a progress bar is noise.
+    args += ["--seed", str(seed), "--no-progress"]
     if config.data_dir:
         args += ["--data-dir", config.data_dir]
     return args

@@ -189,8 +189,9 @@ def _run_step(root: Path, step: Step, executor: Executor, metrics_argv: tuple[st
     commands = list(step.commands)
     if step.kind == "select":
         _select_adapter(root, step)
-    if step.kind == "train" and any(folder.glob("checkpoint-*")):
-        # An interrupted training run continues from its newest checkpoint instead of restarting.
+    if step.kind == "train" and (any(folder.glob("checkpoint-*")) or (folder / "adapter").exists()):
+        # An interrupted training run continues from its newest checkpoint instead of restarting
+        # (`decal train` refuses a folder holding a run unless told to resume).
         commands[0] = (*commands[0], "--resume")
     i = 0
     while i < len(commands):
