@@ -195,9 +195,8 @@ def _torch_dtype(dtype: str):
     return table[dtype]
 
 
-def _attach_adapter(model, adapter: str | os.PathLike, *, offline: bool, allow_pickle: bool):
-    from peft import PeftModel
-
+def _check_adapter(adapter: str | os.PathLike, *, offline: bool, allow_pickle: bool) -> None:
+    """Fail before loading any weights when a local adapter is missing or unsafe."""
     path = Path(adapter).expanduser()
     if path.exists():
         if not (path / "adapter_config.json").is_file():
@@ -207,8 +206,13 @@ def _attach_adapter(model, adapter: str | os.PathLike, *, offline: bool, allow_p
                 f"adapter folder {path} has no adapter_model.safetensors; pass --allow-pickle to load "
                 f"pickled .bin weights (runs code from the file)"
             )
-    elif offline or str(adapter).startswith((".", "/", "~")):
+    elif offline or str(adapter).startswith((".", "/", "~")) or str(adapter).count("/") != 1:
         raise ModelNotFoundError(f"adapter {adapter} not found")
+
+
+def _attach_adapter(model, adapter: str | os.PathLike, *, offline: bool):
+    from peft import PeftModel
+
     try:
         model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False, local_files_only=offline)
     except (OSError, ValueError) as e:
@@ -252,6 +256,8 @@ def load_model(
 
     offline = _is_offline(offline)
     torch_dtype = _torch_dtype(dtype)
+    if adapter is not None:
+        _check_adapter(adapter, offline=offline, allow_pickle=allow_pickle)
     tokenizer = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code, offline=offline)
     source = resolve_model(name_or_path, offline=offline)
     kwargs = _hub_kwargs(offline=offline, trust_remote_code=trust_remote_code)
@@ -262,7 +268,7 @@ def load_model(
     except (OSError, ValueError) as e:
         raise _wrap_load_error(str(name_or_path), source, e, offline=offline) from e
     if adapter is not None:
-        model = _attach_adapter(model, adapter, offline=offline, allow_pickle=allow_pickle)
+        model = _attach_adapter(model, adapter, offline=offline)
     model.to(device)
     model.eval()
     if getattr(model.generation_config, "pad_token_id", None) is None:
