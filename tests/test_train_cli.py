@@ -130,3 +130,39 @@ def test_resume_after_sigkill(tiny_qwen3_dir, tmp_path):
     begins = [e["step"] for e in read_train_log(out) if e.get("event") == "train_begin"]
     assert begins[0] == 0 and begins[-1] == killed_at
     assert _logged_steps(out) == list(range(1, 13))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["grpo", "cal-grpo"])
+def test_grpo_runs_and_saves_a_loadable_adapter(method, tiny_qwen3_dir, tmp_path):
+    out = tmp_path / method
+    assert _train(tiny_qwen3_dir, out, "--method", method, *GRPO_FLAGS, "--max-steps", "1", "--cal-lambda", "0.01") == 0
+    resolved = yaml.safe_load((out / "config.resolved.yaml").read_text())
+    assert (resolved["method"], resolved["reasoning"], resolved["learning_rate"]) == (method, True, 1e-3)
+    assert json.loads((out / "DONE").read_text())["global_step"] == 1
+    entries = [e for e in read_train_log(out) if "reward" in e]
+    assert [e["step"] for e in entries] == [1] and 0.0 <= entries[0]["reward"] <= 1.0
+    from decal.models import load_model
+
+    model, _ = load_model(str(tiny_qwen3_dir), adapter=str(out / "adapter"))
+    assert any("lora_" in n for n, _ in model.named_parameters())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["grpo", "cal-grpo"])
+def test_two_process_cpu_run(method, tiny_qwen3_dir, tmp_path):
+    """torchrun with two CPU processes (gloo): the processes share the data and log once."""
+    out = tmp_path / method
+    torchrun = Path(sys.executable).with_name("torchrun")
+    command = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "decal", "train",
+               "--model", str(tiny_qwen3_dir), "--out", str(out), "--method", method, *GRPO_FLAGS,
+               "--batch-size", "2", "--max-steps", "2"]
+    result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((out / "DONE").read_text())["global_step"] == 2
+    assert json.loads((out / "env.json").read_text())["world_size"] == 2
+    log = read_train_log(out)
+    assert [e["step"] for e in log if e.get("event") == "train_begin"] == [0]  # main process only
+    # 4 prompts x 2 generations = 8 completions per epoch; 2 processes x 2 completions per step
+    assert [e["epoch"] for e in log if "reward" in e] == [0.5, 1.0]
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()

@@ -7,6 +7,7 @@ field); defaults live only in that dataclass. Precedence: flags > `--config FILE
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -120,7 +121,8 @@ def run_train(cli_values: dict, *, config_path: Path | None, resume: bool) -> No
     from ..training.runner import train
 
     out = train(train_config, resume=resume)
-    typer.echo(f"trained {train_config.method} adapter: {out / 'adapter'}")
+    if os.environ.get("RANK", "0") == "0":  # one line, not one per process
+        typer.echo(f"trained {train_config.method} adapter: {out / 'adapter'}")
 
 
 def _setup_logging() -> None:

@@ -78,6 +78,8 @@ def _report_to(value: str) -> list[str] | str:
 
 
 def _common_arguments(cfg: TrainConfig, *, progress: bool) -> dict[str, Any]:
+    import torch
+
     return {
         "output_dir": str(cfg.out),
         "learning_rate": cfg.learning_rate,
@@ -95,6 +97,8 @@ def _common_arguments(cfg: TrainConfig, *, progress: bool) -> dict[str, Any]:
         "bf16": False,
         "disable_tqdm": not progress,
         "remove_unused_columns": False,
+        # Without it, transformers ignores a CPU-only process group (torchrun --nproc_per_node N on CPUs).
+        "use_cpu": not torch.cuda.is_available(),
     }
 
 
