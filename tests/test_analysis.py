@@ -15,6 +15,7 @@ from decal.analysis.swap import (
     ReasoningParts,
     SwapConfig,
     choose_donor,
+    greedy_row,
     run_swap,
     split_reasoning,
     summarize_swaps,
@@ -83,6 +84,7 @@ def test_summarize_rollouts_hand_counts():
     assert s["share_above_wrong"] == pytest.approx(1.0)
     assert s["share_above_of_all"] == pytest.approx(3 / 6)
     assert s["invalid_rate"] == pytest.approx(1 / 6)
+    assert s["n_invalid_above"] == 0 and s["share_above_forced"] == 0.0
     per = {q["id"]: q for q in s["per_query"]}
     assert per["q1"]["share_above"] == pytest.approx(2 / 3) and per["q2"]["share_above"] == pytest.approx(1 / 2)
     assert s["mean_query_share"] == pytest.approx((2 / 3 + 1 / 2) / 2)
@@ -132,6 +134,26 @@ def test_split_reasoning(head, expected):
     assert parts == expected
     if parts is not None:
         assert parts.opening + parts.reasoning + parts.closing == head
+
+
+def test_greedy_row_cuts_valid_and_forced_completions():
+    tok = SimpleNamespace(decode=lambda ids, **kw: "".join(map(chr, ids)))
+    text = "<think>\nrude\n</think>\n\nU"
+    valid = SimpleNamespace(
+        completion_ids=[ord(c) for c in text], completion=text, decision=Decision(index=len(text) - 1, option=1),
+        option_probs=[0.01, 0.98], emitted_token="U", valid=True, forced=False,
+    )
+    row = greedy_row(_example("e", "Safe"), valid, tok, task="t", split="s", labels=LABELS, marker="</think>")
+    assert (row["opening"], row["reasoning"], row["closing"]) == ("<think>\n", "rude", "\n</think>\n\n")
+    assert row["prediction"] == "Unsafe" and row["valid"] and not row["forced"] and row["confidence"] == 0.98
+    forced = SimpleNamespace(
+        completion_ids=[1], completion="It is fine", decision=Decision(-1, -1),
+        option_probs=[0.7, 0.2], emitted_token=None, valid=False, forced=True,
+    )
+    row = greedy_row(_example("e", "Safe"), forced, tok, task="t", split="s", labels=LABELS, marker="</think>")
+    # the forced decision appended the marker and a newline; the cut mirrors it
+    assert (row["opening"], row["reasoning"], row["closing"]) == ("", "It is fine", "</think>\n")
+    assert row["prediction"] == "Safe" and not row["valid"] and not row["correct"] and row["confidence"] == 0.7
 
 
 def test_choose_donor_picks_another_label_deterministically():
@@ -186,3 +208,164 @@ def test_derive_seed_is_stable():
     # a fixed value: the seed must not depend on the process (PYTHONHASHSEED)
     assert derive_seed(0, "train-0001") == int.from_bytes(hashlib.sha256(b"0:train-0001").digest()[:4], "big") & 0x7FFFFFFF
     assert derive_seed(0, "a") != derive_seed(1, "a")
+
+
+# --- tiny Qwen3 end to end: a scripted model ----------------------------------------------------
+#
+# A random tiny model almost never writes `</think>`, so the end-to-end tests steer the tiny
+# Qwen3's output head with a forward hook: it writes a fixed reasoning per review, then decides
+# from the reasoning text it sees (as the paper says real models do), with a confidence set by
+# the reasoning. Everything else (generation, decision position, option probabilities, forced
+# decisions, the swap's forward pass) is decal's own scoring code on the real Qwen3 tokenizer.
+
+ASSISTANT = [151644, 77091, 198]  # "<|im_start|>assistant\n" in the Qwen3 tokenizer
+
+
+class _Script:
+    """Forward hooks that make a causal LM follow a script (see the block comment above)."""
+
+    def __init__(self, model, tokenizer):
+        self.tok = tokenizer
+        self.history: list[list[int]] = []
+        self.eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.options = [tokenizer.convert_tokens_to_ids(t) for t in ("Positive", "Negative")]
+        self.handles = [
+            model.register_forward_pre_hook(self._track, with_kwargs=True),
+            model.get_output_embeddings().register_forward_hook(self._steer),
+        ]
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+    def _track(self, module, args, kwargs):
+        ids = kwargs["input_ids"].tolist()
+        if len(ids[0]) > 1:  # a prefill or a scoring pass: the whole sequence, left-padded
+            pad = self.tok.pad_token_id
+            self.history = [[t for j, t in enumerate(row) if not (t == pad and all(u == pad for u in row[: j + 1]))] for row in ids]
+        else:
+            for row, (t,) in zip(self.history, ids):
+                row.append(t)
+
+    @staticmethod
+    def plan(review: str) -> tuple[str, bool]:
+        """The scripted reasoning of a review; a third of the reviews never close the reasoning."""
+        h = int(hashlib.sha256(review.encode()).hexdigest(), 16)
+        if h % 3 == 0:
+            return "<think>\nHmm", False
+        return f"<think>\nThe review sounds {'good' if h % 2 else 'bad'}{', surely' if h % 5 < 3 else ''}.\n</think>\n\n", True
+
+    def _next(self, ids: list[int]):
+        """(token id to emit, None) for scripted text, or (None, option probabilities) to decide."""
+        starts = [j for j in range(len(ids) - 2) if ids[j : j + 3] == ASSISTANT]
+        prompt, comp = ids[: starts[-1] + 3], ids[starts[-1] + 3 :]
+        text = self.tok.decode(comp, skip_special_tokens=False)
+        if "</think>" in text:
+            reasoning, after = text.split("</think>", 1)
+            if after.strip():
+                return self.eos, None
+            conf = 0.999 if "surely" in reasoning else 0.9 if ("good" in reasoning or "bad" in reasoning) else 0.6
+            return None, (conf, 1 - conf) if "bad" not in reasoning else (1 - conf, conf)
+        review = self.tok.decode(prompt).split("Review:")[-1].split("<|im_end|>")[0].strip()
+        target = self.tok(self.plan(review)[0], add_special_tokens=False)["input_ids"]
+        return (target[len(comp)] if len(comp) < len(target) else self.eos), None
+
+    def _steer(self, module, inputs, output):
+        import torch
+
+        out = torch.full_like(output, -1e4)
+        for b, ids in enumerate(self.history):
+            token, probs = self._next(ids)
+            if token is not None:
+                out[b, -1, token] = 0.0
+            else:
+                for tid, p in zip(self.options, probs):
+                    out[b, -1, tid] = math.log(p)
+        return out
+
+
+@pytest.fixture
+def scripted_qwen3(tiny_qwen3, qwen3_tokenizer):
+    script = _Script(tiny_qwen3, qwen3_tokenizer)
+    yield tiny_qwen3, qwen3_tokenizer
+    script.remove()
+
+
+def _lines(path) -> list[str]:
+    # distinct lines: a query redone after a crash may repeat its (identical) rows
+    return sorted(set(path.read_text().splitlines()))
+
+
+def _builtin(n: int):
+    return load_builtin("train", n=n, reasoning=True)
+
+
+@pytest.mark.slow  # about 20 s on 2 shared cores: nine rollouts generated three times
+def test_rollouts_tiny_qwen3_counts_and_resume(scripted_qwen3, tmp_path):
+    model, tok = scripted_qwen3
+    task = _builtin(6)
+    config = RolloutConfig(samples=3, max_new_tokens=16, limit=3, seed=3, batch_size=3)
+    first = run_rollouts(model, tok, task, tmp_path / "a", config=config, model_name="tiny")
+    rows = [json.loads(line) for line in (tmp_path / "a" / "rollouts.jsonl").read_text().splitlines()]
+    assert len(rows) == first["n_rollouts"] == 9 and first["n_queries"] == 3
+    assert first["n_valid"] + first["n_invalid"] == 9 and first["n_correct"] + first["n_wrong"] == first["n_valid"]
+    # the script's decision is valid exactly when it closes its reasoning; confidences are its own
+    for r in rows:
+        closes = _Script.plan(task.examples[int(r["example_id"][-4:])].input)[1]
+        assert r["valid"] == closes
+        expected = {0.999, 0.9} if closes else {0.6}
+        assert any(r["confidence"] == pytest.approx(c, abs=1e-4) for c in expected)
+    # a resumed run (one query missing) and a fresh run give the same report
+    lines = (tmp_path / "a" / "rollouts.jsonl").read_text().splitlines(keepends=True)
+    # query 1 whole, query 2 with one of its lines and a torn one, query 3 missing
+    (tmp_path / "a" / "rollouts.jsonl").write_text("".join(lines[:4]) + lines[4][:20])
+    resumed = run_rollouts(model, tok, task, tmp_path / "a", config=config, model_name="tiny")
+    fresh = run_rollouts(model, tok, task, tmp_path / "b", config=config, model_name="tiny")
+    assert json.dumps(resumed) == json.dumps(first) == json.dumps(fresh)  # NaN-safe equality
+    assert _lines(tmp_path / "a" / "rollouts.jsonl") == _lines(tmp_path / "b" / "rollouts.jsonl")
+    for name in ("summary.json", "table.md", "rollout_confidence.png", "rollout_confidence.svg"):
+        assert (tmp_path / "a" / name).stat().st_size > 0
+
+
+def test_swap_tiny_qwen3_flips_and_is_reproducible(scripted_qwen3, tmp_path):
+    model, tok = scripted_qwen3
+    task = _builtin(8)
+    config = SwapConfig(min_confidence=0.99, max_new_tokens=16, seed=5, batch_size=8)
+    summary = run_swap(model, tok, task, tmp_path / "a", config=config, model_name="tiny")
+    greedy = {g["id"]: g for g in map(json.loads, (tmp_path / "a" / "greedy.jsonl").read_text().splitlines())}
+    swaps = [json.loads(line) for line in (tmp_path / "a" / "swaps.jsonl").read_text().splitlines()]
+    eligible = [g for g in greedy.values() if g["valid"] and g["confidence"] >= 0.99]
+    assert len(greedy) == 8 and summary["n_eligible"] == len(eligible) == len(swaps) > 0
+    assert summary["n_swapped"] + summary["n_no_donor"] == summary["n_eligible"]
+    done = [s for s in swaps if s["swapped"]]
+    assert done and summary["n_flipped"] + summary["n_kept"] + summary["n_other"] + summary["n_invalid_after"] == len(done)
+    for s in done:
+        donor, own = greedy[s["donor_id"]], greedy[s["id"]]
+        assert s["donor_label"] == donor["prediction"] != own["prediction"]
+        # the swapped prompt holds the original question and the donor's reasoning, not its own
+        example = next(ex for ex in task.examples if ex.id == s["id"])
+        assert example.input in s["swapped_prompt"] and donor["reasoning"] in s["swapped_prompt"]
+        assert s["swapped_prompt"].endswith(own["closing"])
+    # the scripted model follows the reasoning it is given, so every swap flips, at its confidence
+    assert summary["flip_rate"] == 1.0
+    assert all(
+        s["confidence"] == pytest.approx(0.999 if "surely" in greedy[s["donor_id"]]["reasoning"] else 0.9, abs=1e-4)
+        for s in done
+    )
+    # same seed: the same report; rerun in place: nothing recomputed, same report
+    again = run_swap(model, tok, task, tmp_path / "b", config=config, model_name="tiny")
+    rerun = run_swap(model, tok, task, tmp_path / "a", config=config, model_name="tiny")
+    assert json.dumps(again) == json.dumps(summary) == json.dumps(rerun)
+    assert _lines(tmp_path / "a" / "swaps.jsonl") == _lines(tmp_path / "b" / "swaps.jsonl")
+    for name in ("summary.json", "table.md", "flipped_confidence.png", "flipped_confidence.svg"):
+        assert (tmp_path / "a" / name).stat().st_size > 0
+    # with include_invalid, the forced decisions (reasoning never closed, confidence 0.6) take part
+    loose = SwapConfig(min_confidence=0.5, max_new_tokens=16, seed=5, batch_size=8, include_invalid=True)
+    (tmp_path / "c").mkdir()  # the greedy pass does not depend on include_invalid: reuse it
+    (tmp_path / "c" / "greedy.jsonl").write_text((tmp_path / "a" / "greedy.jsonl").read_text())
+    wide = run_swap(model, tok, task, tmp_path / "c", config=loose, model_name="tiny")
+    forced = [g for g in greedy.values() if not g["valid"]]
+    assert forced and wide["n_eligible"] == len(greedy) and wide["n_greedy_invalid"] == len(forced)
+    rows = {r["id"]: r for r in map(json.loads, (tmp_path / "c" / "swaps.jsonl").read_text().splitlines())}
+    for g in forced:
+        assert rows[g["id"]]["swapped_prompt"].endswith("</think>\n")

@@ -18,7 +18,8 @@ decision token. So, with `n_valid + n_invalid = n_rollouts` and `n_correct + n_w
 "Above" is strict (`confidence > threshold`), as in the paper.
 
 Run folder: `run.json` (settings; a rerun with other settings is refused), `rollouts.jsonl`
-(append-only, a whole query per write, so an interrupted run resumes at the next query),
+(append-only, a whole query per write; an interrupted run resumes at the first query that
+lacks any of its samples),
 `summary.json`, `table.md`, `rollout_confidence.png/.svg`.
 """
 
@@ -147,7 +148,8 @@ def summarize_rollouts(rows: Sequence[dict], *, threshold: float = 0.99) -> dict
     Returns:
         A JSON-ready dict: `n_queries, n_rollouts, n_valid, n_invalid, n_correct, n_wrong,
         n_above, n_above_correct, n_above_wrong, share_above, share_above_correct,
-        share_above_wrong, share_above_of_all, invalid_rate, accuracy, mean_query_share,
+        share_above_wrong, share_above_of_all, n_invalid_above, share_above_forced (invalid
+        rollouts whose forced confidence is above), invalid_rate, accuracy, mean_query_share,
         per_query` (one entry per query: `id, label, n, n_valid, n_correct, n_above,
         share_above`). Shares with an empty denominator are nan.
     """
@@ -161,6 +163,7 @@ def summarize_rollouts(rows: Sequence[dict], *, threshold: float = 0.99) -> dict
     per_query = _query_stats(rows, threshold)
     shares = [q["share_above"] for q in per_query if not math.isnan(q["share_above"])]
     n_above = above(valid)
+    invalid = [r for r in rows if not r["valid"]]
     return {
         "threshold": threshold,
         "n_queries": len(per_query),
@@ -176,6 +179,8 @@ def summarize_rollouts(rows: Sequence[dict], *, threshold: float = 0.99) -> dict
         "share_above_correct": fraction(above(correct), len(correct)),
         "share_above_wrong": fraction(above(wrong), len(wrong)),
         "share_above_of_all": fraction(n_above, len(rows)),
+        "n_invalid_above": above(invalid),
+        "share_above_forced": fraction(above(invalid), len(invalid)),
         "invalid_rate": fraction(len(rows) - len(valid), len(rows)),
         "accuracy": fraction(len(correct), len(rows)),
         "mean_query_share": sum(shares) / len(shares) if shares else float("nan"),
@@ -274,7 +279,10 @@ def run_rollouts(
     )
     path = out_dir / ROLLOUTS_FILE
     done = completed_ids(path)
-    pending = [ex for ex in examples if f"{ex.id}#0" not in done]
+    # A query counts as done only with all its samples: a crash inside one batch write can
+    # leave some of its lines; the query is then sampled again (same seed, same rows) and the
+    # report keeps one row per id.
+    pending = [ex for ex in examples if any(f"{ex.id}#{s}" not in done for s in range(config.samples))]
     logger.info("rollouts: %d queries, %d already done", len(examples), len(examples) - len(pending))
     with RecordWriter(path) as writer, progress_bar(len(pending), "rollouts", enabled=progress) as advance:
         for ex in pending:
@@ -289,5 +297,5 @@ def run_rollouts(
             writer.write_batch(rollout_rows(ex, generations, task=task.name, split=task.split, labels=task.labels))
             advance(1)
     wanted = {ex.id for ex in examples}
-    rows = [r for r in read_rows(path) if r["example_id"] in wanted]
+    rows = list({r["id"]: r for r in read_rows(path) if r["example_id"] in wanted}.values())
     return _write_report(out_dir, rows, task_name=task.name, settings=settings, threshold=config.threshold)

@@ -8,7 +8,9 @@ Two phases, each resumable, both through the scoring code of `decal evaluate`:
    the end-of-reasoning marker and the whitespace the model wrote before its decision).
 2. For each valid prediction with `confidence >= min_confidence`, a donor is drawn among the
    other examples of the same split whose greedy decision was a different label (and whose
-   reasoning is not empty). The swapped prompt is the original prompt + the recipient's opening
+   reasoning is not empty). With `include_invalid`, predictions without a valid decision take
+   part too, at their forced decision (DESIGN.md): the whole completion is their reasoning and
+   the marker is appended, which lets the experiment run on models that ignore the format. The swapped prompt is the original prompt + the recipient's opening
    + the donor's reasoning + the recipient's closing, so it has the shape of the model's own
    completion up to its decision position; one forward pass (`decal.scoring.score_prompts`)
    reads the decision there. One JSON line per eligible example in `swaps.jsonl`.
@@ -68,6 +70,13 @@ class SwapConfig:
     max_new_tokens: int = field(default=256, metadata={"help": "generation budget of the greedy run"})
     batch_size: int = field(default=8, metadata={"help": "prompts per generation / scoring batch"})
     marker: str = field(default=END_OF_REASONING, metadata={"help": "end-of-reasoning marker"})
+    include_invalid: bool = field(
+        default=False,
+        metadata={
+            "help": "also swap (and lend the reasoning of) predictions without a valid decision, at their "
+            "forced decision (marker appended); for models that do not write the marker"
+        },
+    )
 
     def __post_init__(self) -> None:
         for name in ("max_new_tokens", "batch_size"):
@@ -134,17 +143,20 @@ def greedy_row(example, generation, tokenizer, *, task: str, split: str, labels:
         marker: the end-of-reasoning marker.
 
     Returns:
-        A dict with the prediction-record fields and `opening`, `reasoning`, `closing` (None
-        when the decision is invalid or the text cannot be cut, see `split_reasoning`).
+        A dict with the prediction-record fields, `forced`, and `opening`, `reasoning`, `closing`
+        (None when the text cannot be cut, see `split_reasoning`). For a forced decision the
+        cut is made on the completion with the marker appended, as the forced scoring did.
     """
     probs = [float(p) for p in generation.option_probs]
     valid = bool(generation.valid)
     option = int(generation.decision.option) if valid else -1
     prediction = labels[option if valid else max(range(len(probs)), key=probs.__getitem__)]
-    parts = None
-    if valid:
-        head_ids = list(generation.completion_ids[: generation.decision.index])
-        parts = split_reasoning(tokenizer.decode(head_ids, skip_special_tokens=False), marker=marker)
+    if generation.decision.index >= 0:
+        head = tokenizer.decode(list(generation.completion_ids[: generation.decision.index]), skip_special_tokens=False)
+    else:
+        # The forced decision of `decal.scoring`: the marker and a newline appended when missing.
+        head = generation.completion if marker in generation.completion else f"{generation.completion}{marker}\n"
+    parts = split_reasoning(head, marker=marker)
     return {
         "id": example.id,
         "task": task,
@@ -153,6 +165,7 @@ def greedy_row(example, generation, tokenizer, *, task: str, split: str, labels:
         "labels": list(labels),
         "prediction": prediction,
         "valid": valid,
+        "forced": bool(generation.forced),
         "correct": valid and prediction == example.label,
         "confidence": decision_confidence(probs, option),
         "option_probs": probs,
@@ -313,8 +326,11 @@ def _greedy_phase(model, tokenizer, task, examples, prompts, decision_tokens, pa
     return [by_id[ex.id] for ex in examples]
 
 
-def _eligible(greedy: Sequence[Mapping], min_confidence: float) -> list[Mapping]:
-    return [g for g in greedy if g["valid"] and g["opening"] is not None and g["confidence"] >= min_confidence]
+def _eligible(greedy: Sequence[Mapping], config: SwapConfig) -> list[Mapping]:
+    return [
+        g for g in greedy
+        if (g["valid"] or config.include_invalid) and g["opening"] is not None and g["confidence"] >= config.min_confidence
+    ]
 
 
 def _swap_phase(model, tokenizer, task, greedy, prompts, decision_tokens, path: Path, config: SwapConfig, progress: bool) -> list[dict]:
@@ -322,9 +338,9 @@ def _swap_phase(model, tokenizer, task, greedy, prompts, decision_tokens, path: 
     from ..scoring import score_prompts
 
     by_id = {g["id"]: g for g in greedy}
-    # Donors: valid greedy decisions with a non-empty reasoning to lend.
-    candidates = {g["id"]: g["prediction"] for g in greedy if g["valid"] and g["reasoning"]}
-    eligible = _eligible(greedy, config.min_confidence)
+    # Donors: valid greedy decisions (or any, with include_invalid) with a reasoning to lend.
+    candidates = {g["id"]: g["prediction"] for g in greedy if (g["valid"] or config.include_invalid) and g["reasoning"]}
+    eligible = _eligible(greedy, config)
     done = completed_ids(path)
     pending = [g for g in eligible if g["id"] not in done]
     with RecordWriter(path) as writer, progress_bar(len(pending), "swaps", enabled=progress) as advance:
@@ -403,5 +419,5 @@ def run_swap(
     )
     greedy = _greedy_phase(model, tokenizer, task, examples, prompts, decision_tokens, out_dir / GREEDY_FILE, config, progress)
     swaps = _swap_phase(model, tokenizer, task, greedy, prompts, decision_tokens, out_dir / SWAPS_FILE, config, progress)
-    logger.info("swap: %d examples, %d eligible, %d swap rows", len(greedy), len(_eligible(greedy, config.min_confidence)), len(swaps))
+    logger.info("swap: %d examples, %d eligible, %d swap rows", len(greedy), len(_eligible(greedy, config)), len(swaps))
     return _write_report(out_dir, greedy, swaps, task_name=task.name, settings=settings, min_confidence=config.min_confidence)

@@ -120,6 +120,7 @@ def _register_swap(analyze_app: typer.Typer) -> None:
         seed: Optional[int] = typer.Option(None, "--seed", metavar="N", help=h("seed")),
         max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", metavar="N", help=h("max_new_tokens")),
         batch_size: Optional[int] = typer.Option(None, "--batch-size", metavar="N", help=h("batch_size")),
+        include_invalid: bool = typer.Option(False, "--include-invalid", help=h("include_invalid")),
         dtype: str = typer.Option("float32", "--dtype", metavar="DTYPE", help="float32 or bfloat16 (faster on AVX512-BF16 CPUs)."),
         data_dir: Optional[str] = typer.Option(None, "--data-dir", metavar="DIR", help="Paper datasets folder (default $DECAL_DATA_DIR)."),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars on stderr."),
@@ -128,7 +129,7 @@ def _register_swap(analyze_app: typer.Typer) -> None:
         from ..analysis.swap import run_swap, swaps_table
 
         config = _config(SwapConfig, min_confidence=min_confidence, limit=limit, seed=seed,
-                         max_new_tokens=max_new_tokens, batch_size=batch_size)
+                         max_new_tokens=max_new_tokens, batch_size=batch_size, include_invalid=include_invalid or None)
         lm, tokenizer, loaded = _load(model, adapter, task, split, data_dir, dtype)
         summary = run_swap(lm, tokenizer, loaded, out, config=config, model_name=model, adapter=adapter,
                            progress=progress)
