@@ -59,6 +59,32 @@ def test_sft_run_folder_and_adapter_loads(tiny_qwen3_dir, tmp_path):
 
     model, _ = load_model(str(tiny_qwen3_dir), adapter=str(out / "adapter"))
     assert any("lora_" in n for n, _ in model.named_parameters())
+    # and `decal evaluate --adapter` scores with it
+    runs = tmp_path / "eval"
+    assert main(["evaluate", "--model", str(tiny_qwen3_dir), "--task", "builtin", "--split", "validation",
+                 "--limit", "2", "--adapter", str(out / "adapter"), "--out", str(runs), "--no-progress"]) == 0
+    records = [json.loads(line) for p in runs.rglob("predictions.jsonl") for line in p.read_text().splitlines()]
+    assert len(records) == 2 and all(r["adapter"] == str(out / "adapter") for r in records)
+
+
+@pytest.mark.slow
+def test_checkpoint_selection(tiny_qwen3_dir, tmp_path):
+    out = tmp_path / "sft"
+    assert _train(tiny_qwen3_dir, out, *SFT_FLAGS, "--max-steps", "2", "--learning-rate", "0.05",
+                  "--select-split", "validation", "--select-limit", "6") == 0
+    selection = json.loads((out / "selection.json").read_text())
+    assert selection["split"] == "validation" and selection["criterion"] == "accuracy"
+    rows = {r["step"]: r for r in selection["checkpoints"]}
+    assert sorted(rows) == [1, 2] and all(r["n_examples"] == 6 for r in rows.values())
+    for step, row in rows.items():
+        lines = (out / "selection" / f"checkpoint-{step}" / "predictions.jsonl").read_text().splitlines()
+        correct = [json.loads(line)["correct"] for line in lines]
+        assert row["accuracy"] == pytest.approx(sum(correct) / len(correct))
+        assert 0.0 <= row["ece"] <= 1.0
+    best = selection["best"]
+    assert rows[best]["accuracy"] == max(r["accuracy"] for r in rows.values())
+    chosen, source = _lora_state(out / "best_adapter"), _lora_state(out / f"checkpoint-{best}")
+    assert all(torch.equal(chosen[k], source[k]) for k in source)
 
 
 def test_rerun_without_resume_is_refused(tiny_qwen3_dir, tmp_path, capsys):
@@ -69,6 +95,7 @@ def test_rerun_without_resume_is_refused(tiny_qwen3_dir, tmp_path, capsys):
     assert "already holds a training run; pass --resume" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_resume_continues_from_the_saved_step(tiny_qwen3_dir, tmp_path):
     out = tmp_path / "sft"
     assert _train(tiny_qwen3_dir, out, *SFT_FLAGS, "--max-steps", "2") == 0
