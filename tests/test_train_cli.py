@@ -193,3 +193,13 @@ def test_two_process_cpu_run(method, tiny_qwen3_dir, tmp_path):
     # 4 prompts x 2 generations = 8 completions per epoch; 2 processes x 2 completions per step
     assert [e["epoch"] for e in log if "reward" in e] == [0.5, 1.0]
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(("name", "kind"), [("ddp", "MULTI_GPU"), ("deepspeed_zero2", "DEEPSPEED")])
+def test_accelerate_configs_load(name, kind):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(ROOT / "configs" / "accelerate" / f"{name}.yaml"))
+    assert config.distributed_type.name == kind and config.mixed_precision == "no"
+    if kind == "DEEPSPEED":
+        assert config.deepspeed_config["zero_stage"] == 2
