@@ -199,10 +199,23 @@ def test_duplicated_rows_equal_weight_two():
     assert m.auroc(conf[twice], correct[twice]) == pytest.approx(m.auroc(conf, correct))
 
 
-def test_stable_argsort_matches_numpy_stable():
+def _reference_equal_mass(values, target, n_bins):
+    """The definition, literally: stable argsort, numpy.array_split, per-group means."""
+    order = np.argsort(values, kind="stable")
+    groups = np.array_split(order, n_bins)
+    return [(len(g), values[g].mean() if len(g) else np.nan, target[g].mean() if len(g) else np.nan) for g in groups]
+
+
+@pytest.mark.parametrize("n_bins", [1, 3, 10, 15])
+def test_equal_mass_bins_match_the_literal_definition_under_ties(n_bins):
     rng = np.random.default_rng(5)
-    for x in (rng.random(1000), rng.integers(0, 7, 1000) / 7, np.ones(50), np.array([0.3])):
-        np.testing.assert_array_equal(m._stable_argsort(x), np.argsort(x, kind="stable"))
+    for values in (rng.random(1000), rng.integers(0, 7, 1000) / 7, np.full(37, 0.5), np.array([0.3]), rng.integers(0, 3, 8) / 2):
+        target = rng.random(len(values)) < 0.6
+        stats = m.binned_stats(values, target, n_bins=n_bins)
+        ref = _reference_equal_mass(values, target, n_bins)
+        np.testing.assert_array_equal(stats.count, [r[0] for r in ref])
+        np.testing.assert_allclose(stats.conf, [r[1] for r in ref], atol=1e-12)
+        np.testing.assert_allclose(stats.acc, [r[2] for r in ref], atol=1e-12)
 
 
 # --- validation -----------------------------------------------------------------------------

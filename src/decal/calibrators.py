@@ -38,7 +38,7 @@ import numpy as np
 
 from ._io import read_json, write_json_atomic
 from .errors import DataError, NotFittedError
-from .metrics import _check_class_probs, _check_conf_correct, _check_labels, _check_probabilities, _check_same_length
+from ._checks import check_conf_correct, check_labels, check_probabilities, check_same_length
 
 __all__ = [
     "TemperatureScaling",
@@ -174,8 +174,8 @@ class TemperatureScaling(_Calibrator):
     def fit(self, option_logprobs, labels) -> "TemperatureScaling":
         """Fit ``T`` on log-probabilities (n, K) and integer gold option indices (n,)."""
         z = self._check_scores(option_logprobs)
-        y = _check_labels(labels, z.shape[1])
-        _check_same_length(option_logprobs=z, labels=y)
+        y = check_labels(labels, z.shape[1])
+        check_same_length(option_logprobs=z, labels=y)
         if not (isinstance(self.max_temperature, (int, float)) and self.max_temperature > 1):
             raise ValueError(f"`max_temperature` must be a number > 1; got {self.max_temperature!r}.")
         z = z - z.max(axis=1, keepdims=True)
@@ -226,7 +226,7 @@ class PlattScaling(_Calibrator):
 
     def fit(self, confidence, correct) -> "PlattScaling":
         """Fit on confidences (n,) in [0, 1] and booleans `correct` (n,)."""
-        conf, corr = _check_conf_correct(confidence, correct)
+        conf, corr = check_conf_correct(confidence, correct)
         x = _logit(conf)
         n_pos = float(corr.sum())
         n_neg = float(len(corr) - n_pos)
@@ -246,7 +246,7 @@ class PlattScaling(_Calibrator):
     def transform(self, confidence) -> np.ndarray:
         """Calibrated confidences, shape (n,)."""
         self._check_fitted()
-        conf = _check_probabilities(confidence, "confidence")
+        conf = check_probabilities(confidence, "confidence")
         return _sigmoid(self.a_ * _logit(conf) + self.b_)
 
 
@@ -266,7 +266,7 @@ class IsotonicCalibration(_Calibrator):
         """Fit on confidences (n,) in [0, 1] and booleans `correct` (n,)."""
         from sklearn.isotonic import IsotonicRegression
 
-        conf, corr = _check_conf_correct(confidence, correct)
+        conf, corr = check_conf_correct(confidence, correct)
         iso = IsotonicRegression(out_of_bounds="clip", y_min=0.0, y_max=1.0, increasing=True)
         iso.fit(conf, corr.astype(np.float64))
         self.X_thresholds_ = np.asarray(iso.X_thresholds_, dtype=np.float64)
@@ -276,7 +276,7 @@ class IsotonicCalibration(_Calibrator):
     def transform(self, confidence) -> np.ndarray:
         """Calibrated confidences (n,): linear interpolation between thresholds, clipped."""
         self._check_fitted()
-        conf = _check_probabilities(confidence, "confidence")
+        conf = check_probabilities(confidence, "confidence")
         if len(self.X_thresholds_) == 1:
             return np.full(conf.shape, self.y_thresholds_[0])
         return np.clip(np.interp(conf, self.X_thresholds_, self.y_thresholds_), 0.0, 1.0)

@@ -38,6 +38,14 @@ from typing import Callable, Literal
 
 import numpy as np
 
+from ._checks import check_binning as _check_binning
+from ._checks import check_conf_correct as _check_conf_correct
+from ._checks import check_correct as _check_correct
+from ._checks import check_n_bins as _check_n_bins
+from ._checks import check_probabilities as _check_probabilities
+from ._checks import check_probs_labels as _check_probs_labels
+from ._checks import check_same_length as _check_same_length
+
 __all__ = [
     "Binning",
     "BinStats",
@@ -63,7 +71,6 @@ __all__ = [
 ]
 
 Binning = Literal["equal_mass", "equal_width"]
-_BINNINGS = ("equal_mass", "equal_width")
 _EPS = float(np.finfo(np.float64).eps)
 
 # The keys of `summarize`, in the order reports print them; other modules code against them.
@@ -83,138 +90,6 @@ SUMMARY_KEYS = (
     "aurc",
     "mean_confidence",
 )
-
-
-# ---------------------------------------------------------------------------------------------
-# Validation, once, at the public boundary; private kernels below assume valid input.
-
-
-def _where(bad: np.ndarray) -> str:
-    """'index 3' or 'row 3, column 1' for the first True entry of a mask."""
-    pos = tuple(int(i) for i in np.argwhere(bad)[0])
-    return f"index {pos[0]}" if len(pos) == 1 else f"row {pos[0]}, column {pos[1]}"
-
-
-def _first(arr: np.ndarray, bad: np.ndarray):
-    return arr[tuple(np.argwhere(bad)[0])].item()
-
-
-def _as_float_array(x, name: str, *, ndim: int) -> np.ndarray:
-    try:
-        arr = np.asarray(x, dtype=np.float64)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"`{name}` must be numeric; got {type(x).__name__}. Pass an array of numbers.") from e
-    if arr.ndim != ndim:
-        shape = "(n,)" if ndim == 1 else "(n, K)"
-        raise ValueError(f"`{name}` must have shape {shape}; got shape {arr.shape}.")
-    if arr.shape[0] == 0:
-        raise ValueError(f"`{name}` must not be empty; got 0 examples.")
-    finite = np.isfinite(arr)
-    if not finite.all():
-        raise ValueError(f"`{name}` must be finite; got {_first(arr, ~finite)!r} at {_where(~finite)}.")
-    return arr
-
-
-def _check_probabilities(x, name: str, *, ndim: int = 1) -> np.ndarray:
-    """A finite float array with values in [0, 1]."""
-    arr = _as_float_array(x, name, ndim=ndim)
-    outside = (arr < 0.0) | (arr > 1.0)
-    if outside.any():
-        raise ValueError(f"`{name}` must hold probabilities in [0, 1]; got {_first(arr, outside)!r} at {_where(outside)}.")
-    return arr
-
-
-def _check_class_probs(x, name: str = "class_probs") -> np.ndarray:
-    """An (n, K) array of distributions: K >= 2, rows in [0, 1] summing to 1."""
-    arr = _check_probabilities(x, name, ndim=2)
-    if arr.shape[1] < 2:
-        raise ValueError(f"`{name}` must have at least 2 classes (columns); got shape {arr.shape}.")
-    sums = arr.sum(axis=1)
-    off = np.abs(sums - 1.0) > 1e-5
-    if off.any():
-        i = int(np.argmax(off))
-        raise ValueError(
-            f"`{name}` rows must sum to 1; row {i} sums to {sums[i].item()!r}. Renormalise option_probs "
-            "(decal.records.records_to_arrays gives class_probs)."
-        )
-    return arr
-
-
-def _check_correct(x, name: str = "correct") -> np.ndarray:
-    """A boolean array; accepts bools or numbers that are exactly 0 or 1."""
-    arr = np.asarray(x)
-    if arr.ndim != 1:
-        raise ValueError(f"`{name}` must have shape (n,); got shape {arr.shape}.")
-    if arr.shape[0] == 0:
-        raise ValueError(f"`{name}` must not be empty; got 0 examples.")
-    if arr.dtype == bool:
-        return arr
-    try:
-        num = arr.astype(np.float64)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"`{name}` must be booleans (or 0/1); got dtype {arr.dtype}.") from e
-    bad = ~((num == 0.0) | (num == 1.0))
-    if bad.any():
-        i = int(np.argmax(bad))
-        raise ValueError(f"`{name}` must be booleans (or 0/1); got {arr[i].item()!r} at index {i}.")
-    return num == 1.0
-
-
-def _check_labels(x, n_classes: int, name: str = "labels") -> np.ndarray:
-    """Integer class indices in [0, n_classes)."""
-    arr = np.asarray(x)
-    if arr.ndim != 1:
-        raise ValueError(f"`{name}` must have shape (n,); got shape {arr.shape}.")
-    if arr.shape[0] == 0:
-        raise ValueError(f"`{name}` must not be empty; got 0 examples.")
-    if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
-        raise ValueError(f"`{name}` must be integer class indices; got dtype {arr.dtype}.")
-    if np.issubdtype(arr.dtype, np.floating):
-        if not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr)):
-            i = int(np.argmax(~np.isfinite(arr) | (arr != np.round(arr))))
-            raise ValueError(f"`{name}` must be integer class indices; got {arr[i].item()!r} at index {i}.")
-    out = arr.astype(np.int64)
-    bad = (out < 0) | (out >= n_classes)
-    if bad.any():
-        i = int(np.argmax(bad))
-        raise ValueError(
-            f"`{name}` must be class indices in [0, {n_classes}); got {arr[i].item()!r} at index {i} "
-            f"(class_probs has {n_classes} columns)."
-        )
-    return out
-
-
-def _check_same_length(**arrays: np.ndarray) -> None:
-    lengths = {name: len(a) for name, a in arrays.items()}
-    if len(set(lengths.values())) > 1:
-        desc = ", ".join(f"`{k}` has {v}" for k, v in lengths.items())
-        raise ValueError(f"arguments must have the same number of examples; {desc}.")
-
-
-def _check_n_bins(n_bins) -> int:
-    if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
-        raise ValueError(f"`n_bins` must be a positive integer; got {n_bins!r}.")
-    return int(n_bins)
-
-
-def _check_binning(binning) -> str:
-    if binning not in _BINNINGS:
-        raise ValueError(f"`binning` must be one of {list(_BINNINGS)}; got {binning!r}.")
-    return binning
-
-
-def _check_conf_correct(confidence, correct) -> tuple[np.ndarray, np.ndarray]:
-    conf = _check_probabilities(confidence, "confidence")
-    corr = _check_correct(correct)
-    _check_same_length(confidence=conf, correct=corr)
-    return conf, corr
-
-
-def _check_probs_labels(class_probs, labels) -> tuple[np.ndarray, np.ndarray]:
-    probs = _check_class_probs(class_probs)
-    labs = _check_labels(labels, probs.shape[1])
-    _check_same_length(class_probs=probs, labels=labs)
-    return probs, labs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,83 +117,92 @@ class BinStats:
         return self.acc - self.conf
 
 
-def _stable_argsort(values: np.ndarray) -> np.ndarray:
-    """``np.argsort(values, kind="stable")`` for 1-D input, about 4x faster.
+class _Sorted:
+    """A value array (n,) with a 0/1 target (n,), sorted once and shared by several metrics.
 
-    The SIMD quicksort is not stable, so only the elements inside runs of equal values are
-    re-ordered by index afterwards; without ties the quicksort order is already the stable one.
+    Only ``np.sort`` of values is used (a SIMD sort, several times faster than ``argsort``):
+    which examples fall in an equal-mass bin, in the stable-sort order the definition asks for,
+    is recovered from the sorted values, the sorted values of the positive examples and, where
+    a run of tied values straddles a bin boundary, the tied examples' file order.
     """
-    order = np.argsort(values, kind="quicksort")
-    s = values[order]
-    same = s[1:] == s[:-1]
-    if not same.any():
-        return order
-    tied = np.zeros(len(s), dtype=bool)
-    tied[1:] |= same
-    tied[:-1] |= same
-    run_id = np.cumsum(np.concatenate([[True], ~same]))[tied]
-    sub = order[tied]
-    # Runs are already in value order; inside a run, order by original index (unique keys).
-    order[tied] = sub[np.argsort(run_id.astype(np.int64) * len(values) + sub, kind="quicksort")]
-    return order
+
+    def __init__(self, values: np.ndarray, target: np.ndarray):
+        self.values = values
+        self.target = target.astype(bool, copy=False)
+        self.all = np.sort(values)  # (n,)
+        self.pos = np.sort(values[self.target])  # (n_pos,)
+        self.cum = np.concatenate([[0.0], np.cumsum(self.all)])  # (n + 1,) prefix sums of `all`
+        self._pos_left = None
+
+    @property
+    def pos_left(self) -> np.ndarray:
+        """For each positive (sorted), the first position of its value in `all` (n_pos,)."""
+        if self._pos_left is None:
+            self._pos_left = np.searchsorted(self.all, self.pos, side="left")
+        return self._pos_left
+
+    def positives_before(self, ends: np.ndarray) -> np.ndarray:
+        """Positives among the first `e` examples of the stable sort, for each `e` in `ends`."""
+        n = len(self.all)
+        out = np.zeros(len(ends), dtype=np.float64)
+        inner = (ends > 0) & (ends < n)
+        out[ends >= n] = len(self.pos)
+        e = ends[inner]
+        thr = self.all[e - 1]  # the largest value inside the first e
+        n_less = np.searchsorted(self.all, thr, side="left")
+        n_tied = np.searchsorted(self.all, thr, side="right") - n_less
+        pos_less = np.searchsorted(self.pos, thr, side="left")
+        pos_tied = np.searchsorted(self.pos, thr, side="right") - pos_less
+        taken = e - n_less  # how many of the tied values fall inside the first e (>= 1)
+        counts = pos_less + np.where(taken == n_tied, pos_tied, 0).astype(np.float64)
+        for j in np.flatnonzero(taken < n_tied):
+            # A tie run straddles the boundary: the stable sort takes its first examples in file order.
+            tied_idx = np.flatnonzero(self.values == thr[j])[: taken[j]]
+            counts[j] += np.count_nonzero(self.target[tied_idx])
+        out[inner] = counts
+        return out
 
 
-def _equal_mass_sums(values: np.ndarray, target: np.ndarray, n_bins: int, order: np.ndarray | None):
-    """Counts and sums per equal-mass bin, for 1-D (n,) values; see `_binned_stats`."""
-    n = values.shape[0]
-    if order is None:
-        order = _stable_argsort(values)
-    sorted_v = values[order]
+def _equal_mass_sums(sv: _Sorted, n_bins: int):
+    """Counts, value sums, target sums and ranges per equal-mass bin; see `_binned_stats`."""
+    n = len(sv.all)
     # numpy.array_split sizes: the first n % M groups get one extra element.
     sizes = np.full(n_bins, n // n_bins, dtype=np.int64)
     sizes[: n % n_bins] += 1
     ends = np.cumsum(sizes)
     starts = ends - sizes
-    cum_v = np.concatenate([[0.0], np.cumsum(sorted_v)])
-    cum_t = np.concatenate([[0.0], np.cumsum(target[order])])
+    cum_t = np.concatenate([[0.0], sv.positives_before(ends)])
     nonempty = sizes > 0
     lower = np.full(n_bins, np.nan)
     upper = np.full(n_bins, np.nan)
-    lower[nonempty] = sorted_v[starts[nonempty]]
-    upper[nonempty] = sorted_v[ends[nonempty] - 1]
-    return sizes.astype(np.float64), cum_v[ends] - cum_v[starts], cum_t[ends] - cum_t[starts], lower, upper
+    lower[nonempty] = sv.all[starts[nonempty]]
+    upper[nonempty] = sv.all[ends[nonempty] - 1]
+    return sizes.astype(np.float64), sv.cum[ends] - sv.cum[starts], np.diff(cum_t), lower, upper
 
 
-def _equal_width_index(values: np.ndarray, n_bins: int) -> np.ndarray:
-    """Bin index of each value for bins [i/M, (i+1)/M), the last closed at 1.0."""
-    idx = (values * n_bins).astype(np.int64)
-    np.clip(idx, 0, n_bins - 1, out=idx)
-    # values * M can round across an edge; compare with the edges i/M themselves.
-    idx -= values < idx / n_bins
-    idx += (values >= (idx + 1) / n_bins) & (idx < n_bins - 1)
-    return idx
+def _equal_width_sums(sv: _Sorted, n_bins: int):
+    """Counts, value sums, target sums and edges per equal-width bin; see `_binned_stats`.
 
-
-def _equal_width_sums(values: np.ndarray, target: np.ndarray, n_bins: int):
-    """Counts and sums per equal-width bin, for 1-D (n,) values; see `_binned_stats`."""
-    idx = _equal_width_index(values, n_bins)
-    count = np.bincount(idx, minlength=n_bins).astype(np.float64)
-    sum_v = np.bincount(idx, weights=values, minlength=n_bins)
-    sum_t = np.bincount(idx, weights=target, minlength=n_bins)
+    Bin i holds the values in ``[i/M, (i+1)/M)``: in the sorted values it starts at the first
+    value ``>= i/M`` (a left search), and the last bin runs to the end, so 1.0 lands in it.
+    """
     edges = np.arange(n_bins + 1, dtype=np.float64) / n_bins
-    return count, sum_v, sum_t, edges[:-1], edges[1:]
+    lo = np.searchsorted(sv.all, edges[:-1], side="left")
+    hi = np.append(lo[1:], len(sv.all))
+    pos_lo = np.searchsorted(sv.pos, edges[:-1], side="left")
+    pos_hi = np.append(pos_lo[1:], len(sv.pos))
+    count = (hi - lo).astype(np.float64)
+    return count, sv.cum[hi] - sv.cum[lo], (pos_hi - pos_lo).astype(np.float64), edges[:-1], edges[1:]
 
 
-def _binned_stats(values, target, n_bins: int, binning: str, order=None) -> BinStats:
-    """Bin `values` with `target` (same shape, 0/1): (n,) gives arrays (M,); (n, K) bins each
-    column separately and gives arrays (M, K)."""
-    target = target.astype(np.float64, copy=False)
-    if values.ndim == 2:
-        # Contiguous columns: sorting and gathering along a strided axis is several times slower.
-        cols = [
-            _binned_stats(v, t, n_bins, binning)
-            for v, t in zip(np.ascontiguousarray(values.T), np.ascontiguousarray(target.T))
-        ]
-        return BinStats(*(np.stack([getattr(c, f) for c in cols], axis=1) for f in BinStats.__dataclass_fields__))
-    if binning == "equal_mass":
-        count, sum_v, sum_t, lower, upper = _equal_mass_sums(values, target, n_bins, order)
-    else:
-        count, sum_v, sum_t, lower, upper = _equal_width_sums(values, target, n_bins)
+def _binned_stats(values, target, n_bins: int, binning: str, sorted_: _Sorted | None = None) -> BinStats:
+    """Bin `values` (n,) with a 0/1 `target` (n,); arrays of shape (M,).
+
+    `sorted_` reuses the sort of the same values and target.
+    """
+    sv = sorted_ if sorted_ is not None else _Sorted(values, target)
+    sums = _equal_mass_sums if binning == "equal_mass" else _equal_width_sums
+    count, sum_v, sum_t, lower, upper = sums(sv, n_bins)
     nonempty = count > 0
     safe = np.where(nonempty, count, 1.0)
     conf = np.where(nonempty, sum_v / safe, np.nan)
@@ -356,38 +240,43 @@ def _weighted_abs_gap(stats: BinStats, n: int) -> float:
 # Private kernels (valid input) and the public metrics.
 
 
-def _ece(conf, corr, n_bins, binning, order=None) -> float:
-    return _weighted_abs_gap(_binned_stats(conf, corr, n_bins, binning, order), len(conf))
+def _ece(conf, corr, n_bins, binning, sorted_=None) -> float:
+    return _weighted_abs_gap(_binned_stats(conf, corr, n_bins, binning, sorted_), len(conf))
 
 
-def _max_ce(conf, corr, n_bins, binning, order=None) -> float:
-    s = _binned_stats(conf, corr, n_bins, binning, order)
-    ok = s.count > 0
-    return float(np.max(np.abs(s.acc[ok] - s.conf[ok])))
+def _max_gap(stats: BinStats) -> float:
+    ok = stats.count > 0
+    return float(np.max(np.abs(stats.acc[ok] - stats.conf[ok])))
 
 
-def _one_hot(labels: np.ndarray, n_classes: int) -> np.ndarray:
-    out = np.zeros((labels.shape[0], n_classes))
-    out[np.arange(labels.shape[0]), labels] = 1.0
-    return out
+def _max_ce(conf, corr, n_bins, binning, sorted_=None) -> float:
+    return _max_gap(_binned_stats(conf, corr, n_bins, binning, sorted_))
 
 
-def _sce(probs, labs, n_bins) -> float:
-    s = _binned_stats(probs, _one_hot(labs, probs.shape[1]), n_bins, "equal_width")
-    gap = np.where(s.count > 0, np.abs(s.acc - s.conf), 0.0)
-    return float(np.sum(s.count / probs.shape[0] * gap) / probs.shape[1])
+def _class_columns(probs, labs):
+    """(column k of class_probs, label == k) for each class, as contiguous arrays."""
+    columns = np.ascontiguousarray(probs.T)  # (K, n): sorting a strided column is much slower
+    for k in range(probs.shape[1]):
+        yield columns[k], labs == k
 
 
-def _mce(probs, labs, n_bins) -> float:
-    s = _binned_stats(probs, _one_hot(labs, probs.shape[1]), n_bins, "equal_mass")
-    gap2 = np.where(s.count > 0, (s.acc - s.conf) ** 2, 0.0)
-    return float(math.sqrt(np.sum(s.count / probs.shape[0] * gap2) / probs.shape[1]))
+def _sce_mce(probs, labs, n_bins) -> tuple[float, float]:
+    """SCE and MCE together: both bin each class column, and share its one sort."""
+    n, n_classes = probs.shape
+    sce_total = mce_total = 0.0
+    for column, target in _class_columns(probs, labs):
+        sv = _Sorted(column, target)
+        sce_total += _weighted_abs_gap(_binned_stats(column, target, n_bins, "equal_width", sv), n)
+        s = _binned_stats(column, target, n_bins, "equal_mass", sv)
+        ok = s.count > 0
+        mce_total += float(np.sum(s.count[ok] / n * (s.acc[ok] - s.conf[ok]) ** 2))
+    return sce_total / n_classes, math.sqrt(mce_total / n_classes)
 
 
 def _brier(probs, labs) -> float:
-    diff = probs.copy()
-    diff[np.arange(len(labs)), labs] -= 1.0
-    return float(np.mean(np.sum(diff * diff, axis=1)))
+    # sum_k (p_k - y_k)^2 = sum_k p_k^2 - 2 p_label + 1
+    rows = np.arange(len(labs))
+    return float(np.mean(np.einsum("ij,ij->i", probs, probs) - 2.0 * probs[rows, labs] + 1.0))
 
 
 def _nll(probs, labs) -> float:
@@ -395,45 +284,34 @@ def _nll(probs, labs) -> float:
     return float(-np.mean(np.log(p)))
 
 
-def _groups_desc(conf, order):
-    """Sorted-descending confidence with the end index of each tie group (exclusive)."""
-    if order is None:
-        order = _stable_argsort(conf)
-    desc = order[::-1]
-    c = conf[desc]
-    change = np.flatnonzero(c[1:] != c[:-1]) + 1
-    ends = np.append(change, len(c))
-    return desc, ends
-
-
-def _auroc(conf, corr, order=None, *, warn: bool = True) -> float:
-    n_pos = int(corr.sum())
+def _auroc(conf, corr, sorted_: _Sorted | None = None, *, warn: bool = True) -> float:
+    n_pos = int(np.count_nonzero(corr))
     n_neg = len(corr) - n_pos
     if n_pos == 0 or n_neg == 0:
         if warn:
             which = "correct" if n_neg == 0 else "wrong"
             warnings.warn(f"AUROC is undefined: all {len(corr)} predictions are {which}; returning nan.", stacklevel=3)
         return float("nan")
-    desc, ends = _groups_desc(conf, order)
-    starts = np.concatenate([[0], ends[:-1]])
-    # Average rank (1-based, ascending) of each tie group; descending position p has ascending rank n - p.
-    n = len(conf)
-    avg_rank = n - (starts + ends - 1) / 2.0
-    pos_per_group = np.add.reduceat(corr[desc].astype(np.float64), starts)
-    rank_sum = float(np.sum(avg_rank * pos_per_group))
+    sv = sorted_ if sorted_ is not None else _Sorted(conf, corr)
+    # Mann-Whitney U: the average 1-based rank of a tie run [left, right) is (left + 1 + right) / 2.
+    right = np.searchsorted(sv.all, sv.pos, side="right")
+    rank_sum = float(np.sum(sv.pos_left) + np.sum(right) + n_pos) / 2.0
     return (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
 
 
-def _risk_coverage(conf, corr, order=None):
-    desc, ends = _groups_desc(conf, order)
-    wrong_cum = np.cumsum(~corr[desc])[ends - 1]
-    coverage = ends / len(conf)
-    risk = wrong_cum / ends
-    return coverage, risk, conf[desc][ends - 1]
+def _risk_coverage(conf, corr, sorted_: _Sorted | None = None):
+    sv = sorted_ if sorted_ is not None else _Sorted(conf, corr)
+    n = len(sv.all)
+    first = np.flatnonzero(np.concatenate([[True], sv.all[1:] != sv.all[:-1]]))[::-1]  # tie runs, high to low
+    accepted = n - first
+    # Correct predictions accepted at each run: positives whose run starts at or after it.
+    starts_at = np.bincount(sv.pos_left, minlength=n)
+    right = np.cumsum(starts_at[::-1])[::-1][first]
+    return accepted / n, (accepted - right) / accepted, sv.all[first]
 
 
-def _aurc(conf, corr, order=None) -> float:
-    coverage, risk, _ = _risk_coverage(conf, corr, order)
+def _aurc(conf, corr, sorted_: _Sorted | None = None) -> float:
+    coverage, risk, _ = _risk_coverage(conf, corr, sorted_)
     widths = np.diff(np.concatenate([[0.0], coverage]))
     return float(np.sum(risk * widths))
 
@@ -502,7 +380,7 @@ def sce(class_probs, labels, *, n_bins: int = 10) -> float:
         0.2
     """
     probs, labs = _check_probs_labels(class_probs, labels)
-    return _sce(probs, labs, _check_n_bins(n_bins))
+    return _sce_mce(probs, labs, _check_n_bins(n_bins))[0]
 
 
 static_calibration_error = sce
@@ -518,7 +396,7 @@ def mce(class_probs, labels, *, n_bins: int = 10) -> float:
         0.2
     """
     probs, labs = _check_probs_labels(class_probs, labels)
-    return _mce(probs, labs, _check_n_bins(n_bins))
+    return _sce_mce(probs, labs, _check_n_bins(n_bins))[1]
 
 
 marginal_calibration_error = mce
@@ -702,21 +580,23 @@ def _arrays_of(records) -> _Arrays:
 def _summary(a: _Arrays, n_bins: int, binning: str, *, warn: bool = True) -> dict[str, float]:
     """Every summary metric; the confidence sort is computed once and shared."""
     conf, corr = a.confidence, a.correct
-    order = _stable_argsort(conf)
+    sv = _Sorted(conf, corr)
+    main = _binned_stats(conf, corr, n_bins, binning, sv)
+    sce_value, mce_value = _sce_mce(a.class_probs, a.label_index, n_bins)
     return {
         "n": len(conf),
         "accuracy": float(np.mean(corr)),
-        "ece": _ece(conf, corr, n_bins, binning, order if binning == "equal_mass" else None),
-        "ece_equal_width": _ece(conf, corr, n_bins, "equal_width"),
-        "sce": _sce(a.class_probs, a.label_index, n_bins),
-        "mce": _mce(a.class_probs, a.label_index, n_bins),
-        "max_calibration_error": _max_ce(conf, corr, n_bins, binning, order if binning == "equal_mass" else None),
-        "auroc": _auroc(conf, corr, order, warn=warn),
+        "ece": _weighted_abs_gap(main, len(conf)),
+        "ece_equal_width": _ece(conf, corr, n_bins, "equal_width", sv),
+        "sce": sce_value,
+        "mce": mce_value,
+        "max_calibration_error": _max_gap(main),
+        "auroc": _auroc(conf, corr, sv, warn=warn),
         "brier": _brier(a.class_probs, a.label_index),
         "nll": _nll(a.class_probs, a.label_index),
         "overconfidence_ratio": float(np.mean(conf > 0.99)),
         "invalid_rate": float(1.0 - np.mean(a.valid)),
-        "aurc": _aurc(conf, corr, order),
+        "aurc": _aurc(conf, corr, sv),
         "mean_confidence": float(np.mean(conf)),
     }
 

@@ -19,7 +19,8 @@ from typing import Mapping
 
 import numpy as np
 
-from .metrics import Binning, _binned_stats, _check_binning, _check_conf_correct, _check_n_bins, _ece
+from ._checks import check_binning, check_conf_correct, check_n_bins
+from .metrics import Binning, _binned_stats, _ece
 
 __all__ = ["plot_reliability", "plot_grid"]
 
@@ -41,9 +42,9 @@ def _conf_correct(data) -> tuple[np.ndarray, np.ndarray]:
     from .records import RecordArrays, records_to_arrays
 
     if isinstance(data, tuple) and len(data) == 2:
-        return _check_conf_correct(*data)
+        return check_conf_correct(*data)
     arrays = data if isinstance(data, RecordArrays) else records_to_arrays(list(data))
-    return _check_conf_correct(arrays.confidence, arrays.correct)
+    return check_conf_correct(arrays.confidence, arrays.correct)
 
 
 def _draw_panel(ax_rel, ax_hist, conf, corr, *, n_bins: int, binning: str, title: str | None) -> None:
@@ -114,7 +115,7 @@ def plot_reliability(
         The two written paths.
     """
     conf, corr = _conf_correct(data)
-    n_bins, binning = _check_n_bins(n_bins), _check_binning(binning)
+    n_bins, binning = check_n_bins(n_bins), check_binning(binning)
     plt = _pyplot()
     fig, (ax_rel, ax_hist) = plt.subplots(2, 1, figsize=(3.6, 4.6), sharex=True,
                                           gridspec_kw={"height_ratios": [3, 1], "hspace": 0.08})
@@ -148,7 +149,7 @@ def plot_grid(
     for key in runs:
         if not (isinstance(key, tuple) and len(key) == 2):
             raise ValueError(f"`runs` keys must be (row, column) pairs; got {key!r}.")
-    n_bins, binning = _check_n_bins(n_bins), _check_binning(binning)
+    n_bins, binning = check_n_bins(n_bins), check_binning(binning)
     rows = list(dict.fromkeys(k[0] for k in runs))
     cols = list(dict.fromkeys(k[1] for k in runs))
     plt = _pyplot()

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .metrics import _check_conf_correct
+from ._checks import check_conf_correct
 
 __all__ = [
     "ThresholdChoice",
@@ -142,7 +142,7 @@ def choose_threshold(
         >>> choice.threshold, choice.coverage, choice.accuracy
         (0.31, 0.75, 1.0)
     """
-    conf, corr = _check_conf_correct(confidence, correct)
+    conf, corr = check_conf_correct(confidence, correct)
     _check_target(target_accuracy, delta)
     grid = threshold_grid() if grid is None else np.unique(np.asarray(grid, dtype=np.float64))
     # n_t, k_t for every grid threshold, via the sorted confidences (grid ascending).
@@ -177,7 +177,7 @@ def apply_threshold(confidence, correct, threshold: float | None) -> SelectiveRe
         >>> r.coverage, r.accuracy, r.n_accepted
         (0.5, 0.5, 2)
     """
-    conf, corr = _check_conf_correct(confidence, correct)
+    conf, corr = check_conf_correct(confidence, correct)
     if threshold is None:
         accepted = np.zeros(len(conf), dtype=bool)
     else:
