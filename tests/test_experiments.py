@@ -85,7 +85,8 @@ class FakeDecal:
             (out / "adapter").mkdir(parents=True, exist_ok=True)
             (out / "adapter" / "adapter_config.json").write_text(json.dumps({"argv": argv}))
         elif cmd == "evaluate":
-            _write_preds(Path(_flag(argv, "--out")), _flag(argv, "--task"), _flag(argv, "--split"))
+            run_dir = Path(_flag(argv, "--out")) / _flag(argv, "--name")
+            _write_preds(run_dir, _flag(argv, "--task"), _flag(argv, "--split"))
         elif cmd == "metrics":
             run = Path(argv[1])
             n = sum(1 for _ in (run / "predictions.jsonl").open())
@@ -207,12 +208,12 @@ def test_failure_then_resume_reruns_only_unfinished_steps(tmp_path):
     failing = FakeDecal(fail_on="/sft/builtin/train")
     with pytest.raises(StepFailedError, match=r"runs/m1/sft/builtin/train failed.*log\.txt"):
         run_experiment(config, out=root, executor=failing)
-    finished = {c[-1] for c in failing.calls if c[0] == "evaluate"}  # --out is the last argument
+    finished = {_flag(c, "--out") for c in failing.calls if c[0] == "evaluate"}
     assert finished and all("/base/" in f for f in finished)
     resumed = FakeDecal()
     run_experiment(config, out=root, executor=resumed)
     rerun = [c for c in resumed.calls if c[0] == "evaluate"]
-    assert rerun and not any("/base/" in c[-1] for c in rerun)
+    assert rerun and not any("/base/" in _flag(c, "--out") for c in rerun)
     assert any(c[0] == "train" and "/sft/" in _flag(c, "--out") for c in resumed.calls)
 
 

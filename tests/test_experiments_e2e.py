@@ -1,6 +1,6 @@
 """End-to-end experiment runs on the tiny random Qwen3 (issues #8 and #9): real `decal` subprocesses.
 
-- A tiny grid (base and cal-GRPO, in-domain and OOD evaluations, Platt scaling) produces the
+- A tiny grid (cal-GRPO, in-domain and OOD evaluations, Platt scaling) produces the
   results table and both report formats.
 - `decal run` killed with SIGKILL after its first step finished, then rerun, redoes nothing
   that had finished and ends with the same results table as an uninterrupted run.
@@ -63,7 +63,7 @@ CAL_GRPO = {
 def test_tiny_grid_produces_results_and_both_reports(tiny_qwen3_dir, tmp_path):
     data = _grid(
         tiny_qwen3_dir,
-        methods=[BASE, CAL_GRPO],
+        methods=[CAL_GRPO],  # train, select, evaluate and calibrate; base steps are in the next test
         calibrators=[{"method": "platt", "fit_task": "builtin", "fit_split": "validation", "methods": ["cal-grpo"]}],
     )
     config = experiment_config_from_dict(data)
@@ -73,7 +73,7 @@ def test_tiny_grid_produces_results_and_both_reports(tiny_qwen3_dir, tmp_path):
     assert (root / "runs/tiny-qwen3/cal-grpo/builtin/select/adapter/adapter_config.json").is_file()
     rows = read_results(root / "results.csv")
     cells = {(r["method"], r["eval_task"], r["calibrator"], r["metric"]) for r in rows}
-    for method in ("base", "cal-grpo"):
+    for method in ("cal-grpo",):
         for task in ("builtin", "builtin:difficulty=3"):
             for metric in ("accuracy", "ece", "sce", "mce", "auroc"):
                 assert (method, task, "none", metric) in cells, (method, task, metric)
@@ -87,7 +87,7 @@ def test_tiny_grid_produces_results_and_both_reports(tiny_qwen3_dir, tmp_path):
     assert main(["report", str(root), "--format", "html"]) == 0
     md = (root / "report.md").read_text()
     html = (root / "report.html").read_text()
-    assert "## Table 4" in md and "| Sentiment † | Base |" in md and "Hard *" in md
+    assert "## Table 4" in md and "| Sentiment † | Ours |" in md and "| Hard * | Ours |" in md
     assert "Table 5" in md  # Platt after cal-GRPO
     assert "data:image/png;base64," in html and "<table>" in html
 

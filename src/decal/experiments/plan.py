@@ -140,7 +140,11 @@ def _model_steps(config, model, method, task, seed, root: Path) -> list[Step]:
     for ev in task.evaluations:
         eval_id = f"{prefix}/eval/{safe_name(ev.task)}-{safe_name(ev.split)}"
         out = str(root / eval_id)
-        evaluate = ("evaluate", "--model", model.path, *adapter_args, *_eval_args(config, method, ev, seed), "--out", out)
+        # `decal evaluate --out PARENT --name NAME` writes PARENT/NAME; the step folder is that run folder.
+        evaluate = (
+            "evaluate", "--model", model.path, *adapter_args, *_eval_args(config, method, ev, seed),
+            "--out", str((root / eval_id).parent), "--name", (root / eval_id).name,
+        )
         steps.append(
             Step(
                 id=eval_id,
