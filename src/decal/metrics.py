@@ -131,7 +131,9 @@ class _Sorted:
         self.target = target.astype(bool, copy=False)
         self.all = np.sort(values)  # (n,)
         self.pos = np.sort(values[self.target])  # (n_pos,)
-        self.cum = np.concatenate([[0.0], np.cumsum(self.all)])  # (n + 1,) prefix sums of `all`
+        self.cum = np.empty(len(values) + 1)  # (n + 1,) prefix sums of `all`, cum[0] = 0
+        self.cum[0] = 0.0
+        np.cumsum(self.all, out=self.cum[1:])
         self._pos_left = None
 
     @property
@@ -273,15 +275,20 @@ def _sce_mce(probs, labs, n_bins) -> tuple[float, float]:
     return sce_total / n_classes, math.sqrt(mce_total / n_classes)
 
 
-def _brier(probs, labs) -> float:
+def _gold_probs(probs, labs) -> np.ndarray:
+    """``class_probs[i, label_i]`` (n,)."""
+    return probs[np.arange(len(labs)), labs]
+
+
+def _brier(probs, labs, gold=None) -> float:
     # sum_k (p_k - y_k)^2 = sum_k p_k^2 - 2 p_label + 1
-    rows = np.arange(len(labs))
-    return float(np.mean(np.einsum("ij,ij->i", probs, probs) - 2.0 * probs[rows, labs] + 1.0))
+    gold = _gold_probs(probs, labs) if gold is None else gold
+    return float(np.mean(np.einsum("ij,ij->i", probs, probs)) - 2.0 * np.mean(gold) + 1.0)
 
 
-def _nll(probs, labs) -> float:
-    p = np.maximum(probs[np.arange(len(labs)), labs], _EPS)
-    return float(-np.mean(np.log(p)))
+def _nll(probs, labs, gold=None) -> float:
+    gold = _gold_probs(probs, labs) if gold is None else gold
+    return float(-np.mean(np.log(np.maximum(gold, _EPS))))
 
 
 def _auroc(conf, corr, sorted_: _Sorted | None = None, *, warn: bool = True) -> float:
@@ -294,7 +301,10 @@ def _auroc(conf, corr, sorted_: _Sorted | None = None, *, warn: bool = True) -> 
         return float("nan")
     sv = sorted_ if sorted_ is not None else _Sorted(conf, corr)
     # Mann-Whitney U: the average 1-based rank of a tie run [left, right) is (left + 1 + right) / 2.
-    right = np.searchsorted(sv.all, sv.pos, side="right")
+    if np.any(sv.all[1:] == sv.all[:-1]):
+        right = np.searchsorted(sv.all, sv.pos, side="right")
+    else:
+        right = sv.pos_left + 1  # no ties: every run has length 1
     rank_sum = float(np.sum(sv.pos_left) + np.sum(right) + n_pos) / 2.0
     return (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
 
@@ -583,6 +593,7 @@ def _summary(a: _Arrays, n_bins: int, binning: str, *, warn: bool = True) -> dic
     sv = _Sorted(conf, corr)
     main = _binned_stats(conf, corr, n_bins, binning, sv)
     sce_value, mce_value = _sce_mce(a.class_probs, a.label_index, n_bins)
+    gold = _gold_probs(a.class_probs, a.label_index)
     return {
         "n": len(conf),
         "accuracy": float(np.mean(corr)),
@@ -592,8 +603,8 @@ def _summary(a: _Arrays, n_bins: int, binning: str, *, warn: bool = True) -> dic
         "mce": mce_value,
         "max_calibration_error": _max_gap(main),
         "auroc": _auroc(conf, corr, sv, warn=warn),
-        "brier": _brier(a.class_probs, a.label_index),
-        "nll": _nll(a.class_probs, a.label_index),
+        "brier": _brier(a.class_probs, a.label_index, gold),
+        "nll": _nll(a.class_probs, a.label_index, gold),
         "overconfidence_ratio": float(np.mean(conf > 0.99)),
         "invalid_rate": float(1.0 - np.mean(a.valid)),
         "aurc": _aurc(conf, corr, sv),
