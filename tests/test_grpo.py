@@ -127,36 +127,48 @@ def test_grpo_dataset_rejects_mixed_label_sets(qwen3_tokenizer):
 # --- the exact loss on a hand-made batch ----------------------------------------------------
 
 
-def _hand_batch(trainer, tokenizer, gold=("Safe", "Unsafe", "Safe", "Unsafe")):
-    """Four completions: correct at 0, wrong at 0, invalid (no option), correct at 2 after junk."""
-    safe, unsafe = (tokenizer.convert_tokens_to_ids(t) for t in LABELS)
-    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+# Four completions per mode: correct, wrong, invalid (no decision), correct; DECISIONS gives
+# the decision index of each valid row (rows 0, 1, 3), written by hand from the ids below.
+DECISIONS = {False: [0, 0, 0], True: [4, 3, 4]}
+GOLD = ["Safe", "Unsafe", "Safe", "Unsafe"]
+ADVANTAGES = [1.0, -1.0, -0.5, 0.7]
+
+
+def _hand_completions(tokenizer, reasoning: bool):
+    tid = tokenizer.convert_tokens_to_ids
+    safe, unsafe, eos, pad, hello = tid("Safe"), tid("Unsafe"), tid("<|im_end|>"), tokenizer.pad_token_id, tid("Hello")
+    if not reasoning:  # the decision is the first token
+        ids = [[safe, eos, pad, pad, pad, pad], [safe, hello, hello, eos, pad, pad],
+               [hello, hello, hello, hello, hello, hello], [unsafe, unsafe, safe, eos, pad, pad]]
+        mask = [[1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0], [1] * 6, [1, 1, 1, 1, 0, 0]]
+    else:  # the first non-whitespace token after </think>
+        think, end, nl = tid("<think>"), tid("</think>"), tokenizer.encode("\n\n")[0]
+        ids = [[think, hello, end, nl, safe, eos], [think, end, nl, safe, eos, pad],
+               [think, hello, hello, hello, hello, hello], [think, hello, hello, end, unsafe, eos]]
+        mask = [[1] * 6, [1, 1, 1, 1, 1, 0], [1] * 6, [1] * 6]
+    return torch.tensor(ids), torch.tensor(mask)
+
+
+def _hand_batch(trainer, tokenizer, reasoning: bool = False):
+    """A generation batch as `_generate_and_score_completions` would hand it to the loss."""
     pad = tokenizer.pad_token_id
-    hello = tokenizer.convert_tokens_to_ids("Hello")
     prompt_ids = torch.tensor([[pad, 40, 41, 42], [43, 44, 45, 46], [pad, pad, 47, 48], [49, 50, 51, 52]])
     prompt_mask = (prompt_ids != pad).long()
-    completion_ids = torch.tensor([
-        [safe, eos, pad, pad, pad],
-        [safe, hello, hello, eos, pad],
-        [hello, hello, hello, hello, hello],
-        [unsafe, unsafe, safe, eos, pad],
-    ])
-    completion_mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])
-    # non-reasoning: the decision is the first token; row 3's is "Unsafe" (correct), row 2 has none
-    trainer.decision_reward(completion_ids=[c[m.bool()].tolist() for c, m in zip(completion_ids, completion_mask)], label=list(gold))
-    advantages = torch.tensor([1.0, -1.0, -0.5, 0.7])
+    completion_ids, completion_mask = _hand_completions(tokenizer, reasoning)
+    # the reward parses the same rows, as TRL calls it inside generation
+    trainer.decision_reward(completion_ids=[c[m.bool()].tolist() for c, m in zip(completion_ids, completion_mask)], label=GOLD)
     batch = {
         "prompt_ids": prompt_ids,
         "prompt_mask": prompt_mask,
         "completion_ids": completion_ids,
         "completion_mask": completion_mask,
-        "advantages": advantages,
+        "advantages": torch.tensor(ADVANTAGES),
         "num_items_in_batch": completion_mask.sum(),
     }
     return trainer._add_decisions(batch)
 
 
-def _independent_loss(model, batch, *, lam, eps, accum, old_shift):
+def _independent_loss(model, batch, *, lam, eps, accum, old_shift, decisions):
     """Teacher-forced forward with full logits -> bnpo loss with A_d = 0, plus lam * CE at d."""
     p = batch["prompt_ids"].size(1)
     input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
@@ -165,8 +177,8 @@ def _independent_loss(model, batch, *, lam, eps, accum, old_shift):
     logps = torch.log_softmax(logits.float(), -1).gather(2, batch["completion_ids"].unsqueeze(2)).squeeze(2)  # (B, T)
     old = logps.detach() + old_shift
     ratio = torch.exp(logps - old)
-    adv = torch.tensor([1.0, -1.0, -0.5, 0.7]).unsqueeze(1).expand_as(logps).clone()
-    valid_rows, d = torch.tensor([0, 1, 3]), torch.tensor([0, 0, 0])
+    adv = torch.tensor(ADVANTAGES).unsqueeze(1).expand_as(logps).clone()
+    valid_rows, d = torch.tensor([0, 1, 3]), torch.tensor(decisions)
     adv[valid_rows, d] = 0.0
     per_token = -torch.min(ratio * adv, torch.clamp(ratio, 1 - eps, 1 + eps) * adv)
     mask = batch["completion_mask"].float()
@@ -174,7 +186,8 @@ def _independent_loss(model, batch, *, lam, eps, accum, old_shift):
     # q: one-hot on gold when correct (rows 0, 3), uniform when wrong (row 1); row 2 has no CE
     q = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.0, 0.0], [0.0, 1.0]])
     ids = batch["option_token_ids"][0]
-    ce = decision_ce(logits[torch.arange(4), torch.tensor([0, 0, 0, 0])], ids, q)
+    rows_d = torch.tensor([decisions[0], decisions[1], 0, decisions[2]])
+    ce = decision_ce(logits[torch.arange(4), rows_d], ids, q)
     return grpo + lam * ce / accum, grpo, ce
 
 
@@ -192,19 +205,24 @@ def _perturb_lora(model, seed=1):
                 param.add_(0.05 * torch.randn(param.shape, generator=g))
 
 
+@pytest.mark.parametrize("reasoning", [False, True])
 @pytest.mark.parametrize("lam", [0.5, 0.0])
-def test_trainer_loss_equals_grpo_with_zeroed_decision_advantage_plus_lambda_ce(tiny, tmp_path, lam):
-    trainer = _trainer(tiny, tmp_path, calibration=True, cal_lambda=lam)
+def test_trainer_loss_equals_grpo_with_zeroed_decision_advantage_plus_lambda_ce(tiny, tmp_path, lam, reasoning):
+    trainer = _trainer(tiny, tmp_path, calibration=True, cal_lambda=lam, reasoning=reasoning)
     model = trainer.model
     _perturb_lora(model)
     model.train()
     trainer.current_gradient_accumulation_steps = 2  # set by Trainer's loop; exercises the scaling
-    batch = _hand_batch(trainer, tiny[1])
+    batch = _hand_batch(trainer, tiny[1], reasoning=reasoning)
+    decisions = DECISIONS[reasoning]
+    assert batch["decision_index"].tolist() == [decisions[0], decisions[1], -1, decisions[2]]
     assert batch["advantages"].shape == batch["completion_ids"].shape
-    assert batch["advantages"][:, 0].tolist() == [0.0, 0.0, -0.5, 0.0]  # zeroed at d for valid rows only
+    expected_adv = torch.tensor(ADVANTAGES).unsqueeze(1).expand(-1, 6).clone()
+    expected_adv[[0, 1, 3], decisions] = 0.0  # zeroed at d for valid rows only
+    assert torch.equal(batch["advantages"], expected_adv)
     assert batch["decision_targets"].tolist() == [[1.0, 0.0], [0.5, 0.5], [0.0, 0.0], [0.0, 1.0]]
-    shift = 0.3 * torch.randn(batch["completion_ids"].shape, generator=torch.Generator().manual_seed(2))
     # old logps = current logps + shift, so the ratio and the clipping are exercised
+    shift = 0.3 * torch.randn(batch["completion_ids"].shape, generator=torch.Generator().manual_seed(2))
     p = batch["prompt_ids"].size(1)
     with torch.no_grad():
         ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
@@ -215,7 +233,7 @@ def test_trainer_loss_equals_grpo_with_zeroed_decision_advantage_plus_lambda_ce(
     params = [q for q in model.parameters() if q.requires_grad]
     loss = _trl_compat.compute_loss(trainer, model, batch)
     grads = torch.autograd.grad(loss, params)
-    expected, grpo_only, ce = _independent_loss(model, batch, lam=lam, eps=0.2, accum=2.0, old_shift=shift)
+    expected, grpo_only, ce = _independent_loss(model, batch, lam=lam, eps=0.2, accum=2.0, old_shift=shift, decisions=decisions)
     expected_grads = torch.autograd.grad(expected, params)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-7)
     assert ce.item() > 0
@@ -248,17 +266,18 @@ def _decision_hidden_grad(trainer, batch):
 
 @pytest.mark.parametrize("calibration, lam, decision_grad", [(True, 0.0, False), (True, 0.5, True), (False, 0.001, True)])
 def test_decision_position_gradient(tiny, tmp_path, calibration, lam, decision_grad):
-    trainer = _trainer(tiny, tmp_path, calibration=calibration, cal_lambda=lam)
+    trainer = _trainer(tiny, tmp_path, calibration=calibration, cal_lambda=lam, reasoning=True)
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1
-    batch = _hand_batch(trainer, tiny[1])
+    batch = _hand_batch(trainer, tiny[1], reasoning=True)
     grad = _decision_hidden_grad(trainer, batch)  # (B, L, H)
     p = batch["prompt_ids"].size(1)
-    at_decision = grad[[0, 1, 3], p - 1].abs().sum()  # hidden state that scores completion token 0
-    after = grad[[0, 1, 3], p].abs().sum()  # scores token 1: keeps its advantage
-    assert after > 0
+    rows, d = [0, 1, 3], torch.tensor(DECISIONS[True])
+    at_decision = grad[rows, p + d - 1].abs().sum()  # the hidden states that score the decision tokens
+    before = grad[rows, p + d - 2].abs().sum()  # the reasoning token before it keeps its advantage
+    assert before > 0
     assert (at_decision > 0) == decision_grad
-    assert grad[2, p - 1].abs().sum() > 0  # the invalid row keeps its advantage at every token
+    assert grad[2, p + 3].abs().sum() > 0  # the invalid row keeps its advantage at every token
 
 
 # --- a few real training steps --------------------------------------------------------------
@@ -285,3 +304,49 @@ def test_training_steps_change_lora_and_save_an_adapter(tiny, tmp_path, calibrat
     trainer.save_model(str(tmp_path / "adapter"))
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
     assert (tmp_path / "adapter" / "adapter_config.json").exists()
+
+
+_TWO_PROCESS_SCRIPT = '''
+import sys
+sys.path.insert(0, {tests!r})
+from conftest import build_tiny_qwen3
+from test_grpo import _args, _lora, _option_bias, _task
+from pathlib import Path
+from transformers import AutoTokenizer
+from decal.training.grpo import build_grpo_trainer
+
+tok = AutoTokenizer.from_pretrained({tokenizer!r})
+# 2 processes x 2 rows with groups of 4: every group spans both processes, so the
+# group-accuracy targets need the cross-process gather
+args = _args(Path({tmp!r}), per_device_train_batch_size=2, num_generations=4, max_completion_length=4,
+             max_steps=1, calibration=True, cal_target="group-accuracy", generation_kwargs=_option_bias(tok))
+trainer = build_grpo_trainer(model=build_tiny_qwen3(tok), tokenizer=tok, task=_task(), args=args, peft_config=_lora())
+trainer.train()
+trainer.save_model({tmp!r} + "/adapter")
+print("WORLD", trainer.accelerator.num_processes, "RANK", trainer.accelerator.process_index,
+      "LOSS", trainer.state.log_history[0]["loss"], "CE", trainer.state.log_history[0].get("cal/ce"))
+'''
+
+
+@pytest.mark.slow
+def test_two_process_cpu_run_with_gloo(tmp_path, qwen3_tokenizer_dir):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = str(Path(__file__).parent)
+    script = tmp_path / "two.py"
+    script.write_text(_TWO_PROCESS_SCRIPT.format(tests=tests, tokenizer=str(qwen3_tokenizer_dir), tmp=str(tmp_path)))
+    accelerate = Path(sys.executable).with_name("accelerate")
+    # --multi_gpu picks torchrun's launcher; with no GPU, accelerate falls back to CPU and gloo
+    # (`--cpu` alone starts one process)
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", str(script)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line.split() for line in proc.stdout.splitlines() if line.startswith("WORLD")]
+    assert sorted(int(w[3]) for w in lines) == [0, 1] and all(w[1] == "2" for w in lines)
+    assert all(math.isfinite(float(w[5])) and math.isfinite(float(w[7])) for w in lines)
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
