@@ -134,10 +134,11 @@ def _plain(value):
     return float(value)
 
 
-def _minimize(fun, x0: np.ndarray) -> np.ndarray:
+def _minimize(fun, x0: np.ndarray, bounds=None) -> np.ndarray:
+    """L-BFGS-B on a function returning (loss, gradient)."""
     from scipy.optimize import minimize
 
-    res = minimize(fun, x0, jac=True, method="L-BFGS-B")
+    res = minimize(fun, x0, jac=True, method="L-BFGS-B", bounds=bounds)
     return np.asarray(res.x, dtype=np.float64)
 
 
@@ -183,8 +184,7 @@ class TemperatureScaling(_Calibrator):
         bound = float(np.log(self.max_temperature))
 
         def nll_and_grad(x):
-            s = float(np.clip(x[0], -bound, bound))  # s = log(1/T)
-            scaled = z * np.exp(s)
+            scaled = z * np.exp(x[0])  # x[0] = log(1 / T)
             lse = np.log(np.sum(np.exp(scaled - scaled.max(axis=1, keepdims=True)), axis=1)) + scaled.max(axis=1)
             p = np.exp(scaled - lse[:, None])
             loss = np.mean(lse - scaled[rows, y])
@@ -192,8 +192,8 @@ class TemperatureScaling(_Calibrator):
             grad = np.mean(np.sum(p * scaled, axis=1) - scaled[rows, y])
             return loss, np.array([grad])
 
-        s = float(np.clip(_minimize(nll_and_grad, np.zeros(1))[0], -bound, bound))
-        self.temperature_ = float(np.exp(-s))
+        log_inv_t = float(_minimize(nll_and_grad, np.zeros(1), bounds=[(-bound, bound)])[0])
+        self.temperature_ = float(np.exp(-log_inv_t))
         return self
 
     def transform(self, option_logprobs) -> np.ndarray:
