@@ -134,8 +134,10 @@ class _DecisionHidden:
         self.rows.append(hidden[torch.arange(b, device=hidden.device), pos])  # (b, H)
         self._offset += b
 
-    def remove(self) -> torch.Tensor:
+    def remove(self) -> None:
         self._handle.remove()
+
+    def hidden(self) -> torch.Tensor:
         if self._offset != self.positions.numel():
             raise RuntimeError(
                 f"the decision hook saw {self._offset} rows for {self.positions.numel()} completions; "
@@ -218,7 +220,8 @@ class DecalGRPOTrainer(GRPOTrainer):
         try:
             loss = super()._compute_loss(model, inputs)
         finally:
-            hidden = hook.remove()  # (B, H)
+            hook.remove()
+        hidden = hook.hidden()  # (B, H)
         lam = float(self.args.cal_lambda) if self.args.calibration else 0.0
         head = _trl_compat.output_head(self, model)
         with torch.set_grad_enabled(torch.is_grad_enabled() and lam > 0):
@@ -282,6 +285,11 @@ def build_grpo_trainer(*, model, tokenizer, task, args: DecalGRPOConfig, peft_co
     """
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    scaled = [k for k in ("final_logit_softcapping", "logit_scale", "logits_scaling") if getattr(text_config, k, None)]
+    if scaled:
+        # the decision logits are the LM head's raw output; TRL's fused head also applies these
+        logger.warning("model config sets %s; decision probabilities and the CE ignore it", ", ".join(scaled))
     dataset = grpo_dataset(task, tokenizer, reasoning=args.reasoning)
     first = dataset[0]
     context = decision_context(first["prompt"], reasoning=args.reasoning)
