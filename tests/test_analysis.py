@@ -369,3 +369,66 @@ def test_swap_tiny_qwen3_flips_and_is_reproducible(scripted_qwen3, tmp_path):
     rows = {r["id"]: r for r in map(json.loads, (tmp_path / "c" / "swaps.jsonl").read_text().splitlines())}
     for g in forced:
         assert rows[g["id"]]["swapped_prompt"].endswith("</think>\n")
+
+
+# --- CLI ---------------------------------------------------------------------------------------
+
+
+def test_cli_analyze_help_parses(capsys):
+    from decal.cli import main
+
+    for sub in ("rollouts", "swap"):
+        assert main(["analyze", sub, "--help"]) == 0
+        assert "--out" in capsys.readouterr().out
+    assert main(["analyze", "rollouts", "--model", "m", "--task", "builtin", "--split", "train"]) == 2  # no --out
+
+
+@pytest.mark.slow  # about 15 s: three model loads through the CLI
+def test_cli_analyze_on_tiny_qwen3(tiny_qwen3_dir, tmp_path, capsys):
+    from decal.cli import main
+
+    common = ["--model", str(tiny_qwen3_dir), "--task", "builtin", "--split", "train", "--no-progress"]
+    rollouts = ["analyze", "rollouts", *common, "--samples", "2", "--max-new-tokens", "3", "--limit", "2"]
+    assert main([*rollouts, "--out", str(tmp_path / "r")]) == 0
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    # a random tiny model never writes the marker: every rollout is counted, as invalid
+    assert (summary["n_rollouts"], summary["n_invalid"], summary["invalid_rate"]) == (4, 4, 1.0)
+    assert "| builtin | 2 | 4 |" in capsys.readouterr().out
+    # resuming with other settings is refused in one line, naming the setting
+    assert main([*rollouts[:-4], "--samples", "3", "--max-new-tokens", "3", "--out", str(tmp_path / "r")]) == 1
+    assert "samples: 2 -> 3" in capsys.readouterr().err
+    swap = ["analyze", "swap", *common, "--limit", "4", "--max-new-tokens", "3", "--min-confidence", "0", "--include-invalid"]
+    assert main([*swap, "--out", str(tmp_path / "s")]) == 0
+    first = (tmp_path / "s" / "summary.json").read_text()
+    s = json.loads(first)
+    assert s["n_examples"] == 4 and s["n_eligible"] == 4 and s["n_swapped"] + s["n_no_donor"] == 4
+    assert main([*swap, "--out", str(tmp_path / "s")]) == 0
+    assert (tmp_path / "s" / "summary.json").read_text() == first
+
+
+# --- the real SmolLM2-135M-Instruct -------------------------------------------------------------
+
+
+@pytest.mark.slow  # about a minute on 2 shared cores
+def test_smollm2_rollouts_and_swap_small(smollm2, tmp_path):
+    model, tok = smollm2
+    task = _builtin(4)
+    r = run_rollouts(model, tok, task, tmp_path / "r", config=RolloutConfig(samples=2, max_new_tokens=8, limit=2))
+    assert r["n_rollouts"] == 4 and r["n_queries"] == 2
+    assert r["n_valid"] + r["n_invalid"] == 4 and r["n_correct"] + r["n_wrong"] == r["n_valid"]
+    assert r["n_above"] == r["n_above_correct"] + r["n_above_wrong"] <= r["n_valid"]
+    # SmolLM2 rarely writes the marker, so the swap takes its forced decisions too
+    config = SwapConfig(min_confidence=0.0, max_new_tokens=8, limit=4, seed=2, include_invalid=True)
+    s = run_swap(model, tok, task, tmp_path / "s", config=config)
+    greedy = {g["id"]: g for g in map(json.loads, (tmp_path / "s" / "greedy.jsonl").read_text().splitlines())}
+    swaps = [json.loads(line) for line in (tmp_path / "s" / "swaps.jsonl").read_text().splitlines()]
+    assert s["n_examples"] == 4 and s["n_swapped"] + s["n_no_donor"] == s["n_eligible"] == len(swaps)
+    assert s["n_flipped"] + s["n_kept"] + s["n_other"] + s["n_invalid_after"] == s["n_swapped"]
+    for row in (w for w in swaps if w["swapped"]):
+        donor = greedy[row["donor_id"]]
+        assert donor["prediction"] == row["donor_label"] != row["original_prediction"]
+        question = next(ex.input for ex in task.examples if ex.id == row["id"])
+        assert question in row["swapped_prompt"] and donor["reasoning"] in row["swapped_prompt"]
+    # a rerun with the same settings reads what is there and gives the same report
+    assert json.dumps(run_swap(model, tok, task, tmp_path / "s", config=config)) == json.dumps(s)
+    assert json.dumps(run_rollouts(model, tok, task, tmp_path / "r", config=RolloutConfig(samples=2, max_new_tokens=8, limit=2))) == json.dumps(r)

@@ -45,7 +45,7 @@ from ._common import (
     save_histogram,
 )
 
-__all__ = ["RolloutConfig", "rollout_rows", "summarize_rollouts", "rollouts_table", "run_rollouts"]
+__all__ = ["RolloutConfig", "prepare_run_folder", "rollout_rows", "summarize_rollouts", "rollouts_table", "run_rollouts"]
 
 logger = logging.getLogger(__name__)
 
@@ -231,6 +231,22 @@ def _write_report(out_dir: Path, rows: list[dict], *, task_name: str, settings: 
     return summary
 
 
+def prepare_run_folder(out_dir: str | os.PathLike, task, config: RolloutConfig, *, model_name=None, adapter=None) -> dict:
+    """Check that `out_dir` is new or holds a run with the same settings; returns the settings.
+
+    Called by `run_rollouts`, and by the CLI before it loads the model, so a wrong folder fails
+    fast. The threshold only changes the report and a larger limit extends the run, so neither
+    makes an existing folder incompatible.
+
+    Raises:
+        ConfigError: `out_dir` holds a run with other settings (the message names them).
+    """
+    settings = {"analysis": "rollouts", "task": task.name, "split": task.split, "model": model_name,
+                "adapter": adapter, **asdict(config)}
+    check_run_config(Path(out_dir), {k: v for k, v in settings.items() if k not in ("threshold", "limit")})
+    return settings
+
+
 def run_rollouts(
     model,
     tokenizer,
@@ -268,11 +284,7 @@ def run_rollouts(
     examples = list(task.examples[: config.limit])
     if not examples:
         raise ValueError(f"task '{task.name}' split '{task.split}' has no examples")
-    settings = {"analysis": "rollouts", "task": task.name, "split": task.split, "model": model_name,
-                "adapter": adapter, **asdict(config)}
-    # The threshold only changes the report and a larger limit extends the run, so neither
-    # makes an existing folder incompatible.
-    check_run_config(out_dir, {k: v for k, v in settings.items() if k not in ("threshold", "limit")})
+    settings = prepare_run_folder(out_dir, task, config, model_name=model_name, adapter=adapter)
     prompts = {ex.id: render_chat(tokenizer, task.user_message(ex), reasoning=True) for ex in examples}
     decision_tokens = option_token_ids(
         tokenizer, task.labels, context=decision_context(prompts[examples[0].id], reasoning=True, marker=config.marker)

@@ -44,6 +44,7 @@ from ._common import check_run_config, decision_confidence, derive_seed, fractio
 __all__ = [
     "SwapConfig",
     "ReasoningParts",
+    "prepare_run_folder",
     "split_reasoning",
     "greedy_row",
     "choose_donor",
@@ -374,6 +375,22 @@ def _write_report(out_dir: Path, greedy, swaps, *, task_name: str, settings: dic
     return summary
 
 
+def prepare_run_folder(out_dir: str | os.PathLike, task, config: SwapConfig, *, model_name=None, adapter=None) -> dict:
+    """Check that `out_dir` is new or holds a run with the same settings; returns the settings.
+
+    Called by `run_swap`, and by the CLI before it loads the model, so a wrong folder fails
+    fast. The threshold only selects recipients (donors do not depend on it), so it may change
+    on a rerun; the limit may not, since it sets the donor candidates.
+
+    Raises:
+        ConfigError: `out_dir` holds a run with other settings (the message names them).
+    """
+    settings = {"analysis": "swap", "task": task.name, "split": task.split, "model": model_name,
+                "adapter": adapter, **asdict(config)}
+    check_run_config(Path(out_dir), {k: v for k, v in settings.items() if k != "min_confidence"})
+    return settings
+
+
 def run_swap(
     model,
     tokenizer,
@@ -409,10 +426,7 @@ def run_swap(
     examples = list(task.examples[: config.limit])
     if len(examples) < 2:
         raise ValueError(f"task '{task.name}' split '{task.split}' needs at least two examples for swaps; got {len(examples)}")
-    settings = {"analysis": "swap", "task": task.name, "split": task.split, "model": model_name,
-                "adapter": adapter, **asdict(config)}
-    # The threshold only selects recipients (donors do not depend on it), so it may change on a rerun.
-    check_run_config(out_dir, {k: v for k, v in settings.items() if k != "min_confidence"})
+    settings = prepare_run_folder(out_dir, task, config, model_name=model_name, adapter=adapter)
     prompts = {ex.id: render_chat(tokenizer, task.user_message(ex), reasoning=True) for ex in examples}
     decision_tokens = option_token_ids(
         tokenizer, task.labels, context=decision_context(prompts[examples[0].id], reasoning=True, marker=config.marker)

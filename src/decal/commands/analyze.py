@@ -41,13 +41,15 @@ def _config(config_cls, **values):
     return config_cls(**{k: v for k, v in values.items() if v is not None})
 
 
-def _load(model: str, adapter: str | None, task: str, split: str, data_dir: str | None, dtype: str):
+def _load(model: str, adapter: str | None, task: str, split: str, data_dir: str | None, dtype: str, *, prepare):
     from ..models import load_model
     from ..tasks import load_task
 
     loaded_task = load_task(task, split, data_dir=data_dir, reasoning=True)
     if not len(loaded_task):
         raise ValueError(f"task '{task}' split '{split}' has no examples")
+    # Check the run folder before the (slow) model load, so a wrong --out fails at once.
+    prepare(loaded_task)
     loaded_model, tokenizer = load_model(model, adapter=adapter, dtype=dtype)
     return loaded_model, tokenizer, loaded_task
 
@@ -92,11 +94,14 @@ def _register_rollouts(analyze_app: typer.Typer) -> None:
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on stderr."),
     ) -> None:
         """Sample rollouts per query and report the share with decision-token probability > 0.99."""
-        from ..analysis.rollouts import rollouts_table, run_rollouts
+        from ..analysis.rollouts import prepare_run_folder, rollouts_table, run_rollouts
 
         config = _config(RolloutConfig, samples=samples, temperature=temperature, max_new_tokens=max_new_tokens,
                          limit=limit, seed=seed, threshold=threshold, batch_size=batch_size)
-        lm, tokenizer, loaded = _load(model, adapter, task, split, data_dir, dtype)
+        lm, tokenizer, loaded = _load(
+            model, adapter, task, split, data_dir, dtype,
+            prepare=lambda t: prepare_run_folder(out, t, config, model_name=model, adapter=adapter),
+        )
         summary = run_rollouts(lm, tokenizer, loaded, out, config=config, model_name=model, adapter=adapter,
                                progress=progress)
         _print_result(out, rollouts_table([(loaded.name, summary)]))
@@ -126,11 +131,14 @@ def _register_swap(analyze_app: typer.Typer) -> None:
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars on stderr."),
     ) -> None:
         """Swap in another example's reasoning and report how often the decision follows it."""
-        from ..analysis.swap import run_swap, swaps_table
+        from ..analysis.swap import prepare_run_folder, run_swap, swaps_table
 
         config = _config(SwapConfig, min_confidence=min_confidence, limit=limit, seed=seed,
                          max_new_tokens=max_new_tokens, batch_size=batch_size, include_invalid=include_invalid or None)
-        lm, tokenizer, loaded = _load(model, adapter, task, split, data_dir, dtype)
+        lm, tokenizer, loaded = _load(
+            model, adapter, task, split, data_dir, dtype,
+            prepare=lambda t: prepare_run_folder(out, t, config, model_name=model, adapter=adapter),
+        )
         summary = run_swap(lm, tokenizer, loaded, out, config=config, model_name=model, adapter=adapter,
                            progress=progress)
         _print_result(out, swaps_table([(loaded.name, summary)]))
