@@ -121,7 +121,8 @@ def plot_reliability(
                                           gridspec_kw={"height_ratios": [3, 1], "hspace": 0.08})
     try:
         _draw_panel(ax_rel, ax_hist, conf, corr, n_bins=n_bins, binning=binning, title=title)
-        ax_rel.legend(loc="lower right", fontsize=7, frameon=True)
+        # Upper left, under the ECE box: overconfident runs leave that corner empty.
+        ax_rel.legend(loc="upper left", bbox_to_anchor=(0.0, 0.8), fontsize=7, frameon=True)
         return _save(fig, path)
     finally:
         plt.close(fig)
