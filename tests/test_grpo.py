@@ -284,10 +284,10 @@ def test_decision_position_gradient(tiny, tmp_path, calibration, lam, decision_g
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("calibration", [False, True])
-def test_training_steps_change_lora_and_save_an_adapter(tiny, tmp_path, calibration):
+@pytest.mark.parametrize("calibration, beta", [(False, 0.0), (True, 0.05)])  # GRPO; cal-GRPO with the KL variant
+def test_training_steps_change_lora_and_save_an_adapter(tiny, tmp_path, calibration, beta):
     model, tok = tiny
-    args = _args(tmp_path, max_steps=2, calibration=calibration, generation_kwargs=_option_bias(tok))
+    args = _args(tmp_path, max_steps=2, calibration=calibration, beta=beta, generation_kwargs=_option_bias(tok))
     trainer = build_grpo_trainer(model=model, tokenizer=tok, task=_task(), args=args, peft_config=_lora())
     assert isinstance(trainer, DecalGRPOTrainer)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad and "lora_B" in n}
@@ -300,6 +300,7 @@ def test_training_steps_change_lora_and_save_an_adapter(tiny, tmp_path, calibrat
         assert all(key in h for h in logs), key
     assert any("decision/prob_correct" in h or "decision/prob_wrong" in h for h in logs)
     assert all(("cal/ce" in h) == calibration for h in logs)
+    assert all(("kl" in h) == (beta > 0) for h in logs)  # the KL variant runs against the adapter-free base
     assert all(h["decision/invalid_rate"] < 1.0 for h in logs)
     trainer.save_model(str(tmp_path / "adapter"))
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
