@@ -103,6 +103,12 @@ class PredictionRecord:
 
 def iter_records(path: str | os.PathLike) -> Iterator[PredictionRecord]:
     """Stream records from a JSONL file, validating each line."""
+    for _, record in _numbered_records(path):
+        yield record
+
+
+def _numbered_records(path: str | os.PathLike) -> Iterator[tuple[int, PredictionRecord]]:
+    """(file line number, record) pairs; blank lines are skipped but still counted."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
@@ -115,24 +121,31 @@ def iter_records(path: str | os.PathLike) -> Iterator[PredictionRecord]:
             if not text.strip():
                 continue
             try:
-                row = json.loads(text)
+                # Stripped, so a line cut short reports the cut ("Unterminated string"), not its newline.
+                row = json.loads(text.strip())
             except json.JSONDecodeError as e:
-                raise DataError(f"invalid JSON: {e.msg}", path=path, line=lineno) from e
-            yield PredictionRecord.from_dict(row, path=path, line=lineno)
+                raise DataError(f"invalid JSON: {e.msg} (column {e.colno})", path=path, line=lineno) from e
+            yield lineno, PredictionRecord.from_dict(row, path=path, line=lineno)
 
 
 def read_records(path: str | os.PathLike) -> list[PredictionRecord]:
     """Read all records of a `predictions.jsonl` (or of a run folder holding one).
 
-    Raises `DataError` on a malformed line, on duplicate ids, and on an empty file.
+    Raises `DataError` on a malformed line, on duplicate ids, on records whose label sets differ
+    (a run is one task: every consumer stacks them with `records_to_arrays`), and on an empty file.
     """
     path = Path(path)
     if path.is_dir():
         path = path / "predictions.jsonl"
     records, seen = [], set()
-    for lineno, rec in enumerate(iter_records(path), start=1):
+    for lineno, rec in _numbered_records(path):
         if rec.id in seen:
             raise DataError(f"duplicate id {rec.id!r}", path=path, line=lineno, field="id")
+        if records and rec.labels != records[0].labels:
+            raise DataError(
+                f"{rec.labels} differ from the labels {records[0].labels} of the first record; one run holds one task",
+                path=path, line=lineno, field="labels",
+            )
         seen.add(rec.id)
         records.append(rec)
     if not records:
