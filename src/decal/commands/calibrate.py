@@ -22,6 +22,8 @@ EPILOG = """Examples:
   decal calibrate --method isotonic --fit runs/grpo/moderation --fit-fraction 0.5 --seed 0 --apply runs/grpo/xstest --out runs/grpo/calibrate/isotonic
 
   decal calibrate --method platt --fit runs/ours/moderation --fit-fraction 0.3 --apply runs/ours/xstest runs/ours/csqa --out cal/platt
+
+  decal calibrate --calibrator cal/platt/calibrator.json --apply runs/ours/obqa --out cal/platt-obqa
 """
 
 
@@ -67,46 +69,70 @@ def _split(records: list, fraction: float | None, seed: int) -> tuple[list, list
     return [r for r, c in zip(records, chosen) if c], [r for r, c in zip(records, chosen) if not c]
 
 
-def _write_run(out_dir: Path, source: Path, records: list, calibration: dict) -> None:
-    from .._io import read_json, write_json_atomic, write_text_atomic
+def _run_meta(source: Path) -> dict:
+    from .._io import read_json
 
     meta = read_json(source / "run.json") if (source / "run.json").is_file() else {}
-    if not isinstance(meta, dict):
-        meta = {"source_run_json": meta}
-    meta["calibration"] = calibration
+    return meta if isinstance(meta, dict) else {"source_run_json": meta}
+
+
+def _write_run(out_dir: Path, meta: dict, records: list, calibration: dict) -> None:
+    from .._io import write_json_atomic, write_text_atomic
+
     write_text_atomic(out_dir / "predictions.jsonl", "".join(r.to_json() + "\n" for r in records))
-    write_json_atomic(out_dir / "run.json", meta)
+    write_json_atomic(out_dir / "run.json", {**meta, "calibration": calibration})
+
+
+def _make_out(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # e.g. a parent is a file, or a read-only file system
+        raise ValueError(f"cannot create the output folder {out}: {e.strerror or e}") from e
 
 
 def calibrate_runs(
-    method: str, fit_dir: Path, *, apply_dirs: list[Path], out: Path, fit_fraction: float | None = None, seed: int = 0
+    method: str | None, fit_dir: Path | None, *, apply_dirs: list[Path], out: Path, fit_fraction: float | None = None,
+    seed: int = 0, calibrator_file: Path | None = None,
 ) -> dict:
-    """Fit `method` on `fit_dir` (or a fraction of it) and write calibrated copies to `out`.
+    """Fit `method` on `fit_dir` (or a fraction of it), or load `calibrator_file`, and write calibrated copies to `out`.
+
+    Every input is read and every run calibrated before anything is written, so a bad run or
+    calibrator file leaves no partial output (issue #9).
 
     Returns:
         ``{"calibrator": to_dict, "n_fit": int, "runs": [{"name", "source", "subset", "before",
-        "after"}]}`` where before/after are `decal.metrics.summarize` dicts.
+        "after"}]}`` where before/after are `decal.metrics.summarize` dicts; `n_fit` is None for
+        a loaded calibrator.
     """
     from .._io import write_json_atomic
-    from ..calibrators import apply_calibrator, fit_calibrator, make_calibrator
+    from ..calibrators import apply_calibrator, fit_calibrator, load_calibrator, make_calibrator
     from ..metrics import summarize
     from ..records import read_records
 
-    calibrator = make_calibrator(method)
-    fit_dir, out = Path(fit_dir), Path(out)
-    fit_part, rest = _split(read_records(fit_dir), fit_fraction, seed)
-    fit_calibrator(calibrator, fit_part)
+    out = Path(out)
+    if calibrator_file is not None:
+        calibrator, fit_part, rest = load_calibrator(calibrator_file), None, []
+    else:
+        calibrator, fit_dir = make_calibrator(method), Path(fit_dir)
+        fit_part, rest = _split(read_records(fit_dir), fit_fraction, seed)
+        fit_calibrator(calibrator, fit_part)
+    n_fit = None if fit_part is None else len(fit_part)
     sources = ([(fit_dir, rest, "held-out")] if rest else []) + [(Path(p), None, "all") for p in apply_dirs]
     names = run_names([s[0] for s in sources])
-    info = {"method": calibrator.name, "fit_run": str(fit_dir), "fit_fraction": fit_fraction, "seed": seed,
-            "n_fit": len(fit_part), "calibrator": str(out / "calibrator.json")}
-    summary = {"calibrator": calibrator.to_dict(), "n_fit": len(fit_part), "runs": []}
+    info = {"method": calibrator.name, "fit_run": None if fit_dir is None else str(fit_dir),
+            "fit_fraction": fit_fraction, "seed": seed, "n_fit": n_fit, "calibrator": str(out / "calibrator.json"),
+            "loaded_from": None if calibrator_file is None else str(calibrator_file)}
+    summary = {"calibrator": calibrator.to_dict(), "n_fit": n_fit, "runs": []}
+    pending = []
     for name, (source, records, subset) in zip(names, sources):
         records = read_records(source) if records is None else records
         calibrated = apply_calibrator(calibrator, records)
-        _write_run(out / name, source, calibrated, {**info, "source_run": str(source), "subset": subset})
+        pending.append((out / name, _run_meta(source), calibrated, {**info, "source_run": str(source), "subset": subset}))
         summary["runs"].append({"name": name, "source": str(source), "subset": subset,
                                 "before": summarize(records), "after": summarize(calibrated)})
+    _make_out(out)
+    for args in pending:
+        _write_run(*args)
     calibrator.save(out / "calibrator.json")
     write_json_atomic(out / "summary.json", summary)
     return summary
@@ -115,7 +141,8 @@ def calibrate_runs(
 def _table(summary: dict):
     from rich.table import Table
 
-    table = Table(title=f"{summary['calibrator']['method']} calibrator, fitted on {summary['n_fit']} records (%)")
+    fitted = "loaded from file" if summary["n_fit"] is None else f"fitted on {summary['n_fit']} records"
+    table = Table(title=f"{summary['calibrator']['method']} calibrator, {fitted} (%)")
     for col in ("run", "subset", "n", "accuracy", "ECE before", "ECE after", "Brier before", "Brier after"):
         table.add_column(col, justify="left" if col in ("run", "subset") else "right")
     for r in summary["runs"]:
@@ -128,8 +155,9 @@ def _table(summary: dict):
 def register(app: typer.Typer) -> None:
     @app.command("calibrate", epilog=EPILOG)
     def calibrate_command(
-        method: str = typer.Option(..., "--method", metavar="platt|isotonic|temperature", help="Post-hoc calibrator."),
-        fit: Path = typer.Option(..., "--fit", metavar="RUN_DIR", help="Run whose predictions the calibrator is fitted on."),
+        method: Optional[str] = typer.Option(None, "--method", metavar="platt|isotonic|temperature", help="Post-hoc calibrator (required unless --calibrator)."),
+        fit: Optional[Path] = typer.Option(None, "--fit", metavar="RUN_DIR", help="Run whose predictions the calibrator is fitted on (required unless --calibrator)."),
+        calibrator_file: Optional[Path] = typer.Option(None, "--calibrator", metavar="FILE", help="Apply a saved calibrator.json instead of fitting one."),
         fit_fraction: Optional[float] = typer.Option(None, "--fit-fraction", metavar="F", help="Fit on this random fraction of --fit and write the rest as a calibrated run."),
         seed: int = typer.Option(0, "--seed", metavar="S", help="Seed of the --fit-fraction split."),
         apply: Optional[list[Path]] = typer.Option(None, "--apply", metavar="RUN_DIR...", help="Runs to calibrate (several may follow one --apply)."),
@@ -141,8 +169,16 @@ def register(app: typer.Typer) -> None:
 
         # `--apply a b c` puts b and c in the positional list; both spellings mean the same.
         apply_dirs = [*(apply or []), *(more or [])]
-        if fit_fraction is None and not apply_dirs:
+        if calibrator_file is not None:
+            if method is not None or fit is not None or fit_fraction is not None:
+                raise typer.BadParameter("give either --calibrator FILE or --method/--fit/--fit-fraction, not both", param_hint="--calibrator")
+            if not apply_dirs:
+                raise typer.BadParameter("nothing to calibrate: give --apply RUN_DIR...", param_hint="--apply")
+        elif method is None or fit is None:
+            raise typer.BadParameter("--method and --fit are required (or --calibrator FILE to apply a saved one)", param_hint="--method/--fit")
+        elif fit_fraction is None and not apply_dirs:
             raise typer.BadParameter("nothing to calibrate: give --apply RUN_DIR..., or --fit-fraction to evaluate on the rest of --fit", param_hint="--apply")
-        summary = calibrate_runs(method, fit, apply_dirs=apply_dirs, out=out, fit_fraction=fit_fraction, seed=seed)
+        summary = calibrate_runs(method, fit, apply_dirs=apply_dirs, out=out, fit_fraction=fit_fraction, seed=seed,
+                                 calibrator_file=calibrator_file)
         Console().print(_table(summary))
         typer.echo(f"calibrator: {out / 'calibrator.json'}")
