@@ -232,7 +232,9 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     try:
         values = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {e}".replace("\n", " ")) from e
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else f"{path}"
+        raise ConfigError(f"{where}: invalid YAML ({getattr(e, 'problem', None) or e})".replace("\n", " ")) from e
     if values is None:
         return {}
     if not isinstance(values, dict):
@@ -247,6 +249,10 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
                 values[key] = float(value)
             except ValueError:
                 pass
+        try:
+            _check_type(key, values[key], hints[key])
+        except ConfigError as e:  # name the file: the value came from it, not from a flag
+            raise ConfigError(f"{path}: {e}") from e
     return values
 
 
