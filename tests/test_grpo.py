@@ -149,14 +149,14 @@ def _hand_completions(tokenizer, reasoning: bool):
     return torch.tensor(ids), torch.tensor(mask)
 
 
-def _hand_batch(trainer, tokenizer, reasoning: bool = False):
+def _hand_batch(trainer, tokenizer, reasoning: bool = False, gold=GOLD):
     """A generation batch as `_generate_and_score_completions` would hand it to the loss."""
     pad = tokenizer.pad_token_id
     prompt_ids = torch.tensor([[pad, 40, 41, 42], [43, 44, 45, 46], [pad, pad, 47, 48], [49, 50, 51, 52]])
     prompt_mask = (prompt_ids != pad).long()
     completion_ids, completion_mask = _hand_completions(tokenizer, reasoning)
     # the reward parses the same rows, as TRL calls it inside generation
-    trainer.decision_reward(completion_ids=[c[m.bool()].tolist() for c, m in zip(completion_ids, completion_mask)], label=GOLD)
+    trainer.decision_reward(completion_ids=[c[m.bool()].tolist() for c, m in zip(completion_ids, completion_mask)], label=list(gold))
     batch = {
         "prompt_ids": prompt_ids,
         "prompt_mask": prompt_mask,
@@ -280,6 +280,20 @@ def test_decision_position_gradient(tiny, tmp_path, calibration, lam, decision_g
     assert grad[2, p + 3].abs().sum() > 0  # the invalid row keeps its advantage at every token
 
 
+def test_group_accuracy_targets_use_the_share_of_correct_rollouts_per_group(tiny, tmp_path):
+    trainer = _trainer(tiny, tmp_path, calibration=True, cal_target="group-accuracy")
+    trainer.model.train()
+    # groups of 2 (num_generations): rows (0, 1) and (2, 3)
+    assert trainer._group_accuracy(torch.tensor([True, False, True, True])).tolist() == [0.5, 0.5, 1.0, 1.0]
+    # rows emit Safe, Safe, nothing, Unsafe; gold Safe, Safe, Unsafe, Unsafe
+    batch = _hand_batch(trainer, tiny[1], gold=["Safe", "Safe", "Unsafe", "Unsafe"])
+    # group (0, 1): a = 1 -> all mass on the emitted option; group (2, 3): a = 0.5 = 1/K
+    assert batch["decision_targets"].tolist() == [[1.0, 0.0], [1.0, 0.0], [0.0, 0.0], [0.5, 0.5]]
+    batch = _hand_batch(trainer, tiny[1], gold=["Unsafe", "Unsafe", "Unsafe", "Safe"])
+    # all wrong: a = 0 -> max(0, 1/K) = 0.5 on the emitted option
+    assert batch["decision_targets"].tolist() == [[0.5, 0.5], [0.5, 0.5], [0.0, 0.0], [0.5, 0.5]]
+
+
 # --- a few real training steps --------------------------------------------------------------
 
 
@@ -317,13 +331,17 @@ from transformers import AutoTokenizer
 from decal.training.grpo import build_grpo_trainer
 
 tok = AutoTokenizer.from_pretrained({tokenizer!r})
-# 2 processes x 2 rows with groups of 4: every group spans both processes, so the
-# group-accuracy targets need the cross-process gather
+# 2 processes x 2 rows x 2 accumulation steps with groups of 4: groups span both processes, so
+# the group-accuracy targets need the cross-process gather
 args = _args(Path({tmp!r}), per_device_train_batch_size=2, num_generations=4, max_completion_length=4,
-             max_steps=1, calibration=True, cal_target="group-accuracy", generation_kwargs=_option_bias(tok))
+             max_steps=1, gradient_accumulation_steps=2, calibration=True, cal_target="group-accuracy", generation_kwargs=_option_bias(tok))
 trainer = build_grpo_trainer(model=build_tiny_qwen3(tok), tokenizer=tok, task=_task(), args=args, peft_config=_lora())
 trainer.train()
 trainer.save_model({tmp!r} + "/adapter")
+# rank r holds rows [r, r] of one group of 4 (rank 0 wrong, rank 1 right): the share is 0.5 on both
+import torch
+share = trainer._group_accuracy(torch.full((2,), trainer.accelerator.process_index, dtype=torch.bool))
+print("SHARE", share.tolist())
 print("WORLD", trainer.accelerator.num_processes, "RANK", trainer.accelerator.process_index,
       "LOSS", trainer.state.log_history[0]["loss"], "CE", trainer.state.log_history[0].get("cal/ce"))
 '''
@@ -351,3 +369,5 @@ def test_two_process_cpu_run_with_gloo(tmp_path, qwen3_tokenizer_dir):
     assert sorted(int(w[3]) for w in lines) == [0, 1] and all(w[1] == "2" for w in lines)
     assert all(math.isfinite(float(w[5])) and math.isfinite(float(w[7])) for w in lines)
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    shares = [line for line in proc.stdout.splitlines() if line.startswith("SHARE")]
+    assert shares == ["SHARE [0.5, 0.5]"] * 2
