@@ -182,16 +182,16 @@ def test_summarize_swaps_hand_counts():
     greedy = [{"valid": True}] * 4 + [{"valid": False}]
     base = {"swapped": True, "original_prediction": "Safe", "valid": True}
     swaps = [
-        {**base, "prediction": "Unsafe", "flipped": True, "confidence": 0.999},
-        {**base, "prediction": "Unsafe", "flipped": True, "confidence": 0.7},
-        {**base, "prediction": "Safe", "flipped": False, "confidence": 0.95},
+        {**base, "prediction": "Unsafe", "flipped": True, "confidence": 0.999, "constrained_flipped": True},
+        {**base, "prediction": "Unsafe", "flipped": True, "confidence": 0.7, "constrained_flipped": True},
+        {**base, "prediction": "Safe", "flipped": False, "confidence": 0.95, "constrained_flipped": False},
         {"swapped": False},
     ]
     s = summarize_swaps(greedy, swaps, min_confidence=0.99)
     assert (s["n_examples"], s["n_greedy_valid"], s["n_greedy_invalid"]) == (5, 4, 1)
     assert (s["n_eligible"], s["n_swapped"], s["n_no_donor"], s["n_flipped"]) == (4, 3, 1, 2)
     assert (s["n_kept"], s["n_other"], s["n_invalid_after"]) == (1, 0, 0)
-    assert s["flip_rate"] == pytest.approx(2 / 3)
+    assert s["flip_rate"] == pytest.approx(2 / 3) == s["flip_rate_constrained"]
     assert s["median_flipped_confidence"] == pytest.approx((0.999 + 0.7) / 2)
     assert s["share_flipped_at_or_above"] == pytest.approx(0.5)
     assert "| 66.67% | 0.8495 |" in swaps_table([("t", s)])
@@ -347,7 +347,7 @@ def test_swap_tiny_qwen3_flips_and_is_reproducible(scripted_qwen3, tmp_path):
         assert example.input in s["swapped_prompt"] and donor["reasoning"] in s["swapped_prompt"]
         assert s["swapped_prompt"].endswith(own["closing"])
     # the scripted model follows the reasoning it is given, so every swap flips, at its confidence
-    assert summary["flip_rate"] == 1.0
+    assert summary["flip_rate"] == 1.0 == summary["flip_rate_constrained"]
     assert all(
         s["confidence"] == pytest.approx(0.999 if "surely" in greedy[s["donor_id"]]["reasoning"] else 0.9, abs=1e-4)
         for s in done

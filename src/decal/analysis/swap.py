@@ -237,6 +237,10 @@ def _swap_row(recipient: Mapping, donor: Mapping | None, text: str | None, score
         option_probs=probs,
         top_token=scores.top_token,
         flipped=valid and prediction == donor["prediction"],
+        # The constrained decision (argmax over the options only) tells whether the option
+        # preference follows the donor even when the top token is not an option.
+        constrained_prediction=labels[option],
+        constrained_flipped=labels[option] == donor["prediction"],
         donor_label_prob=probs[labels.index(donor["prediction"])],
         original_label_prob=probs[labels.index(recipient["prediction"])],
     )
@@ -254,7 +258,9 @@ def summarize_swaps(greedy: Sequence[Mapping], swaps: Sequence[Mapping], *, min_
     Returns:
         A JSON-ready dict: `n_examples, n_greedy_valid, n_greedy_invalid, n_eligible, n_swapped,
         n_no_donor, n_flipped, n_kept (decision unchanged), n_other (another label),
-        n_invalid_after, flip_rate, median_flipped_confidence, mean_flipped_confidence,
+        n_invalid_after, flip_rate, n_flipped_constrained and flip_rate_constrained (the argmax
+        over the options is the donor's label, whatever the top token), median_flipped_confidence,
+        mean_flipped_confidence,
         share_flipped_at_or_above (flipped with confidence >= min_confidence),
         flipped_confidences` (the Figure 3 values). Rates with an empty denominator are nan.
     """
@@ -277,6 +283,8 @@ def summarize_swaps(greedy: Sequence[Mapping], swaps: Sequence[Mapping], *, min_
         ),
         "n_invalid_after": sum(1 for s in done if not s["valid"]),
         "flip_rate": fraction(len(flipped), len(done)),
+        "n_flipped_constrained": sum(1 for s in done if s["constrained_flipped"]),
+        "flip_rate_constrained": fraction(sum(1 for s in done if s["constrained_flipped"]), len(done)),
         "median_flipped_confidence": statistics.median(conf) if conf else float("nan"),
         "mean_flipped_confidence": statistics.fmean(conf) if conf else float("nan"),
         "share_flipped_at_or_above": fraction(sum(c >= min_confidence for c in conf), len(conf)),
