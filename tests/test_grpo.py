@@ -205,8 +205,7 @@ def _perturb_lora(model, seed=1):
                 param.add_(0.05 * torch.randn(param.shape, generator=g))
 
 
-@pytest.mark.parametrize("reasoning", [False, True])
-@pytest.mark.parametrize("lam", [0.5, 0.0])
+@pytest.mark.parametrize("lam, reasoning", [(0.5, False), (0.5, True), (0.0, True)])
 def test_trainer_loss_equals_grpo_with_zeroed_decision_advantage_plus_lambda_ce(tiny, tmp_path, lam, reasoning):
     trainer = _trainer(tiny, tmp_path, calibration=True, cal_lambda=lam, reasoning=reasoning)
     model = trainer.model
