@@ -55,6 +55,40 @@ def _load_task(task: str, split: str, *, data_dir: Optional[Path], reasoning: bo
     return load_task(task, split, data_dir=data_dir, reasoning=reasoning)
 
 
+def _make_run_folder(folder: Path) -> list[Path]:
+    """Create the run folder before any model is loaded; returns the folders this call created.
+
+    A folder that cannot be created (a parent is a file, a read-only or virtual file system)
+    fails here with one line, before minutes of model loading.
+    """
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create the run folder {folder}: {e.strerror or e}") from e
+    if not folder.is_dir():
+        raise ValueError(f"cannot use the run folder {folder}: it is not a folder")
+    return missing
+
+
+def _discard_if_empty(folder: Path, created: list[Path]) -> None:
+    """After a failure, remove a run folder this call created when it holds no record (issue #9).
+
+    A folder that already existed (a resumed run) or holds records is kept, so nothing scored is lost.
+    """
+    import shutil
+
+    predictions = folder / "predictions.jsonl"
+    if not created or (predictions.is_file() and predictions.stat().st_size > 0):
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+    for parent in created[1:]:  # innermost first; stop at the first that is not empty
+        try:
+            parent.rmdir()
+        except OSError:
+            break
+
+
 def register(app: typer.Typer) -> None:
     @app.command("evaluate", epilog=EPILOG)
     def evaluate_command(
@@ -96,19 +130,28 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter(f"must be at least 1; got {batch_size}", param_hint="--batch-size")
         if limit is not None and limit < 1:
             raise typer.BadParameter(f"must be at least 1; got {limit}", param_hint="--limit")
+        if not progress:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # "Loading weights" bars would add lines to stderr
         the_task = _load_task(task, split, data_dir=data_dir, reasoning=reasoning)
         if len(the_task) == 0:
             raise ValueError(f"task '{task}' split '{split}' has no examples; nothing to evaluate")
-        net, tokenizer = load_model(
-            model, adapter=adapter, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
-            allow_pickle=allow_pickle, offline=offline or None,
-        )
         folder = Path(out) / safe_name(name or run_name(model, task, split, reasoning=reasoning, adapter=adapter))
-        evaluate(
-            net, tokenizer, the_task, out_dir=folder, model_name=model, adapter=adapter, batch_size=batch_size,
-            max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, limit=limit, progress=progress,
-            task_name=task,
-        )
+        created = _make_run_folder(folder)
+        try:
+            net, tokenizer = load_model(
+                model, adapter=adapter, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                allow_pickle=allow_pickle, offline=offline or None,
+            )
+            evaluate(
+                net, tokenizer, the_task, out_dir=folder, model_name=model, adapter=adapter, batch_size=batch_size,
+                max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, limit=limit, progress=progress,
+                task_name=task,
+            )
+        except BaseException:
+            _discard_if_empty(folder, created)
+            raise
         s = summary_line(read_records(folder / PREDICTIONS))
         Console().print(
             f"{folder}: n={s['n']}  accuracy {100 * s['accuracy']:.1f}%  ECE {100 * s['ece']:.1f}%  "
