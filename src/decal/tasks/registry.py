@@ -160,8 +160,8 @@ def load_task(
 
         if base not in paper.PAPER_TASKS:
             raise _unknown(base)
-        merged = {**spec_options, **options}
-        task = paper.load_paper_task(base, split, data_dir=data_dir, reasoning=reasoning, **merged)
+        _check_options(base, {**spec_options, **options}, ())
+        task = paper.load_paper_task(base, split, data_dir=data_dir, reasoning=reasoning)
     if template is not None:
         from . import generic
 
