@@ -154,7 +154,8 @@ def load_task(
     elif _looks_like_path(text) or Path(text).is_file():
         from . import generic
 
-        task = generic.load_task_file(Path(text), split, reasoning=reasoning, **options)
+        _check_options(text, options, ())
+        task = generic.load_task_file(Path(text), split, reasoning=reasoning)
     else:
         from . import paper
 
@@ -166,4 +167,5 @@ def load_task(
         from . import generic
 
         task = replace(task, template=generic.load_template_file(template))
+        generic.check_template(task, source=template)
     return task
