@@ -16,6 +16,7 @@ from ..errors import ConfigError, DataError
 
 __all__ = [
     "derive_seed",
+    "model_dtype",
     "read_rows",
     "check_run_config",
     "decision_confidence",
@@ -36,6 +37,12 @@ def derive_seed(seed: int, key: str) -> int:
     """
     digest = hashlib.sha256(f"{int(seed)}:{key}".encode("utf-8")).digest()
     return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
+def model_dtype(model) -> str:
+    """The dtype of a model's weights as the CLI spells it ("float32", "bfloat16"), for run.json:
+    resuming a run in another dtype would mix two sets of probabilities."""
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
 
 
 def read_rows(path: str | os.PathLike) -> list[dict]:
@@ -62,16 +69,23 @@ def read_rows(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
-def check_run_config(out_dir: Path, config: dict) -> None:
+def check_run_config(out_dir: Path, config: dict, *, write: bool = True, unknown: tuple[str, ...] = ()) -> None:
     """Write `run.json` on the first run; on a rerun, refuse settings that differ from it.
 
     Resuming with other settings (more samples, another model) would mix two experiments in
     one JSONL file, so it is an error that names the differing keys.
+
+    Args:
+        out_dir: the run folder.
+        config: the settings that must match.
+        write: write `run.json` when missing; False for an early check (the CLI's, before the
+            model is loaded).
+        unknown: keys not known yet (left out of the comparison).
     """
     path = out_dir / "run.json"
     if path.exists():
         old = read_json(path)
-        diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+        diff = sorted(k for k in set(old) | set(config) if k not in unknown and old.get(k) != config.get(k))
         if diff:
             details = ", ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in diff)
             raise ConfigError(
@@ -79,7 +93,8 @@ def check_run_config(out_dir: Path, config: dict) -> None:
                 f"rerun with the same options to resume, or pass another --out"
             )
         return
-    write_json_atomic(path, config)
+    if write:
+        write_json_atomic(path, config)
 
 
 def decision_confidence(option_probs: Sequence[float], option: int) -> float:

@@ -38,6 +38,7 @@ from ._common import (
     check_run_config,
     decision_confidence,
     derive_seed,
+    model_dtype,
     fraction,
     percent,
     progress_bar,
@@ -222,28 +223,39 @@ def _write_report(out_dir: Path, rows: list[dict], *, task_name: str, settings: 
         {
             "correct": [r["confidence"] for r in valid if r["correct"]],
             "wrong": [r["confidence"] for r in valid if not r["correct"]],
+            "invalid (forced)": [r["confidence"] for r in rows if not r["valid"]],
         },
         out_dir / "rollout_confidence",
-        title=f"{task_name}: decision-token probability of {len(valid)} valid rollouts",
+        title=f"{task_name}: decision-token probability of {len(rows)} rollouts ({len(valid)} valid)",
         xlabel="confidence (probability of the emitted decision token)",
         threshold=threshold,
     )
     return summary
 
 
-def prepare_run_folder(out_dir: str | os.PathLike, task, config: RolloutConfig, *, model_name=None, adapter=None) -> dict:
+def prepare_run_folder(
+    out_dir: str | os.PathLike, task, config: RolloutConfig, *, model_name=None, adapter=None, dtype: str | None = None,
+    write: bool = True,
+) -> dict:
     """Check that `out_dir` is new or holds a run with the same settings; returns the settings.
 
     Called by `run_rollouts`, and by the CLI before it loads the model, so a wrong folder fails
     fast. The threshold only changes the report and a larger limit extends the run, so neither
     makes an existing folder incompatible.
 
+    Args:
+        dtype: the model's weight dtype; None when not known yet (not compared).
+        write: write `run.json` when missing (False for the CLI's early check).
+
     Raises:
         ConfigError: `out_dir` holds a run with other settings (the message names them).
     """
     settings = {"analysis": "rollouts", "task": task.name, "split": task.split, "model": model_name,
-                "adapter": adapter, **asdict(config)}
-    check_run_config(Path(out_dir), {k: v for k, v in settings.items() if k not in ("threshold", "limit")})
+                "adapter": adapter, "dtype": dtype, **asdict(config)}
+    check_run_config(
+        Path(out_dir), {k: v for k, v in settings.items() if k not in ("threshold", "limit")},
+        write=write, unknown=("dtype",) if dtype is None else (),
+    )
     return settings
 
 
@@ -284,7 +296,7 @@ def run_rollouts(
     examples = list(task.examples[: config.limit])
     if not examples:
         raise ValueError(f"task '{task.name}' split '{task.split}' has no examples")
-    settings = prepare_run_folder(out_dir, task, config, model_name=model_name, adapter=adapter)
+    settings = prepare_run_folder(out_dir, task, config, model_name=model_name, adapter=adapter, dtype=model_dtype(model))
     prompts = {ex.id: render_chat(tokenizer, task.user_message(ex), reasoning=True) for ex in examples}
     decision_tokens = option_token_ids(
         tokenizer, task.labels, context=decision_context(prompts[examples[0].id], reasoning=True, marker=config.marker)

@@ -39,7 +39,7 @@ from typing import Mapping, Sequence
 
 from .._io import write_json_atomic, write_text_atomic
 from ..decision import END_OF_REASONING
-from ._common import check_run_config, decision_confidence, derive_seed, fraction, percent, progress_bar, read_rows, save_histogram
+from ._common import check_run_config, decision_confidence, derive_seed, fraction, model_dtype, percent, progress_bar, read_rows, save_histogram
 
 __all__ = [
     "SwapConfig",
@@ -383,19 +383,29 @@ def _write_report(out_dir: Path, greedy, swaps, *, task_name: str, settings: dic
     return summary
 
 
-def prepare_run_folder(out_dir: str | os.PathLike, task, config: SwapConfig, *, model_name=None, adapter=None) -> dict:
+def prepare_run_folder(
+    out_dir: str | os.PathLike, task, config: SwapConfig, *, model_name=None, adapter=None, dtype: str | None = None,
+    write: bool = True,
+) -> dict:
     """Check that `out_dir` is new or holds a run with the same settings; returns the settings.
 
     Called by `run_swap`, and by the CLI before it loads the model, so a wrong folder fails
     fast. The threshold only selects recipients (donors do not depend on it), so it may change
     on a rerun; the limit may not, since it sets the donor candidates.
 
+    Args:
+        dtype: the model's weight dtype; None when not known yet (not compared).
+        write: write `run.json` when missing (False for the CLI's early check).
+
     Raises:
         ConfigError: `out_dir` holds a run with other settings (the message names them).
     """
     settings = {"analysis": "swap", "task": task.name, "split": task.split, "model": model_name,
-                "adapter": adapter, **asdict(config)}
-    check_run_config(Path(out_dir), {k: v for k, v in settings.items() if k != "min_confidence"})
+                "adapter": adapter, "dtype": dtype, **asdict(config)}
+    check_run_config(
+        Path(out_dir), {k: v for k, v in settings.items() if k != "min_confidence"},
+        write=write, unknown=("dtype",) if dtype is None else (),
+    )
     return settings
 
 
@@ -434,7 +444,7 @@ def run_swap(
     examples = list(task.examples[: config.limit])
     if len(examples) < 2:
         raise ValueError(f"task '{task.name}' split '{task.split}' needs at least two examples for swaps; got {len(examples)}")
-    settings = prepare_run_folder(out_dir, task, config, model_name=model_name, adapter=adapter)
+    settings = prepare_run_folder(out_dir, task, config, model_name=model_name, adapter=adapter, dtype=model_dtype(model))
     prompts = {ex.id: render_chat(tokenizer, task.user_message(ex), reasoning=True) for ex in examples}
     decision_tokens = option_token_ids(
         tokenizer, task.labels, context=decision_context(prompts[examples[0].id], reasoning=True, marker=config.marker)

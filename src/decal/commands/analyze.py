@@ -100,7 +100,8 @@ def _register_rollouts(analyze_app: typer.Typer) -> None:
                          limit=limit, seed=seed, threshold=threshold, batch_size=batch_size)
         lm, tokenizer, loaded = _load(
             model, adapter, task, split, data_dir, dtype,
-            prepare=lambda t: prepare_run_folder(out, t, config, model_name=model, adapter=adapter),
+            prepare=lambda t: prepare_run_folder(out, t, config, model_name=model, adapter=adapter,
+                                                 dtype=None if dtype == "auto" else dtype, write=False),
         )
         summary = run_rollouts(lm, tokenizer, loaded, out, config=config, model_name=model, adapter=adapter,
                                progress=progress)
@@ -137,7 +138,8 @@ def _register_swap(analyze_app: typer.Typer) -> None:
                          max_new_tokens=max_new_tokens, batch_size=batch_size, include_invalid=include_invalid or None)
         lm, tokenizer, loaded = _load(
             model, adapter, task, split, data_dir, dtype,
-            prepare=lambda t: prepare_run_folder(out, t, config, model_name=model, adapter=adapter),
+            prepare=lambda t: prepare_run_folder(out, t, config, model_name=model, adapter=adapter,
+                                                 dtype=None if dtype == "auto" else dtype, write=False),
         )
         summary = run_swap(lm, tokenizer, loaded, out, config=config, model_name=model, adapter=adapter,
                            progress=progress)
