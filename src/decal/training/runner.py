@@ -4,8 +4,9 @@ Steps of `train(config)`:
 
 1. validate and resolve the config (paper defaults per method) and build the trainer arguments,
    all before any model is loaded, so a bad config fails in a second;
-2. write `OUT/config.resolved.yaml` and `OUT/env.json` atomically;
-3. load the base model (`decal.models.load_model`, float32 by default) and the task split;
+2. load the task split, check that OUT can be created, and load the base model
+   (`decal.models.load_model`, float32 by default), so bad input writes nothing (issue #9);
+3. write `OUT/config.resolved.yaml` and `OUT/env.json` atomically;
 4. train with LoRA through PEFT, saving `OUT/checkpoint-N/` every `save_steps` steps and
    appending every log dict to `OUT/train_log.jsonl`; `resume=True` continues from the newest
    complete checkpoint (also after a SIGKILL);
@@ -183,6 +184,15 @@ def _warn_changed_config(out: Path, cfg: TrainConfig) -> None:
         logger.warning("resuming %s with settings that differ from its saved config: %s", out, ", ".join(changed))
 
 
+def _check_writable(out: Path) -> None:
+    """Fail with one line when `out` cannot be created: its nearest existing parent is a file or read-only."""
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"cannot create the output folder {out}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK):
+        raise ValueError(f"cannot create the output folder {out}: {existing} is not writable")
+
+
 def _write_run_files(out: Path, cfg: TrainConfig) -> None:
     import yaml
 
@@ -261,12 +271,15 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
 
     if resume:
         _warn_changed_config(out, cfg)
-    if _is_main_process():
-        _write_run_files(out, cfg)  # 2.
+    # 2. task, output folder and model are checked before anything is written, so a bad task
+    #    file, an unwritable --out or a missing model leaves no half-made run folder (issue #9)
+    task = _load_task(cfg)
+    _check_writable(out)
     set_seed(cfg.seed)
     model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
-                                  allow_pickle=cfg.allow_pickle)  # 3.
-    task = _load_task(cfg)
+                                  allow_pickle=cfg.allow_pickle)
+    if _is_main_process():
+        _write_run_files(out, cfg)  # 3.
     trainer = _build_trainer(cfg, args, model=model, tokenizer=tokenizer, task=task, out=out)
     checkpoint = last_checkpoint(out) if resume else None
     if resume:
