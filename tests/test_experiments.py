@@ -321,3 +321,17 @@ def test_a_second_runner_on_the_same_folder_is_refused(tmp_path):
 
     run_experiment(config, out=root, executor=nested)
     assert seen == [True]
+
+
+def test_a_finished_step_run_with_other_settings_is_not_silently_reused(tmp_path):
+    root = tmp_path / "exp"
+    run_experiment(experiment_config_from_dict(tiny_config()), out=root, executor=FakeDecal())
+    changed = tiny_config(evaluation={"limit": 3})
+    with pytest.raises(ConfigError, match=r"finished step\(s\) were run with other settings.*runs/m1/base/builtin/eval"):
+        run_experiment(experiment_config_from_dict(changed), out=root, executor=FakeDecal())
+    # The same settings in a moved folder are still done: paths do not count.
+    moved = tmp_path / "moved"
+    root.rename(moved)
+    again = FakeDecal()
+    run_experiment(experiment_config_from_dict(tiny_config()), out=moved, executor=again)
+    assert again.calls == []

@@ -36,7 +36,7 @@ def print_plan(console, steps, root: Path) -> None:
     for i, step in enumerate(steps, 1):
         status = plan_status(root, step)
         counts[status] = counts.get(status, 0) + 1
-        style = {"done": "green", "partial": "yellow"}.get(status, "")
+        style = {"done": "green", "partial": "yellow", "stale": "red"}.get(status, "")
         table.add_row(str(i), step.id, step.kind, f"[{style}]{status}[/]" if style else status)
     console.print(table)
     console.print(", ".join(f"{n} {s}" for s, n in sorted(counts.items())))

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable, Literal, Sequence
 
 from .._io import write_json_atomic, write_text_atomic
-from ..errors import DecalError
+from ..errors import ConfigError, DecalError
 from .config import ExperimentConfig
 from .plan import Step, build_plan, select_steps
 from .results import RESULTS_FILE, collect_results, write_results
@@ -51,7 +51,7 @@ LOCK_FILE = ".lock"
 
 # Runs one `decal` argument list, appending its output to `log_path`; returns the exit code.
 Executor = Callable[[Sequence[str], Path], int]
-StepStatus = Literal["done", "partial", "pending"]
+StepStatus = Literal["done", "stale", "partial", "pending"]
 
 
 class StepFailedError(DecalError, RuntimeError):
@@ -130,11 +130,22 @@ def experiment_dir(config: ExperimentConfig, out: str | Path | None = None) -> P
     return Path(out if out is not None else config.output_dir).resolve()
 
 
+def _fingerprint(root: Path, step: Step) -> str:
+    """What a step runs, independent of where the experiment folder lives."""
+    text = json.dumps({"commands": [list(c) for c in step.commands], "files": step.files}, sort_keys=True)
+    return text.replace(str(root), "<experiment>")
+
+
 def plan_status(root: Path, step: Step) -> StepStatus:
-    """`done` (DONE marker), `partial` (folder exists, no marker) or `pending`."""
+    """`done` (DONE marker), `stale` (done, but the config now asks for something else),
+    `partial` (folder exists, no marker) or `pending`."""
     folder = root / step.id
     if (folder / DONE).is_file():
-        return "done"
+        try:
+            recorded = json.loads((folder / DONE).read_text(encoding="utf-8")).get("fingerprint")
+        except (json.JSONDecodeError, AttributeError):
+            recorded = None  # a marker from `decal train` itself: the run finished
+        return "stale" if recorded is not None and recorded != _fingerprint(root, step) else "done"
     return "partial" if folder.exists() else "pending"
 
 
@@ -205,7 +216,11 @@ def _run_step(root: Path, step: Step, executor: Executor, metrics_argv: tuple[st
         if step.kind == "calibrate" and i == len(step.commands) - 1:
             commands += _metrics_for_calibrated(root, step, metrics_argv)
         i += 1
-    marker = {"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "commands": [list(c) for c in commands]}
+    marker = {
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "commands": [list(c) for c in commands],
+        "fingerprint": _fingerprint(root, step),
+    }
     write_json_atomic(folder / DONE, marker)
 
 
@@ -266,6 +281,14 @@ def run_experiment(
 
 
 def _run_steps(config, root: Path, all_steps: list[Step], steps: list[Step], executor: Executor, on_step) -> None:
+    stale = [s.id for s in steps if plan_status(root, s) == "stale"]
+    if stale:
+        # Reusing a finished step that the config now describes differently would mix settings
+        # in one table; rerunning it over its old outputs could mix them in one run folder.
+        raise ConfigError(
+            f"{len(stale)} finished step(s) were run with other settings than the config now gives "
+            f"(first: {stale[0]}); delete their folders to rerun them, or use another --out"
+        )
     m = config.metrics
     metrics_argv = ("--n-bins", str(m.n_bins), "--binning", m.binning, "--bootstrap", str(m.bootstrap))
     for step in steps:
