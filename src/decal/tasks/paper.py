@@ -42,7 +42,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from ..errors import DataError
+from ..errors import DataError, DecalError
 from ._files import iter_csv, iter_jsonl
 from .schema import DecisionExample, PromptTemplate, Task
 
@@ -302,7 +302,13 @@ def _hub_rows(spec: PaperTaskSpec, hub_split: str) -> Iterable[tuple[int, dict]]
 
     repo, config = spec.hub
     logger.info("loading %s (config %s, split %s) from the Hugging Face hub", repo, config, hub_split)
-    dataset = datasets.load_dataset(repo, config, split=hub_split)
+    try:
+        dataset = datasets.load_dataset(repo, config, split=hub_split)
+    except Exception as e:  # offline, gated, renamed: all end the same way for the user
+        raise DecalError(
+            f"could not load {repo} (split {hub_split}) from the Hugging Face hub: {type(e).__name__}: {e}. "
+            f"Pass --data-dir / data_dir= or set DECAL_DATA_DIR to the release files (see shared/data/SOURCES.md)"
+        ) from e
     return enumerate(dataset, start=1)
 
 
