@@ -122,12 +122,9 @@ def pad_left(sequences: Sequence[Sequence[int]], pad_id: int, *, device="cpu"):
     import torch
 
     width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), width), int(pad_id), dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        if seq:
-            input_ids[row, width - len(seq) :] = torch.as_tensor(list(seq), dtype=torch.long)
-            attention_mask[row, width - len(seq) :] = 1
+    # One tensor from padded Python lists: far fewer small allocations than row-wise copies.
+    input_ids = torch.tensor([[int(pad_id)] * (width - len(s)) + list(s) for s in sequences], dtype=torch.long)
+    attention_mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences], dtype=torch.long)
     return input_ids.to(device), attention_mask.to(device)
 
 
@@ -175,17 +172,16 @@ def score_token_ids(
     out: list[OptionScores | None] = [None] * len(sequences)
     for batch in length_sorted_batches([len(s) for s in sequences], batch_size):
         logprobs = _forward_last(model, [sequences[i] for i in batch], pad_id)  # (B, V)
+        option_ids = torch.tensor([per_prompt[i].token_ids for i in batch], device=logprobs.device)  # (B, K)
+        option_probs = logprobs.gather(1, option_ids).exp().tolist()  # (B, K)
         top_ids = logprobs.argmax(dim=-1).tolist()  # (B,)
         for row, i in enumerate(batch):
-            dt = per_prompt[i]
-            option_ids = torch.as_tensor(dt.token_ids, device=logprobs.device)
-            probs = logprobs[row, option_ids].exp().tolist()  # (K,)
             top = int(top_ids[row])
             out[i] = OptionScores(
-                option_probs=[float(p) for p in probs],
+                option_probs=[float(p) for p in option_probs[row]],
                 top_token=tokenizer.convert_ids_to_tokens(top),
                 top_token_id=top,
-                top_is_option=top in dt.token_ids,
+                top_is_option=top in per_prompt[i].token_ids,
             )
     return out  # type: ignore[return-value]
 
