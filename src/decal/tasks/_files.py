@@ -32,7 +32,7 @@ def read_text(path: str | os.PathLike) -> str:
         line = data[: e.start].count(b"\n") + 1
         raise DataError(f"not UTF-8 text ({e.reason} at byte {e.start}); save the file as UTF-8", path=path, line=line) from e
     if not text.strip():
-        raise DataError("the file is empty; it must hold at least one example", path=path)
+        raise DataError("the file is empty; it must hold at least one example", path=path, line=1)
     return text.removeprefix("\ufeff")  # a UTF-8 byte-order mark is harmless, not data
 
 
