@@ -2,7 +2,8 @@
 
 Every `on_log` dict of the transformers/TRL trainer (loss, learning rate, and for GRPO the
 reward and decision-token statistics) becomes one JSON line with the global `step`, `epoch` and
-wall-clock `time`. A `{"event": "train_begin", "step": N, "resumed": ...}` line opens each
+wall-clock `time` and
+the process's CPU seconds so far `cpu_s` (step costs that hold on a shared, busy machine). A `{"event": "train_begin", "step": N, "resumed": ...}` line opens each
 (re)start. After a crash, steps logged past the checkpoint the run resumes from are replayed,
 so `read_train_log` keeps, for each step, only the lines written after the last restart that
 precedes them: the log stays append-only (issue #9) and readers still see one history.
@@ -63,7 +64,8 @@ class JsonlLogCallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
-            self._append({"step": state.global_step, "epoch": state.epoch, "time": time.time(), **logs})
+            self._append({"step": state.global_step, "epoch": state.epoch, "time": time.time(),
+                          "cpu_s": time.process_time(), **logs})
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
