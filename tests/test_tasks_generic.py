@@ -25,6 +25,7 @@ def test_jsonl_multiple_choice_with_splits_and_fact():
     assert task.examples[1].fact == "Paris is the capital of France."
     train = load_task(DATA / "good_mc.jsonl", "train")
     assert [ex.id for ex in train] == ["q1", "q3"]
+    assert train.data_files == (str(DATA / "good_mc.jsonl"),)
     message = task.user_message(task.examples[1])
     assert "Fact: Paris is the capital of France.\nQuestion: Capital of France?\nOptions:\nA. Paris\nB. Rome" in message
     reasoning = load_task(DATA / "good_mc.jsonl", "all", reasoning=True)

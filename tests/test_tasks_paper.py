@@ -44,7 +44,10 @@ def test_split_size_first_id_and_label_counts(data_dir, name, split):
 
 def test_env_var_points_loaders_at_the_files(data_dir, monkeypatch):
     monkeypatch.setenv("DECAL_DATA_DIR", str(data_dir))
-    assert len(load_task("xstest", "test")) == 450
+    task = load_task("xstest", "test")
+    assert len(task) == 450
+    assert task.data_files == (str(data_dir / "xstest" / "xstest_prompts.csv"),)
+    assert load_task("commonsense_qa", "train500").data_files == (str(data_dir / "commonsense_qa" / "train.jsonl"),)
 
 
 # sha256 of the comma-joined ids: the same on every run and platform (seeded PCG64 draw).

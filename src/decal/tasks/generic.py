@@ -209,7 +209,10 @@ def load_task_file(path: str | os.PathLike, split: str = ALL_SPLIT, *, reasoning
         key = "multiple_choice_fact" if any(ex.fact for ex in examples) else "multiple_choice"
     else:
         key = "classification"
-    return Task(name=str(path), split=split, examples=tuple(examples), template=DEFAULT_TEMPLATES[key], reasoning=reasoning)
+    return Task(
+        name=str(path), split=split, examples=tuple(examples), template=DEFAULT_TEMPLATES[key],
+        reasoning=reasoning, data_files=(str(path),),
+    )
 
 
 def load_template_file(path: str | os.PathLike) -> PromptTemplate:

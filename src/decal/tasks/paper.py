@@ -38,7 +38,7 @@ import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
 import numpy as np
 
@@ -318,7 +318,6 @@ def load_paper_task(
     *,
     data_dir: str | os.PathLike | None = None,
     reasoning: bool = False,
-    rows_loader: Callable[[PaperTaskSpec, str], tuple[DecisionExample, ...]] | None = None,
 ) -> Task:
     """Load one split of a paper dataset (see the module docstring for sources and splits).
 
@@ -327,7 +326,6 @@ def load_paper_task(
         split: one of the task's splits.
         data_dir: the release files' folder; default DECAL_DATA_DIR, else the hub.
         reasoning: render the reasoning variant of the prompt.
-        rows_loader: replaces reading (spec, source split) -> examples; for tests.
 
     Raises:
         ValueError: unknown split. DataError: a malformed row. FileNotFoundError: a missing file.
@@ -336,12 +334,14 @@ def load_paper_task(
     if split not in spec.splits:
         raise ValueError(f"Unknown split {split!r} for task {name!r}. Available: {', '.join(spec.splits)}")
     folder = _resolve_data_dir(data_dir)
-    read = rows_loader or (lambda s, source: _read_source(s, source, folder))
-    if split in spec.drawn:
-        source, part = spec.drawn[split]
-        pool = read(spec, source)
+    source, part = spec.drawn.get(split, (split, None))
+    pool = _read_source(spec, source, folder)
+    if part is None:
+        examples = pool
+    else:
         chosen = set(drawn_indices(len(pool)))
         examples = tuple(ex for i, ex in enumerate(pool) if (i in chosen) == (part == "draw"))
-    else:
-        examples = read(spec, split)
-    return Task(name=name, split=split, examples=examples, template=paper_template(name), reasoning=reasoning)
+    files = (str(folder / spec.sources[source][0]),) if folder is not None else ()
+    return Task(
+        name=name, split=split, examples=examples, template=paper_template(name), reasoning=reasoning, data_files=files
+    )

@@ -55,7 +55,7 @@ def _task_names() -> list[str]:
     return [info.name for info in list_tasks()]
 
 
-def _parse_value(key: str, raw: str):
+def _parse_value(raw: str):
     raw = raw.strip()
     try:
         return int(raw)
@@ -80,7 +80,7 @@ def parse_spec(spec: str) -> tuple[str, dict]:
                 f"task spec option must be key=value; got {part!r} in {spec!r}. "
                 f"Example: builtin:difficulty=1,seed=0"
             )
-        options[key.strip()] = _parse_value(key, value)
+        options[key.strip()] = _parse_value(value)
     return name.strip(), options
 
 

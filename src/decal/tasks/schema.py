@@ -63,13 +63,18 @@ class PromptTemplate:
 
 @dataclass(frozen=True, kw_only=True)
 class Task:
-    """A split of a task: its examples, in a fixed order, and the template that renders them."""
+    """A split of a task: its examples, in a fixed order, and the template that renders them.
+
+    data_files: the files the examples were read from (for checksums in run records); empty for
+    generated tasks and hub datasets.
+    """
 
     name: str
     split: str
     examples: tuple[DecisionExample, ...]
     template: PromptTemplate
     reasoning: bool = False
+    data_files: tuple[str, ...] = ()
 
     @property
     def labels(self) -> tuple[str, ...]:
