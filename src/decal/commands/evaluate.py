@@ -118,6 +118,7 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
 
         from .._io import safe_name
+        from ..errors import DecisionTokenCollisionError
         from ..evaluation import PREDICTIONS, evaluate
         from ..models import load_model
         from ..records import read_records
@@ -144,11 +145,14 @@ def register(app: typer.Typer) -> None:
                 model, adapter=adapter, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
                 allow_pickle=allow_pickle, offline=offline or None,
             )
-            evaluate(
-                net, tokenizer, the_task, out_dir=folder, model_name=model, adapter=adapter, batch_size=batch_size,
-                max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, limit=limit, progress=progress,
-                task_name=task,
-            )
+            try:
+                evaluate(
+                    net, tokenizer, the_task, out_dir=folder, model_name=model, adapter=adapter, batch_size=batch_size,
+                    max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, limit=limit, progress=progress,
+                    task_name=task,
+                )
+            except DecisionTokenCollisionError as e:  # name the task file too (issue #9)
+                raise DecisionTokenCollisionError(f"{task}: field 'labels': {e}") from e
         except BaseException:
             _discard_if_empty(folder, created)
             raise
