@@ -172,3 +172,23 @@ def test_tasks_show_with_template_file(capsys):
     out = capsys.readouterr().out
     assert code == 0
     assert "===== id q1  gold B =====\nQ: 2 + 2 = ?\nA. 3\nB. 4\nPick one of A, B.\n" in out
+
+
+def test_show_epilog_examples_run(capsys, data_dir, qwen3_tokenizer_dir):
+    import shlex
+
+    from decal.commands.tasks import SHOW_EPILOG
+
+    substitutions = {
+        "../shared/models/qwen3-tokenizer": str(qwen3_tokenizer_dir),
+        "my_task.jsonl": str(DATA / "good_mc.jsonl"),
+        "my_prompt.txt": str(DATA / "template_ok.txt"),
+    }
+    commands = [line.strip() for line in SHOW_EPILOG.splitlines() if line.strip().startswith("decal ")]
+    assert len(commands) == 4
+    for command in commands:
+        for old, new in substitutions.items():
+            command = command.replace(old, new)
+        argv = shlex.split(command)[1:] + ["--data-dir", str(data_dir)]
+        assert main(argv) == 0, command
+        assert "===== id " in capsys.readouterr().out
