@@ -64,6 +64,14 @@ def scripted_model(model, tokenizer, script: dict[str, list[str]], *, logit=24.0
             h = inner.norm(inner.embed_tokens.weight[tid])  # (H,) final hidden state of that token
             for nxt in following:
                 head[tokenizer.convert_tokens_to_ids(nxt)] += logit * h / h.dot(h)
+        # Other script entries leak into a fork's logits; level the fork's choices again.
+        for current, following in script.items():
+            if len(following) > 1:
+                h = inner.norm(inner.embed_tokens.weight[tokenizer.convert_tokens_to_ids(current)])
+                ids = tokenizer.convert_tokens_to_ids(following)
+                top = max(float(head[i].dot(h)) for i in ids)
+                for i in ids:
+                    head[i] += (top - head[i].dot(h)) * h / h.dot(h)
     return model
 
 
@@ -129,7 +137,7 @@ def test_probs_captured_in_generation_equal_teacher_forcing_tiny_qwen3(tiny_qwen
     option_ids = [25663, 78770, 32, 33]
     config = generation_config(tiny_qwen3, qwen3_tok, temperature=temperature, max_new_tokens=6)
     torch.manual_seed(0)
-    new_ids, captured = _generate_batch(
+    new_ids, captured, _ = _generate_batch(
         tiny_qwen3, seqs, torch.tensor([option_ids] * len(seqs)), config, qwen3_tok.pad_token_id
     )
     assert captured.shape == (len(seqs), new_ids.shape[1], len(option_ids))
@@ -145,7 +153,7 @@ def test_probs_captured_in_generation_equal_teacher_forcing_smollm2(smollm2):
     option_ids = list(option_token_ids(tok, ["Safe", "Unsafe"], context="</think>\n").token_ids)
     config = generation_config(model, tok, temperature=1.0, max_new_tokens=5)
     torch.manual_seed(1)
-    new_ids, captured = _generate_batch(model, seqs, torch.tensor([option_ids] * 2), config, tok.pad_token_id)
+    new_ids, captured, _ = _generate_batch(model, seqs, torch.tensor([option_ids] * 2), config, tok.pad_token_id)
     for r, seq in enumerate(seqs):
         ref = _teacher_forced_probs(model, seq, new_ids[r].tolist(), option_ids)
         torch.testing.assert_close(captured[r].exp(), ref, atol=1e-5, rtol=0)
@@ -205,7 +213,28 @@ def test_completion_without_decision_is_forced_by_appending_the_marker(tiny_qwen
         ids = encode_prompts(qwen3_tok, [prompt])[0] + g.completion_ids + suffix
         with torch.inference_mode():
             ref = torch.log_softmax(tiny_qwen3(input_ids=torch.tensor([ids])).logits[0, -1].float(), -1)
-        assert g.option_probs == pytest.approx(ref[list(dt.token_ids)].exp().tolist(), abs=1e-6)
+        assert g.option_probs == pytest.approx(ref[list(dt.token_ids)].exp().tolist(), abs=1e-5)
+
+
+def test_forced_rows_that_stopped_early_and_rows_cut_by_the_budget_share_a_batch(qwen3_tok):
+    """The forced pass reuses the generation cache: rows that stopped early have masked tails."""
+    prompts = _prompts(qwen3_tok, reasoning=True)
+    last = qwen3_tok.convert_ids_to_tokens(encode_prompts(qwen3_tok, prompts[:1])[0][-1])
+    script = {last: ["ĊĊ", "Ġ"], "ĊĊ": ["<|im_end|>"], "Ġ": ["Ġ"]}
+    model = scripted_model(build_tiny_qwen3(qwen3_tok, seed=5), qwen3_tok, script)
+    dt = option_token_ids(qwen3_tok, ["Safe", "Unsafe"], context=decision_context(prompts[0], reasoning=True))
+    out = generate_decisions(model, qwen3_tok, prompts, dt, num_samples=4, temperature=1.0, max_new_tokens=5, seed=0)
+    suffix = qwen3_tok("</think>\n", add_special_tokens=False)["input_ids"]
+    lengths = set()
+    for prompt, rollouts in zip(prompts, out):
+        for g in rollouts:
+            assert g.forced and not g.valid
+            lengths.add(len(g.completion_ids))
+            ids = encode_prompts(qwen3_tok, [prompt])[0] + g.completion_ids + suffix
+            with torch.inference_mode():
+                ref = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, -1].float(), -1)
+            assert g.option_probs == pytest.approx(ref[list(dt.token_ids)].exp().tolist(), abs=1e-5)
+    assert lengths == {1, 5}  # both kinds of rows occurred
 
 
 def test_truncated_right_after_the_marker_is_forced_without_a_second_marker(qwen3_tok):

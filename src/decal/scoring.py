@@ -278,21 +278,85 @@ def generation_config(model, tokenizer, *, temperature: float, max_new_tokens: i
     )
 
 
-def _generate_batch(model, sequences, option_ids, config, pad_id):
-    """Generate for one batch; returns new ids (R, S) and captured option log-probs (R, S, K)."""
+def _generate_batch(model, sequences, option_ids, config, pad_id, *, keep_cache: bool = False):
+    """Generate for one batch.
+
+    Returns new ids (R, S), captured option log-probs (R, S, K), and, with `keep_cache`, the
+    state a forced decision needs: (past key values, prompt attention mask (R, P)).
+    """
     import torch
 
     input_ids, attention_mask = pad_left(sequences, pad_id, device=_model_device(model))
     with _capture_options(model, option_ids) as capture, torch.inference_mode():
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
-    new_ids = out[:, input_ids.shape[1] :].cpu()  # (R, S)
+        out = model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+            return_dict_in_generate=True,
+        )
+    new_ids = out.sequences[:, input_ids.shape[1] :].cpu()  # (R, S)
     # One head call per generated token: call s gives the distribution that produced token s.
     if len(capture.steps) != new_ids.shape[1]:
         raise RuntimeError(
             f"captured {len(capture.steps)} head calls for {new_ids.shape[1]} generated tokens; "
             f"this model's generate does not call its output head once per token"
         )
-    return new_ids, torch.stack(capture.steps, dim=1)  # (R, S, K)
+    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    state = (cache, attention_mask) if keep_cache else None
+    return new_ids, torch.stack(capture.steps, dim=1), state  # (R, S), (R, S, K)
+
+
+def _cache_keyword(model) -> str:
+    # transformers 5.x renamed `past_key_values` to `cache` in forward(); accept both.
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wraps the model
+    params = inspect.signature(base.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _forced_from_cache(model, state, new_ids, lengths, suffixes, option_ids, captured, pad_id):
+    """Option log-probs (R, K) after each forced row's completion + suffix, reusing the generation cache.
+
+    The cache holds the prompt and all generated tokens but the last. Each row feeds what is
+    missing (its last token if it was cut by the budget, then the suffix); positions after a
+    row's stop token are masked, so the result equals a forward pass over prompt + completion +
+    suffix alone (checked against teacher forcing in the tests). Rows in `suffixes` set to None
+    are not forced and get a masked dummy feed.
+    """
+    import torch
+
+    cache, prompt_mask = state
+    n_rows, width_new = new_ids.shape
+    feeds, starts = [], []
+    for r in range(n_rows):
+        if suffixes[r] is None:
+            feeds.append([])
+        else:
+            feeds.append(new_ids[r, width_new - 1 : lengths[r]].tolist() + list(suffixes[r]))
+        starts.append(int(prompt_mask[r].sum()) + min(lengths[r], width_new - 1))
+    result = captured[torch.arange(n_rows), torch.as_tensor(lengths).clamp(max=width_new - 1)].clone()  # (R, K)
+    if not any(feeds):
+        return result  # every forced row stopped right after its marker: step L is its decision
+    width = max(len(f) for f in feeds)
+    device = prompt_mask.device
+    feed_ids, feed_mask = pad_left([f if f else [pad_id] for f in feeds], pad_id, device=device)
+    feed_mask[[r for r, f in enumerate(feeds) if not f]] = 0
+    feed_ids, feed_mask = feed_ids[:, -width:], feed_mask[:, -width:]
+    generated_mask = (torch.arange(width_new - 1) < torch.as_tensor(lengths)[:, None]).long().to(device)  # (R, S-1)
+    offsets = (feed_mask.cumsum(-1) - 1).clamp(min=0)
+    position_ids = torch.as_tensor(starts, device=device)[:, None] + offsets  # (R, W)
+    with torch.inference_mode():
+        logits = model(
+            input_ids=feed_ids,
+            attention_mask=torch.cat([prompt_mask, generated_mask, feed_mask], dim=-1),
+            position_ids=position_ids,
+            **{_cache_keyword(model): cache},
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits[:, -1].float()  # (R, V)
+    logprobs = torch.log_softmax(logits, dim=-1).gather(1, option_ids.to(logits.device)).cpu()  # (R, K)
+    fed = torch.as_tensor([bool(f) for f in feeds])
+    result[fed] = logprobs[fed]
+    return result
 
 
 def _forced_suffix_ids(tokenizer, completion: str, marker: str | None) -> list[int]:
@@ -301,6 +365,13 @@ def _forced_suffix_ids(tokenizer, completion: str, marker: str | None) -> list[i
     if marker is None or marker in completion:
         return []
     return list(tokenizer(marker + "\n", add_special_tokens=False)["input_ids"])
+
+
+def _decide(tokenizer, new_ids: list[int], decision_tokens: DecisionTokens, marker, stops):
+    """(completion ids cut at the first stop token, its text, its `Decision`)."""
+    decision = find_decision(new_ids, tokenizer, decision_tokens, marker=marker, stop_ids=stops)
+    end = next((j for j, t in enumerate(new_ids) if t in stops), len(new_ids))
+    return new_ids[:end], tokenizer.decode(new_ids[:end], skip_special_tokens=False), decision
 
 
 def generate_decisions(
@@ -380,46 +451,29 @@ def generate_token_ids(
     stops = _stop_ids(model, tokenizer)
     torch.manual_seed(seed)
     results: list[list[GeneratedDecision | None]] = [[None] * num_samples for _ in sequences]
-    forced: list[tuple[int, int, list[int], list[int], str, Decision]] = []
     for batch in length_sorted_batches(lengths, max(1, batch_size // num_samples)):
         rows = [(i, s) for i in batch for s in range(num_samples)]
         option_ids = torch.as_tensor([per_prompt[i].token_ids for i, _ in rows], dtype=torch.long)  # (R, K)
-        new_ids, option_logprobs = _generate_batch(model, [sequences[i] for i, _ in rows], option_ids, config, pad_id)
-        for r, (i, s) in enumerate(rows):
-            ids = new_ids[r].tolist()
-            decision = find_decision(ids, tokenizer, per_prompt[i], marker=marker, stop_ids=stops)
-            end = next((j for j, t in enumerate(ids) if t in stops), len(ids))
-            completion_ids = ids[:end]
-            text = tokenizer.decode(completion_ids, skip_special_tokens=False)
-            if decision.index < 0:
-                forced.append((i, s, completion_ids, _forced_suffix_ids(tokenizer, text, marker), text, decision))
-                continue
-            token_id = completion_ids[decision.index]
-            results[i][s] = GeneratedDecision(
-                completion_ids=completion_ids,
-                completion=text,
-                decision=decision,
-                option_probs=option_logprobs[r, decision.index].exp().tolist(),
-                emitted_token=tokenizer.convert_ids_to_tokens(token_id),
-                valid=decision.valid,
-                forced=False,
-            )
-    if forced:
-        scores = score_token_ids(
-            model,
-            tokenizer,
-            [sequences[i] + ids + suffix for i, _, ids, suffix, _, _ in forced],
-            [per_prompt[i] for i, *_ in forced],
-            batch_size=batch_size,
+        new_ids, option_logprobs, state = _generate_batch(
+            model, [sequences[i] for i in batch for _ in range(num_samples)], option_ids, config, pad_id, keep_cache=True
         )
-        for (i, s, ids, _, text, decision), score in zip(forced, scores):
+        decided = [_decide(tokenizer, new_ids[r].tolist(), per_prompt[i], marker, stops) for r, (i, _) in enumerate(rows)]
+        suffixes = [None if d.index >= 0 else _forced_suffix_ids(tokenizer, text, marker) for ids, text, d in decided]
+        if any(x is not None for x in suffixes):
+            forced_logprobs = _forced_from_cache(
+                model, state, new_ids, [len(ids) for ids, _, _ in decided], suffixes, option_ids, option_logprobs, pad_id
+            )
+        del state  # the KV cache: free it before the next batch
+        for r, ((i, s), (ids, text, decision)) in enumerate(zip(rows, decided)):
+            forced = decision.index < 0
+            logprobs = forced_logprobs[r] if forced else option_logprobs[r, decision.index]
             results[i][s] = GeneratedDecision(
                 completion_ids=ids,
                 completion=text,
                 decision=decision,
-                option_probs=score.option_probs,
-                emitted_token=None,
-                valid=False,
-                forced=True,
+                option_probs=logprobs.exp().tolist(),
+                emitted_token=None if forced else tokenizer.convert_ids_to_tokens(ids[decision.index]),
+                valid=decision.valid,
+                forced=forced,
             )
     return results  # type: ignore[return-value]
