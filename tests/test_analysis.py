@@ -222,11 +222,18 @@ ASSISTANT = [151644, 77091, 198]  # "<|im_start|>assistant\n" in the Qwen3 token
 
 
 class _Script:
-    """Forward hooks that make a causal LM follow a script (see the block comment above)."""
+    """Forward hooks that make a causal LM follow a script (see the block comment above).
+
+    A pre-hook on the model keeps each row's token history (a pass without a filled cache
+    starts it again; a pass with a cache extends it); a hook on the output head replaces the
+    logits at every returned position by the script's choice in that position's context.
+    """
 
     def __init__(self, model, tokenizer):
         self.tok = tokenizer
         self.history: list[list[int]] = []
+        self.before: list[list[int]] = []
+        self.inputs: list[list[int]] = []
         self.eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.options = [tokenizer.convert_tokens_to_ids(t) for t in ("Positive", "Negative")]
         self.handles = [
@@ -239,13 +246,11 @@ class _Script:
             h.remove()
 
     def _track(self, module, args, kwargs):
-        ids = kwargs["input_ids"].tolist()
-        if len(ids[0]) > 1:  # a prefill or a scoring pass: the whole sequence, left-padded
-            pad = self.tok.pad_token_id
-            self.history = [[t for j, t in enumerate(row) if not (t == pad and all(u == pad for u in row[: j + 1]))] for row in ids]
-        else:
-            for row, (t,) in zip(self.history, ids):
-                row.append(t)
+        self.inputs = kwargs["input_ids"].tolist()
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        fresh = cache is None or cache.get_seq_length() == 0
+        self.before = [[] for _ in self.inputs] if fresh else self.history
+        self.history = [b + i for b, i in zip(self.before, self.inputs)]
 
     @staticmethod
     def plan(review: str) -> tuple[str, bool]:
@@ -257,7 +262,10 @@ class _Script:
 
     def _next(self, ids: list[int]):
         """(token id to emit, None) for scripted text, or (None, option probabilities) to decide."""
+        ids = [t for t in ids if t != self.tok.pad_token_id]  # padding is masked in the model
         starts = [j for j in range(len(ids) - 2) if ids[j : j + 3] == ASSISTANT]
+        if not starts:  # inside a prompt: nobody reads this position
+            return self.eos, None
         prompt, comp = ids[: starts[-1] + 3], ids[starts[-1] + 3 :]
         text = self.tok.decode(comp, skip_special_tokens=False)
         if "</think>" in text:
@@ -274,13 +282,16 @@ class _Script:
         import torch
 
         out = torch.full_like(output, -1e4)
-        for b, ids in enumerate(self.history):
-            token, probs = self._next(ids)
-            if token is not None:
-                out[b, -1, token] = 0.0
-            else:
-                for tid, p in zip(self.options, probs):
-                    out[b, -1, tid] = math.log(p)
+        n_out = output.shape[1]
+        for b, (before, fed) in enumerate(zip(self.before, self.inputs)):
+            for t in range(n_out):
+                # output position t reads the context up to input position len(fed) - n_out + t
+                token, probs = self._next(before + fed[: len(fed) - n_out + t + 1])
+                if token is not None:
+                    out[b, t, token] = 0.0
+                else:
+                    for tid, p in zip(self.options, probs):
+                        out[b, t, tid] = math.log(p)
         return out
 
 
@@ -431,4 +442,5 @@ def test_smollm2_rollouts_and_swap_small(smollm2, tmp_path):
         assert question in row["swapped_prompt"] and donor["reasoning"] in row["swapped_prompt"]
     # a rerun with the same settings reads what is there and gives the same report
     assert json.dumps(run_swap(model, tok, task, tmp_path / "s", config=config)) == json.dumps(s)
-    assert json.dumps(run_rollouts(model, tok, task, tmp_path / "r", config=RolloutConfig(samples=2, max_new_tokens=8, limit=2))) == json.dumps(r)
+    again = run_rollouts(model, tok, task, tmp_path / "r", config=RolloutConfig(samples=2, max_new_tokens=8, limit=2))
+    assert json.dumps(again) == json.dumps(r)

@@ -127,7 +127,8 @@ def _query_stats(rows: Sequence[dict], threshold: float) -> list[dict]:
     by_query: dict[str, dict] = {}
     for row in rows:
         q = by_query.setdefault(
-            row["example_id"], {"id": row["example_id"], "label": row["label"], "n": 0, "n_valid": 0, "n_correct": 0, "n_above": 0}
+            row["example_id"],
+            {"id": row["example_id"], "label": row["label"], "n": 0, "n_valid": 0, "n_correct": 0, "n_above": 0},
         )
         q["n"] += 1
         if row["valid"]:

@@ -8,12 +8,13 @@ Two phases, each resumable, both through the scoring code of `decal evaluate`:
    the end-of-reasoning marker and the whitespace the model wrote before its decision).
 2. For each valid prediction with `confidence >= min_confidence`, a donor is drawn among the
    other examples of the same split whose greedy decision was a different label (and whose
-   reasoning is not empty). With `include_invalid`, predictions without a valid decision take
-   part too, at their forced decision (DESIGN.md): the whole completion is their reasoning and
-   the marker is appended, which lets the experiment run on models that ignore the format. The swapped prompt is the original prompt + the recipient's opening
-   + the donor's reasoning + the recipient's closing, so it has the shape of the model's own
-   completion up to its decision position; one forward pass (`decal.scoring.score_prompts`)
-   reads the decision there. One JSON line per eligible example in `swaps.jsonl`.
+   reasoning is not empty). The swapped prompt is the original prompt + the recipient's
+   opening + the donor's reasoning + the recipient's closing, so it has the shape of the
+   model's own completion up to its decision position; one forward pass
+   (`decal.scoring.score_prompts`) reads the decision there. One JSON line per eligible example
+   in `swaps.jsonl`. With `include_invalid`, predictions without a valid decision take part
+   too, at their forced decision (DESIGN.md): the whole completion is their reasoning and the
+   marker is appended, which lets the experiment run on models that ignore the format.
 
 The donor is `random.Random(derive_seed(seed, example_id)).choice(sorted candidate ids)`: it
 depends only on the seed, the example id and the candidate set, so a resumed run picks the same
@@ -39,7 +40,17 @@ from typing import Mapping, Sequence
 
 from .._io import write_json_atomic, write_text_atomic
 from ..decision import END_OF_REASONING
-from ._common import check_run_config, decision_confidence, derive_seed, fraction, model_dtype, percent, progress_bar, read_rows, save_histogram
+from ._common import (
+    check_run_config,
+    decision_confidence,
+    derive_seed,
+    fraction,
+    model_dtype,
+    percent,
+    progress_bar,
+    read_rows,
+    save_histogram,
+)
 
 __all__ = [
     "SwapConfig",
@@ -66,7 +77,9 @@ class SwapConfig:
     """Settings of a reasoning-swap analysis (paper, Section 4.2)."""
 
     min_confidence: float = field(default=0.99, metadata={"help": "swap predictions made with at least this confidence"})
-    limit: int | None = field(default=None, metadata={"help": "use only the first N examples of the split (recipients and donors)"})
+    limit: int | None = field(
+        default=None, metadata={"help": "use only the first N examples of the split (recipients and donors)"}
+    )
     seed: int = field(default=0, metadata={"help": "seed of the donor choice"})
     max_new_tokens: int = field(default=256, metadata={"help": "generation budget of the greedy run"})
     batch_size: int = field(default=8, metadata={"help": "prompts per generation / scoring batch"})
@@ -312,7 +325,9 @@ def swaps_table(summaries: Sequence[tuple[str, dict]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _greedy_phase(model, tokenizer, task, examples, prompts, decision_tokens, path: Path, config: SwapConfig, progress: bool) -> list[dict]:
+def _greedy_phase(
+    model, tokenizer, task, examples, prompts, decision_tokens, path: Path, config: SwapConfig, progress: bool
+) -> list[dict]:
     from ..records import RecordWriter, completed_ids
     from ..scoring import generate_decisions
 
@@ -342,7 +357,9 @@ def _eligible(greedy: Sequence[Mapping], config: SwapConfig) -> list[Mapping]:
     ]
 
 
-def _swap_phase(model, tokenizer, task, greedy, prompts, decision_tokens, path: Path, config: SwapConfig, progress: bool) -> list[dict]:
+def _swap_phase(
+    model, tokenizer, task, greedy, prompts, decision_tokens, path: Path, config: SwapConfig, progress: bool
+) -> list[dict]:
     from ..records import RecordWriter, completed_ids
     from ..scoring import score_prompts
 
