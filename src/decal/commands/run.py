@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-__all__ = ["register", "print_plan", "run_with_progress"]
+__all__ = ["register", "print_plan", "run_with_progress", "check_inputs"]
 
 EPILOG = """Examples:
 
@@ -40,6 +40,35 @@ def print_plan(console, steps, root: Path) -> None:
         table.add_row(str(i), step.id, step.kind, f"[{style}]{status}[/]" if style else status)
     console.print(table)
     console.print(", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+
+
+def check_inputs(config, source: Path) -> None:
+    """Fail before the experiment folder exists when a local model path is missing or a task file is bad.
+
+    Hub ids, aliases and paper tasks are left to the steps (they may need the network or a
+    data folder); local paths and task files are cheap to check here, and a bad one would
+    otherwise fail only when its step runs (issue #9).
+    """
+    from ..errors import ConfigError
+    from ..tasks import load_task
+    from ..tasks.registry import _looks_like_path
+
+    for i, model in enumerate(config.models):
+        path = model.path
+        local = path.startswith(("/", ".", "~")) or path.lower().endswith(".gguf")
+        if local and not Path(path).expanduser().exists():
+            raise ConfigError(f"{source}: `models[{i}].path` {path!r}: no such model folder or file")
+    for i, train in enumerate(config.train_tasks):
+        wanted = [(f"train_tasks[{i}].task", train.task, train.split)]
+        wanted += [(f"train_tasks[{i}].evaluations[{j}].task", e.task, e.split) for j, e in enumerate(train.evaluations)]
+        for where, task, split in wanted:
+            if _looks_like_path(task):
+                if not Path(task).is_file():
+                    raise ConfigError(f"{source}: `{where}` {task!r}: no such task file")
+                try:
+                    load_task(task, split)
+                except ValueError as e:  # DataError names the task file's line; add the config's field
+                    raise ConfigError(f"{source}: `{where}`: {e}") from e
 
 
 def run_with_progress(config, *, out, only, console) -> Path:
@@ -81,6 +110,7 @@ def register(app: typer.Typer) -> None:
 
         console = Console()
         cfg = load_experiment_config(config)
+        check_inputs(cfg, config)
         root = experiment_dir(cfg, out)
         steps = select_steps(build_plan(cfg, root), only)
         print_plan(console, steps, root)
