@@ -174,6 +174,10 @@ CASES = {
     "run/malformed_yaml": _experiment("experiment_malformed.yaml", ":4:", "invalid YAML"),
     "run/empty": _experiment("experiment_empty.yaml", "mapping"),
     "run/missing_config": _experiment("no-such-experiment.yaml"),
+    "run/missing_model": _experiment("experiment_missing_model.yaml", "`models[0].path`", "no-such-model-folder"),
+    "run/bad_task_file": _experiment("experiment_bad_task_file.yaml", "unknown_label.jsonl:2:", "field 'label'"),
+    "run/out_under_a_file": Case(("run", "{corpus}/configs/experiment_good.yaml", "--out", "{tmp}/a_file/exp"),
+                                 ("a_file/exp",), absent=("a_file/exp",)),
 }
 
 # Run as real subprocesses too: one per kind of input, to check a fresh process's stderr.
@@ -244,6 +248,7 @@ def _case_params():
 @pytest.mark.parametrize(("case", "model_dir"), _case_params(), indirect=["model_dir"])
 def test_bad_input_fails_with_one_line_and_no_output(case, model_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(ROOT)  # experiment configs name task files relative to the repository root
     argv = _prepare(case, tmp_path, model_dir)
     before = _snapshot(tmp_path)
     code = main(argv)
