@@ -6,6 +6,7 @@ defaults live only there (a flag left out keeps the field's default).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Optional
 
@@ -39,6 +40,34 @@ def _help(config_cls, name: str) -> str:
 def _config(config_cls, **values):
     # Precedence flag > dataclass default, merged on `is not None` (a 0 is a real value).
     return config_cls(**{k: v for k, v in values.items() if v is not None})
+
+
+@contextlib.contextmanager
+def _no_partial_folder(out: str, *, progress: bool):
+    """Fail early on an --out that cannot be created; after a failure, remove the run folder this
+    call created while it holds no results (only `run.json` or empty files), so bad input leaves
+    no partial output (issue #9). A folder that existed before (a resumed run) is kept.
+    """
+    import shutil
+    from pathlib import Path
+
+    if not progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # "Loading weights" bars would add lines to stderr
+    folder = Path(out)
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"cannot create the run folder {folder}: {existing} is not a folder")
+    created = not folder.exists()
+    try:
+        yield
+    except BaseException:
+        if created and folder.is_dir():
+            entries = list(folder.iterdir())
+            if all(e.is_file() and (e.name == "run.json" or e.stat().st_size == 0) for e in entries):
+                shutil.rmtree(folder, ignore_errors=True)
+        raise
 
 
 def _load(model: str, adapter: str | None, task: str, split: str, data_dir: str | None, dtype: str, *, prepare,
@@ -105,14 +134,15 @@ def _register_rollouts(analyze_app: typer.Typer) -> None:
 
         config = _config(RolloutConfig, samples=samples, temperature=temperature, max_new_tokens=max_new_tokens,
                          limit=limit, seed=seed, threshold=threshold, batch_size=batch_size)
-        lm, tokenizer, loaded = _load(
-            model, adapter, task, split, data_dir, dtype,
-            prepare=lambda t: prepare_run_folder(out, t, config, model_name=model, adapter=adapter,
-                                                 dtype=None if dtype == "auto" else dtype, write=False),
-            device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, offline=offline or None,
-        )
-        summary = run_rollouts(lm, tokenizer, loaded, out, config=config, model_name=model, adapter=adapter,
-                               progress=progress)
+        with _no_partial_folder(out, progress=progress):
+            lm, tokenizer, loaded = _load(
+                model, adapter, task, split, data_dir, dtype,
+                prepare=lambda t: prepare_run_folder(out, t, config, model_name=model, adapter=adapter,
+                                                     dtype=None if dtype == "auto" else dtype, write=False),
+                device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, offline=offline or None,
+            )
+            summary = run_rollouts(lm, tokenizer, loaded, out, config=config, model_name=model, adapter=adapter,
+                                   progress=progress)
         _print_result(out, rollouts_table([(loaded.name, summary)]))
 
 
@@ -150,12 +180,13 @@ def _register_swap(analyze_app: typer.Typer) -> None:
 
         config = _config(SwapConfig, min_confidence=min_confidence, limit=limit, seed=seed,
                          max_new_tokens=max_new_tokens, batch_size=batch_size, include_invalid=include_invalid or None)
-        lm, tokenizer, loaded = _load(
-            model, adapter, task, split, data_dir, dtype,
-            prepare=lambda t: prepare_run_folder(out, t, config, model_name=model, adapter=adapter,
-                                                 dtype=None if dtype == "auto" else dtype, write=False),
-            device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, offline=offline or None,
-        )
-        summary = run_swap(lm, tokenizer, loaded, out, config=config, model_name=model, adapter=adapter,
-                           progress=progress)
+        with _no_partial_folder(out, progress=progress):
+            lm, tokenizer, loaded = _load(
+                model, adapter, task, split, data_dir, dtype,
+                prepare=lambda t: prepare_run_folder(out, t, config, model_name=model, adapter=adapter,
+                                                     dtype=None if dtype == "auto" else dtype, write=False),
+                device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, offline=offline or None,
+            )
+            summary = run_swap(lm, tokenizer, loaded, out, config=config, model_name=model, adapter=adapter,
+                               progress=progress)
         _print_result(out, swaps_table([(loaded.name, summary)]))
