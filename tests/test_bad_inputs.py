@@ -76,6 +76,12 @@ def _evaluate(task: str, *extra: str, model: str = "{model}", out: str = "{tmp}/
     return ("evaluate", "--model", model, "--task", task, *split, "--out", out, "--no-progress", "--offline", *extra)
 
 
+def _analyze(kind: str, task: str, *extra: str, out: str = "{tmp}/out") -> tuple[str, ...]:
+    split = ("--split", "all") if task.endswith(".jsonl") else ("--split", "test")
+    return ("analyze", kind, "--model", "{model}", "--task", task, *split, "--limit", "2", "--max-new-tokens", "4",
+            "--out", out, "--no-progress", "--offline", *extra)
+
+
 _TRAIN = ("train", "--method", "sft", "--model", "{model}", "--task", "builtin", "--limit", "4", "--max-steps", "1",
           "--batch-size", "2", "--grad-accum", "1")
 
@@ -154,6 +160,16 @@ CASES = {
         _evaluate("builtin", out="{tmp}/a_file/out"), ("a_file/out",), absent=("a_file/out",), model=True),
     "evaluate/out_in_proc": Case(_evaluate("builtin", out="/proc/decal-bad-inputs"),
                                  ("/proc/decal-bad-inputs",), model=True),
+    # diagnosis analyses (`decal analyze rollouts|swap`)
+    "analyze/rollouts_colliding_labels": Case(
+        _analyze("rollouts", "{corpus}/tasks/colliding_labels.jsonl"), ("'Harmful', 'Harmless'",), absent=("out",), model=True),
+    "analyze/swap_colliding_labels": Case(
+        _analyze("swap", "{corpus}/tasks/colliding_labels.jsonl"), ("'Harmful', 'Harmless'",), absent=("out",), model=True),
+    "analyze/rollouts_out_under_a_file": Case(
+        _analyze("rollouts", "builtin", out="{tmp}/a_file/out"), ("a_file",), absent=("a_file/out",), model=True),
+    "analyze/swap_missing_adapter": Case(
+        _analyze("swap", "builtin", "--adapter", "{tmp}/empty_adapter"), ("empty_adapter", "adapter_config.json"),
+        absent=("out",), model=True),
     # training: configs, a missing model, a bad task file, an --out that cannot be created
     "train/unknown_key": _train_config("train_unknown_key.yaml", "learning_rte", "Did you mean: learning_rate"),
     "train/wrong_type": _train_config("train_wrong_type.yaml", "`epochs`", "five"),
