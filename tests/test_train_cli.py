@@ -89,10 +89,11 @@ def test_checkpoint_selection(tiny_qwen3_dir, tmp_path):
 
 def test_rerun_without_resume_is_refused(tiny_qwen3_dir, tmp_path, capsys):
     out = tmp_path / "sft"
-    assert _train(tiny_qwen3_dir, out, *SFT_FLAGS, "--max-steps", "1") == 0
-    capsys.readouterr()
+    (out / "checkpoint-1").mkdir(parents=True)  # what an earlier (interrupted) run leaves
     assert _train(tiny_qwen3_dir, out, *SFT_FLAGS, "--max-steps", "1") == 1
-    assert "already holds a training run; pass --resume" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "already holds a training run; pass --resume" in err
+    assert not (out / "config.resolved.yaml").exists()  # refused before writing anything
 
 
 @pytest.mark.slow
