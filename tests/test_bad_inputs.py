@@ -39,6 +39,8 @@ class Case:
     expect: substrings of the error line (file basename, ``:LINE``, ``field 'x'``, option names).
     absent: paths under {tmp} that must not exist afterwards (the command's output folder).
     run_from: a corpus predictions file copied to ``{tmp}/run/predictions.jsonl`` first.
+    extra_setup: more ``PREDICTIONS_FILE:FOLDER`` run folders to make under {tmp}.
+    files: ``CORPUS_PATH:TMP_PATH`` files to copy (e.g. a run.json into a run folder).
     model: True: the case needs the tiny Qwen3 model folder; "smollm2": the real SmolLM2 tokenizer (slow).
     """
 
@@ -48,6 +50,7 @@ class Case:
     run_from: str | None = None
     model: bool | str = False
     extra_setup: tuple[str, ...] = field(default=())
+    files: tuple[str, ...] = field(default=())
 
 
 def _metrics(name: str, *expect: str) -> Case:
@@ -108,6 +111,12 @@ CASES = {
     "calibrate/out_under_a_file": Case(
         ("calibrate", "--method", "platt", "--fit", "{tmp}/run", "--fit-fraction", "0.5", "--out", "{tmp}/a_file/cal"),
         ("a_file",), absent=("a_file/cal",), run_from="good.jsonl"),
+    "calibrate/malformed_run_json": Case(
+        ("calibrate", "--method", "isotonic", "--fit", "{tmp}/run", "--fit-fraction", "0.5", "--out", "{tmp}/cal"),
+        ("run.json:4:", "invalid JSON"), absent=("cal",), run_from="good.jsonl", files=("runs/malformed_run.json:run/run.json",)),
+    "threshold/out_under_a_file": Case(
+        ("threshold", "{tmp}/run", "--target-accuracy", "0.9", "--out", "{tmp}/a_file/threshold.json"), ("a_file",),
+        run_from="good.jsonl"),
     "threshold/bad_apply_run": Case(
         ("threshold", "{tmp}/run", "--target-accuracy", "0.9", "--apply", "{tmp}/bad", "--out", "{tmp}/threshold.json"),
         ("bad/predictions.jsonl:2:", "field 'confidence'"), absent=("threshold.json",), run_from="good.jsonl",
@@ -216,6 +225,9 @@ def _prepare(case: Case, tmp: Path, model_dir: Path | None) -> list[str]:
             (tmp / folder / "predictions.jsonl").write_bytes(good[0] + good[1].replace(b'"toy"', b'"t\xf6y"'))
         else:
             shutil.copy(CORPUS / "predictions" / source, tmp / folder / "predictions.jsonl")
+    for spec in case.files:
+        source, target = spec.split(":")
+        shutil.copy(CORPUS / source, tmp / target)
     subs = {"corpus": str(CORPUS), "tmp": str(tmp), "model": str(model_dir)}
     return [arg.format(**subs) for arg in case.argv]
 
@@ -290,6 +302,7 @@ def test_the_corpus_holds_every_file_the_cases_name():
     named = {arg.split("{corpus}/", 1)[1] for case in CASES.values() for arg in case.argv if "{corpus}/" in arg}
     named |= {f"predictions/{c.run_from}" for c in CASES.values() if c.run_from}
     named |= {f"predictions/{s.split(':')[0]}" for c in CASES.values() for s in c.extra_setup}
+    named |= {f.split(":")[0] for c in CASES.values() for f in c.files}
     named.discard("predictions/not_utf8.jsonl")  # written at run time: git could mangle the bytes
     missing = sorted(n for n in named if not (CORPUS / n).is_file() and "no-such" not in n)
     assert not missing, missing
