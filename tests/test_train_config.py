@@ -130,3 +130,35 @@ def test_cli_unknown_yaml_key_is_one_line(tmp_path, capsys):
     code = main(["train", "--config", str(path), "--model", "m", "--task", "builtin", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()
     assert code == 1 and len(err.splitlines()) == 1 and "Did you mean: method?" in err
+
+
+def test_grpo_settings_reach_the_trainer_config():
+    from decal.training.runner import training_arguments
+
+    cfg = TrainConfig(method="cal-grpo", model="m", task="t", out="o", batch_size=4, grad_accum=2, num_generations=4,
+                      max_completion_length=64, temperature=0.7, beta=0.05, epsilon=0.3, cal_lambda=0.005,
+                      cal_target="group-accuracy", use_vllm=True, vllm_mode="server",
+                      vllm_server_base_url="http://localhost:8000", vllm_importance_sampling_correction=False,
+                      report_to="tensorboard", save_steps=7, seed=3, max_steps=5).resolve()
+    args = training_arguments(cfg, progress=False)
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps, args.num_generations) == (4, 2, 4)
+    assert (args.max_completion_length, args.temperature, args.beta, args.epsilon) == (64, 0.7, 0.05, 0.3)
+    assert (args.calibration, args.cal_lambda, args.cal_target, args.reasoning) == (True, 0.005, "group-accuracy", True)
+    assert (args.use_vllm, args.vllm_mode, args.vllm_server_base_url) == (True, "server", "http://localhost:8000")
+    assert args.vllm_importance_sampling_correction is False
+    assert (args.learning_rate, args.save_steps, args.seed, args.max_steps, args.logging_steps) == (1e-3, 7, 3, 5, 1)
+    assert args.report_to == ["tensorboard"] and args.bf16 is False and args.loss_type == "bnpo"
+    plain = training_arguments(TrainConfig(method="grpo", model="m", task="t", out="o").resolve(), progress=False)
+    assert plain.calibration is False and plain.vllm_importance_sampling_correction is True
+
+
+def test_sft_settings_reach_the_trainer_config():
+    from decal.training.runner import lora_config, training_arguments
+
+    cfg = TrainConfig(method="sft", model="m", task="t", out="o", lora_target_modules=["q_proj", "v_proj"]).resolve()
+    args = training_arguments(cfg, progress=False)
+    assert (args.learning_rate, args.num_train_epochs) == (2e-4, 5.0)
+    assert (args.per_device_train_batch_size * args.gradient_accumulation_steps) == 32
+    assert args.train_sampling_strategy == "group_by_length" and args.remove_unused_columns is False
+    lora = lora_config(cfg)
+    assert (lora.r, lora.lora_alpha, lora.lora_dropout, sorted(lora.target_modules)) == (16, 32, 0.1, ["q_proj", "v_proj"])
