@@ -68,7 +68,7 @@ class TrainConfig:
     num_generations: int = _help("GRPO completions per prompt (at least 2).", default=32)
     max_completion_length: int = _help("GRPO maximum new tokens per completion.", default=256)
     max_prompt_length: int | None = _help(
-        "Keep only the last N prompt tokens (None: no truncation). DESIGN.md: 128 makes CPU runs ~2x faster.",
+        "SFT: keep only the last N prompt tokens (None: no truncation). DESIGN.md: 128 makes CPU runs ~2x faster.",
         default=None)
     temperature: float = _help("GRPO sampling temperature.", default=1.0)
     beta: float = _help("GRPO KL coefficient (0 loads no reference model).", default=0.0)
@@ -138,6 +138,9 @@ class TrainConfig:
             raise ConfigError(_unknown("dtype", self.dtype, _DTYPES))
         if self.seed < 0:
             raise ConfigError(f"`seed` must be >= 0; got {self.seed!r}.")
+        if self.method != "sft" and self.max_prompt_length is not None:
+            raise ConfigError(f"`max_prompt_length` applies to sft only; got {self.max_prompt_length!r} with "
+                              f"{self.method}. TRL 1.16's GRPOConfig has no prompt truncation.")
         if self.method == "sft" and self.reasoning:
             raise ConfigError("`reasoning` must be False (or unset) for sft; got True. SFT trains the decision "
                               "token right after the non-reasoning prompt; use grpo or cal-grpo for reasoning.")
@@ -226,11 +229,13 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     """
     import yaml
 
+    from .._io import read_text
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"training config not found: {path}")
     try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+        values = yaml.safe_load(read_text(path))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else f"{path}"
