@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["write_text_atomic", "write_json_atomic", "read_json", "safe_name"]
+__all__ = ["write_text_atomic", "write_json_atomic", "read_text", "read_json", "safe_name"]
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -37,15 +37,25 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, allow_nan=True) + "\n")
 
 
+def read_text(path: str | os.PathLike) -> str:
+    """Read a UTF-8 text file; other bytes raise `DataError` naming the file and line."""
+    from .errors import DataError
+
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"not UTF-8 text ({e.reason} at byte {e.start}); save the file as UTF-8", path=path, line=line) from e
+
+
 def read_json(path: str | os.PathLike) -> Any:
     """Read a JSON file; a malformed file raises `DataError` naming the file and line."""
     from .errors import DataError
 
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"not UTF-8 text ({e.reason} at byte {e.start})", path=path) from e
+    text = read_text(path)
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:

@@ -36,6 +36,7 @@ from typing import Any, Literal, Mapping
 
 import yaml
 
+from .._io import read_text
 from ..errors import ConfigError
 
 __all__ = [
@@ -413,7 +414,7 @@ def load_experiment_config(path: str | Path) -> ExperimentConfig:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such experiment config")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(read_text(path))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
