@@ -128,6 +128,9 @@ CASES = {
     "calibrators/isotonic_decreasing": _calibrator("isotonic_decreasing.json", "field 'fitted.X_thresholds_'"),
     "calibrators/temperature_negative": _calibrator("temperature_negative.json", "field 'fitted.temperature_'"),
     "calibrators/missing": _calibrator("no-such-calibrator.json"),
+    "calibrators/not_utf8": Case(
+        ("calibrate", "--calibrator", "{tmp}/not_utf8_calibrator.json", "--apply", "{tmp}/run", "--out", "{tmp}/cal"),
+        ("not_utf8_calibrator.json:2:", "UTF-8"), absent=("cal",), run_from="good.jsonl"),
     # task files (`decal tasks show`)
     "tasks/malformed_jsonl": _show("malformed.jsonl", ":2:", "invalid JSON"),
     "tasks/missing_label": _show("missing_label.jsonl", ":2:", "field 'label'"),
@@ -186,6 +189,8 @@ CASES = {
     "train/malformed_yaml": _train_config("train_malformed.yaml", ":5:", "invalid YAML"),
     "train/not_a_mapping": _train_config("train_not_a_mapping.yaml", "mapping"),
     "train/missing_config": _train_config("no-such-config.yaml"),
+    "train/not_utf8_config": Case(("train", "--config", "{tmp}/not_utf8_train.yaml", "--out", "{tmp}/train"),
+                                  ("not_utf8_train.yaml:2:", "UTF-8"), absent=("train",)),
     "train/missing_model": Case((*_TRAIN[:3], "--model", "{tmp}/no-such-model", *_TRAIN[5:], "--out", "{tmp}/train"),
                                 ("no-such-model",), absent=("train",)),
     "train/bad_task_file": Case((*_TRAIN[:5], "--task", "{corpus}/tasks/duplicate_ids.jsonl", "--split", "all",
@@ -199,6 +204,8 @@ CASES = {
     "run/malformed_yaml": _experiment("experiment_malformed.yaml", ":4:", "invalid YAML"),
     "run/empty": _experiment("experiment_empty.yaml", "mapping"),
     "run/missing_config": _experiment("no-such-experiment.yaml"),
+    "run/not_utf8_config": Case(("run", "{tmp}/not_utf8_experiment.yaml", "--out", "{tmp}/exp"),
+                                ("not_utf8_experiment.yaml:2:", "UTF-8"), absent=("exp",)),
     "run/missing_model": _experiment("experiment_missing_model.yaml", "`models[0].path`", "no-such-model-folder"),
     "run/bad_task_file": _experiment("experiment_bad_task_file.yaml", "unknown_label.jsonl:2:", "field 'label'"),
     "run/out_under_a_file": Case(("run", "{corpus}/configs/experiment_good.yaml", "--out", "{tmp}/a_file/exp"),
@@ -216,6 +223,9 @@ def _prepare(case: Case, tmp: Path, model_dir: Path | None) -> list[str]:
     (tmp / "empty_adapter").mkdir()
     (tmp / "not_utf8.jsonl").write_bytes(b'{"id": "q1", "input": "caf\xe9", "labels": ["Safe", "Unsafe"], "label": "Safe"}\n')
     (tmp / "not_utf8.csv").write_bytes(b"id,input,labels,label\nq1,caf\xe9,Safe|Unsafe,Safe\n")
+    (tmp / "not_utf8_train.yaml").write_bytes(b"method: sft\nmodel: caf\xe9\n")
+    (tmp / "not_utf8_experiment.yaml").write_bytes(b"name: bad\ndescription: caf\xe9\n")
+    (tmp / "not_utf8_calibrator.json").write_bytes(b'{"method": "platt",\n "params": {"caf\xe9": 1}}\n')
     runs = [f"{case.run_from}:run"] if case.run_from else []
     for spec in (*runs, *case.extra_setup):
         source, folder = spec.split(":")
