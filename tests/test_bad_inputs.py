@@ -128,6 +128,7 @@ CASES = {
     "calibrators/isotonic_decreasing": _calibrator("isotonic_decreasing.json", "field 'fitted.X_thresholds_'"),
     "calibrators/temperature_negative": _calibrator("temperature_negative.json", "field 'fitted.temperature_'"),
     "calibrators/missing": _calibrator("no-such-calibrator.json"),
+    "calibrators/empty": _calibrator("empty.json", ":1:", "invalid JSON"),
     "calibrators/not_utf8": Case(
         ("calibrate", "--calibrator", "{tmp}/not_utf8_calibrator.json", "--apply", "{tmp}/run", "--out", "{tmp}/cal"),
         ("not_utf8_calibrator.json:2:", "UTF-8"), absent=("cal",), run_from="good.jsonl"),
@@ -142,6 +143,7 @@ CASES = {
     "tasks/empty": _show("empty.jsonl", "empty"),
     "tasks/missing_columns_csv": _show("missing_columns.csv", ":2:", "field 'options'"),
     "tasks/malformed_csv": _show("malformed.csv", ":3:"),
+    "tasks/header_only_csv": _show("header_only.csv", ":1:", "no rows"),
     "tasks/not_utf8_jsonl": Case(("tasks", "show", "{tmp}/not_utf8.jsonl", "--split", "all"), ("not_utf8.jsonl", ":1:", "UTF-8")),
     "tasks/not_utf8_csv": Case(("tasks", "show", "{tmp}/not_utf8.csv", "--split", "all"), ("not_utf8.csv", ":2:", "UTF-8")),
     "tasks/missing_file": Case(("tasks", "show", "{tmp}/no-such-task.jsonl", "--split", "all"), ("no-such-task.jsonl",)),
@@ -189,6 +191,7 @@ CASES = {
     "train/malformed_yaml": _train_config("train_malformed.yaml", ":5:", "invalid YAML"),
     "train/not_a_mapping": _train_config("train_not_a_mapping.yaml", "mapping"),
     "train/missing_config": _train_config("no-such-config.yaml"),
+    "train/empty_config": Case(("train", "--config", "{corpus}/configs/train_empty.yaml"), ("`model` must be set",)),
     "train/not_utf8_config": Case(("train", "--config", "{tmp}/not_utf8_train.yaml", "--out", "{tmp}/train"),
                                   ("not_utf8_train.yaml:2:", "UTF-8"), absent=("train",)),
     "train/missing_model": Case((*_TRAIN[:3], "--model", "{tmp}/no-such-model", *_TRAIN[5:], "--out", "{tmp}/train"),
