@@ -43,13 +43,15 @@ def _config(config_cls, **values):
 
 
 @contextlib.contextmanager
-def _no_partial_folder(out: str, *, progress: bool):
+def _no_partial_folder(out: str, *, task: str, progress: bool):
     """Fail early on an --out that cannot be created; after a failure, remove the run folder this
     call created while it holds no results (only `run.json` or empty files), so bad input leaves
     no partial output (issue #9). A folder that existed before (a resumed run) is kept.
     """
     import shutil
     from pathlib import Path
+
+    from ..errors import DecisionTokenCollisionError
 
     if not progress:
         from transformers.utils import logging as hf_logging
@@ -61,7 +63,10 @@ def _no_partial_folder(out: str, *, progress: bool):
         raise ValueError(f"cannot create the run folder {folder}: {existing} is not a folder")
     created = not folder.exists()
     try:
-        yield
+        try:
+            yield
+        except DecisionTokenCollisionError as e:  # name the task file too
+            raise DecisionTokenCollisionError(f"{task}: field 'labels': {e}") from e
     except BaseException:
         if created and folder.is_dir():
             entries = list(folder.iterdir())
@@ -134,7 +139,7 @@ def _register_rollouts(analyze_app: typer.Typer) -> None:
 
         config = _config(RolloutConfig, samples=samples, temperature=temperature, max_new_tokens=max_new_tokens,
                          limit=limit, seed=seed, threshold=threshold, batch_size=batch_size)
-        with _no_partial_folder(out, progress=progress):
+        with _no_partial_folder(out, task=task, progress=progress):
             lm, tokenizer, loaded = _load(
                 model, adapter, task, split, data_dir, dtype,
                 prepare=lambda t: prepare_run_folder(out, t, config, model_name=model, adapter=adapter,
@@ -180,7 +185,7 @@ def _register_swap(analyze_app: typer.Typer) -> None:
 
         config = _config(SwapConfig, min_confidence=min_confidence, limit=limit, seed=seed,
                          max_new_tokens=max_new_tokens, batch_size=batch_size, include_invalid=include_invalid or None)
-        with _no_partial_folder(out, progress=progress):
+        with _no_partial_folder(out, task=task, progress=progress):
             lm, tokenizer, loaded = _load(
                 model, adapter, task, split, data_dir, dtype,
                 prepare=lambda t: prepare_run_folder(out, t, config, model_name=model, adapter=adapter,
