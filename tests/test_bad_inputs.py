@@ -176,9 +176,9 @@ CASES = {
                                  ("/proc/decal-bad-inputs",), model=True),
     # diagnosis analyses (`decal analyze rollouts|swap`)
     "analyze/rollouts_colliding_labels": Case(
-        _analyze("rollouts", "{corpus}/tasks/colliding_labels.jsonl"), ("'Harmful', 'Harmless'",), absent=("out",), model=True),
+        _analyze("rollouts", "{corpus}/tasks/colliding_labels.jsonl"), ("colliding_labels.jsonl: field 'labels'", "'Harmful', 'Harmless'"), absent=("out",), model=True),
     "analyze/swap_colliding_labels": Case(
-        _analyze("swap", "{corpus}/tasks/colliding_labels.jsonl"), ("'Harmful', 'Harmless'",), absent=("out",), model=True),
+        _analyze("swap", "{corpus}/tasks/colliding_labels.jsonl"), ("colliding_labels.jsonl: field 'labels'", "'Harmful', 'Harmless'"), absent=("out",), model=True),
     "analyze/rollouts_out_under_a_file": Case(
         _analyze("rollouts", "builtin", out="{tmp}/a_file/out"), ("a_file",), absent=("a_file/out",), model=True),
     "analyze/swap_missing_adapter": Case(
