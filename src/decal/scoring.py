@@ -437,7 +437,6 @@ def generate_token_ids(
     marker: str | None = END_OF_REASONING,
 ) -> list[list[GeneratedDecision]]:
     """Like `generate_decisions`, on prompts already tokenized (lists of token ids)."""
-
     import torch
 
     if num_samples < 1:
