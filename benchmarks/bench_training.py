@@ -36,6 +36,10 @@ SETTINGS = {
              "reasoning": False, "learning_rate": 1e-3, "temperature": 1.0},
 }
 SETTINGS["cal-grpo"] = {**SETTINGS["grpo"], "cal_lambda": 0.001}
+# For the cal-GRPO / GRPO ratio both runs must draw the same completions at every step; with the
+# paper's lr the two policies drift apart after step 1 and completion lengths (hence costs) differ.
+# A learning rate of 1e-9 keeps the samples identical, so the ratio isolates the CE term's cost.
+SAME_SAMPLES_LR = 1e-9
 
 
 def _rss_mb() -> float:
@@ -54,14 +58,17 @@ class _PeakSampler(threading.Thread):
             time.sleep(0.02)
 
 
-def _worker(method: str, out: str, steps: int, model: str) -> None:
+def _worker(method: str, out: str, steps: int, model: str, same_samples: bool) -> None:
     from decal.models import load_model
     from decal.training.config import TrainConfig
     from decal.training.runner import train
 
     load_model(model)  # converts the GGUF once, outside the measured run
+    settings = dict(SETTINGS[method])
+    if same_samples and method != "sft":
+        settings["learning_rate"] = SAME_SAMPLES_LR
     config = TrainConfig(method=method, model=model, task="builtin", split="train", out=out, limit=32,
-                         max_steps=steps, save_steps=10_000, seed=0, **SETTINGS[method])
+                         max_steps=steps, save_steps=10_000, seed=0, **settings)
     sampler = _PeakSampler()
     sampler.start()
     train(config, progress=False)
@@ -84,10 +91,10 @@ def _invalid_rate(out: Path) -> float | None:
     return statistics.mean(rates) if rates else None
 
 
-def _run(method: str, steps: int, model: str, root: Path) -> dict:
+def _run(method: str, steps: int, model: str, root: Path, same_samples: bool) -> dict:
     out = root / method
     command = [sys.executable, __file__, "--worker", method, "--out", str(out), "--steps", str(steps),
-               "--model", model]
+               "--model", model] + (["--same-samples"] if same_samples else [])
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"{method} failed:\n{result.stderr[-3000:]}")
@@ -103,11 +110,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", default=["sft", "grpo", "cal-grpo"], choices=list(SETTINGS))
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps per method (first one is warm-up)")
     parser.add_argument("--model", default=MODEL)
+    parser.add_argument("--paper-lr", action="store_true",
+                        help="train GRPO/cal-GRPO at lr 1e-3 (their samples then differ after step 1)")
+    parser.add_argument("--same-samples", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        _worker(args.worker, args.out, args.steps, args.model)
+        _worker(args.worker, args.out, args.steps, args.model, args.same_samples)
         return 0
     import torch
 
@@ -115,10 +125,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{torch.get_num_threads()} torch threads, {args.steps} steps per method (first not timed)")
     for method in args.methods:
         print(f"  {method}: {json.dumps(SETTINGS[method])}")
+    if not args.paper_lr:
+        print(f"  grpo and cal-grpo train at lr {SAME_SAMPLES_LR} so both draw the same completions")
     rows = {}
     with tempfile.TemporaryDirectory(prefix="decal-bench-train-") as root:
         for method in args.methods:
-            rows[method] = _run(method, args.steps, args.model, Path(root))
+            rows[method] = _run(method, args.steps, args.model, Path(root), not args.paper_lr)
             r = rows[method]
             invalid = "" if r["invalid_rate"] is None else f", invalid rate {r['invalid_rate']:.2f}"
             print(f"{method:9s} step {r['step_s']:7.2f} s wall, {r['step_cpu_s']:7.2f} CPU-s "
