@@ -262,6 +262,8 @@ def test_paper_plan_lists_every_cell_of_tables_1_and_4_to_9():
     # The paper's training settings: 500 examples, reasoning for GRPO, lambda 0.001.
     train = next(s for s in steps if s.id == "runs/Qwen3-1.7B/cal-grpo/commonsense_qa/train")
     assert train.commands[0][train.commands[0].index("--split") + 1] == "train500"
+    evaluate = next(s for s in steps if s.id == "runs/Qwen3-8B/grpo/openai_moderation/eval/xstest-test").commands[0]
+    assert evaluate[evaluate.index("--device") + 1] == "cuda" and "--reasoning" in evaluate
     assert yaml.safe_load(train.files["train.yaml"])["cal_lambda"] == 0.001
     # Tables 2 and 3: rollouts and swap on each base model for both train splits.
     analyses = {(s.info["model"], s.info["analysis"], s.info["task"]) for s in steps if s.kind == "analyze"}

@@ -75,6 +75,7 @@ def _eval_args(config: ExperimentConfig, method: MethodSpec, ev: EvalSpec, seed:
         ("--max-new-tokens", settings.max_new_tokens if method.resolved_reasoning else None),
         ("--temperature", settings.temperature),
         ("--dtype", settings.dtype),
+        ("--device", settings.device),
     ):
         if value is not None:
             args += [flag, str(value)]
