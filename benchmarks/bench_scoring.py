@@ -127,6 +127,15 @@ def lm_eval_predictions(model, tok, prompts, labels, golds, batch_size):
     return predictions, seconds
 
 
+def _reasoning_part(model, tok, task, args) -> None:
+    reasoning_task = load_task("xstest", "test", data_dir=args.data_dir, reasoning=True)
+    r_prompts = [render_chat(tok, reasoning_task.user_message(ex), reasoning=True) for ex in reasoning_task.examples[: args.reasoning_n]]
+    r_dt = option_token_ids(tok, task.labels, context=decision_context(r_prompts[0], reasoning=True))
+    rd, rb, n_forced, n_gen = reasoning(model, tok, r_prompts, r_dt, args.batch_size, args.max_new_tokens)
+    print(f"reasoning      {len(r_prompts)} prompts, max {args.max_new_tokens} new tokens, temperature 1: decal {rd:.1f} s, "
+          f"bare generate {rb:.1f} s, decal/bare time: {rd / rb:.3f}x ({n_forced} forced decisions, {n_gen} tokens)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=200)
@@ -135,6 +144,11 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-lm-eval", action="store_true")
+    parser.add_argument("--only-lm-eval", action="store_true",
+                        help="skip the bare-forward and reasoning parts; time decal before and after lm-eval")
+    parser.add_argument("--lm-eval-choices", choices=["labels", "decision"], default="labels",
+                        help="lm-eval options: the label words (multi-token 'Unsafe' = Un+safe in SmolLM2, "
+                             "summed log-likelihood) or the decision tokens decal reads")
     parser.add_argument("--data-dir", default=os.environ.get("DECAL_DATA_DIR") or str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     args = parser.parse_args()
     logging.disable(logging.WARNING)
@@ -147,28 +161,36 @@ def main() -> None:
     dt = option_token_ids(tok, task.labels, context=decision_context(prompts[0], reasoning=False))
     score_prompts(model, tok, prompts[:2], dt)  # warm-up
 
-    scores, t_decal, t_bare, n_tokens = non_reasoning(model, tok, prompts, dt, args.batch_size)
+    if args.only_lm_eval:
+        start = time.perf_counter()
+        scores = score_prompts(model, tok, prompts, dt, batch_size=args.batch_size)
+        t_decal = time.perf_counter() - start
+        print(f"non-reasoning  decal: {len(prompts) / t_decal:7.2f} ex/s ({t_decal:.1f} s) before lm-eval")
+    else:
+        scores, t_decal, t_bare, n_tokens = non_reasoning(model, tok, prompts, dt, args.batch_size)
+        print(f"SmolLM2-135M-Instruct fp32, {len(prompts)} XSTest prompts ({n_tokens} tokens), batch {args.batch_size}, "
+              f"{torch.get_num_threads()} threads (machine shared with other processes: ratios matter)")
+        print(f"non-reasoning  decal: {len(prompts) / t_decal:7.2f} ex/s ({t_decal:.1f} s)   "
+              f"bare forward: {len(prompts) / t_bare:7.2f} ex/s ({t_bare:.1f} s)   decal/bare time: {t_decal / t_bare:.3f}x")
+        _reasoning_part(model, tok, task, args)
     decal_pred = [max(range(len(s.option_probs)), key=s.option_probs.__getitem__) for s in scores]
-    print(f"SmolLM2-135M-Instruct fp32, {len(prompts)} XSTest prompts ({n_tokens} tokens), batch {args.batch_size}, "
-          f"{torch.get_num_threads()} threads (machine shared with other processes: ratios matter)")
-    print(f"non-reasoning  decal: {len(prompts) / t_decal:7.2f} ex/s ({t_decal:.1f} s)   "
-          f"bare forward: {len(prompts) / t_bare:7.2f} ex/s ({t_bare:.1f} s)   decal/bare time: {t_decal / t_bare:.3f}x")
-
-    reasoning_task = load_task("xstest", "test", data_dir=args.data_dir, reasoning=True)
-    r_prompts = [render_chat(tok, reasoning_task.user_message(ex), reasoning=True) for ex in reasoning_task.examples[: args.reasoning_n]]
-    r_dt = option_token_ids(tok, task.labels, context=decision_context(r_prompts[0], reasoning=True))
-    rd, rb, n_forced, n_gen = reasoning(model, tok, r_prompts, r_dt, args.batch_size, args.max_new_tokens)
-    print(f"reasoning      {len(r_prompts)} prompts, max {args.max_new_tokens} new tokens, temperature 1: decal {rd:.1f} s, "
-          f"bare generate {rb:.1f} s, decal/bare time: {rd / rb:.3f}x ({n_forced} forced decisions, {n_gen} tokens)")
     print(f"peak RSS after decal parts: {_peak_rss_gb():.2f} GB")
 
     if args.skip_lm_eval:
         return
     golds = [ex.label_index for ex in examples]
-    lm_pred, t_lm = lm_eval_predictions(model, tok, prompts, task.labels, golds, args.batch_size)
+    choices = list(task.labels) if args.lm_eval_choices == "labels" else [tok.convert_tokens_to_string([t]) for t in dt.tokens]
+    lm_pred, t_lm = lm_eval_predictions(model, tok, prompts, choices, golds, args.batch_size)
+    if args.only_lm_eval:  # decal again after lm-eval: the mean of both faces the same load drift
+        start = time.perf_counter()
+        score_prompts(model, tok, prompts, dt, batch_size=args.batch_size)
+        t_after = time.perf_counter() - start
+        print(f"non-reasoning  decal: {len(prompts) / t_after:7.2f} ex/s ({t_after:.1f} s) after lm-eval")
+        t_decal = (t_decal + t_after) / 2
     agree = sum(a == b for a, b in zip(decal_pred, lm_pred))
-    print(f"lm-eval        {len(prompts) / t_lm:7.2f} ex/s ({t_lm:.1f} s)   decal speed-up: {t_lm / t_decal:.2f}x   "
-          f"identical argmax predictions: {agree}/{len(prompts)} ({100 * agree / len(prompts):.1f} %)")
+    print(f"lm-eval ({args.lm_eval_choices} as options) {len(prompts) / t_lm:7.2f} ex/s ({t_lm:.1f} s)   "
+          f"decal speed-up: {t_lm / t_decal:.2f}x   identical argmax predictions: {agree}/{len(prompts)} "
+          f"({100 * agree / len(prompts):.1f} %)")
     print(f"peak RSS overall (incl. lm-eval): {_peak_rss_gb():.2f} GB")
 
 
