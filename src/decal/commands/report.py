@@ -39,12 +39,8 @@ def results_table(root: Path, *, metrics=("accuracy", "ece", "auroc", "invalid_r
         values = []
         for m in metrics:
             r = by_metric.get(m)
-            if r is None or r["value"] is None:
-                values.append("–")
-            elif r["ci_low"] is not None:
-                values.append(f"{100 * r['value']:.2f} [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}]")
-            else:
-                values.append(f"{100 * r['value']:.2f}")
+            # Values only: the intervals are in results.csv and the reports' cells.
+            values.append("–" if r is None or r["value"] is None else f"{100 * r['value']:.2f}")
         table.add_row(*key, *values)
     return table
 
