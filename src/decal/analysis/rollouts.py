@@ -227,7 +227,7 @@ def _write_report(out_dir: Path, rows: list[dict], *, task_name: str, settings: 
             "invalid (forced)": [r["confidence"] for r in rows if not r["valid"]],
         },
         out_dir / "rollout_confidence",
-        title=f"{task_name}: decision-token probability of {len(rows)} rollouts ({len(valid)} valid)",
+        title=f"{task_name}: {len(rows)} rollouts ({len(valid)} valid)",
         xlabel="confidence (probability of the emitted decision token)",
         threshold=threshold,
     )

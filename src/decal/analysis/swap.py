@@ -393,7 +393,7 @@ def _write_report(out_dir: Path, greedy, swaps, *, task_name: str, settings: dic
     save_histogram(
         {"flipped": summary["flipped_confidences"]},
         out_dir / "flipped_confidence",
-        title=f"{task_name}: confidence of {summary['n_flipped']} flipped predictions",
+        title=f"{task_name}: {summary['n_flipped']} flipped predictions",
         xlabel="confidence after the swap (probability of the decision token)",
         threshold=min_confidence,
     )
