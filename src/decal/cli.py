@@ -76,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     except _ABORT:
         code = _fail("aborted", 130)
     except _USAGE as e:  # usage errors: bad flag, missing argument
-        code = _fail(e.format_message(), 2)
+        message = e.format_message()
+        # `decal` with no arguments has already printed the help; nothing more to say.
+        code = _fail(message, 2) if message.strip() else 2
     except KeyboardInterrupt:
         code = _fail("interrupted; rerun the same command to resume", 130)
     except (DecalError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
