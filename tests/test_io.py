@@ -46,3 +46,10 @@ def test_cli_without_arguments_prints_help_only(capsys):
     assert main([]) == 2
     captured = capsys.readouterr()
     assert "Usage" in captured.out and "error" not in captured.err
+
+
+def test_top_level_exports_resolve():
+    import decal
+
+    for name in decal.__all__:
+        assert getattr(decal, name) is not None, name
