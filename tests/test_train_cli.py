@@ -204,3 +204,14 @@ def test_accelerate_configs_load(name, kind):
     assert config.distributed_type.name == kind and config.mixed_precision == "no"
     if kind == "DEEPSPEED":
         assert config.deepspeed_config["zero_stage"] == 2
+
+
+def test_a_run_too_small_for_one_step_fails_instead_of_saving_the_base(tiny_qwen3_dir, tmp_path, capsys):
+    # 4 prompts cannot fill a generation batch of 4 x 8 completions (16 prompts of 2 generations),
+    # so TRL would run zero steps; the run must say so rather than write an untrained adapter.
+    out = tmp_path / "tiny"
+    flags = [f if f != "1" or GRPO_FLAGS[i - 1] != "--grad-accum" else "8" for i, f in enumerate(GRPO_FLAGS)]
+    assert _train(tiny_qwen3_dir, out, "--method", "grpo", *flags, "--max-steps", "2") == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bars
+    assert last.startswith("error: no optimizer step ran: 4 training examples") and "grad-accum 8" in last
+    assert not (out / "DONE").exists() and not (out / "adapter").exists()
