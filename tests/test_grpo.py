@@ -340,9 +340,12 @@ trainer.save_model({tmp!r} + "/adapter")
 # rank r holds rows [r, r] of one group of 4 (rank 0 wrong, rank 1 right): the share is 0.5 on both
 import torch
 share = trainer._group_accuracy(torch.full((2,), trainer.accelerator.process_index, dtype=torch.bool))
-print("SHARE", share.tolist())
-print("WORLD", trainer.accelerator.num_processes, "RANK", trainer.accelerator.process_index,
-      "LOSS", trainer.state.log_history[0]["loss"], "CE", trainer.state.log_history[0].get("cal/ce"))
+# one file per rank: two processes printing to one pipe can interleave their lines
+import json
+rank = trainer.accelerator.process_index
+with open({tmp!r} + f"/rank{{rank}}.json", "w") as f:
+    json.dump({{"share": share.tolist(), "world": trainer.accelerator.num_processes, "rank": rank,
+               "loss": trainer.state.log_history[0]["loss"], "ce": trainer.state.log_history[0].get("cal/ce")}}, f)
 '''
 
 
@@ -364,9 +367,10 @@ def test_two_process_cpu_run_with_gloo(tmp_path, qwen3_tokenizer_dir):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = [line.split() for line in proc.stdout.splitlines() if line.startswith("WORLD")]
-    assert sorted(int(w[3]) for w in lines) == [0, 1] and all(w[1] == "2" for w in lines)
-    assert all(math.isfinite(float(w[5])) and math.isfinite(float(w[7])) for w in lines)
+    import json
+
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [w["rank"] for w in ranks] == [0, 1] and all(w["world"] == 2 for w in ranks)
+    assert all(math.isfinite(w["loss"]) and math.isfinite(w["ce"]) for w in ranks)
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
-    shares = [line for line in proc.stdout.splitlines() if line.startswith("SHARE")]
-    assert shares == ["SHARE [0.5, 0.5]"] * 2
+    assert [w["share"] for w in ranks] == [[0.5, 0.5]] * 2
