@@ -125,3 +125,14 @@ def test_non_reasoning_decision_is_first_token(qwen3_tokenizer):
     ids = qwen3_tokenizer.encode("B<|im_end|>")
     assert find_decision(ids, qwen3_tokenizer, dt, marker=None) == Decision(0, 1)
     assert find_decision([], qwen3_tokenizer, dt, marker=None) == Decision(-1, -1)
+
+
+def test_stop_token_ids_join_tokenizer_and_generation_config(qwen3_tokenizer):
+    from types import SimpleNamespace
+
+    from decal.decision import stop_token_ids
+
+    im_end, eot = qwen3_tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    assert stop_token_ids(qwen3_tokenizer) == sorted({im_end, eot})
+    model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[7, im_end]))
+    assert stop_token_ids(qwen3_tokenizer, model) == sorted({7, im_end, eot})

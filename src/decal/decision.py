@@ -24,6 +24,7 @@ __all__ = [
     "option_token_ids",
     "find_decision",
     "marker_token_id",
+    "stop_token_ids",
 ]
 
 END_OF_REASONING = "</think>"
@@ -130,6 +131,16 @@ def marker_token_id(tokenizer, marker: str = END_OF_REASONING) -> int | None:
     """The id of `marker` when the tokenizer has it as one (special/added) token, else None."""
     ids = _encode(tokenizer, marker)
     return ids[0] if len(ids) == 1 else None
+
+
+def stop_token_ids(tokenizer, model=None) -> list[int]:
+    """The ids that end a completion, for `find_decision(stop_ids=...)`: the tokenizer's EOS and
+    padding, plus the model's generation-config EOS ids when a model is given (Qwen3 and SmolLM2
+    end chat turns with `<|im_end|>`, which may differ from `tokenizer.eos_token`)."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = set(eos if isinstance(eos, (list, tuple)) else [eos])
+    ids.update({tokenizer.eos_token_id, tokenizer.pad_token_id})
+    return sorted(int(i) for i in ids if i is not None)
 
 
 def _piece_texts(tokenizer, ids: Sequence[int]) -> list[str]:

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
-from .decision import END_OF_REASONING, Decision, DecisionTokens, find_decision
+from .decision import END_OF_REASONING, Decision, DecisionTokens, find_decision, stop_token_ids
 
 __all__ = [
     "OptionScores",
@@ -243,18 +243,6 @@ def _capture_options(model, option_ids) -> Iterator[_OptionCapture]:
         handle.remove()
 
 
-def _stop_ids(model, tokenizer) -> list[int]:
-    ids = set()
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    for value in (eos if isinstance(eos, (list, tuple)) else [eos]):
-        if value is not None:
-            ids.add(int(value))
-    for value in (tokenizer.eos_token_id, tokenizer.pad_token_id):
-        if value is not None:
-            ids.add(int(value))
-    return sorted(ids)
-
-
 def generation_config(model, tokenizer, *, temperature: float, max_new_tokens: int):
     """The `GenerationConfig` decal samples with: full-vocabulary sampling (no top-k/top-p) or greedy.
 
@@ -273,7 +261,7 @@ def generation_config(model, tokenizer, *, temperature: float, max_new_tokens: i
         top_k=0 if sample else None,
         top_p=1.0 if sample else None,
         max_new_tokens=int(max_new_tokens),
-        eos_token_id=_stop_ids(model, tokenizer),
+        eos_token_id=stop_token_ids(tokenizer, model),
         pad_token_id=tokenizer.pad_token_id,
     )
 
@@ -447,7 +435,7 @@ def generate_token_ids(
     check_prompt_lengths(model, lengths, reserve=max_new_tokens)
     per_prompt = _token_ids_per_prompt(decision_tokens, len(sequences))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    stops = _stop_ids(model, tokenizer)
+    stops = stop_token_ids(tokenizer, model)
     torch.manual_seed(seed)
     results: list[list[GeneratedDecision | None]] = [[None] * num_samples for _ in sequences]
     for batch in length_sorted_batches(lengths, max(1, batch_size // num_samples)):

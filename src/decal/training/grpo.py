@@ -26,7 +26,7 @@ import torch
 from trl import GRPOConfig, GRPOTrainer
 
 from ..errors import ConfigError
-from ..decision import DecisionTokens, option_token_ids
+from ..decision import DecisionTokens, option_token_ids, stop_token_ids
 from ..tasks.prompts import decision_context, render_chat
 from . import _trl_compat
 from .losses import CAL_TARGETS, decision_ce, decision_targets
@@ -260,14 +260,6 @@ class DecalGRPOTrainer(GRPOTrainer):
                 _trl_compat.log_metric(self, "cal/ce", s[6] / s[5])
 
 
-def _stop_ids(model, tokenizer) -> list[int]:
-    # the same stop set evaluation uses (decal.scoring): generation-config EOS ids, EOS and padding
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids = set(eos if isinstance(eos, (list, tuple)) else [eos])
-    ids.update({tokenizer.eos_token_id, tokenizer.pad_token_id})
-    return sorted(int(i) for i in ids if i is not None)
-
-
 def build_grpo_trainer(*, model, tokenizer, task, args: DecalGRPOConfig, peft_config=None, callbacks=None) -> DecalGRPOTrainer:
     """A ready-to-train `DecalGRPOTrainer` for `task` (GRPO, or calibration-aware with ``args.calibration``).
 
@@ -295,7 +287,7 @@ def build_grpo_trainer(*, model, tokenizer, task, args: DecalGRPOConfig, peft_co
     context = decision_context(first["prompt"], reasoning=args.reasoning)
     tokens = option_token_ids(tokenizer, first["labels"], context=context)
     logger.info("decision tokens %s for options %s", tokens.tokens, tokens.labels)
-    reward = DecisionReward(tokenizer, tokens, reasoning=args.reasoning, stop_ids=_stop_ids(model, tokenizer))
+    reward = DecisionReward(tokenizer, tokens, reasoning=args.reasoning, stop_ids=stop_token_ids(tokenizer, model))
     return DecalGRPOTrainer(
         model=model,
         reward_funcs=[reward],

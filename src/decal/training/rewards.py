@@ -11,15 +11,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ..decision import END_OF_REASONING, Decision, DecisionTokens, find_decision
+from ..decision import END_OF_REASONING, Decision, DecisionTokens, find_decision, stop_token_ids
 
 __all__ = ["decision_reward", "parse_decision", "stop_token_ids", "DecisionReward"]
-
-
-def stop_token_ids(tokenizer) -> list[int]:
-    """The ids that end a completion (EOS and padding), for `find_decision(stop_ids=...)`."""
-    ids = {tokenizer.eos_token_id, tokenizer.pad_token_id}
-    return sorted(int(i) for i in ids if i is not None)
 
 
 def parse_decision(
