@@ -45,6 +45,7 @@ from ._checks import check_n_bins as _check_n_bins
 from ._checks import check_probabilities as _check_probabilities
 from ._checks import check_probs_labels as _check_probs_labels
 from ._checks import check_same_length as _check_same_length
+from .binning import BinStats, OrderedValues, bin_stats, partition_bins
 
 __all__ = [
     "Binning",
@@ -92,126 +93,6 @@ SUMMARY_KEYS = (
 )
 
 
-# ---------------------------------------------------------------------------------------------
-# The binning core shared by every binned metric and the reliability diagram.
-
-
-@dataclass(frozen=True)
-class BinStats:
-    """Per-bin statistics of one binning (arrays of shape (M,); nan where a bin is empty).
-
-    count: examples per bin; conf: mean value (confidence); acc: mean target (accuracy);
-    lower/upper: the bin's range -- the fixed edges for equal width, the smallest and largest
-    value in the bin for equal mass.
-    """
-
-    count: np.ndarray
-    conf: np.ndarray
-    acc: np.ndarray
-    lower: np.ndarray
-    upper: np.ndarray
-
-    @property
-    def gap(self) -> np.ndarray:
-        """``acc - conf`` per bin (negative = overconfident)."""
-        return self.acc - self.conf
-
-
-class _Sorted:
-    """A value array (n,) with a 0/1 target (n,), sorted once and shared by several metrics.
-
-    Only ``np.sort`` of values is used (a SIMD sort, several times faster than ``argsort``):
-    which examples fall in an equal-mass bin, in the stable-sort order the definition asks for,
-    is recovered from the sorted values, the sorted values of the positive examples and, where
-    a run of tied values straddles a bin boundary, the tied examples' file order.
-    """
-
-    def __init__(self, values: np.ndarray, target: np.ndarray):
-        self.values = values
-        self.target = target.astype(bool, copy=False)
-        self.all = np.sort(values)  # (n,)
-        self.pos = np.sort(values[self.target])  # (n_pos,)
-        self.cum = np.empty(len(values) + 1)  # (n + 1,) prefix sums of `all`, cum[0] = 0
-        self.cum[0] = 0.0
-        np.cumsum(self.all, out=self.cum[1:])
-        self._pos_left = None
-
-    @property
-    def pos_left(self) -> np.ndarray:
-        """For each positive (sorted), the first position of its value in `all` (n_pos,)."""
-        if self._pos_left is None:
-            self._pos_left = np.searchsorted(self.all, self.pos, side="left")
-        return self._pos_left
-
-    def positives_before(self, ends: np.ndarray) -> np.ndarray:
-        """Positives among the first `e` examples of the stable sort, for each `e` in `ends`."""
-        n = len(self.all)
-        out = np.zeros(len(ends), dtype=np.float64)
-        inner = (ends > 0) & (ends < n)
-        out[ends >= n] = len(self.pos)
-        e = ends[inner]
-        thr = self.all[e - 1]  # the largest value inside the first e
-        n_less = np.searchsorted(self.all, thr, side="left")
-        n_tied = np.searchsorted(self.all, thr, side="right") - n_less
-        pos_less = np.searchsorted(self.pos, thr, side="left")
-        pos_tied = np.searchsorted(self.pos, thr, side="right") - pos_less
-        taken = e - n_less  # how many of the tied values fall inside the first e (>= 1)
-        counts = pos_less + np.where(taken == n_tied, pos_tied, 0).astype(np.float64)
-        for j in np.flatnonzero(taken < n_tied):
-            # A tie run straddles the boundary: the stable sort takes its first examples in file order.
-            tied_idx = np.flatnonzero(self.values == thr[j])[: taken[j]]
-            counts[j] += np.count_nonzero(self.target[tied_idx])
-        out[inner] = counts
-        return out
-
-
-def _equal_mass_sums(sv: _Sorted, n_bins: int):
-    """Counts, value sums, target sums and ranges per equal-mass bin; see `_binned_stats`."""
-    n = len(sv.all)
-    # numpy.array_split sizes: the first n % M groups get one extra element.
-    sizes = np.full(n_bins, n // n_bins, dtype=np.int64)
-    sizes[: n % n_bins] += 1
-    ends = np.cumsum(sizes)
-    starts = ends - sizes
-    cum_t = np.concatenate([[0.0], sv.positives_before(ends)])
-    nonempty = sizes > 0
-    lower = np.full(n_bins, np.nan)
-    upper = np.full(n_bins, np.nan)
-    lower[nonempty] = sv.all[starts[nonempty]]
-    upper[nonempty] = sv.all[ends[nonempty] - 1]
-    return sizes.astype(np.float64), sv.cum[ends] - sv.cum[starts], np.diff(cum_t), lower, upper
-
-
-def _equal_width_sums(sv: _Sorted, n_bins: int):
-    """Counts, value sums, target sums and edges per equal-width bin; see `_binned_stats`.
-
-    Bin i holds the values in ``[i/M, (i+1)/M)``: in the sorted values it starts at the first
-    value ``>= i/M`` (a left search), and the last bin runs to the end, so 1.0 lands in it.
-    """
-    edges = np.arange(n_bins + 1, dtype=np.float64) / n_bins
-    lo = np.searchsorted(sv.all, edges[:-1], side="left")
-    hi = np.append(lo[1:], len(sv.all))
-    pos_lo = np.searchsorted(sv.pos, edges[:-1], side="left")
-    pos_hi = np.append(pos_lo[1:], len(sv.pos))
-    count = (hi - lo).astype(np.float64)
-    return count, sv.cum[hi] - sv.cum[lo], (pos_hi - pos_lo).astype(np.float64), edges[:-1], edges[1:]
-
-
-def _binned_stats(values, target, n_bins: int, binning: str, sorted_: _Sorted | None = None) -> BinStats:
-    """Bin `values` (n,) with a 0/1 `target` (n,); arrays of shape (M,).
-
-    `sorted_` reuses the sort of the same values and target.
-    """
-    sv = sorted_ if sorted_ is not None else _Sorted(values, target)
-    sums = _equal_mass_sums if binning == "equal_mass" else _equal_width_sums
-    count, sum_v, sum_t, lower, upper = sums(sv, n_bins)
-    nonempty = count > 0
-    safe = np.where(nonempty, count, 1.0)
-    conf = np.where(nonempty, sum_v / safe, np.nan)
-    acc = np.where(nonempty, sum_t / safe, np.nan)
-    return BinStats(count=count, conf=conf, acc=acc, lower=np.asarray(lower), upper=np.asarray(upper))
-
-
 def binned_stats(confidence, correct, *, n_bins: int = 10, binning: Binning = "equal_mass") -> BinStats:
     """Per-bin count, mean confidence and accuracy, as drawn by the reliability diagram.
 
@@ -230,7 +111,7 @@ def binned_stats(confidence, correct, *, n_bins: int = 10, binning: Binning = "e
         ([2.0, 2.0], [0.5, 1.0])
     """
     conf, corr = _check_conf_correct(confidence, correct)
-    return _binned_stats(conf, corr, _check_n_bins(n_bins), _check_binning(binning))
+    return bin_stats(conf, corr, _check_n_bins(n_bins), _check_binning(binning))
 
 
 def _weighted_abs_gap(stats: BinStats, n: int) -> float:
@@ -242,8 +123,8 @@ def _weighted_abs_gap(stats: BinStats, n: int) -> float:
 # Private kernels (valid input) and the public metrics.
 
 
-def _ece(conf, corr, n_bins, binning, sorted_=None) -> float:
-    return _weighted_abs_gap(_binned_stats(conf, corr, n_bins, binning, sorted_), len(conf))
+def _ece(conf, corr, n_bins, binning, ordered=None) -> float:
+    return _weighted_abs_gap(bin_stats(conf, corr, n_bins, binning, ordered), len(conf))
 
 
 def _max_gap(stats: BinStats) -> float:
@@ -251,25 +132,23 @@ def _max_gap(stats: BinStats) -> float:
     return float(np.max(np.abs(stats.acc[ok] - stats.conf[ok])))
 
 
-def _max_ce(conf, corr, n_bins, binning, sorted_=None) -> float:
-    return _max_gap(_binned_stats(conf, corr, n_bins, binning, sorted_))
+def _max_ce(conf, corr, n_bins, binning, ordered=None) -> float:
+    return _max_gap(bin_stats(conf, corr, n_bins, binning, ordered))
 
 
-def _class_columns(probs, labs):
-    """(column k of class_probs, label == k) for each class, as contiguous arrays."""
-    columns = np.ascontiguousarray(probs.T)  # (K, n): sorting a strided column is much slower
-    for k in range(probs.shape[1]):
-        yield columns[k], labs == k
+def _sce_mce(probs, labs, n_bins, buffers=None) -> tuple[float, float]:
+    """SCE and MCE together: both bin each class column, and share its one sort.
 
-
-def _sce_mce(probs, labs, n_bins) -> tuple[float, float]:
-    """SCE and MCE together: both bin each class column, and share its one sort."""
+    `buffers` as for `OrderedValues`; they are overwritten.
+    """
     n, n_classes = probs.shape
     sce_total = mce_total = 0.0
-    for column, target in _class_columns(probs, labs):
-        sv = _Sorted(column, target)
-        sce_total += _weighted_abs_gap(_binned_stats(column, target, n_bins, "equal_width", sv), n)
-        s = _binned_stats(column, target, n_bins, "equal_mass", sv)
+    buffers = buffers if buffers is not None else (np.empty(n, np.int64), np.empty(n, bool))
+    for k in range(n_classes):
+        column, target = probs[:, k], labs == k  # a strided view: OrderedValues copies it once into its keys
+        sv = OrderedValues(column, target, buffers, n_bins=partition_bins(n, n_bins))
+        sce_total += _weighted_abs_gap(bin_stats(column, target, n_bins, "equal_width", sv), n)
+        s = bin_stats(column, target, n_bins, "equal_mass", sv)
         ok = s.count > 0
         mce_total += float(np.sum(s.count[ok] / n * (s.acc[ok] - s.conf[ok]) ** 2))
     return sce_total / n_classes, math.sqrt(mce_total / n_classes)
@@ -277,21 +156,27 @@ def _sce_mce(probs, labs, n_bins) -> tuple[float, float]:
 
 def _gold_probs(probs, labs) -> np.ndarray:
     """``class_probs[i, label_i]`` (n,)."""
-    return probs[np.arange(len(labs)), labs]
+    n, n_classes = probs.shape
+    if probs.flags.c_contiguous:  # a flat gather is about a third faster than 2-D fancy indexing
+        flat_index = np.arange(0, n * n_classes, n_classes)
+        flat_index += labs
+        return np.take(probs.reshape(-1), flat_index)
+    return probs[np.arange(n), labs]
 
 
 def _brier(probs, labs, gold=None) -> float:
     # sum_k (p_k - y_k)^2 = sum_k p_k^2 - 2 p_label + 1
     gold = _gold_probs(probs, labs) if gold is None else gold
-    return float(np.mean(np.einsum("ij,ij->i", probs, probs)) - 2.0 * np.mean(gold) + 1.0)
+    return float(np.einsum("ij,ij->", probs, probs)) / len(probs) - 2.0 * float(np.mean(gold)) + 1.0
 
 
 def _nll(probs, labs, gold=None) -> float:
     gold = _gold_probs(probs, labs) if gold is None else gold
-    return float(-np.mean(np.log(np.maximum(gold, _EPS))))
+    clipped = np.maximum(gold, _EPS)
+    return float(-np.mean(np.log(clipped, out=clipped)))
 
 
-def _auroc(conf, corr, sorted_: _Sorted | None = None, *, warn: bool = True) -> float:
+def _auroc(conf, corr, ordered: OrderedValues | None = None, *, warn: bool = True) -> float:
     n_pos = int(np.count_nonzero(corr))
     n_neg = len(corr) - n_pos
     if n_pos == 0 or n_neg == 0:
@@ -299,31 +184,44 @@ def _auroc(conf, corr, sorted_: _Sorted | None = None, *, warn: bool = True) -> 
             which = "correct" if n_neg == 0 else "wrong"
             warnings.warn(f"AUROC is undefined: all {len(corr)} predictions are {which}; returning nan.", stacklevel=3)
         return float("nan")
-    sv = sorted_ if sorted_ is not None else _Sorted(conf, corr)
-    # Mann-Whitney U: the average 1-based rank of a tie run [left, right) is (left + 1 + right) / 2.
-    if np.any(sv.all[1:] == sv.all[:-1]):
-        right = np.searchsorted(sv.all, sv.pos, side="right")
-    else:
-        right = sv.pos_left + 1  # no ties: every run has length 1
-    rank_sum = float(np.sum(sv.pos_left) + np.sum(right) + n_pos) / 2.0
-    return (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
+    sv = ordered if ordered is not None else OrderedValues(conf, corr)
+    # Mann-Whitney U. In the key sort a positive at position i has i - j wrong examples before it
+    # (j: its index among the positives), and these include every tied wrong example, since the
+    # key sort puts them first in a tie run; a tie counts 1/2, so take half of the tied pairs back.
+    pos_idx = np.flatnonzero(sv.t)
+    u = float(np.sum(pos_idx, dtype=np.float64)) - n_pos * (n_pos - 1) / 2.0
+    if sv.run_ends is not None:
+        size = np.diff(sv.run_ends, prepend=0).astype(np.float64)
+        pos = np.diff(np.searchsorted(pos_idx, sv.run_ends), prepend=0).astype(np.float64)
+        u -= 0.5 * float(np.dot(pos, size - pos))
+    return u / (n_pos * n_neg)
 
 
-def _risk_coverage(conf, corr, sorted_: _Sorted | None = None):
-    sv = sorted_ if sorted_ is not None else _Sorted(conf, corr)
+def _risk_coverage(conf, corr, ordered: OrderedValues | None = None):
+    sv = ordered if ordered is not None else OrderedValues(conf, corr)
     n = len(sv.all)
     first = np.flatnonzero(np.concatenate([[True], sv.all[1:] != sv.all[:-1]]))[::-1]  # tie runs, high to low
     accepted = n - first
-    # Correct predictions accepted at each run: positives whose run starts at or after it.
-    starts_at = np.bincount(sv.pos_left, minlength=n)
-    right = np.cumsum(starts_at[::-1])[::-1][first]
+    # Correct predictions accepted from a run on: all positives minus those sorted before it.
+    pos_before = np.concatenate([[0], np.cumsum(sv.t, dtype=np.int64)])[first]
+    right = sv.n_pos - pos_before
     return accepted / n, (accepted - right) / accepted, sv.all[first]
 
 
-def _aurc(conf, corr, sorted_: _Sorted | None = None) -> float:
-    coverage, risk, _ = _risk_coverage(conf, corr, sorted_)
-    widths = np.diff(np.concatenate([[0.0], coverage]))
-    return float(np.sum(risk * widths))
+def _aurc(conf, corr, ordered: OrderedValues | None = None) -> float:
+    # The area under the risk-coverage step curve without building it: accepting the top k
+    # examples, with e_k errors among them, is a point (k/n, e_k/k) wherever k ends a tie run,
+    # and each run adds its width (size/n) times that risk.
+    sv = ordered if ordered is not None else OrderedValues(conf, corr)
+    n = len(sv.all)
+    errors_top = np.cumsum(~sv.t[::-1], dtype=np.float64)  # errors among the top k, k = 1..n
+    if sv.run_ends is None:
+        errors_top /= np.arange(1, n + 1, dtype=np.float64)
+        return float(np.sum(errors_top)) / n
+    k = (n - sv.run_ends[::-1][1:])  # runs from high to low: the top k ends at each run's lower end
+    k = np.append(k, n)
+    width = np.diff(k, prepend=0)
+    return float(np.sum(errors_top[k - 1] / k * width)) / n
 
 
 def accuracy(correct) -> float:
@@ -590,26 +488,30 @@ def _arrays_of(records) -> _Arrays:
 def _summary(a: _Arrays, n_bins: int, binning: str, *, warn: bool = True) -> dict[str, float]:
     """Every summary metric; the confidence sort is computed once and shared."""
     conf, corr = a.confidence, a.correct
-    sv = _Sorted(conf, corr)
-    main = _binned_stats(conf, corr, n_bins, binning, sv)
-    sce_value, mce_value = _sce_mce(a.class_probs, a.label_index, n_bins)
-    gold = _gold_probs(a.class_probs, a.label_index)
-    return {
-        "n": len(conf),
-        "accuracy": float(np.mean(corr)),
-        "ece": _weighted_abs_gap(main, len(conf)),
+    n = len(conf)
+    # One pair of sort buffers for the confidence and then each class column (see `OrderedValues`).
+    buffers = (np.empty(n, np.int64), np.empty(n, bool))
+    sv = OrderedValues(conf, corr, buffers)
+    main = bin_stats(conf, corr, n_bins, binning, sv)
+    out = {
+        "n": n,
+        "accuracy": np.count_nonzero(corr) / n,
+        "ece": _weighted_abs_gap(main, n),
         "ece_equal_width": _ece(conf, corr, n_bins, "equal_width", sv),
-        "sce": sce_value,
-        "mce": mce_value,
         "max_calibration_error": _max_gap(main),
         "auroc": _auroc(conf, corr, sv, warn=warn),
-        "brier": _brier(a.class_probs, a.label_index, gold),
-        "nll": _nll(a.class_probs, a.label_index, gold),
-        "overconfidence_ratio": float(np.mean(conf > 0.99)),
-        "invalid_rate": float(1.0 - np.mean(a.valid)),
         "aurc": _aurc(conf, corr, sv),
-        "mean_confidence": float(np.mean(conf)),
     }
+    out["sce"], out["mce"] = _sce_mce(a.class_probs, a.label_index, n_bins, buffers)  # overwrites `sv`
+    gold = _gold_probs(a.class_probs, a.label_index)
+    out.update(
+        brier=_brier(a.class_probs, a.label_index, gold),
+        nll=_nll(a.class_probs, a.label_index, gold),
+        overconfidence_ratio=np.count_nonzero(conf > 0.99) / n,
+        invalid_rate=1.0 - np.count_nonzero(a.valid) / n,
+        mean_confidence=float(np.mean(conf)),
+    )
+    return {k: out[k] for k in SUMMARY_KEYS}
 
 
 def summarize(records, *, n_bins: int = 10, binning: Binning = "equal_mass") -> dict[str, float]:

@@ -20,7 +20,8 @@ from typing import Mapping
 import numpy as np
 
 from ._checks import check_binning, check_conf_correct, check_n_bins
-from .metrics import Binning, _binned_stats, _ece
+from .binning import bin_stats
+from .metrics import Binning, _ece
 
 __all__ = ["plot_reliability", "plot_grid"]
 
@@ -48,7 +49,7 @@ def _conf_correct(data) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _draw_panel(ax_rel, ax_hist, conf, corr, *, n_bins: int, binning: str, title: str | None) -> None:
-    stats = _binned_stats(conf, corr, n_bins, binning)
+    stats = bin_stats(conf, corr, n_bins, binning)
     ok = stats.count > 0
     if binning == "equal_width":
         left, width = stats.lower, stats.upper - stats.lower
