@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-import time
+import socket
 
 import pytest
 import torch
 
+import decal.models
 from decal.models import ModelNotFoundError, cache_dir, load_model, load_tokenizer, resolve_model
 
 
@@ -40,10 +41,14 @@ def test_unknown_models_and_bad_dtype_are_clear_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelNotFoundError, match="no config.json"):
         load_model(tmp_path / "empty")
-    start = time.perf_counter()
-    with pytest.raises(ModelNotFoundError, match="offline"):
-        load_model("decal-test-org/no-such-model", offline=True)
-    assert time.perf_counter() - start < 10  # no network retries while offline
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("offline load opened a network connection")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(socket.socket, "connect", no_network)
+        with pytest.raises(ModelNotFoundError, match="offline"):
+            load_model("decal-test-org/no-such-model", offline=True)
 
 
 def test_bad_dtype(tiny_qwen3_dir):
@@ -139,8 +144,12 @@ def test_smollm2_alias_is_cached_as_safetensors(smollm2):
 
     assert (Path(folder) / "model.safetensors").is_file() and (Path(folder) / "tokenizer.json").is_file()
     assert not [p for p in Path(folder).parent.iterdir() if p.name.startswith(".")]  # no half-written copies
-    start = time.perf_counter()
-    again, _ = load_model("smollm2-135m-instruct")
-    assert time.perf_counter() - start < 10  # the cached copy, not a 12 s GGUF dequantisation
+
+    def no_conversion(*args):
+        raise AssertionError("the GGUF was converted again instead of loading the cached copy")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(decal.models, "_convert_gguf", no_conversion)
+        again, _ = load_model("smollm2-135m-instruct")
     assert type(model).__name__ == "LlamaForCausalLM" and tok.convert_ids_to_tokens(tok.encode("Unsafe")) == ["Un", "safe"]
     torch.testing.assert_close(again.lm_head.weight, model.lm_head.weight)
