@@ -80,6 +80,16 @@ def test_tiny_grid_produces_results_and_both_reports(tiny_qwen3_dir, tmp_path):
     assert ("cal-grpo", "builtin:difficulty=3", "platt", "ece") in cells
     ece = next(r for r in rows if r["metric"] == "ece" and r["calibrator"] == "none")
     assert ece["n"] == 8 and ece["ci_low"] <= ece["value"] <= ece["ci_high"]
+    # Table 5's "None" for the in-domain set: the uncalibrated model on the records Platt held out.
+    held = next(r for r in rows if r["metric"] == "ece" and r["calibrator"] == "none (held-out)")
+    assert held["eval_task"] == "builtin" and held["n"] == 4
+    from decal.metrics import summarize
+    from decal.records import read_records
+
+    held_ids = {r.id for r in read_records(root / held["run_dir"])}
+    source = [r for r in read_records(root / "runs/tiny-qwen3/cal-grpo/builtin/eval/builtin-validation") if r.id in held_ids]
+    assert len(source) == 4 and held["value"] == pytest.approx(summarize(source)["ece"])
+    assert sum(r["calibrator"] == "none (held-out)" and r["metric"] == "ece" for r in rows) == 1
 
     from decal.cli import main
 
@@ -89,6 +99,8 @@ def test_tiny_grid_produces_results_and_both_reports(tiny_qwen3_dir, tmp_path):
     html = (root / "report.html").read_text()
     assert "## Table 4" in md and "| Sentiment † | Ours |" in md and "| Hard * | Ours |" in md
     assert "Table 5" in md  # Platt after cal-GRPO
+    none_row = next(line for line in md[md.index("Table 5"):].splitlines() if "| None |" in line)
+    assert f"| {100 * held['value']:.2f}" in none_row  # in-domain "None" on the held-out records
     assert "data:image/png;base64," in html and "<table>" in html
 
 

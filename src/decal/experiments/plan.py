@@ -184,6 +184,7 @@ def _calibrate_steps(config, model, method, task, seed, root: Path, eval_steps: 
                 info={
                     **{k: v for k, v in fit[0].info.items() if k not in ("eval_task", "eval_split", "domain")},
                     "calibrator": cal.method,
+                    "fit_run": fit[0].id,
                     "fit_task": cal.fit_task,
                     "fit_split": cal.fit_split,
                     "domains": {f"{s.info['eval_task']}/{s.info['eval_split']}": s.info["domain"] for s in eval_steps},

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Literal
 
 from .._io import read_json, safe_name, write_text_atomic
-from .results import RESULTS_FILE, read_results
+from .results import HELD_OUT_UNCALIBRATED, RESULTS_FILE, read_results
 from .runner import EXPERIMENT_FILE
 
 __all__ = ["Table", "build_tables", "make_figures", "write_report", "METHOD_LABELS"]
@@ -133,7 +133,7 @@ def _method_label(meth: dict) -> str:
 def _posthoc_table(models, methods, datasets, index, *, ci) -> Table | None:
     """Table 5: rows model x calibrator; columns dataset x (GRPO, Ours); ECE."""
     rl = [m for m in methods if m["method"] in ("grpo", "cal-grpo")]
-    cals = sorted({c for (_, _, _, _, _, _, c, _) in index._cells if c != "none"}, key=list(CALIBRATOR_LABELS).index)
+    cals = sorted({c for (_, _, _, _, _, _, c, _) in index._cells if c in CALIBRATOR_LABELS and c != "none"}, key=list(CALIBRATOR_LABELS).index)
     if not cals or not rl:
         return None
     used = [ds for ds in datasets if any(index.get(mo, m["name"], "", ds, "ece", calibrator=c)[0] is not None for mo in models for m in rl for c in cals)]
@@ -144,14 +144,16 @@ def _posthoc_table(models, methods, datasets, index, *, ci) -> Table | None:
             row, tip = [model if i == 0 else "", CALIBRATOR_LABELS.get(cal, cal)], ["", ""]
             for ds in used:
                 for m in rl:
-                    text, t = _cell(index, model, m["name"], "", ds, "ece", calibrator=cal, ci=ci)
+                    # "None" on the examples the calibrators were scored on, where they held part out.
+                    held_out = cal == "none" and index.get(model, m["name"], "", ds, "ece", calibrator=HELD_OUT_UNCALIBRATED)[0] is not None
+                    text, t = _cell(index, model, m["name"], "", ds, "ece", calibrator=HELD_OUT_UNCALIBRATED if held_out else cal, ci=ci)
                     row.append(text)
                     tip.append(t)
             rows.append(tuple(row))
             tips.append(tuple(tip))
     if not used:
         return None
-    return Table("table5", "Table 5: ECE after post-hoc calibration (fitted on part of the in-domain set)", tuple(header), tuple(rows), tuple(tips))
+    return Table("table5", "Table 5: ECE after post-hoc calibration (fitted on part of the in-domain set; in-domain cells, None included, on the other part)", tuple(header), tuple(rows), tuple(tips))
 
 
 def _sweep_table(key, title, kind, param, symbol, experiment, models, datasets, index, *, ci) -> Table | None:

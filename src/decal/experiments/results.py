@@ -2,7 +2,9 @@
 
 `results.csv` in the experiment folder has one row per (run, metric) with the columns
 `RESULT_COLUMNS`. It is rebuilt from the finished steps' `metrics.json` files (the shape
-`decal metrics` writes) and written atomically, so a crash never leaves half a table.
+`decal metrics` writes) and written atomically, so a crash never leaves half a table. Where a
+calibrator held part of its fit run out, the uncalibrated metrics of that part are added with
+calibrator `none (held-out)`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from .._io import read_json, write_text_atomic
 from ..errors import DataError
 from .plan import Step
 
-__all__ = ["RESULT_COLUMNS", "collect_results", "write_results", "read_results", "RESULTS_FILE"]
+__all__ = ["RESULT_COLUMNS", "collect_results", "write_results", "read_results", "RESULTS_FILE", "HELD_OUT_UNCALIBRATED"]
 
 RESULTS_FILE = "results.csv"
 RESULT_COLUMNS = (
@@ -41,8 +43,11 @@ RESULT_COLUMNS = (
 )
 
 
-def _metric_rows(metrics_path: Path, common: dict) -> list[dict]:
-    report = read_json(metrics_path)
+HELD_OUT_UNCALIBRATED = "none (held-out)"
+
+
+def _metric_rows(metrics_path: Path, common: dict, report: dict | None = None) -> list[dict]:
+    report = read_json(metrics_path) if report is None else report
     if not isinstance(report, dict) or not isinstance(report.get("metrics"), dict):
         raise DataError("expected an object with a `metrics` mapping", path=metrics_path)
     rows = []
@@ -63,7 +68,22 @@ def _first_record(run_dir: Path) -> dict:
     raise DataError("no prediction records", path=run_dir / "predictions.jsonl")
 
 
-def _step_rows(experiment: str, root: Path, step: Step) -> list[dict]:
+def _held_out_uncalibrated(root: Path, sub: Path, fit_run: str) -> dict:
+    """The uncalibrated metrics of the records a calibrator held out of its fit run, with the
+    calibrated run's metric settings: Table 5 compares calibrators with "None" on the same examples."""
+    from ..metrics import metrics_report
+    from ..records import read_records
+
+    settings = read_json(sub / "metrics.json")
+    held_out = {r.id for r in read_records(sub)}
+    records = [r for r in read_records(root / fit_run) if r.id in held_out]
+    if len(records) != len(held_out):
+        raise DataError(f"{len(held_out) - len(records)} held-out records are missing from the fit run {root / fit_run}", path=sub / "predictions.jsonl")
+    return metrics_report(records, n_bins=settings["n_bins"], binning=settings["binning"], n_resamples=settings["bootstrap"],
+                          seed=settings["seed"], level=settings["level"])
+
+
+def _step_rows(experiment: str, root: Path, step: Step, seen_held_out: set) -> list[dict]:
     info = step.info
     common = {
         "experiment": experiment,
@@ -92,6 +112,13 @@ def _step_rows(experiment: str, root: Path, step: Step) -> list[dict]:
             "run_dir": f"{step.id}/{sub.name}",
         }
         rows += _metric_rows(sub / "metrics.json", sub_common)
+        calibration = read_json(sub / "run.json").get("calibration", {}) if (sub / "run.json").is_file() else {}
+        held_out_key = (info.get("fit_run"), calibration.get("fit_fraction"), calibration.get("seed"))
+        if calibration.get("subset") == "held-out" and info.get("fit_run") and held_out_key not in seen_held_out:
+            # Once per fit run and split: every calibrator fitted on the same split shares it.
+            seen_held_out.add(held_out_key)
+            report = _held_out_uncalibrated(root, sub, info["fit_run"])
+            rows += _metric_rows(sub / "metrics.json", {**sub_common, "calibrator": HELD_OUT_UNCALIBRATED}, report)
     return rows
 
 
@@ -112,9 +139,10 @@ def collect_results(experiment: str, root: str | Path, steps: Iterable[Step]) ->
     """Rows for every finished evaluate and calibrate step (those with a `DONE` marker)."""
     root = Path(root)
     rows: list[dict] = []
+    seen_held_out: set = set()
     for step in steps:
         if step.kind in ("evaluate", "calibrate") and (root / step.id / "DONE").is_file():
-            rows += _step_rows(experiment, root, step)
+            rows += _step_rows(experiment, root, step, seen_held_out)
     return rows
 
 
