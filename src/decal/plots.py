@@ -155,8 +155,11 @@ def plot_grid(
     rows = list(dict.fromkeys(k[0] for k in runs))
     cols = list(dict.fromkeys(k[1] for k in runs))
     plt = _pyplot()
-    fig = plt.figure(figsize=(3.2 * len(cols), 4.2 * len(rows)))
-    outer = fig.add_gridspec(len(rows), len(cols), hspace=0.3, wspace=0.45)
+    height = 4.2 * len(rows)
+    fig = plt.figure(figsize=(3.2 * len(cols), height))
+    # Margins in inches, not fractions: matplotlib's default top (0.88) leaves a band of 2 in
+    # under the title of a four-row grid.
+    outer = fig.add_gridspec(len(rows), len(cols), hspace=0.3, wspace=0.45, top=1 - 0.95 / height, bottom=0.5 / height)
     try:
         for i, row in enumerate(rows):
             for j, col in enumerate(cols):
