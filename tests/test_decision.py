@@ -136,3 +136,11 @@ def test_stop_token_ids_join_tokenizer_and_generation_config(qwen3_tokenizer):
     assert stop_token_ids(qwen3_tokenizer) == sorted({im_end, eot})
     model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[7, im_end]))
     assert stop_token_ids(qwen3_tokenizer, model) == sorted({7, im_end, eot})
+
+
+def test_forced_decision_suffix():
+    from decal.decision import forced_decision_suffix
+
+    assert forced_decision_suffix("I think it is fine") == "</think>\n"
+    assert forced_decision_suffix("I think it is fine</think>") == ""  # stopped at the decision position
+    assert forced_decision_suffix("anything", marker=None) == ""

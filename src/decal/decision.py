@@ -25,6 +25,7 @@ __all__ = [
     "find_decision",
     "marker_token_id",
     "stop_token_ids",
+    "forced_decision_suffix",
 ]
 
 END_OF_REASONING = "</think>"
@@ -141,6 +142,15 @@ def stop_token_ids(tokenizer, model=None) -> list[int]:
     ids = set(eos if isinstance(eos, (list, tuple)) else [eos])
     ids.update({tokenizer.eos_token_id, tokenizer.pad_token_id})
     return sorted(int(i) for i in ids if i is not None)
+
+
+def forced_decision_suffix(completion: str, marker: str | None = END_OF_REASONING) -> str:
+    """The text appended to a completion that reached no decision, to force one (DESIGN.md):
+    the marker and the newline before the label; nothing when the completion already holds the
+    marker (it stopped right after it, at the decision position) or there is no marker."""
+    if marker is None or marker in completion:
+        return ""
+    return marker + "\n"
 
 
 def _piece_texts(tokenizer, ids: Sequence[int]) -> list[str]:

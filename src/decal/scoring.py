@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
-from .decision import END_OF_REASONING, Decision, DecisionTokens, find_decision, stop_token_ids
+from .decision import END_OF_REASONING, Decision, DecisionTokens, find_decision, forced_decision_suffix, stop_token_ids
 
 __all__ = [
     "OptionScores",
@@ -348,11 +348,8 @@ def _forced_from_cache(model, state, new_ids, lengths, suffixes, option_ids, cap
 
 
 def _forced_suffix_ids(tokenizer, completion: str, marker: str | None) -> list[int]:
-    # A completion that already holds the marker (and nothing after it) is already at the
-    # decision position; otherwise append the marker and the newline before the label.
-    if marker is None or marker in completion:
-        return []
-    return list(tokenizer(marker + "\n", add_special_tokens=False)["input_ids"])
+    suffix = forced_decision_suffix(completion, marker)
+    return list(tokenizer(suffix, add_special_tokens=False)["input_ids"]) if suffix else []
 
 
 def _decide(tokenizer, new_ids: list[int], decision_tokens: DecisionTokens, marker, stops):

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from .._io import write_json_atomic, write_text_atomic
-from ..decision import END_OF_REASONING
+from ..decision import END_OF_REASONING, forced_decision_suffix
 from ._common import (
     check_run_config,
     decision_confidence,
@@ -168,8 +168,7 @@ def greedy_row(example, generation, tokenizer, *, task: str, split: str, labels:
     if generation.decision.index >= 0:
         head = tokenizer.decode(list(generation.completion_ids[: generation.decision.index]), skip_special_tokens=False)
     else:
-        # The forced decision of `decal.scoring`: the marker and a newline appended when missing.
-        head = generation.completion if marker in generation.completion else f"{generation.completion}{marker}\n"
+        head = generation.completion + forced_decision_suffix(generation.completion, marker)
     parts = split_reasoning(head, marker=marker)
     return {
         "id": example.id,
