@@ -146,6 +146,14 @@ def test_bad_method_name_and_references_are_rejected():
         experiment_config_from_dict(data)
 
 
+def test_two_evaluations_on_one_task_split_are_rejected():
+    data = tiny_config()
+    evaluations = data["train_tasks"][0]["evaluations"]
+    evaluations.append({**evaluations[0], "task": evaluations[0]["task"].split(":")[0] + ":difficulty=4"})
+    with pytest.raises(ConfigError, match="both use split"):
+        experiment_config_from_dict(data)
+
+
 def test_invalid_yaml_names_file_and_line(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("name: x\nmodels: [a, b\n")

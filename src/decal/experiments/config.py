@@ -90,6 +90,17 @@ class TrainTaskSpec:
     def __post_init__(self) -> None:
         if not self.evaluations:
             raise ConfigError(f"train task {self.task!r} needs at least one evaluation")
+        # A calibrated run is matched to its evaluation by the records' task name and split, and
+        # evaluation folders are named after them, so two evaluations must differ in one of them.
+        seen: dict[tuple[str, str], str] = {}
+        for ev in self.evaluations:
+            key = (ev.task.split(":")[0], ev.split)
+            if key in seen:
+                raise ConfigError(
+                    f"train task {self.task!r}: evaluations {seen[key]!r} and {ev.task!r} both use split {ev.split!r} "
+                    "of the same task; give them different splits"
+                )
+            seen[key] = ev.task
 
 
 @dataclass(frozen=True, kw_only=True)
