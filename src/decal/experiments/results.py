@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Iterable
 
@@ -79,8 +80,10 @@ def _held_out_uncalibrated(root: Path, sub: Path, fit_run: str) -> dict:
     records = [r for r in read_records(root / fit_run) if r.id in held_out]
     if len(records) != len(held_out):
         raise DataError(f"{len(held_out) - len(records)} held-out records are missing from the fit run {root / fit_run}", path=sub / "predictions.jsonl")
-    return metrics_report(records, n_bins=settings["n_bins"], binning=settings["binning"], n_resamples=settings["bootstrap"],
-                          seed=settings["seed"], level=settings["level"])
+    with warnings.catch_warnings():  # an undefined AUROC was already reported by `decal metrics` on this run
+        warnings.simplefilter("ignore", UserWarning)
+        return metrics_report(records, n_bins=settings["n_bins"], binning=settings["binning"],
+                              n_resamples=settings["bootstrap"], seed=settings["seed"], level=settings["level"])
 
 
 def _step_rows(experiment: str, root: Path, step: Step, seen_held_out: set) -> list[dict]:
