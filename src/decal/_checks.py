@@ -65,7 +65,8 @@ def check_class_probs(x, name: str = "class_probs") -> np.ndarray:
     arr = check_probabilities(x, name, ndim=2)
     if arr.shape[1] < 2:
         raise ValueError(f"`{name}` must have at least 2 classes (columns); got shape {arr.shape}.")
-    sums = arr @ np.ones(arr.shape[1])  # row sums; a matrix-vector product is 4x faster than sum(axis=1)
+    # Row sums. Not `arr @ ones`: BLAS threads spin after the call and burn a second core.
+    sums = np.einsum("ij->i", arr)
     if not (sums.min() >= 1.0 - 1e-5 and sums.max() <= 1.0 + 1e-5):
         i = int(np.argmax(np.abs(sums - 1.0) > 1e-5))
         raise ValueError(

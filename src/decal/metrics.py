@@ -193,7 +193,7 @@ def _auroc(conf, corr, ordered: OrderedValues | None = None, *, warn: bool = Tru
     if sv.run_ends is not None:
         size = np.diff(sv.run_ends, prepend=0).astype(np.float64)
         pos = np.diff(np.searchsorted(pos_idx, sv.run_ends), prepend=0).astype(np.float64)
-        u -= 0.5 * float(np.dot(pos, size - pos))
+        u -= 0.5 * float(np.sum(pos * (size - pos)))
     return u / (n_pos * n_neg)
 
 
