@@ -90,6 +90,18 @@ def test_tiny_grid_produces_results_and_both_reports(tiny_qwen3_dir, tmp_path):
     source = [r for r in read_records(root / "runs/tiny-qwen3/cal-grpo/builtin/eval/builtin-validation") if r.id in held_ids]
     assert len(source) == 4 and held["value"] == pytest.approx(summarize(source)["ece"])
     assert sum(r["calibrator"] == "none (held-out)" and r["metric"] == "ece" for r in rows) == 1
+    # Rebuilding the table reads the cached held-out metrics instead of bootstrapping again.
+    import decal.metrics
+    from decal.experiments.plan import build_plan
+    from decal.experiments.results import collect_results
+
+    def no_recompute(*args, **kwargs):
+        raise AssertionError("held-out metrics were recomputed")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(decal.metrics, "metrics_report", no_recompute)
+        again = collect_results(config.name, root, build_plan(config, root))
+    assert [(r["calibrator"], r["metric"], r["value"]) for r in again] == [(r["calibrator"], r["metric"], r["value"]) for r in rows]
 
     from decal.cli import main
 

@@ -69,21 +69,40 @@ def _first_record(run_dir: Path) -> dict:
     raise DataError("no prediction records", path=run_dir / "predictions.jsonl")
 
 
+HELD_OUT_CACHE = "uncalibrated-metrics.json"
+
+
 def _held_out_uncalibrated(root: Path, sub: Path, fit_run: str) -> dict:
     """The uncalibrated metrics of the records a calibrator held out of its fit run, with the
-    calibrated run's metric settings: Table 5 compares calibrators with "None" on the same examples."""
+    calibrated run's metric settings: Table 5 compares calibrators with "None" on the same examples.
+
+    The results table is rebuilt after every step, so the bootstrap is computed once and kept in
+    `sub/uncalibrated-metrics.json`, keyed by the settings and both prediction files' size and mtime.
+    """
+    from .._io import write_json_atomic
     from ..metrics import metrics_report
     from ..records import read_records
 
     settings = read_json(sub / "metrics.json")
+    key = {name: settings[name] for name in ("n_bins", "binning", "bootstrap", "seed", "level")}
+    for name, path in (("held_out", sub / "predictions.jsonl"), ("fit_run", root / fit_run / "predictions.jsonl")):
+        stat = path.stat()
+        key[name] = [stat.st_size, stat.st_mtime_ns]
+    cache = sub / HELD_OUT_CACHE
+    if cache.is_file():
+        cached = read_json(cache)
+        if isinstance(cached, dict) and cached.get("key") == key:
+            return cached["report"]
     held_out = {r.id for r in read_records(sub)}
     records = [r for r in read_records(root / fit_run) if r.id in held_out]
     if len(records) != len(held_out):
         raise DataError(f"{len(held_out) - len(records)} held-out records are missing from the fit run {root / fit_run}", path=sub / "predictions.jsonl")
     with warnings.catch_warnings():  # an undefined AUROC was already reported by `decal metrics` on this run
         warnings.simplefilter("ignore", UserWarning)
-        return metrics_report(records, n_bins=settings["n_bins"], binning=settings["binning"],
-                              n_resamples=settings["bootstrap"], seed=settings["seed"], level=settings["level"])
+        report = metrics_report(records, n_bins=settings["n_bins"], binning=settings["binning"],
+                                n_resamples=settings["bootstrap"], seed=settings["seed"], level=settings["level"])
+    write_json_atomic(cache, {"key": key, "report": report})
+    return report
 
 
 def _step_rows(experiment: str, root: Path, step: Step, seen_held_out: set) -> list[dict]:
