@@ -346,6 +346,8 @@ rank = trainer.accelerator.process_index
 with open({tmp!r} + f"/rank{{rank}}.json", "w") as f:
     json.dump({{"share": share.tolist(), "world": trainer.accelerator.num_processes, "rank": rank,
                "loss": trainer.state.log_history[0]["loss"], "ce": trainer.state.log_history[0].get("cal/ce")}}, f)
+# as decal.training.runner.train does: exiting with the gloo group alive can abort the process
+trainer.accelerator.end_training()
 '''
 
 

@@ -42,9 +42,21 @@ def _logged_steps(out: Path) -> list[int]:
     return [e["step"] for e in read_train_log(out) if "loss" in e]
 
 
-def test_sft_run_folder_and_adapter_loads(tiny_qwen3_dir, tmp_path):
+def _count_end_training(monkeypatch) -> list[int]:
+    """Counts Accelerator.end_training calls: a multi-process run that exits with its gloo group
+    alive can abort at interpreter teardown, so `train` must release it, on success and failure."""
+    from accelerate import Accelerator
+
+    calls, original = [], Accelerator.end_training
+    monkeypatch.setattr(Accelerator, "end_training", lambda self: (calls.append(1), original(self))[1])
+    return calls
+
+
+def test_sft_run_folder_and_adapter_loads(tiny_qwen3_dir, tmp_path, monkeypatch):
     out = tmp_path / "sft"
+    ended = _count_end_training(monkeypatch)
     assert _train(tiny_qwen3_dir, out, *SFT_FLAGS, "--max-steps", "2") == 0
+    assert len(ended) == 1
     resolved = yaml.safe_load((out / "config.resolved.yaml").read_text())
     assert resolved["method"] == "sft" and resolved["learning_rate"] == 2e-4 and resolved["reasoning"] is False
     assert json.loads((out / "DONE").read_text())["global_step"] == 2
@@ -206,12 +218,14 @@ def test_accelerate_configs_load(name, kind):
         assert config.deepspeed_config["zero_stage"] == 2
 
 
-def test_a_run_too_small_for_one_step_fails_instead_of_saving_the_base(tiny_qwen3_dir, tmp_path, capsys):
+def test_a_run_too_small_for_one_step_fails_instead_of_saving_the_base(tiny_qwen3_dir, tmp_path, capsys, monkeypatch):
     # 4 prompts cannot fill a generation batch of 4 x 8 completions (16 prompts of 2 generations),
     # so TRL would run zero steps; the run must say so rather than write an untrained adapter.
     out = tmp_path / "tiny"
     flags = [f if f != "1" or GRPO_FLAGS[i - 1] != "--grad-accum" else "8" for i, f in enumerate(GRPO_FLAGS)]
+    ended = _count_end_training(monkeypatch)
     assert _train(tiny_qwen3_dir, out, "--method", "grpo", *flags, "--max-steps", "2") == 1
+    assert len(ended) == 1  # the process group is released on the error path too
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bars
     assert last.startswith("error: no optimizer step ran: 4 training examples") and "grad-accum 8" in last
     assert not (out / "DONE").exists() and not (out / "adapter").exists()

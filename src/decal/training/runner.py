@@ -285,17 +285,23 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     if resume:
         logger.info("resuming from %s", checkpoint or "scratch (no complete checkpoint yet)")
     started = time.time()
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)  # 4.
-    if trainer.state.global_step == 0:
-        # TRL's GRPO sampler drops a generation batch it cannot fill, so a small --limit with a
-        # large batch trains nothing and would otherwise end "successfully" with the base weights.
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        raise ConfigError(
-            f"no optimizer step ran: {len(task)} training examples do not fill one step of "
-            f"batch size {args.per_device_train_batch_size} x grad-accum {args.gradient_accumulation_steps} "
-            f"x {world} process(es); raise --limit or lower --batch-size/--grad-accum"
-        )
-    _save_final_adapter(trainer, out)  # 5.
+    try:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)  # 4.
+        if trainer.state.global_step == 0:
+            # TRL's GRPO sampler drops a generation batch it cannot fill, so a small --limit with a
+            # large batch trains nothing and would otherwise end "successfully" with the base weights.
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+            raise ConfigError(
+                f"no optimizer step ran: {len(task)} training examples do not fill one step of "
+                f"batch size {args.per_device_train_batch_size} x grad-accum {args.gradient_accumulation_steps} "
+                f"x {world} process(es); raise --limit or lower --batch-size/--grad-accum"
+            )
+        _save_final_adapter(trainer, out)  # 5. the last collective
+    finally:
+        # A process that exits with its process group alive can abort at interpreter teardown
+        # (gloo's worker threads still hold tensors: SIGABRT, "terminate called without an active
+        # exception"), turning a finished multi-process run into a failed one. No-op in one process.
+        trainer.accelerator.end_training()
     if not trainer.is_world_process_zero():
         return out
     if cfg.select_split:  # 6.
