@@ -7,10 +7,13 @@ skipping the first step (warm-up); the ratio uses CPU seconds, which other jobs 
 machine do not inflate. Peak
 memory is the process's peak resident set size, sampled every 20 ms during `train`, and the
 part of it added after the model was loaded. Issue #6 asks for cal-GRPO / GRPO <= 1.05 on both.
+`--compare-head` reruns each method with the output head fed the strided slice of the hidden
+states (see `decal.models.keep_head_input_contiguous`) and prints that ratio.
 
 Usage:
     python benchmarks/bench_training.py --threads 1          # all three methods
     python benchmarks/bench_training.py --methods grpo cal-grpo --steps 4
+    python benchmarks/bench_training.py --methods sft grpo --compare-head
 """
 
 from __future__ import annotations
@@ -58,12 +61,15 @@ class _PeakSampler(threading.Thread):
             time.sleep(0.02)
 
 
-def _worker(method: str, out: str, steps: int, model: str, same_samples: bool) -> None:
+def _worker(method: str, out: str, steps: int, model: str, same_samples: bool, strided_head: bool) -> None:
+    import decal.models
     from decal.models import load_model
     from decal.training.config import TrainConfig
     from decal.training.runner import train
 
     load_model(model)  # converts the GGUF once, outside the measured run
+    if strided_head:  # as before decal.models.keep_head_input_contiguous existed
+        decal.models.keep_head_input_contiguous = lambda m: None
     settings = dict(SETTINGS[method])
     if same_samples and method != "sft":
         settings["learning_rate"] = SAME_SAMPLES_LR
@@ -91,10 +97,11 @@ def _invalid_rate(out: Path) -> float | None:
     return statistics.mean(rates) if rates else None
 
 
-def _run(method: str, steps: int, model: str, root: Path, same_samples: bool, threads: int | None) -> dict:
-    out = root / method
+def _run(method: str, steps: int, model: str, root: Path, same_samples: bool, threads: int | None,
+         strided_head: bool = False) -> dict:
+    out = root / (method + ("-strided" if strided_head else ""))
     command = [sys.executable, __file__, "--worker", method, "--out", str(out), "--steps", str(steps),
-               "--model", model] + (["--same-samples"] if same_samples else [])
+               "--model", model] + (["--same-samples"] if same_samples else []) + (["--strided-head"] if strided_head else [])
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:
@@ -116,12 +123,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="train GRPO/cal-GRPO at lr 1e-3 (their samples then differ after step 1)")
     parser.add_argument("--threads", type=int, help="torch threads per run (OMP_NUM_THREADS); 1 avoids "
                         "thread spin-waits inflating CPU time on a busy machine")
+    parser.add_argument("--compare-head", action="store_true",
+                        help="also run each method with the output head fed the strided hidden-state slice "
+                        "(no decal.models.keep_head_input_contiguous) and print the step-time ratio")
     parser.add_argument("--same-samples", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--strided-head", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        _worker(args.worker, args.out, args.steps, args.model, args.same_samples)
+        _worker(args.worker, args.out, args.steps, args.model, args.same_samples, args.strided_head)
         return 0
     import torch
 
@@ -140,6 +151,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{method:9s} step {r['step_s']:7.2f} s wall, {r['step_cpu_s']:7.2f} CPU-s "
                   f"(fastest of {r['steps_timed']}), "
                   f"peak RSS {r['peak_rss_mb']:7.0f} MB{invalid}", flush=True)
+            if args.compare_head:
+                s = _run(method, args.steps, args.model, Path(root), not args.paper_lr, args.threads, strided_head=True)
+                print(f"{'':9s} strided head input: step {s['step_s']:7.2f} s wall, {s['step_cpu_s']:7.2f} CPU-s; "
+                      f"strided / contiguous CPU time {s['step_cpu_s'] / r['step_cpu_s']:.2f}x, "
+                      f"peak RSS {s['peak_rss_mb'] / r['peak_rss_mb']:.2f}x", flush=True)
     if "grpo" in rows and "cal-grpo" in rows:
         wall_ratio = rows["cal-grpo"]["step_s"] / rows["grpo"]["step_s"]
         # CPU seconds are the comparison that holds when other jobs share the cores.

@@ -153,3 +153,36 @@ def test_smollm2_alias_is_cached_as_safetensors(smollm2):
         again, _ = load_model("smollm2-135m-instruct")
     assert type(model).__name__ == "LlamaForCausalLM" and tok.convert_ids_to_tokens(tok.encode("Unsafe")) == ["Un", "safe"]
     torch.testing.assert_close(again.lm_head.weight, model.lm_head.weight)
+
+
+def test_merged_adapter_is_a_plain_model_with_the_same_outputs(tmp_path, qwen3_tokenizer, tiny_qwen3_dir):
+    from conftest import build_tiny_qwen3
+
+    _save_lora(build_tiny_qwen3(qwen3_tokenizer), tmp_path / "adapter")
+    attached, _ = load_model(tiny_qwen3_dir, adapter=tmp_path / "adapter")
+    merged, _ = load_model(tiny_qwen3_dir, adapter=tmp_path / "adapter", merge_adapter=True)
+    assert not any("lora_" in n for n, _ in merged.named_parameters()) and not hasattr(merged, "peft_config")
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    with torch.inference_mode():
+        torch.testing.assert_close(merged(input_ids=ids).logits, attached(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_the_head_gets_a_contiguous_input_from_a_logits_to_keep_slice(tmp_path, qwen3_tokenizer, tiny_qwen3_dir):
+    """A strided (B, k, H) slice into a frozen head makes PyTorch copy the (V, H) weight per row
+    (keep_head_input_contiguous); the hook hands the head a contiguous copy, same values."""
+    from conftest import build_tiny_qwen3
+
+    _save_lora(build_tiny_qwen3(qwen3_tokenizer), tmp_path / "adapter")
+    for kwargs in ({}, {"adapter": tmp_path / "adapter"}, {"adapter": tmp_path / "adapter", "merge_adapter": True}):
+        model, _ = load_model(tiny_qwen3_dir, **kwargs)
+        seen = []
+        head = model.get_output_embeddings()
+        # registered after decal's hook, so it sees what the head will get
+        handle = head.register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous()))
+        ids = torch.tensor([[5, 6, 7, 8, 9], [9, 10, 11, 12, 13]])
+        with torch.inference_mode():
+            kept = model(input_ids=ids, logits_to_keep=2).logits
+            full = model(input_ids=ids).logits
+        handle.remove()
+        assert seen == [True, True], kwargs
+        torch.testing.assert_close(kept, full[:, -2:], atol=1e-6, rtol=1e-5)

@@ -220,10 +220,34 @@ def _attach_adapter(model, adapter: str | os.PathLike, *, offline: bool):
     return model
 
 
+def _contiguous_input(module, args):
+    hidden = args[0]
+    if hidden.dim() > 2 and not hidden.is_contiguous():
+        return (hidden.contiguous(), *args[1:])
+    return None
+
+
+def keep_head_input_contiguous(model):
+    """Make the output head's input contiguous before its matmul; returns the hook's handle.
+
+    With `logits_to_keep`, transformers feeds the head a slice of the hidden states, (B, k, H)
+    with the full sequence's strides. When the head's weight does not require grad (a frozen
+    base under LoRA: every adapter evaluation, and training), PyTorch's matmul cannot fold such
+    a slice into one mm and runs a bmm over the weight expanded B times, copying the (V, H)
+    weight for every row. On SmolLM2 with an adapter this made bfloat16 scoring 3x slower
+    (`benchmarks/bench_adapter_eval.py`) and a float32 GRPO step 1.04x
+    (`benchmarks/bench_training.py --compare-head`). Copying the small slice instead costs
+    next to nothing and gives the same values up to float rounding.
+    """
+    head = model.get_output_embeddings()
+    return None if head is None else head.register_forward_pre_hook(_contiguous_input)
+
+
 def load_model(
     name_or_path: str | os.PathLike,
     *,
     adapter: str | os.PathLike | None = None,
+    merge_adapter: bool = False,
     dtype: DType = "float32",
     device: str = "cpu",
     trust_remote_code: bool = False,
@@ -236,6 +260,11 @@ def load_model(
         name_or_path: an alias (``smollm2-135m-instruct``), a ``.gguf`` file, a local model folder,
             or a hub id.
         adapter: a LoRA adapter folder (or hub id) to attach with PEFT.
+        merge_adapter: fold the adapter into the base weights (`merge_and_unload`) and return a
+            plain model, as fast as the base (attached: 1.2x slower in float32 on SmolLM2,
+            `benchmarks/bench_adapter_eval.py`). For inference only, and exact only in float32:
+            rounding the merged weights to bfloat16 loses most of a LoRA update's low bits
+            (13 of 200 predictions changed in that benchmark), so decal merges in float32 only.
         dtype: "float32" (default; needed for the 1e-5 equality checks), "bfloat16" (about 2x
             faster scoring on CPUs with AVX512-BF16, same accuracy within 0.005), "float16", or
             "auto" (the checkpoint's dtype).
@@ -269,6 +298,9 @@ def load_model(
         raise _wrap_load_error(str(name_or_path), source, e, offline=offline) from e
     if adapter is not None:
         model = _attach_adapter(model, adapter, offline=offline)
+        if merge_adapter:
+            model = model.merge_and_unload()
+    keep_head_input_contiguous(model)
     model.to(device)
     model.eval()
     if getattr(model.generation_config, "pad_token_id", None) is None:

@@ -85,7 +85,9 @@ def _load(model: str, adapter: str | None, task: str, split: str, data_dir: str 
         raise ValueError(f"task '{task}' split '{split}' has no examples")
     # Check the run folder before the (slow) model load, so a wrong --out fails at once.
     prepare(loaded_task)
-    loaded_model, tokenizer = load_model(model, adapter=adapter, dtype=dtype, **model_options)
+    # merging is exact in float32 only (see load_model)
+    loaded_model, tokenizer = load_model(model, adapter=adapter, merge_adapter=dtype == "float32", dtype=dtype,
+                                         **model_options)
     return loaded_model, tokenizer, loaded_task
 
 

@@ -141,9 +141,10 @@ def register(app: typer.Typer) -> None:
         folder = Path(out) / safe_name(name or run_name(model, task, split, reasoning=reasoning, adapter=adapter))
         created = _make_run_folder(folder)
         try:
+            # merging the adapter is exact in float32 only (see load_model)
             net, tokenizer = load_model(
-                model, adapter=adapter, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
-                allow_pickle=allow_pickle, offline=offline or None,
+                model, adapter=adapter, merge_adapter=dtype == "float32", dtype=dtype, device=device,
+                trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, offline=offline or None,
             )
             try:
                 evaluate(

@@ -1,0 +1,107 @@
+"""Evaluation speed with a LoRA adapter: attached through PEFT against merged into the weights.
+
+`decal evaluate --adapter` scores a fine-tuned model. With the adapter attached, every one of the
+7 adapted projections in each layer runs two extra small matmuls (and a dropout call) per forward
+pass; merged, the model is as fast as the base. This script builds a LoRA adapter of decal's
+default shape (r=16, alpha=32, all linear projections, nonzero B so it changes the outputs) on
+SmolLM2-135M-Instruct, then on the first N prompts of the built-in validation split (non-reasoning)
+times `score_prompts` for
+
+1. the base model (the reference: what a merged adapter should cost),
+2. the adapter attached (`decal.models.load_model(adapter=..., merge_adapter=False)`),
+3. the adapter merged (`merge_adapter=True`, what `decal evaluate` does),
+
+batch by batch and interleaved, so load from other processes hits all three alike, and prints the
+ratios plus how far the merged model's option probabilities are from the attached one's.
+
+Usage: python benchmarks/bench_adapter_eval.py [--n 200] [--batch-size 8] [--threads 2]
+       [--adapter DIR]   (an existing adapter folder instead of the random one)
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import torch
+
+from decal.decision import option_token_ids
+import decal.models
+from decal.models import load_model
+from decal.scoring import score_prompts
+from decal.tasks import load_task
+from decal.tasks.prompts import decision_context, render_chat
+
+MODEL = "smollm2-135m-instruct"
+
+
+def _random_adapter(folder: str) -> str:
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = load_model(MODEL)
+    torch.manual_seed(0)
+    config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False,
+                        task_type="CAUSAL_LM")
+    get_peft_model(model, config).save_pretrained(folder)
+    return folder
+
+
+def _timed(model, tokenizer, prompts, tokens, batch_size):
+    start = time.perf_counter()
+    with torch.inference_mode():
+        scores = score_prompts(model, tokenizer, prompts, tokens, batch_size=batch_size)
+    return time.perf_counter() - start, scores
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--adapter", default=None)
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter = args.adapter or _random_adapter(tmp)
+        base, tokenizer = load_model(MODEL, dtype=args.dtype)
+        attached, _ = load_model(MODEL, adapter=adapter, merge_adapter=False, dtype=args.dtype)
+        merged, _ = load_model(MODEL, adapter=adapter, merge_adapter=True, dtype=args.dtype)
+        # as before decal.models.keep_head_input_contiguous: the head gets the strided slice
+        hook, decal.models.keep_head_input_contiguous = decal.models.keep_head_input_contiguous, lambda m: None
+        strided, _ = load_model(MODEL, adapter=adapter, merge_adapter=False, dtype=args.dtype)
+        decal.models.keep_head_input_contiguous = hook
+    task = load_task("builtin", "validation")
+    examples = task.examples[: args.n]
+    prompts = [render_chat(tokenizer, task.user_message(ex), reasoning=False) for ex in examples]
+    tokens = option_token_ids(tokenizer, task.labels, context=decision_context(prompts[0], reasoning=False))
+    _timed(base, tokenizer, prompts[: args.batch_size], tokens, args.batch_size)  # warm-up
+
+    times = {"base": 0.0, "strided": 0.0, "attached": 0.0, "merged": 0.0}
+    results = {"strided": [], "attached": [], "merged": []}
+    for i in range(0, len(prompts), args.batch_size):
+        chunk = prompts[i: i + args.batch_size]
+        times["base"] += _timed(base, tokenizer, chunk, tokens, args.batch_size)[0]
+        for name, model in (("strided", strided), ("attached", attached), ("merged", merged)):
+            seconds, scores = _timed(model, tokenizer, chunk, tokens, args.batch_size)
+            times[name] += seconds
+            results[name] += scores
+
+    probs = {k: torch.tensor([s.option_probs for s in v], dtype=torch.float64) for k, v in results.items()}
+    agree = int((probs["attached"].argmax(1) == probs["merged"].argmax(1)).sum())
+    strided_diff = (probs["strided"] - probs["attached"]).abs().max()
+    print(f"{len(prompts)} prompts, batch {args.batch_size}, {args.threads} threads, {args.dtype}")
+    for name, seconds in times.items():
+        print(f"  {name:9s} {seconds:7.2f} s   {len(prompts) / seconds:7.1f} prompts/s")
+    print(f"strided head input / contiguous (attached): {times['strided'] / times['attached']:.2f}x")
+    print(f"attached / merged time: {times['attached'] / times['merged']:.2f}x")
+    print(f"merged / base time:     {times['merged'] / times['base']:.2f}x")
+    print(f"max |option probability difference| merged vs attached: {(probs['merged'] - probs['attached']).abs().max():.2e}")
+    print(f"identical predictions merged vs attached: {agree}/{len(prompts)}")
+    print(f"max |option probability difference| strided vs contiguous head input: {strided_diff:.2e}")
+
+
+if __name__ == "__main__":
+    main()
