@@ -34,6 +34,7 @@ bench: venv
 	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python benchmarks/bench_metrics.py
 	$(BIN)/python benchmarks/bench_scoring.py
+	$(BIN)/python benchmarks/bench_adapter_eval.py
 	$(BIN)/python benchmarks/bench_training.py
 
 clean:

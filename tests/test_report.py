@@ -88,3 +88,32 @@ def test_analysis_tables_2_and_3(tmp_path):
     by_key = {t.key: t for t in tables}
     assert by_key["table2"].rows == (("builtin (train), base", "97.50"),)
     assert by_key["table3"].rows == (("builtin (train), base", "50.00"),)
+
+
+def test_an_undefined_metric_reads_n_a_and_a_missing_one_a_dash(experiment):
+    """AUROC of a run whose predictions are all right is undefined (stored empty): "n/a", not
+    "nan" or the "–" that marks a run that never happened."""
+    import csv
+
+    from rich.console import Console
+
+    from decal.commands.report import results_table
+
+    path = experiment / "results.csv"
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    first = next(r for r in rows if r["metric"] == "auroc" and r["calibrator"] == "none")
+    first.update(value="", ci_low="", ci_high="")
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    tables, _ = build_tables(experiment)
+    table7 = next(t for t in tables if t.key == "table7")
+    assert table7.rows[0][2] == "n/a" and "nan" not in str(table7.rows)
+    console = Console(record=True, width=200)
+    console.print(results_table(experiment))
+    cells = [[c.strip() for c in ln.split("│")[1:-1]] for ln in console.export_text().splitlines() if "│" in ln]
+    row = next(c for c in cells if c[1] == first["method"] and c[2] == f"{first['eval_task']}/{first['eval_split']}")
+    assert row[-2:] == ["n/a", "–"]  # auroc undefined; invalid_rate was never written by this fake grid
+    assert "n/a undefined" in write_report(experiment, format="md", figures=False).read_text()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib
 import sys
+import warnings
+from pathlib import Path
 
 import click
 import typer
@@ -66,28 +68,51 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
+_PACKAGE = Path(__file__).resolve().parent
+
+
+def _one_line_warnings(show_default):
+    # decal's own warnings (an undefined AUROC, a skipped row) are for the user: one line,
+    # like `error:`, without the source line. Other libraries' keep Python's format.
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if category is UserWarning and Path(filename).resolve().is_relative_to(_PACKAGE):
+            print(f"warning: {message}", file=file or sys.stderr)
+        else:
+            show_default(message, category, filename, lineno, file, line)
+
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns (and exits with) 0 on success, 1 on a failed run, 2 on a usage error."""
-    try:
-        result = app(args=argv, standalone_mode=False)
-        code = result if isinstance(result, int) else 0
-    except _EXIT as e:
-        code = e.exit_code
-    except _ABORT:
-        code = _fail("aborted", 130)
-    except _USAGE as e:  # usage errors: bad flag, missing argument
-        message = e.format_message()
-        # `decal` with no arguments has already printed the help; nothing more to say.
-        code = _fail(message, 2) if message.strip() else 2
-    except KeyboardInterrupt:
-        code = _fail("interrupted; rerun the same command to resume", 130)
-    except (DecalError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
-        code = _fail(str(e) or type(e).__name__, 1)
-    except OSError as e:
-        code = _fail(f"{e.strerror or e}: {e.filename}" if getattr(e, "filename", None) else str(e), 1)
+    with warnings.catch_warnings():
+        # each distinct message once per command, not once per run folder or bootstrap call
+        warnings.filterwarnings("once", category=UserWarning, module=r"decal(\.|$)")
+        warnings.showwarning = _one_line_warnings(warnings.showwarning)
+        code = _run(argv)
     if argv is None:
         sys.exit(code)
     return code
+
+
+def _run(argv: list[str] | None) -> int:
+    try:
+        result = app(args=argv, standalone_mode=False)
+        return result if isinstance(result, int) else 0
+    except _EXIT as e:
+        return e.exit_code
+    except _ABORT:
+        return _fail("aborted", 130)
+    except _USAGE as e:  # usage errors: bad flag, missing argument
+        message = e.format_message()
+        # `decal` with no arguments has already printed the help; nothing more to say.
+        return _fail(message, 2) if message.strip() else 2
+    except KeyboardInterrupt:
+        return _fail("interrupted; rerun the same command to resume", 130)
+    except (DecalError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
+        return _fail(str(e) or type(e).__name__, 1)
+    except OSError as e:
+        return _fail(f"{e.strerror or e}: {e.filename}" if getattr(e, "filename", None) else str(e), 1)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import typer
@@ -59,7 +60,7 @@ def metrics_table(report: dict, *, title: str):
         table.add_column(f"{100 * report['level']:.0f}% CI", justify="right")
     for key, m in report["metrics"].items():
         scale = 1.0 if key == "nll" else 100.0  # NLL is in nats, not a fraction
-        value = "nan" if m["value"] is None else f"{scale * m['value']:.2f}"
+        value = "n/a" if m["value"] is None or math.isnan(m["value"]) else f"{scale * m['value']:.2f}"
         row = [key, value]
         if with_ci:
             row.append("–" if m["ci_low"] is None else f"[{scale * m['ci_low']:.2f}, {scale * m['ci_high']:.2f}]")

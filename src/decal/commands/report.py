@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -23,6 +24,7 @@ def results_table(root: Path, *, metrics=("accuracy", "ece", "auroc", "invalid_r
     """A rich table of the main (uncalibrated) results: one row per model, method and dataset."""
     from rich.table import Table
 
+    from ..experiments.report import MISSING, UNDEFINED
     from ..experiments.results import RESULTS_FILE, read_results
 
     rows = read_results(root / RESULTS_FILE)
@@ -40,7 +42,12 @@ def results_table(root: Path, *, metrics=("accuracy", "ece", "auroc", "invalid_r
         for m in metrics:
             r = by_metric.get(m)
             # Values only: the intervals are in results.csv and the reports' cells.
-            values.append("–" if r is None or r["value"] is None else f"{100 * r['value']:.2f}")
+            if r is None:
+                values.append(MISSING)
+            elif r["value"] is None or math.isnan(r["value"]):
+                values.append(UNDEFINED)
+            else:
+                values.append(f"{100 * r['value']:.2f}")
         table.add_row(*key, *values)
     return table
 

@@ -32,7 +32,8 @@ logger = logging.getLogger(__name__)
 
 METHOD_LABELS = {"base": "Base", "sft": "SFT", "grpo": "GRPO", "cal-grpo": "Ours"}
 CALIBRATOR_LABELS = {"none": "None", "isotonic": "Isotonic", "platt": "Platt", "temperature": "Temperature"}
-MISSING = "–"
+MISSING = "–"  # not run
+UNDEFINED = "n/a"  # run, but the metric has no value (AUROC with one outcome only)
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ class _Index:
 def _pct(value: float | None) -> str:
     if value is None:
         return MISSING
-    return "nan" if math.isnan(value) else f"{100 * value:.2f}"
+    return UNDEFINED if math.isnan(value) else f"{100 * value:.2f}"
 
 
 def _cell(index: _Index, *args, ci: bool, **kwargs) -> tuple[str, str]:
@@ -304,7 +305,8 @@ def _markdown(title: str, description: str, tables: list[Table], figures, notes:
     lines = [f"# {title}", ""]
     if description:
         lines += [description, ""]
-    lines += ["Values in %. † in-domain, * out-of-domain; – not run.", ""]
+    lines += ["Values in %. † in-domain, * out-of-domain; – not run; n/a undefined (AUROC when every "
+              "prediction is right, or every one wrong).", ""]
     for t in tables:
         lines += [f"## {t.title}", "", "| " + " | ".join(t.header) + " |", "|" + "|".join(" --- " for _ in t.header) + "|"]
         lines += ["| " + " | ".join(row) + " |" for row in t.rows]
@@ -330,7 +332,7 @@ def _html(title: str, description: str, tables: list[Table], figures, notes: lis
     parts.append(f"<h1>{esc(title)}</h1>")
     if description:
         parts.append(f"<p>{esc(description)}</p>")
-    parts.append("<p class='note'>Values in %. † in-domain, * out-of-domain; – not run. Hover a cell for n and its 95% bootstrap interval.</p>")
+    parts.append("<p class='note'>Values in %. † in-domain, * out-of-domain; – not run; n/a undefined (AUROC when every prediction is right, or every one wrong). Hover a cell for n and its 95% bootstrap interval.</p>")
     for t in tables:
         parts.append(f"<h2>{esc(t.title)}</h2><table><thead><tr>{''.join(f'<th>{esc(h)}</th>' for h in t.header)}</tr></thead><tbody>")
         for row, tips in zip(t.rows, t.tips):
