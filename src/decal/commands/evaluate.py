@@ -97,7 +97,7 @@ def register(app: typer.Typer) -> None:
         split: str = typer.Option(..., "--split", metavar="SPLIT", help="Split to score."),
         out: Path = typer.Option(..., "--out", metavar="DIR", help="Parent folder; the run goes to DIR/<run name>."),
         reasoning: bool = typer.Option(False, "--reasoning", help="Generate a reasoning, then decide after </think>."),
-        adapter: Optional[str] = typer.Option(None, "--adapter", metavar="PATH", help="LoRA adapter folder to attach."),
+        adapter: Optional[str] = typer.Option(None, "--adapter", metavar="PATH", help="LoRA adapter folder (merged into the weights in float32, attached otherwise)."),
         limit: Optional[int] = typer.Option(None, "--limit", metavar="N", help="Score only the first N examples."),
         batch_size: int = typer.Option(8, "--batch-size", metavar="B", help="Examples per forward pass / generate call."),
         max_new_tokens: int = typer.Option(256, "--max-new-tokens", metavar="K", help="Reasoning: generation budget."),
