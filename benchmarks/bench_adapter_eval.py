@@ -1,21 +1,22 @@
-"""Evaluation speed with a LoRA adapter: attached through PEFT against merged into the weights.
+"""Evaluation speed with a LoRA adapter: the output head's input, and attached against merged.
 
-`decal evaluate --adapter` scores a fine-tuned model. With the adapter attached, every one of the
-7 adapted projections in each layer runs two extra small matmuls (and a dropout call) per forward
-pass; merged, the model is as fast as the base. This script builds a LoRA adapter of decal's
+`decal evaluate --adapter` scores a fine-tuned model. This script builds a LoRA adapter of decal's
 default shape (r=16, alpha=32, all linear projections, nonzero B so it changes the outputs) on
-SmolLM2-135M-Instruct, then on the first N prompts of the built-in validation split (non-reasoning)
-times `score_prompts` for
+SmolLM2-135M-Instruct, or takes `--adapter DIR`, then on the first N prompts of the built-in
+validation split (non-reasoning) times `score_prompts` for
 
-1. the base model (the reference: what a merged adapter should cost),
-2. the adapter attached (`decal.models.load_model(adapter=..., merge_adapter=False)`),
-3. the adapter merged (`merge_adapter=True`, what `decal evaluate` does),
+1. base: the model without adapter (what a merged adapter should cost);
+2. strided: the adapter attached, the head fed the strided `logits_to_keep` slice (decal before
+   `decal.models.keep_head_input_contiguous`: with a frozen head PyTorch copies its weight per row);
+3. attached: the adapter attached, as `load_model` returns it (bfloat16 evaluation);
+4. merged: the adapter folded into the weights (`merge_adapter=True`, float32 evaluation, where
+   `merges_adapter_exactly` holds),
 
-batch by batch and interleaved, so load from other processes hits all three alike, and prints the
-ratios plus how far the merged model's option probabilities are from the attached one's.
+batch by batch and interleaved, so load from other processes hits all of them alike, and prints
+the ratios plus how far the merged and strided variants' option probabilities are from attached.
 
 Usage: python benchmarks/bench_adapter_eval.py [--n 200] [--batch-size 8] [--threads 2]
-       [--adapter DIR]   (an existing adapter folder instead of the random one)
+       [--dtype bfloat16|float32] [--adapter DIR]
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ import time
 
 import torch
 
-from decal.decision import option_token_ids
 import decal.models
+from decal.decision import option_token_ids
 from decal.models import load_model
 from decal.scoring import score_prompts
 from decal.tasks import load_task

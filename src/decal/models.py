@@ -243,6 +243,16 @@ def keep_head_input_contiguous(model):
     return None if head is None else head.register_forward_pre_hook(_contiguous_input)
 
 
+def merges_adapter_exactly(dtype: str) -> bool:
+    """Whether folding a LoRA adapter into weights of this dtype keeps the adapted model's outputs.
+
+    float32: to 1e-6. bfloat16/float16 round each merged weight to 8 or 11 bits, which drops most
+    of a small LoRA update: 13 of 200 predictions of a trained adapter changed in bfloat16
+    (`benchmarks/bench_adapter_eval.py`). The commands merge only where this holds.
+    """
+    return dtype == "float32"
+
+
 def load_model(
     name_or_path: str | os.PathLike,
     *,
@@ -262,9 +272,8 @@ def load_model(
         adapter: a LoRA adapter folder (or hub id) to attach with PEFT.
         merge_adapter: fold the adapter into the base weights (`merge_and_unload`) and return a
             plain model, as fast as the base (attached: 1.2x slower in float32 on SmolLM2,
-            `benchmarks/bench_adapter_eval.py`). For inference only, and exact only in float32:
-            rounding the merged weights to bfloat16 loses most of a LoRA update's low bits
-            (13 of 200 predictions changed in that benchmark), so decal merges in float32 only.
+            `benchmarks/bench_adapter_eval.py`). For inference only, and exact only where
+            `merges_adapter_exactly(dtype)`.
         dtype: "float32" (default; needed for the 1e-5 equality checks), "bfloat16" (about 2x
             faster scoring on CPUs with AVX512-BF16, same accuracy within 0.005), "float16", or
             "auto" (the checkpoint's dtype).

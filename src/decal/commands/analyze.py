@@ -77,7 +77,7 @@ def _no_partial_folder(out: str, *, task: str, progress: bool):
 
 def _load(model: str, adapter: str | None, task: str, split: str, data_dir: str | None, dtype: str, *, prepare,
           **model_options):
-    from ..models import load_model
+    from ..models import load_model, merges_adapter_exactly
     from ..tasks import load_task
 
     loaded_task = load_task(task, split, data_dir=data_dir, reasoning=True)
@@ -85,9 +85,8 @@ def _load(model: str, adapter: str | None, task: str, split: str, data_dir: str 
         raise ValueError(f"task '{task}' split '{split}' has no examples")
     # Check the run folder before the (slow) model load, so a wrong --out fails at once.
     prepare(loaded_task)
-    # merging is exact in float32 only (see load_model)
-    loaded_model, tokenizer = load_model(model, adapter=adapter, merge_adapter=dtype == "float32", dtype=dtype,
-                                         **model_options)
+    loaded_model, tokenizer = load_model(model, adapter=adapter, merge_adapter=merges_adapter_exactly(dtype),
+                                         dtype=dtype, **model_options)
     return loaded_model, tokenizer, loaded_task
 
 

@@ -120,7 +120,7 @@ def register(app: typer.Typer) -> None:
         from .._io import safe_name
         from ..errors import DecisionTokenCollisionError
         from ..evaluation import PREDICTIONS, evaluate
-        from ..models import load_model
+        from ..models import load_model, merges_adapter_exactly
         from ..records import read_records
 
         if offline:
@@ -141,9 +141,8 @@ def register(app: typer.Typer) -> None:
         folder = Path(out) / safe_name(name or run_name(model, task, split, reasoning=reasoning, adapter=adapter))
         created = _make_run_folder(folder)
         try:
-            # merging the adapter is exact in float32 only (see load_model)
             net, tokenizer = load_model(
-                model, adapter=adapter, merge_adapter=dtype == "float32", dtype=dtype, device=device,
+                model, adapter=adapter, merge_adapter=merges_adapter_exactly(dtype), dtype=dtype, device=device,
                 trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, offline=offline or None,
             )
             try:
