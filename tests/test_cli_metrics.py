@@ -150,23 +150,33 @@ def test_threshold_reports_coverage_on_other_runs(runs, tmp_path, capsys):
         assert 0 < a["coverage"] <= 1 and a["n"] == 150
 
 
-def test_an_undefined_auroc_is_one_warning_line_and_n_a(tmp_path, capsys):
-    """All predictions right: AUROC has no value. The CLI says so once, in one line without
-    Python's source-line format, and the table reads n/a rather than nan."""
-    from decal.records import PredictionRecord, RecordWriter
-
-    folder = tmp_path / "all-right"
+def _all_right_run(folder, n: int):
     folder.mkdir()
     records = [PredictionRecord(id=f"r{i}", task="t", split="test", label="Safe", prediction="Safe", correct=True,
                                 valid=True, confidence=0.9, option_probs=[0.9, 0.1], labels=["Safe", "Unsafe"], model="toy")
-               for i in range(20)]
+               for i in range(n)]
     with RecordWriter(folder / "predictions.jsonl") as w:
         w.write_batch(records)
+    return folder
+
+
+def test_an_undefined_auroc_is_one_warning_line_and_n_a(tmp_path, capsys):
+    """All predictions right: AUROC has no value. The CLI says so in one line without Python's
+    source-line format, each message once per command, and the table reads n/a rather than nan."""
+    folder = _all_right_run(tmp_path / "all-right", 20)
     assert main(["metrics", str(folder), "--bootstrap", "20"]) == 0
     captured = capsys.readouterr()
     assert captured.err.splitlines() == ["warning: AUROC is undefined: all 20 predictions are correct; returning nan."]
     auroc_row = next(line for line in captured.out.splitlines() if "auroc" in line)
     assert "n/a" in auroc_row and "nan" not in auroc_row
-    # a second command warns again (once per command, not once per process)
+    # calibrate scores each run before and after calibration: each message twice, shown once
+    other = _all_right_run(tmp_path / "other", 20)
+    assert main(["calibrate", "--method", "platt", "--fit", str(folder), "--fit-fraction", "0.5",
+                 "--apply", str(other), "--out", str(tmp_path / "cal")]) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: AUROC is undefined: all 10 predictions are correct; returning nan.",
+        "warning: AUROC is undefined: all 20 predictions are correct; returning nan.",
+    ]
+    # the next command warns again (once per command, not once per process)
     assert main(["metrics", str(folder), "--bootstrap", "0"]) == 0
     assert capsys.readouterr().err.count("warning: AUROC is undefined") == 1

@@ -52,6 +52,8 @@ def metrics_table(report: dict, *, title: str):
     """A rich table of a `metrics_report` (percent, like the paper; NLL in nats)."""
     from rich.table import Table
 
+    from ..experiments.report import UNDEFINED
+
     table = Table(title=title)
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -60,7 +62,7 @@ def metrics_table(report: dict, *, title: str):
         table.add_column(f"{100 * report['level']:.0f}% CI", justify="right")
     for key, m in report["metrics"].items():
         scale = 1.0 if key == "nll" else 100.0  # NLL is in nats, not a fraction
-        value = "n/a" if m["value"] is None or math.isnan(m["value"]) else f"{scale * m['value']:.2f}"
+        value = UNDEFINED if m["value"] is None or math.isnan(m["value"]) else f"{scale * m['value']:.2f}"
         row = [key, value]
         if with_ci:
             row.append("–" if m["ci_low"] is None else f"[{scale * m['ci_low']:.2f}, {scale * m['ci_high']:.2f}]")
