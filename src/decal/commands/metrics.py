@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-__all__ = ["register", "run_metrics", "metrics_table"]
+__all__ = ["register", "metrics_table"]
 
 EPILOG = """Examples:
 
@@ -15,37 +15,6 @@ EPILOG = """Examples:
 
   decal metrics runs/grpo/xstest --n-bins 15 --binning equal_width --bootstrap 0
 """
-
-
-def _run_folder(run_dir: Path) -> tuple[Path, Path]:
-    """(folder for outputs, predictions file) from a run folder or a predictions file."""
-    if run_dir.is_dir():
-        return run_dir, run_dir / "predictions.jsonl"
-    if run_dir.is_file():
-        return run_dir.parent, run_dir
-    raise FileNotFoundError(f"{run_dir}: no such run folder (expected a folder holding predictions.jsonl)")
-
-
-def run_metrics(
-    run_dir: Path, *, n_bins: int = 10, binning: str = "equal_mass", bootstrap: int = 1000, seed: int = 0,
-    level: float = 0.95, figure: bool = True,
-) -> dict:
-    """Compute `metrics_report` for a run, write `metrics.json` (and the figure); return the report."""
-    from .._io import write_json_atomic
-    from ..metrics import metrics_report
-    from ..records import read_records
-
-    folder, predictions = _run_folder(Path(run_dir))
-    records = read_records(predictions)
-    report = metrics_report(records, n_bins=n_bins, binning=binning, n_resamples=bootstrap, seed=seed, level=level)
-    write_json_atomic(folder / "metrics.json", report)
-    if figure:
-        from ..plots import plot_reliability
-
-        first = records[0]
-        title = f"{first.model or folder.name}: {first.task}/{first.split}"
-        plot_reliability(records, folder / "reliability", title=title, n_bins=n_bins)
-    return report
 
 
 def metrics_table(report: dict, *, title: str):
@@ -83,6 +52,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Print the metrics of a run (percent) and write metrics.json and the reliability figure."""
         from rich.console import Console
+
+        from ..run_metrics import run_metrics
 
         if bootstrap < 0:
             raise typer.BadParameter(f"must be >= 0; got {bootstrap}", param_hint="--bootstrap")

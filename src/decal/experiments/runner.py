@@ -63,7 +63,7 @@ def _metrics_in_process(argv: Sequence[str], log_path: Path) -> int:
 
     Metrics need no model and take a second; a subprocess would spend longer importing torch.
     """
-    from ..commands.metrics import run_metrics
+    from ..run_metrics import run_metrics
 
     flags = dict(zip(argv[2::2], argv[3::2]))
     report = run_metrics(
