@@ -94,6 +94,20 @@ def test_errors_are_one_line(runs, tmp_path, capsys, argv, message):
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err
 
 
+@pytest.mark.parametrize("columns", ["40", "300"])
+def test_tables_keep_whole_cells_whatever_the_terminal_width(runs, tmp_path, capsys, monkeypatch, columns):
+    """Captured output is not a terminal: COLUMNS must not fold cells into fragments (issue #13)."""
+    monkeypatch.setenv("COLUMNS", columns)
+    moderation, xstest = runs
+    assert main(["calibrate", "--method", "platt", "--fit", str(moderation), "--fit-fraction", "0.5",
+                 "--apply", str(xstest), "--out", str(tmp_path / "cal")]) == 0
+    out = capsys.readouterr().out
+    assert "held-out" in out and "ECE before" in out and "Brier after" in out
+    assert main(["metrics", str(xstest), "--bootstrap", "10", "--no-figure"]) == 0
+    rows = [[c.strip() for c in line.split("│")[1:-1]] for line in capsys.readouterr().out.splitlines() if "│" in line]
+    assert {"accuracy", "ece", "auroc", "brier"} <= {r[0] for r in rows}
+
+
 def test_calibrate_fits_on_a_fraction_and_writes_the_rest(runs, tmp_path, capsys):
     moderation, xstest = runs
     out = tmp_path / "cal"

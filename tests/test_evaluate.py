@@ -313,7 +313,7 @@ def test_sigkill_at_several_points_then_rerun_equals_uninterrupted(word_model_di
     driver.write_text(_DRIVER.format(tests=str(TESTS)))
     argv = [sys.executable, str(driver), "evaluate", "--model", str(word_model_dir), "--task", "toy", "--split", "test",
             "--reasoning", "--batch-size", "2", "--max-new-tokens", "6", "--temperature", "1", "--seed", "5",
-            "--out", str(tmp_path), "--name", "killed", "--no-progress"]
+            "--out", str(tmp_path), "--name", "killed", "--no-progress", "--dtype", "float32"]
     predictions = tmp_path / "killed" / PREDICTIONS
     for kill_at in (2, 12):
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -189,6 +189,7 @@ def run_metadata(task: Task, *, model_name: str, adapter: str | None, task_name:
         "limit": limit,
         "prompt_version": task.template.version,
         "dtype": dtype,
+        "dtype_reason": getattr(getattr(model, "decal_dtype", None), "reason", None),
         "n_examples": len(task) if limit is None else min(limit, len(task)),
         "versions": _versions(),
         "git_revision": _git_revision(),

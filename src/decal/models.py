@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Literal
 
 from ._io import safe_name
-from .errors import ConfigError, DecalError
+from .dtypes import ResolvedDtype, resolve_dtype
+from .errors import DecalError
 
 __all__ = [
     "ALIASES",
@@ -189,10 +190,7 @@ def load_tokenizer(name_or_path: str | os.PathLike, *, trust_remote_code: bool =
 def _torch_dtype(dtype: str):
     import torch
 
-    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
-    if dtype not in table:
-        raise ConfigError(f"`dtype` must be one of {sorted(table)}; got {dtype!r}")
-    return table[dtype]
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
 def _check_adapter(adapter: str | os.PathLike, *, offline: bool, allow_pickle: bool) -> None:
@@ -258,7 +256,7 @@ def load_model(
     *,
     adapter: str | os.PathLike | None = None,
     merge_adapter: bool = False,
-    dtype: DType = "float32",
+    dtype: DType | ResolvedDtype = "float32",
     device: str = "cpu",
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
@@ -274,9 +272,11 @@ def load_model(
             plain model, as fast as the base (attached: 1.2x slower in float32 on SmolLM2,
             `benchmarks/bench_adapter_eval.py`). For inference only, and exact only where
             `merges_adapter_exactly(dtype)`.
-        dtype: "float32" (default; needed for the 1e-5 equality checks), "bfloat16" (about 2x
-            faster scoring on CPUs with AVX512-BF16, same accuracy within 0.005), "float16", or
-            "auto" (the checkpoint's dtype).
+        dtype: "float32" (the library default: exact, reproducible numbers), "bfloat16" (about 2x
+            faster scoring on CPUs with native bfloat16, same accuracy within 0.005; very slow on
+            CPUs without it), "float16", "auto" (chosen from the hardware by
+            `decal.dtypes.resolve_dtype`; the commands' default), or an already `ResolvedDtype`.
+            The returned model carries the resolution as `model.decal_dtype` (for run metadata).
         device: a torch device string.
         trust_remote_code: run the model repository's own Python code; off unless asked for.
         allow_pickle: allow pickled (``.bin``) weights, which can run code when loaded; off by
@@ -293,7 +293,8 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     offline = _is_offline(offline)
-    torch_dtype = _torch_dtype(dtype)
+    resolved = dtype if isinstance(dtype, ResolvedDtype) else resolve_dtype(dtype, device=device)
+    torch_dtype = _torch_dtype(resolved.dtype)
     if adapter is not None:
         _check_adapter(adapter, offline=offline, allow_pickle=allow_pickle)
     tokenizer = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code, offline=offline)
@@ -312,6 +313,7 @@ def load_model(
     keep_head_input_contiguous(model)
     model.to(device)
     model.eval()
+    model.decal_dtype = resolved
     if getattr(model.generation_config, "pad_token_id", None) is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer

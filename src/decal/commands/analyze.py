@@ -77,6 +77,7 @@ def _no_partial_folder(out: str, *, task: str, progress: bool):
 
 def _load(model: str, adapter: str | None, task: str, split: str, data_dir: str | None, dtype: str, *, prepare,
           **model_options):
+    from ..dtypes import resolve_dtype
     from ..models import load_model, merges_adapter_exactly
     from ..tasks import load_task
 
@@ -85,8 +86,9 @@ def _load(model: str, adapter: str | None, task: str, split: str, data_dir: str 
         raise ValueError(f"task '{task}' split '{split}' has no examples")
     # Check the run folder before the (slow) model load, so a wrong --out fails at once.
     prepare(loaded_task)
-    loaded_model, tokenizer = load_model(model, adapter=adapter, merge_adapter=merges_adapter_exactly(dtype),
-                                         dtype=dtype, **model_options)
+    resolved = resolve_dtype(dtype, device=model_options.get("device", "cpu"))
+    loaded_model, tokenizer = load_model(model, adapter=adapter, merge_adapter=merges_adapter_exactly(resolved.dtype),
+                                         dtype=resolved, **model_options)
     return loaded_model, tokenizer, loaded_task
 
 
@@ -125,8 +127,8 @@ def _register_rollouts(analyze_app: typer.Typer) -> None:
         seed: Optional[int] = typer.Option(None, "--seed", metavar="N", help=h("seed")),
         threshold: Optional[float] = typer.Option(None, "--threshold", metavar="P", help=h("threshold")),
         batch_size: Optional[int] = typer.Option(None, "--batch-size", metavar="N", help=h("batch_size")),
-        dtype: str = typer.Option("float32", "--dtype", metavar="float32|bfloat16|float16|auto",
-                                  help="Weights dtype; bfloat16 is ~2x faster on CPUs with AVX512-BF16."),
+        dtype: str = typer.Option("auto", "--dtype", metavar="auto|float32|bfloat16|float16",
+                                  help="Weights dtype; auto: bfloat16 on GPUs and on CPUs with native bfloat16, else float32."),
         device: str = typer.Option("cpu", "--device", metavar="DEV", help="Torch device."),
         data_dir: Optional[str] = typer.Option(None, "--data-dir", metavar="DIR",
                                                help="Paper datasets folder (default $DECAL_DATA_DIR)."),
@@ -171,8 +173,8 @@ def _register_swap(analyze_app: typer.Typer) -> None:
         max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", metavar="N", help=h("max_new_tokens")),
         batch_size: Optional[int] = typer.Option(None, "--batch-size", metavar="N", help=h("batch_size")),
         include_invalid: bool = typer.Option(False, "--include-invalid", help=h("include_invalid")),
-        dtype: str = typer.Option("float32", "--dtype", metavar="float32|bfloat16|float16|auto",
-                                  help="Weights dtype; bfloat16 is ~2x faster on CPUs with AVX512-BF16."),
+        dtype: str = typer.Option("auto", "--dtype", metavar="auto|float32|bfloat16|float16",
+                                  help="Weights dtype; auto: bfloat16 on GPUs and on CPUs with native bfloat16, else float32."),
         device: str = typer.Option("cpu", "--device", metavar="DEV", help="Torch device."),
         data_dir: Optional[str] = typer.Option(None, "--data-dir", metavar="DIR",
                                                help="Paper datasets folder (default $DECAL_DATA_DIR)."),

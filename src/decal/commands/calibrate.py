@@ -165,7 +165,7 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(..., "--out", metavar="DIR", help="Output folder: calibrator.json, summary.json, one folder per run."),
     ) -> None:
         """Fit a post-hoc calibrator on one run and write calibrated copies of runs."""
-        from rich.console import Console
+        from ._console import console as rich_console
 
         # `--apply a b c` puts b and c in the positional list; both spellings mean the same.
         apply_dirs = [*(apply or []), *(more or [])]
@@ -180,5 +180,5 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter("nothing to calibrate: give --apply RUN_DIR..., or --fit-fraction to evaluate on the rest of --fit", param_hint="--apply")
         summary = calibrate_runs(method, fit, apply_dirs=apply_dirs, out=out, fit_fraction=fit_fraction, seed=seed,
                                  calibrator_file=calibrator_file)
-        Console().print(_table(summary))
+        rich_console().print(_table(summary))
         typer.echo(f"calibrator: {out / 'calibrator.json'}")

@@ -39,7 +39,7 @@ def register(app: typer.Typer) -> None:
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan only."),
     ) -> None:
         """Run the demo grid and write its Markdown and HTML reports (about 15 minutes on 2 CPU cores)."""
-        from rich.console import Console
+        from ._console import console as rich_console
 
         from ..experiments.config import load_experiment_config
         from ..experiments.plan import build_plan
@@ -47,7 +47,7 @@ def register(app: typer.Typer) -> None:
         from .report import results_table
         from .run import print_plan, run_with_progress
 
-        console = Console()
+        console = rich_console()
         cfg = load_experiment_config(config or demo_config_path())
         root = out.resolve()
         print_plan(console, build_plan(cfg, root), root)

@@ -104,7 +104,7 @@ def register(app: typer.Typer) -> None:
         temperature: float = typer.Option(0.0, "--temperature", metavar="T", help="Reasoning: 0 is greedy."),
         seed: int = typer.Option(0, "--seed", metavar="S", help="Seed of sampling (per batch, so resumes match)."),
         name: Optional[str] = typer.Option(None, "--name", metavar="NAME", help="Run folder name (made path-safe); default from model/task/split/mode."),
-        dtype: str = typer.Option("float32", "--dtype", metavar="float32|bfloat16|float16|auto", help="Weights dtype; bfloat16 is ~2x faster on CPUs with AVX512-BF16."),
+        dtype: str = typer.Option("auto", "--dtype", metavar="auto|float32|bfloat16|float16", help="Weights dtype; auto: bfloat16 on GPUs and on CPUs with native bfloat16 (~2x faster there), else float32."),
         device: str = typer.Option("cpu", "--device", metavar="DEV", help="Torch device."),
         data_dir: Optional[Path] = typer.Option(None, "--data-dir", metavar="DIR", help="Paper datasets folder (default $DECAL_DATA_DIR)."),
         trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run the model repository's own code."),
@@ -115,11 +115,12 @@ def register(app: typer.Typer) -> None:
         """Score a task split: predictions.jsonl + run.json in a run folder, then a short summary."""
         import os
 
-        from rich.console import Console
+        from ._console import console as rich_console
 
         from .._io import safe_name
         from ..errors import DecisionTokenCollisionError
         from ..evaluation import PREDICTIONS, evaluate
+        from ..dtypes import resolve_dtype
         from ..models import load_model, merges_adapter_exactly
         from ..records import read_records
 
@@ -141,8 +142,9 @@ def register(app: typer.Typer) -> None:
         folder = Path(out) / safe_name(name or run_name(model, task, split, reasoning=reasoning, adapter=adapter))
         created = _make_run_folder(folder)
         try:
+            resolved = resolve_dtype(dtype, device=device)
             net, tokenizer = load_model(
-                model, adapter=adapter, merge_adapter=merges_adapter_exactly(dtype), dtype=dtype, device=device,
+                model, adapter=adapter, merge_adapter=merges_adapter_exactly(resolved.dtype), dtype=resolved, device=device,
                 trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, offline=offline or None,
             )
             try:
@@ -157,7 +159,7 @@ def register(app: typer.Typer) -> None:
             _discard_if_empty(folder, created)
             raise
         s = summary_line(read_records(folder / PREDICTIONS))
-        Console().print(
+        rich_console().print(
             f"{folder}: n={s['n']}  accuracy {100 * s['accuracy']:.1f}%  ECE {100 * s['ece']:.1f}%  "
             f"invalid {100 * s['invalid_rate']:.1f}%  confidence>0.99 {100 * s['overconfidence_ratio']:.1f}%",
             soft_wrap=True,

@@ -51,11 +51,11 @@ def register(app: typer.Typer) -> None:
         figure: bool = typer.Option(True, "--figure/--no-figure", help="Write reliability.png/.svg into the run folder."),
     ) -> None:
         """Print the metrics of a run (percent) and write metrics.json and the reliability figure."""
-        from rich.console import Console
+        from ._console import console as rich_console
 
         from ..run_metrics import run_metrics
 
         if bootstrap < 0:
             raise typer.BadParameter(f"must be >= 0; got {bootstrap}", param_hint="--bootstrap")
         report = run_metrics(run_dir, n_bins=n_bins, binning=binning, bootstrap=bootstrap, seed=seed, level=level, figure=figure)
-        Console().print(metrics_table(report, title=f"{run_dir} (n={report['n']}, %)"))
+        rich_console().print(metrics_table(report, title=f"{run_dir} (n={report['n']}, %)"))

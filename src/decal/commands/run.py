@@ -102,13 +102,12 @@ def register(app: typer.Typer) -> None:
         out: Optional[Path] = typer.Option(None, "--out", metavar="DIR", help="Experiment folder (default: the config's output_dir)."),
     ) -> None:
         """Plan the steps (train, select, evaluate, calibrate, analyze), print the plan, run what is not done."""
-        from rich.console import Console
-
         from ..experiments.config import load_experiment_config
         from ..experiments.plan import build_plan, select_steps
         from ..experiments.runner import experiment_dir
+        from ._console import console as rich_console
 
-        console = Console()
+        console = rich_console()
         cfg = load_experiment_config(config)
         check_inputs(cfg, config)
         root = experiment_dir(cfg, out)

@@ -66,12 +66,12 @@ def register(app: typer.Typer) -> None:
         out: Optional[Path] = typer.Option(None, "--out", metavar="FILE", help="Also write the result as JSON."),
     ) -> None:
         """Lowest confidence threshold whose accepted predictions reach a target accuracy; coverage elsewhere."""
-        from rich.console import Console
+        from ._console import console as rich_console
 
         from .._io import write_json_atomic
 
         report = threshold_runs(calibration_run, target_accuracy=target_accuracy, delta=delta, apply_dirs=[*(apply or []), *(more or [])])
-        Console().print(_table(report))
+        rich_console().print(_table(report))
         if out is not None:
             write_json_atomic(out, report)
             typer.echo(f"threshold: {out}")

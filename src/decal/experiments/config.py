@@ -109,7 +109,7 @@ class EvalSettings:
     batch_size: int | None = field(default=None, metadata={"help": "`decal evaluate --batch-size`."})
     max_new_tokens: int | None = field(default=None, metadata={"help": "Reasoning budget (`--max-new-tokens`)."})
     temperature: float | None = field(default=None, metadata={"help": "Sampling temperature; unset = the evaluator's default."})
-    dtype: str | None = field(default=None, metadata={"help": "`--dtype` (bfloat16 scores ~2x faster on AVX512-BF16 CPUs)."})
+    dtype: str | None = field(default=None, metadata={"help": "`--dtype`; None leaves the commands' `auto` (bfloat16 on GPUs and on CPUs with native bfloat16, else float32)."})
     device: str | None = field(default=None, metadata={"help": "`--device` of `decal evaluate` (e.g. cuda)."})
 
     def merged(self, other: "EvalSettings | None") -> "EvalSettings":

@@ -122,7 +122,7 @@ def select_checkpoint(
     limit: int | None = None,
     batch_size: int = 8,
     max_new_tokens: int = 256,
-    dtype: str = "float32",
+    dtype: str = "auto",
     seed: int = 0,
     progress: bool = False,
 ) -> dict[str, Any]:

@@ -97,8 +97,8 @@ class TrainConfig:
                            default="none")
     gradient_checkpointing: bool = _help("Recompute activations in the backward pass (less memory, slower).",
                                          default=False)
-    dtype: str = _help(f"Weights dtype, one of {', '.join(_DTYPES)}. DESIGN.md: train in float32 "
-                       "(bf16 LoRA updates were lost to rounding).", default="float32")
+    dtype: str = _help(f"Weights dtype, one of {', '.join(_DTYPES)}. auto: float32 on CPUs (DESIGN.md: bf16 LoRA "
+                       "updates were lost to rounding), bfloat16 on GPUs that support it.", default="auto")
     limit: int | None = _help("Train on the first N examples of the split only.", default=None)
     select_split: str | None = _help(
         "After training, evaluate every checkpoint on this split and record the best in selection.json.",

@@ -193,7 +193,16 @@ def _check_writable(out: Path) -> None:
         raise ValueError(f"cannot create the output folder {out}: {existing} is not writable")
 
 
-def _write_run_files(out: Path, cfg: TrainConfig) -> None:
+def _training_dtype(cfg: TrainConfig):
+    """`cfg.dtype` resolved for training on this machine's device (`decal.dtypes`)."""
+    import torch
+
+    from ..dtypes import resolve_dtype
+
+    return resolve_dtype(cfg.dtype, device="cuda" if torch.cuda.is_available() else "cpu", purpose="training")
+
+
+def _write_run_files(out: Path, cfg: TrainConfig, dtype) -> None:
     import yaml
 
     write_text_atomic(out / RESOLVED_CONFIG_NAME, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
@@ -204,7 +213,8 @@ def _write_run_files(out: Path, cfg: TrainConfig) -> None:
         except Exception:  # a missing distribution only leaves its version out
             versions[package] = None
     write_json_atomic(out / "env.json", {"versions": versions, "python": sys.version.split()[0], "seed": cfg.seed,
-                                         "world_size": int(os.environ.get("WORLD_SIZE", "1"))})
+                                         "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+                                         "dtype": dtype.dtype, "dtype_reason": dtype.reason})
 
 
 def _load_task(cfg: TrainConfig):
@@ -276,10 +286,11 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     task = _load_task(cfg)
     _check_writable(out)
     set_seed(cfg.seed)
-    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
+    dtype = _training_dtype(cfg)
+    model, tokenizer = load_model(cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
                                   allow_pickle=cfg.allow_pickle)
     if _is_main_process():
-        _write_run_files(out, cfg)  # 3.
+        _write_run_files(out, cfg, dtype)  # 3.
     trainer = _build_trainer(cfg, args, model=model, tokenizer=tokenizer, task=task, out=out)
     checkpoint = last_checkpoint(out) if resume else None
     if resume:
