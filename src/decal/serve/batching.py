@@ -112,7 +112,13 @@ class BatchQueue:
         try:
             results = await asyncio.wait_for(gathered, timeout)
         except asyncio.TimeoutError:
-            # gather was cancelled, and with it every item future: the worker skips them.
+            # gather was cancelled, and with it every item future; those still waiting leave the
+            # queue now, so they neither count against its size nor get scored.
+            for it in items:
+                try:
+                    self._items.remove(it)
+                except ValueError:  # already taken into a batch
+                    pass
             raise DeadlineExceeded(f"no answer within {timeout:g} s") from None
         for r in results:
             if isinstance(r, BaseException):
@@ -137,7 +143,7 @@ class BatchQueue:
 
     async def _wait_to_fill(self) -> None:
         """Until the batch is full or its oldest input has waited `max_wait_s`."""
-        while len(self._items) < self.max_batch_size and not self._closing:
+        while self._items and len(self._items) < self.max_batch_size and not self._closing:
             remaining = self._items[0].enqueued + self.max_wait_s - time.monotonic()
             if remaining <= 0:
                 return
