@@ -309,7 +309,8 @@ def create_app(state: ServerState):
     async def info():
         limits = {k: getattr(config, k) for k in ("max_batch_size", "max_wait_ms", "max_queue", "max_inputs",
                                                    "max_body_bytes", "request_timeout_s")}
-        return _json_response(200, {**state.info, "ready": state.ready, "limits": limits,
+        engine = state.decider.engine.describe() if state.decider is not None else {}
+        return _json_response(200, {**state.info, **engine, "ready": state.ready, "limits": limits,
                                     "moderation": state.unsafe_label is not None, "unsafe_label": state.unsafe_label})
 
     async def decide(request: Request, deadline: float):

@@ -38,6 +38,12 @@ class ServeEngine(Protocol):
     batches_itself: bool
     tokenizer: object
 
+    def prepare(self, task: Task) -> None:
+        """Get ready to serve `task` (e.g. cache its shared prompt prefix)."""
+
+    def describe(self) -> dict:
+        """What GET /v1/info shows about the engine once loaded."""
+
     def check_lengths(self, lengths: Sequence[int], *, reserve: int, names: Sequence[str]) -> None:
         """Raise ValueError naming the first prompt whose length plus `reserve` exceeds the context."""
 
@@ -49,13 +55,48 @@ class ServeEngine(Protocol):
 
 
 class HFEngine:
-    """transformers forward passes and generation through `decal.scoring`, batched by the server's queue."""
+    """transformers forward passes and generation through `decal.scoring`, batched by the server's queue.
+
+    Non-reasoning scoring runs on `PrefixCachedModel` once `prepare` has found the task's shared
+    prompt prefix (`decal.serve.prefix`), unless `prefix_cache` is False.
+    """
 
     name = "hf"
     batches_itself = False
 
-    def __init__(self, model, tokenizer):
+    def __init__(self, model, tokenizer, *, prefix_cache: bool = True):
         self.model, self.tokenizer = model, tokenizer
+        self.prefix_cache = prefix_cache
+        self.scoring_model = model  # what the non-reasoning scorer calls
+        self.prefix_tokens = 0
+
+    def prepare(self, task: Task) -> None:
+        """Cache the task's shared prompt prefix, if it scores the task's first prompts as the plain model does."""
+        from ..decision import option_token_ids
+        from ..scoring import encode_prompts, score_token_ids
+        from ..tasks.prompts import decision_context, render_chat
+        from .prefix import PrefixCachedModel, SharedPrefix
+
+        if not self.prefix_cache or task.reasoning:
+            return
+        prefix = SharedPrefix.for_task(self.model, self.tokenizer, task)
+        if prefix is None:
+            return
+        wrapped = PrefixCachedModel(self.model, prefix)
+        prompts = [render_chat(self.tokenizer, task.user_message(ex), reasoning=False) for ex in task.examples[:4]]
+        sequences = encode_prompts(self.tokenizer, prompts)
+        tokens = [option_token_ids(self.tokenizer, task.labels, context=decision_context(p, reasoning=False)) for p in prompts]
+        plain = score_token_ids(self.model, self.tokenizer, sequences, tokens, batch_size=len(sequences))
+        cached = score_token_ids(wrapped, self.tokenizer, sequences, tokens, batch_size=len(sequences))
+        diff = max(abs(a - b) for x, y in zip(plain, cached) for a, b in zip(x.option_probs, y.option_probs))
+        if wrapped.hits != 1 or diff > 1e-5:
+            logger.warning("shared-prefix cache off: it changed option probabilities by %.3g (hits %d)", diff, wrapped.hits)
+            return
+        self.scoring_model, self.prefix_tokens = wrapped, len(prefix)
+        logger.info("shared-prefix cache on: %d prompt tokens computed once (max difference %.2g)", len(prefix), diff)
+
+    def describe(self) -> dict:
+        return {"engine": self.name, "shared_prefix_tokens": self.prefix_tokens}
 
     def check_lengths(self, lengths: Sequence[int], *, reserve: int, names: Sequence[str]) -> None:
         from ..scoring import check_prompt_lengths
@@ -68,8 +109,9 @@ class HFEngine:
         # it takes does not change the result.
         from ..evaluation import _score_batch
 
+        model = self.model if task.reasoning else self.scoring_model
         return _score_batch(
-            self.model, self.tokenizer, task, list(examples), [list(s) for s in sequences], list(tokens),
+            model, self.tokenizer, task, list(examples), [list(s) for s in sequences], list(tokens),
             settings=settings, batch_seed=settings["seed"],
         )
 
@@ -103,4 +145,4 @@ def load_engine(config) -> ServeEngine:
         offline=config.offline or None,
     )
     logger.info("loaded %s (%s, %s) on the hf engine", config.model, config.dtype, config.device)
-    return HFEngine(model, tokenizer)
+    return HFEngine(model, tokenizer, prefix_cache=config.prefix_cache)

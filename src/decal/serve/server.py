@@ -78,6 +78,7 @@ def build_state(config: ServeConfig) -> ServerState:
 
     def loader() -> Decider:
         engine = load_engine(config)
+        engine.prepare(task)
         decider = Decider(task, engine, model_name=config.model, adapter=config.adapter, calibrator=calibrator,
                           threshold=threshold, max_new_tokens=config.max_new_tokens)
         decider.decide(decider.prepare(task.examples[:1]))  # warm-up: the first request pays no lazy setup

@@ -57,6 +57,8 @@ class ServeConfig:
     unsafe_label: the label `/v1/moderations` flags (default: the one spelled "unsafe").
     log_bodies: log request bodies (off: logs never hold them).
     threads: torch intra-op threads (None: torch's default).
+    tensor_parallel_size: vllm: GPUs per model replica.
+    prefix_cache: hf: compute the prompt prefix all requests share once (`decal.serve.prefix`).
     """
 
     model: str
@@ -88,6 +90,7 @@ class ServeConfig:
     log_bodies: bool = False
     threads: int | None = None
     tensor_parallel_size: int = 1
+    prefix_cache: bool = True
 
     def __post_init__(self) -> None:
         positive = {
