@@ -166,6 +166,7 @@ def test_response_names_model_task_and_options(client, tiny_qwen3_dir, safety_fi
     assert "reasoning" not in answer
     info = client.get("/v1/info").json()
     assert info["ready"] and info["moderation"] and info["unsafe_label"] == "Unsafe"
+    assert info["engine"] == "hf" and info["shared_prefix_tokens"] > 8  # the answers above came through the prefix cache
     assert KEY not in json.dumps(info)
 
 
@@ -427,7 +428,7 @@ def test_sigterm_during_load_loses_no_accepted_request(tmp_path, tiny_qwen3_dir,
 
     texts = [json.loads(line)["input"] for line in safety_file.read_text().splitlines()][:6]
     args = ["--model", str(tiny_qwen3_dir), "--task", str(safety_file), "--threads", "1", "--max-wait-ms", "20",
-            "--max-batch-size", "8"]
+            "--max-batch-size", "8", "--no-prefix-cache"]  # the plain forward path, end to end
     server = ServeProcess(args, env=_env()).start()
     reference = {t: httpx.post(f"{server.url}/v1/decide", json={"inputs": [t]}).json()["results"][0] for t in texts}
     outcomes = asyncio.run(_load_until_closed(server.url, texts, 20, lambda: server.send_signal(signal.SIGTERM)))
@@ -484,7 +485,8 @@ def test_smollm2_xstest_equals_evaluate(tmp_path, data_dir):
         (["--threshold", "1.5"], "--threshold"),
         (["--threshold", "missing.json"], "neither a number"),
         (["--calibrator", "missing.json"], "--calibrator"),
-        (["--engine", "tgi"], "Unknown engine"),
+        (["--engine", "tgi"], "unknown engine 'tgi'"),
+        (["--tensor-parallel-size", "2"], "--tensor-parallel-size applies to --engine vllm only"),
         (["--max-inputs", "300"], "max_queue"),
         (["--unsafe-label", "Harmful"], "--unsafe-label"),
     ],

@@ -338,13 +338,13 @@ def test_decider_equals_evaluate_whatever_the_batch(tmp_path, tiny_qwen3, qwen3_
 
     from decal.evaluation import evaluate
     from decal.records import read_records
-    from decal.serve.engine import HFEngine
+    from decal.engines import as_engine
 
     task = replace(_safety_task(12), reasoning=reasoning)
     evaluate(tiny_qwen3, qwen3_tokenizer, task, out_dir=tmp_path, model_name="tiny", batch_size=4, max_new_tokens=6,
              progress=False)
     expected = {r.id: r for r in read_records(tmp_path)}
-    decider = Decider(task, HFEngine(tiny_qwen3, qwen3_tokenizer), model_name="tiny", max_new_tokens=6)
+    decider = Decider(task, as_engine(tiny_qwen3, qwen3_tokenizer), model_name="tiny", max_new_tokens=6)
     prepared = decider.prepare(task.examples)
     rng = np.random.default_rng(0)
     for sizes in ([1] * 12, [12], [5, 7], [3, 1, 8]):  # whatever the batch composition
@@ -360,3 +360,34 @@ def test_decider_equals_evaluate_whatever_the_batch(tmp_path, tiny_qwen3, qwen3_
                 np.testing.assert_allclose(a.record.option_probs, want.option_probs, rtol=0, atol=1e-6)
                 assert a.record.confidence == pytest.approx(want.confidence, abs=1e-6)
                 assert a.calibrated.confidence == a.record.confidence and not a.defer
+
+
+@pytest.mark.slow
+def test_shared_prefix_cache_scores_as_the_plain_engine(tiny_qwen3, qwen3_tokenizer):
+    from decal.engines import as_engine
+    from decal.scoring import encode_prompts
+    from decal.serve.prefix import PrefixCachedModel, SharedPrefix, with_shared_prefix
+    from decal.tasks.prompts import render_chat
+
+    plain = as_engine(tiny_qwen3, qwen3_tokenizer)
+    mc = Task(name="mc", split="all", template=DEFAULT_TEMPLATES["multiple_choice"], examples=tuple(
+        DecisionExample(id=str(i), labels=("A", "B", "C"), label="A", question=" ".join(["why"] * (1 + 3 * i)) + "?",
+                        options=(f"x{i}", "y y", "z")) for i in range(6)))
+    for task in (_safety_task(10), mc):
+        cached = with_shared_prefix(plain, task)
+        assert isinstance(cached.model, PrefixCachedModel) and cached.shared_prefix_tokens >= 8
+        d_plain = Decider(task, plain, model_name="tiny")
+        d_cached = Decider(task, cached, model_name="tiny")
+        prepared = d_plain.prepare(task.examples)
+        for batch in (prepared, prepared[:1], prepared[2:5]):  # mixed lengths, padding in the middle
+            for a, b in zip(d_cached.decide(batch), d_plain.decide(batch)):
+                assert a.record.prediction == b.record.prediction and a.record.top_token == b.record.top_token
+                np.testing.assert_allclose(a.record.option_probs, b.record.option_probs, rtol=0, atol=1e-6)
+        assert cached.model.hits == 4 and cached.model.misses == 0  # 1 check + 3 batches
+    # a prompt without the prefix goes to the model unchanged
+    foreign = encode_prompts(qwen3_tokenizer, [render_chat(qwen3_tokenizer, "Something else entirely.", reasoning=False)])
+    prefix = SharedPrefix(tiny_qwen3, SharedPrefix.common_ids(qwen3_tokenizer, _safety_task(2)))
+    wrapped = as_engine(PrefixCachedModel(tiny_qwen3, prefix), qwen3_tokenizer)
+    dt = Decider(_safety_task(2), plain, model_name="tiny").prepare(_safety_task(2).examples[:1])[0].tokens
+    a, b = wrapped.score(foreign, dt), plain.score(foreign, dt)
+    assert a[0].option_probs == b[0].option_probs and wrapped.model.misses == 1

@@ -309,7 +309,7 @@ def create_app(state: ServerState):
     async def info():
         limits = {k: getattr(config, k) for k in ("max_batch_size", "max_wait_ms", "max_queue", "max_inputs",
                                                    "max_body_bytes", "request_timeout_s")}
-        engine = state.decider.engine.describe() if state.decider is not None else {}
+        engine = _engine_info(state.decider.engine) if state.decider is not None else {}
         return _json_response(200, {**state.info, **engine, "ready": state.ready, "limits": limits,
                                     "moderation": state.unsafe_label is not None, "unsafe_label": state.unsafe_label})
 
@@ -337,7 +337,13 @@ def create_app(state: ServerState):
     return _Guard(app, state)
 
 
+def _engine_info(engine) -> dict:
+    return {**engine.info(), "shared_prefix_tokens": getattr(engine, "shared_prefix_tokens", 0)}
+
+
 async def _load(state: ServerState) -> None:
+    from .engine import batching_defaults
+
     try:
         decider = await asyncio.to_thread(state.loader)
     except Exception as e:
@@ -346,6 +352,11 @@ async def _load(state: ServerState) -> None:
         if state.on_fatal is not None:
             state.on_fatal()
         return
+    config, engine = state.config, decider.engine
+    state.queue.max_batch_size, state.queue.max_wait_s = batching_defaults(
+        engine.name, max_batch_size=config.max_batch_size, max_wait_ms=config.max_wait_ms,
+        call_size=engine.call_size(config.max_batch_size),
+    )
     state.decider = decider
     state.metrics.ready.set(1)
     logger.info("ready")

@@ -108,7 +108,7 @@ class Decider:
 
     Args:
         task: the task whose labels and template define the prompt (`task.reasoning` picks the mode).
-        engine: a `decal.serve.engine.ServeEngine`.
+        engine: a `decal.engines.Engine` (hf or vllm).
         model_name, adapter: recorded in every record, as `decal evaluate` records them.
         calibrator: applied to every record (None: calibrated values equal the raw ones).
         threshold: defer when the calibrated confidence is below it (None: never defer).
@@ -208,7 +208,7 @@ class Decider:
         sequences = encode_prompts(tokenizer, prompts)
         for i, seq in enumerate(sequences):
             try:
-                self.engine.check_lengths([len(seq)], reserve=self.reserve, names=[f"{param}[{i}]"])
+                self.engine.check_prompt_lengths([len(seq)], reserve=self.reserve, names=[f"{param}[{i}]"])
             except ValueError as e:
                 raise InputError(f"{param}[{i}]", str(e)) from e
         tokens = [
@@ -221,9 +221,13 @@ class Decider:
 
     def decide(self, batch: Sequence[Prepared]) -> list[Answer]:
         """Score one batch through the engine, then calibrate and threshold each answer (blocking)."""
-        records = self.engine.decide(
-            self.task, [p.example for p in batch], [p.sequence for p in batch], [p.tokens for p in batch],
-            settings=self.settings,
+        # decal evaluate's per-batch scorer: one engine call over the whole batch, then
+        # `make_record` per example. Greedy decoding, so the seed does not change the result.
+        from ..evaluation import _score_batch
+
+        records = _score_batch(
+            self.engine, self.task, [p.example for p in batch], [p.sequence for p in batch], [p.tokens for p in batch],
+            settings=self.settings, batch_seed=self.settings["seed"],
         )
         return self.finish(records)
 

@@ -6,14 +6,15 @@ causal model's keys and values for those tokens do not depend on what follows, s
 computed once (`SharedPrefix.for_task`) and each batch runs only on its suffixes, attending to
 the cached prefix: 2-4x less work per request on the CPU (`benchmarks/bench_serve.py`).
 
-`PrefixCachedModel` wraps the model for `decal.scoring`'s non-reasoning scorer, which calls
-``model(input_ids, attention_mask, position_ids, logits_to_keep=1, use_cache=False)`` on
-left-padded prompts: when every row starts with the shared prefix, the call runs on the suffixes
-(left-padded after the prefix) with the prefix cache expanded to the batch (a view, no copy) and
-returns the same last-position logits; otherwise it calls the model unchanged. The scorer, the
-decision tokens and `make_record` are `decal evaluate`'s own, so only the forward pass differs,
-by float rounding (max 2e-7 on SmolLM2's option probabilities); `HFEngine` checks this on the
-warm-up request and turns the cache off when it does not hold.
+`PrefixCachedModel` stands in for the model inside the hf engine (`decal.engines.hf`), whose
+scorer calls ``model(input_ids, attention_mask, position_ids, logits_to_keep=1, use_cache=False)``
+on left-padded prompts: when every row starts with the shared prefix, the call runs on the
+suffixes (left-padded after the prefix) with the prefix cache expanded to the batch (a view, no
+copy) and returns the same last-position logits; any other call (other rows, generation, the
+forced decision's cached forward) goes to the model unchanged. The engine's scorer, the decision
+tokens and `make_record` are `decal evaluate`'s own, so only the forward pass differs, by float
+rounding (max 2e-7 on SmolLM2's option probabilities). `with_shared_prefix` checks this on the
+task's first prompts and leaves the engine as it is when it does not hold.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import logging
 from dataclasses import replace
 from typing import Sequence
 
-__all__ = ["SharedPrefix", "PrefixCachedModel"]
+__all__ = ["SharedPrefix", "PrefixCachedModel", "with_shared_prefix"]
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +109,11 @@ class PrefixCachedModel:
     def parameters(self):
         return self.model.parameters()
 
+    def __getattr__(self, name: str):  # generation_config, generate, get_output_embeddings, ...
+        if name == "model":  # not set yet (copy, pickle): no recursion
+            raise AttributeError(name)
+        return getattr(self.model, name)
+
     def _suffix_lengths(self, input_ids, attention_mask) -> list[int] | None:
         """Each row's length after the prefix, or None when some row does not start with it."""
         p = len(self.prefix)
@@ -144,3 +150,34 @@ class PrefixCachedModel:
             input_ids=suffix_ids, attention_mask=mask, position_ids=positions,
             past_key_values=self.prefix.expanded(batch, self.config), use_cache=True, logits_to_keep=logits_to_keep,
         )
+
+
+def with_shared_prefix(engine, task, *, tolerance: float = 1e-5):
+    """An hf engine for `task` whose forward passes reuse the shared prompt prefix, or `engine` itself.
+
+    The cached engine must score the task's first four prompts (one batch) as `engine` does, to
+    `tolerance`; otherwise, or when the prefix is short or the cache cannot be shared, `engine`
+    is returned unchanged.
+    """
+    from ..decision import option_token_ids
+    from ..engines.hf import HFEngine
+    from ..scoring import encode_prompts
+    from ..tasks.prompts import decision_context, render_chat
+
+    prefix = SharedPrefix.for_task(engine.model, engine.tokenizer, task)
+    if prefix is None:
+        return engine
+    wrapped = PrefixCachedModel(engine.model, prefix)
+    cached = HFEngine(wrapped, engine.tokenizer, model_name=engine.model_name, adapter=engine.adapter)
+    prompts = [render_chat(engine.tokenizer, task.user_message(ex), reasoning=False) for ex in task.examples[:4]]
+    sequences = encode_prompts(engine.tokenizer, prompts)
+    tokens = [option_token_ids(engine.tokenizer, task.labels, context=decision_context(p, reasoning=False)) for p in prompts]
+    plain = engine.score(sequences, tokens, batch_size=len(sequences))
+    fast = cached.score(sequences, tokens, batch_size=len(sequences))
+    diff = max(abs(a - b) for x, y in zip(plain, fast) for a, b in zip(x.option_probs, y.option_probs))
+    if wrapped.hits != 1 or diff > tolerance:
+        logger.warning("shared-prefix cache off: it changed option probabilities by %.3g (hits %d)", diff, wrapped.hits)
+        return engine
+    cached.shared_prefix_tokens = len(prefix)
+    logger.info("shared-prefix cache on: %d prompt tokens computed once (max difference %.2g)", len(prefix), diff)
+    return cached

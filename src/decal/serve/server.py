@@ -40,14 +40,12 @@ def _load_task(config: ServeConfig):
     return task
 
 
-def _check_decision_tokens(config: ServeConfig, task) -> None:
-    """Load the tokenizer and find one prompt's decision tokens: a label collision fails here."""
+def _check_decision_tokens(config: ServeConfig, task, tokenizer) -> None:
+    """Find one prompt's decision tokens: a label collision fails before the server starts."""
     from ..decision import option_token_ids
     from ..errors import DecisionTokenCollisionError
-    from ..models import load_tokenizer
     from ..tasks.prompts import decision_context, render_chat
 
-    tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code, offline=config.offline or None)
     prompt = render_chat(tokenizer, task.user_message(task.examples[0]), reasoning=task.reasoning)
     try:
         option_token_ids(tokenizer, task.labels, context=decision_context(prompt, reasoning=task.reasoning))
@@ -59,15 +57,15 @@ def build_state(config: ServeConfig) -> ServerState:
     """Check and load everything but the weights; the returned state loads them when the server starts."""
     from .. import __version__
     from .decider import Decider
-    from .engine import check_engine, load_engine
+    from .engine import build_serving_engine, prepare_serving_engine
     from .moderation import unsafe_label_of
 
     task = _load_task(config)
     calibrator = load_served_calibrator(config.calibrator) if config.calibrator else None
     threshold = load_threshold(config.threshold) if config.threshold is not None else None
     unsafe_label = unsafe_label_of(task.labels, config.unsafe_label)
-    check_engine(config.engine)  # before binding, not after minutes of loading
-    _check_decision_tokens(config, task)
+    spec = prepare_serving_engine(config)  # engine, options, model, adapter, tokenizer: no weights yet
+    _check_decision_tokens(config, task, spec.tokenizer)
     info = {
         "model": config.model, "adapter": config.adapter, "engine": config.engine, "dtype": config.dtype,
         "task": config.task, "labels": list(task.labels), "mode": "reasoning" if task.reasoning else "non-reasoning",
@@ -77,8 +75,7 @@ def build_state(config: ServeConfig) -> ServerState:
     }
 
     def loader() -> Decider:
-        engine = load_engine(config)
-        engine.prepare(task)
+        engine = build_serving_engine(spec, task, prefix_cache=config.prefix_cache, threads=config.threads)
         decider = Decider(task, engine, model_name=config.model, adapter=config.adapter, calibrator=calibrator,
                           threshold=threshold, max_new_tokens=config.max_new_tokens)
         decider.decide(decider.prepare(task.examples[:1]))  # warm-up: the first request pays no lazy setup

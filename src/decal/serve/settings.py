@@ -16,10 +16,11 @@ import hashlib
 import ipaddress
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from ..engines import EngineOptions
 from ..errors import ConfigError, DataError
 
 __all__ = [
@@ -57,7 +58,7 @@ class ServeConfig:
     unsafe_label: the label `/v1/moderations` flags (default: the one spelled "unsafe").
     log_bodies: log request bodies (off: logs never hold them).
     threads: torch intra-op threads (None: torch's default).
-    tensor_parallel_size: vllm: GPUs per model replica.
+    engine_options: `decal.engines.EngineOptions` (vllm: tensor parallelism, memory, extra arguments).
     prefix_cache: hf: compute the prompt prefix all requests share once (`decal.serve.prefix`).
     """
 
@@ -89,14 +90,13 @@ class ServeConfig:
     unsafe_label: str | None = None
     log_bodies: bool = False
     threads: int | None = None
-    tensor_parallel_size: int = 1
+    engine_options: EngineOptions = field(default_factory=EngineOptions)
     prefix_cache: bool = True
 
     def __post_init__(self) -> None:
         positive = {
             "max_batch_size": self.max_batch_size, "max_queue": self.max_queue, "max_inputs": self.max_inputs,
             "max_body_bytes": self.max_body_bytes, "max_new_tokens": self.max_new_tokens,
-            "tensor_parallel_size": self.tensor_parallel_size,
         }
         for name, value in positive.items():
             if not isinstance(value, int) or value < 1:
@@ -112,8 +112,9 @@ class ServeConfig:
             raise ConfigError(f"`request_timeout_s` must be > 0; got {self.request_timeout_s!r}")
         if not (isinstance(self.port, int) and 0 <= self.port <= 65535):
             raise ConfigError(f"`port` must be in [0, 65535]; got {self.port!r}")
-        if self.engine not in ("hf", "vllm"):
-            raise ConfigError(f"Unknown engine {self.engine!r}. Available: hf, vllm")
+        from ..engines.base import check_engine_name
+
+        check_engine_name(self.engine)
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"`threads` must be >= 1; got {self.threads!r}")
         if self.api_key is not None and not self.api_key.strip():
