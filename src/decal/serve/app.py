@@ -215,7 +215,7 @@ def _decider(state: ServerState) -> Decider:
     return state.decider
 
 
-async def _decide(request, state: ServerState, raw_inputs, *, param: str, deadline: float):
+async def _decide(state: ServerState, raw_inputs, *, param: str, deadline: float):
     decider = _decider(state)
     examples = decider.parse(raw_inputs, param=param, max_inputs=state.config.max_inputs)
     if len(examples) <= _PREPARE_INLINE:
@@ -320,7 +320,7 @@ def create_app(state: ServerState):
                 raise InputError(key, "unknown field; the request takes inputs")
         if "inputs" not in body:
             raise InputError("inputs", "missing")
-        decider, answers = await _decide(request, state, body["inputs"], param="inputs", deadline=deadline)
+        decider, answers = await _decide(state, body["inputs"], param="inputs", deadline=deadline)
         results = [a.to_dict(reasoning=decider.reasoning) for a in answers]
         return _json_response(200, {**_identities(state), "results": results})
 
@@ -329,7 +329,7 @@ def create_app(state: ServerState):
             raise _HTTPError(404, "/v1/moderations needs a two-label safety task (labels such as Safe/Unsafe, or --unsafe-label)")
         body = await _read_json(request, state)
         texts = parse_moderation(body)
-        _, answers = await _decide(request, state, texts, param="input", deadline=deadline)
+        _, answers = await _decide(state, texts, param="input", deadline=deadline)
         return _json_response(200, moderation_response(answers, model=state.info["model"], unsafe_label=state.unsafe_label))
 
     app.add_api_route("/v1/decide", _route(state, decide), methods=["POST"])
