@@ -17,7 +17,7 @@ The levels run interleaved in `--rounds` rounds (each round a share of every lev
 and one full-batch timing), so load from other processes on a shared machine hits all alike.
 
 Usage: python benchmarks/bench_serve.py [--requests 64,128,256] [--time-cap 300] [--rounds 2] [--dtype float32]
-       [--max-batch-size 32] [--max-wait-ms 5] [--threads 1] [--concurrency 1,8,32] [--server-arg=--flag ...]
+       [--max-batch-size 32] [--max-wait-ms 50] [--threads 1] [--concurrency 1,8,32] [--server-arg=--flag ...]
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def main() -> None:
     parser.add_argument("--time-cap", type=float, default=300.0, help="seconds per level at most (all rounds)")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--max-batch-size", type=int, default=32)
-    parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--max-wait-ms", type=float, default=50.0)
     parser.add_argument("--threads", type=int, default=1, help="server torch threads (1 leaves a core for HTTP and the clients)")
     parser.add_argument("--rounds", type=int, default=2, help="levels interleaved in this many rounds")
     parser.add_argument("--server-arg", action="append", default=[], help="extra `decal serve` argument (repeatable)")

@@ -238,8 +238,8 @@ def test_bad_request_corpus_then_correct_answers(tiny_server, client, tiny_recor
                 assert error["param"] == param, f"{name}: {error}"
             if status == 401:
                 assert r.headers["www-authenticate"] == "Bearer"
-    # a full queue: four 4-input requests at once against --max-queue 12 while the first batch
-    # waits up to 1 s to fill: three are queued, one is turned away
+    # a full queue: four 4-input requests at once against --max-queue 12 while the batch waits
+    # for more (requests keep coming, so up to 1 s): three are queued, one is turned away
     bodies = [{"inputs": [f"{MARKER} {r['input']}" for r in rows[4 * k : 4 * k + 4]]} for k in range(4)]
     full = asyncio.run(_post_all(tiny_server.url, bodies, headers={"Authorization": f"Bearer {KEY}"}))
     assert sorted(r.status_code for r in full) == [200, 200, 200, 503], [r.text[:200] for r in full]
@@ -513,3 +513,40 @@ def test_busy_port_is_one_line(capsys, tiny_qwen3_dir, safety_file):
         sock.close()
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert code == 1 and len(err) == 1 and "cannot listen on 127.0.0.1" in err[0]
+
+
+# --- the vllm engine ---------------------------------------------------------------------------
+
+
+def _has_vllm_engine() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None and importlib.util.find_spec("decal.engines.vllm") is not None
+
+
+@pytest.mark.skipif(not _has_vllm_engine(), reason="needs vLLM and decal.engines.vllm")
+def test_vllm_engine_serves_the_hf_answers(tmp_path, data_dir):
+    import httpx
+
+    from decal.tasks import load_task
+
+    records = _evaluate("smollm2-135m-instruct", "xstest", tmp_path, "test", "--limit", "8", "--data-dir", str(data_dir))
+    examples = load_task("xstest", "test", data_dir=data_dir).examples[:8]
+    env = {**_env(), "VLLM_CPU_KVCACHE_SPACE": "1"}  # keep vLLM's CPU KV cache small on a shared machine
+    args = ["--engine", "vllm", "--model", "smollm2-135m-instruct", "--task", "xstest", "--data-dir", str(data_dir),
+            "--max-model-len", "1024"]
+    with ServeProcess(args, env=env, startup_timeout=1200) as server:
+        info = httpx.get(f"{server.url}/v1/info").json()
+        alone = httpx.post(f"{server.url}/v1/decide", json={"inputs": [{"input": examples[0].input, "id": examples[0].id}]},
+                           timeout=600).json()["results"]
+        bodies = [{"inputs": [{"input": ex.input, "id": ex.id} for ex in examples[k : k + 3]]} for k in range(0, 8, 3)]
+        together = [a for r in asyncio.run(_post_all(server.url, bodies)) for a in r.json()["results"]]
+    assert server.returncode == 0 and info["engine"] == "vllm"
+    by_id = {a["id"]: a for a in together}
+    # one input alone or among others: the same answer
+    assert list(alone[0]["option_probs"].values()) == pytest.approx(list(by_id[examples[0].id]["option_probs"].values()),
+                                                                    abs=1e-6)
+    for a in together:  # the hf engine's records, up to the engines' float rounding (decal.engines parity: 1e-4)
+        record = records[a["id"]]
+        assert a["decision"] == record.prediction
+        assert list(a["option_probs"].values()) == pytest.approx(record.option_probs, abs=1e-4)

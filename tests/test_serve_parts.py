@@ -64,21 +64,28 @@ def test_queue_batches_concurrent_requests_and_keeps_order():
     assert max(len(b) for b in rec.batches) == 4  # concurrent inputs were scored together
 
 
-def test_queue_waits_at_most_max_wait_for_a_batch_to_fill():
+def test_queue_starts_a_lone_input_early_and_gathers_a_burst():
     rec = _Recorder()
 
     async def main():
-        q = BatchQueue(rec, max_batch_size=32, max_wait_s=0.05, max_queue=100)
+        q = BatchQueue(rec, max_batch_size=32, max_wait_s=5.0, max_queue=100)
         q.start()
         start = time.monotonic()
-        out = await q.submit([1], timeout=10)
-        waited = time.monotonic() - start
-        await q.close()
-        return out, waited
+        assert await q.submit([1], timeout=30) == [10]
+        lone = time.monotonic() - start  # no more inputs came: it went after a tenth of the wait
 
-    out, waited = _run(main())
-    assert out == [10] and rec.batches == [[1]]
-    assert waited < 5  # not stuck waiting for 31 more inputs
+        async def later(i):
+            await asyncio.sleep(0.05 * i)
+            return await q.submit([i], timeout=30)
+
+        burst = await asyncio.gather(*(later(i) for i in range(2, 7)))  # one every 50 ms
+        await q.close()
+        return lone, burst
+
+    lone, burst = _run(main())
+    assert lone < 2.5
+    assert burst == [[i * 10] for i in range(2, 7)]
+    assert rec.batches == [[1], [2, 3, 4, 5, 6]]  # the burst became one batch
 
 
 def test_queue_full_raises_with_retry_after():

@@ -47,7 +47,7 @@ def register(app: typer.Typer) -> None:
         allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickled .bin weights (can run code)."),
         offline: bool = typer.Option(False, "--offline", help="Never touch the network (also HF_HUB_OFFLINE=1)."),
         max_batch_size: int = typer.Option(32, "--max-batch-size", metavar="B", help="Inputs scored together at most."),
-        max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", metavar="MS", help="How long the oldest queued input waits for its batch to fill."),
+        max_wait_ms: float = typer.Option(50.0, "--max-wait-ms", metavar="MS", help="How long a batch waits to fill at most; it starts earlier when no input came for a tenth of this."),
         max_queue: int = typer.Option(256, "--max-queue", metavar="N", help="Inputs waiting at most; past it requests get 503 with Retry-After."),
         max_inputs: int = typer.Option(64, "--max-inputs", metavar="N", help="Inputs per request at most (422 past it)."),
         max_body_bytes: int = typer.Option(1 << 20, "--max-body-bytes", metavar="BYTES", help="Request body size at most (413 past it)."),

@@ -279,6 +279,8 @@ def create_app(state: ServerState):
             await state.queue.close()
             if not loading.done():
                 loading.cancel()
+            if state.decider is not None:
+                state.decider.engine.close()  # vLLM: stop its engine processes
             logger.info("stopped: answered %d of %d requests", state.answered, state.accepted)
 
     app = FastAPI(title="decal serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)

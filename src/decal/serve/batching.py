@@ -1,8 +1,9 @@
 """A batching queue: concurrent requests' inputs are scored together, one batch at a time.
 
 `BatchQueue.submit` puts a request's inputs in a FIFO queue and waits for their answers. One
-worker task takes up to `max_batch_size` inputs (from any requests) as soon as the batch is full
-or its oldest input has waited `max_wait_s`, runs the blocking batch function on a dedicated
+worker task takes up to `max_batch_size` inputs (from any requests) as soon as the batch is full,
+or it has waited `max_wait_s` for more, or no input has come for a tenth of that (so a lone
+request waits a tenth of `max_wait_s`), runs the blocking batch function on a dedicated
 thread (so the event loop keeps answering health checks and rejecting overload), and hands each
 answer back to its request. While a batch runs, new inputs queue up and form the next batch, so
 under load batches fill without waiting.
@@ -54,7 +55,7 @@ class BatchQueue:
     Args:
         run_batch: blocking function, payloads (B,) -> results (B,), in order.
         max_batch_size: inputs per batch.
-        max_wait_s: how long the oldest input waits for the batch to fill.
+        max_wait_s: how long the worker waits at most for a batch to fill.
         max_queue: waiting inputs (not counting the batch that runs) before `QueueFull`.
         on_batch: called on the event loop after each batch with (size, seconds).
     """
@@ -142,9 +143,15 @@ class BatchQueue:
         return batch
 
     async def _wait_to_fill(self) -> None:
-        """Until the batch is full or its oldest input has waited `max_wait_s`."""
+        """Until the batch is full, or `max_wait_s` has passed, or no input came for a tenth of it.
+
+        The pause rule lets a lone request go at once (a tenth of the wait) while a burst of
+        requests, such as the clients of the previous batch sending again, joins one batch.
+        """
+        start = last_arrival = time.monotonic()
+        count = len(self._items)
         while self._items and len(self._items) < self.max_batch_size and not self._closing:
-            remaining = self._items[0].enqueued + self.max_wait_s - time.monotonic()
+            remaining = min(start + self.max_wait_s, last_arrival + self.max_wait_s / 10) - time.monotonic()
             if remaining <= 0:
                 return
             self._wakeup.clear()
@@ -152,6 +159,8 @@ class BatchQueue:
                 await asyncio.wait_for(self._wakeup.wait(), remaining)
             except asyncio.TimeoutError:
                 return
+            if len(self._items) != count:
+                count, last_arrival = len(self._items), time.monotonic()
 
     async def _worker(self) -> None:
         loop = asyncio.get_running_loop()

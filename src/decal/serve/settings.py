@@ -50,8 +50,8 @@ class ServeConfig:
     calibrator, threshold: `--calibrator FILE`, `--threshold FILE|VALUE` (None: not given).
     engine: "hf" (decal's batching queue over transformers) or "vllm".
     host, port, api_key, insecure: where to listen and who may call.
-    max_batch_size, max_wait_ms: a batch starts when it is full or its oldest input has waited
-        `max_wait_ms`.
+    max_batch_size, max_wait_ms: a batch starts when it is full, or after `max_wait_ms`, or when no
+        input came for a tenth of that (`decal.serve.batching`).
     max_queue: inputs accepted and waiting; past it requests get 503 (must be >= max_inputs).
     max_inputs: inputs per request; max_body_bytes: request body size.
     request_timeout_s: the longest a request may take before it gets 504.
@@ -82,7 +82,7 @@ class ServeConfig:
     allow_pickle: bool = False
     offline: bool = False
     max_batch_size: int = 32
-    max_wait_ms: float = 5.0
+    max_wait_ms: float = 50.0
     max_queue: int = 256
     max_inputs: int = 64
     max_body_bytes: int = 1 << 20
