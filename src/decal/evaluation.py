@@ -40,7 +40,7 @@ from .scoring import encode_prompts
 from .tasks.prompts import decision_context, render_chat
 from .tasks.schema import DecisionExample, Task
 
-__all__ = ["make_record", "run_metadata", "data_checksums", "evaluate", "PREDICTIONS", "RUN_JSON"]
+__all__ = ["make_record", "run_metadata", "data_checksums", "prompt_lengths", "evaluate", "PREDICTIONS", "RUN_JSON"]
 
 logger = logging.getLogger(__name__)
 
@@ -300,6 +300,23 @@ def _progress(enabled: bool, total: int, description: str):
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
         console=Console(stderr=True), disable=not enabled, transient=False,
     )
+
+
+def prompt_lengths(tokenizer, task: Task, *, limit: int | None = None) -> tuple[list[str], list[int]]:
+    """(ids, prompt lengths in tokens) of a task's examples, as `evaluate` renders and tokenizes them.
+
+    Lets a caller check the prompts against an engine's context before any weights load; only one
+    chunk of prompts is held at a time.
+    """
+    examples = task.examples if limit is None else task.examples[:limit]
+    ids, lengths = [], []
+    step = 256
+    for start in range(0, len(examples), step):
+        chunk = examples[start : start + step]
+        prompts = [render_chat(tokenizer, task.user_message(ex), reasoning=task.reasoning) for ex in chunk]
+        ids += [str(ex.id) for ex in chunk]
+        lengths += [len(s) for s in encode_prompts(tokenizer, prompts)]
+    return ids, lengths
 
 
 def _score_chunk(engine: Engine, task: Task, chunk, chunk_index: int, *, done: set, writer: RecordWriter,

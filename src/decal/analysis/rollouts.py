@@ -36,6 +36,7 @@ from .._io import write_json_atomic, write_text_atomic
 from ..decision import END_OF_REASONING
 from ._common import (
     check_run_config,
+    engine_settings,
     decision_confidence,
     derive_seed,
     fraction,
@@ -235,7 +236,7 @@ def _write_report(out_dir: Path, rows: list[dict], *, task_name: str, settings: 
 
 def prepare_run_folder(
     out_dir: str | os.PathLike, task, config: RolloutConfig, *, model_name=None, adapter=None, dtype: str | None = None,
-    write: bool = True,
+    engine=None, write: bool = True,
 ) -> dict:
     """Check that `out_dir` is new or holds a run with the same settings; returns the settings.
 
@@ -245,16 +246,19 @@ def prepare_run_folder(
 
     Args:
         dtype: the model's weight dtype; None when not known yet (not compared).
+        engine: the engine's name, or its `Engine.info()` (see `_common.engine_settings`); None
+            when not known yet (not compared).
         write: write `run.json` when missing (False for the CLI's early check).
 
     Raises:
         ConfigError: `out_dir` holds a run with other settings (the message names them).
     """
+    engine_fields, engine_unknown = engine_settings(engine)
     settings = {"analysis": "rollouts", "task": task.name, "split": task.split, "model": model_name,
-                "adapter": adapter, "dtype": dtype, **asdict(config)}
+                "adapter": adapter, "dtype": dtype, **engine_fields, **asdict(config)}
     check_run_config(
         Path(out_dir), {k: v for k, v in settings.items() if k not in ("threshold", "limit")},
-        write=write, unknown=("dtype",) if dtype is None else (),
+        write=write, unknown=(("dtype",) if dtype is None else ()) + engine_unknown,
     )
     return settings
 
@@ -300,7 +304,8 @@ def run_rollouts(
     examples = list(task.examples[: config.limit])
     if not examples:
         raise ValueError(f"task '{task.name}' split '{task.split}' has no examples")
-    settings = prepare_run_folder(out_dir, task, config, model_name=model_name, adapter=adapter, dtype=engine.dtype or None)
+    settings = prepare_run_folder(out_dir, task, config, model_name=model_name, adapter=adapter, dtype=engine.dtype or None,
+                                  engine=engine.info())
     prompts = {ex.id: render_chat(tokenizer, task.user_message(ex), reasoning=True) for ex in examples}
     decision_tokens = option_token_ids(
         tokenizer, task.labels, context=decision_context(prompts[examples[0].id], reasoning=True, marker=config.marker)

