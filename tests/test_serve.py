@@ -527,28 +527,27 @@ def _has_vllm_engine() -> bool:
 
 
 @pytest.mark.skipif(not _has_vllm_engine(), reason="needs vLLM and decal.engines.vllm")
-def test_vllm_engine_serves_the_hf_answers(tmp_path, data_dir):
+def test_vllm_engine_serves_decal_evaluate_answers(tmp_path, data_dir, monkeypatch):
     import httpx
 
     from decal.tasks import load_task
 
-    records = _evaluate("smollm2-135m-instruct", "xstest", tmp_path, "test", "--limit", "8", "--data-dir", str(data_dir))
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")  # keep vLLM's CPU KV cache small on a shared machine
+    common = ["test", "--limit", "8", "--data-dir", str(data_dir)]
+    on_vllm = _evaluate("smollm2-135m-instruct", "xstest", tmp_path / "vllm", *common, "--engine", "vllm",
+                        "--max-model-len", "1024")
+    on_hf = _evaluate("smollm2-135m-instruct", "xstest", tmp_path / "hf", *common)
     examples = load_task("xstest", "test", data_dir=data_dir).examples[:8]
-    env = {**_env(), "VLLM_CPU_KVCACHE_SPACE": "1"}  # keep vLLM's CPU KV cache small on a shared machine
     args = ["--dtype", "float32", "--engine", "vllm", "--model", "smollm2-135m-instruct", "--task", "xstest",
             "--data-dir", str(data_dir), "--max-model-len", "1024"]
-    with ServeProcess(args, env=env, startup_timeout=1200) as server:
+    with ServeProcess(args, env={**_env(), "VLLM_CPU_KVCACHE_SPACE": "1"}, startup_timeout=1200) as server:
         info = httpx.get(f"{server.url}/v1/info").json()
         alone = httpx.post(f"{server.url}/v1/decide", json={"inputs": [{"input": examples[0].input, "id": examples[0].id}]},
                            timeout=600).json()["results"]
         bodies = [{"inputs": [{"input": ex.input, "id": ex.id} for ex in examples[k : k + 3]]} for k in range(0, 8, 3)]
         together = [a for r in asyncio.run(_post_all(server.url, bodies)) for a in r.json()["results"]]
-    assert server.returncode == 0 and info["engine"] == "vllm"
-    by_id = {a["id"]: a for a in together}
-    # one input alone or among others: the same answer
-    assert list(alone[0]["option_probs"].values()) == pytest.approx(list(by_id[examples[0].id]["option_probs"].values()),
-                                                                    abs=1e-6)
-    for a in together:  # the hf engine's records, up to the engines' float rounding (decal.engines parity: 1e-4)
-        record = records[a["id"]]
-        assert a["decision"] == record.prediction
-        assert list(a["option_probs"].values()) == pytest.approx(record.option_probs, abs=1e-4)
+    assert server.returncode == 0 and info["engine"] == "vllm" and info["engine_version"].startswith("vllm")
+    for a in alone + together:
+        _assert_same(a, on_vllm[a["id"]])  # decal evaluate on the same engine, to 1e-6
+        assert a["decision"] == on_hf[a["id"]].prediction  # and the hf engine, to the engines' parity (1e-4)
+        assert list(a["option_probs"].values()) == pytest.approx(on_hf[a["id"]].option_probs, abs=1e-4)

@@ -6,6 +6,16 @@ from typing import Optional
 
 import typer
 
+from ._engine import (
+    data_parallel_opt,
+    engine_arg_opt,
+    engine_opt,
+    engine_options,
+    gpu_memory_opt,
+    max_model_len_opt,
+    tensor_parallel_opt,
+)
+
 __all__ = ["register"]
 
 EPILOG = """Examples:
@@ -33,7 +43,7 @@ def register(app: typer.Typer) -> None:
         adapter: Optional[str] = typer.Option(None, "--adapter", metavar="PATH", help="LoRA adapter folder (merged in float32, attached otherwise)."),
         calibrator: Optional[str] = typer.Option(None, "--calibrator", metavar="FILE", help="calibrator.json from `decal calibrate`, applied to every decision."),
         threshold: Optional[str] = typer.Option(None, "--threshold", metavar="FILE|VALUE", help="Defer below this calibrated confidence: a value in [0, 1] or the JSON of `decal threshold --out`."),
-        engine: str = typer.Option("hf", "--engine", metavar="hf|vllm", help="hf: transformers, batched by the server's queue; vllm: vLLM's continuous batching and prefix caching."),
+        engine: str = engine_opt(),
         host: str = typer.Option("127.0.0.1", "--host", metavar="HOST", help="Address to listen on; beyond loopback it needs --api-key or --insecure."),
         port: int = typer.Option(8000, "--port", metavar="PORT", help="Port to listen on (0 picks a free one and logs it)."),
         api_key: Optional[str] = typer.Option(None, "--api-key", envvar="DECAL_API_KEY", metavar="KEY", help="Require 'Authorization: Bearer KEY' (prefer the DECAL_API_KEY variable: flags show in ps)."),
@@ -54,10 +64,11 @@ def register(app: typer.Typer) -> None:
         request_timeout: float = typer.Option(30.0, "--request-timeout", metavar="S", help="Seconds before a request gets 504 (a client may ask for less with X-Request-Timeout)."),
         unsafe_label: Optional[str] = typer.Option(None, "--unsafe-label", metavar="LABEL", help="The label /v1/moderations flags (default: the label spelled 'unsafe')."),
         threads: Optional[int] = typer.Option(None, "--threads", metavar="N", help="Torch threads (default: torch's choice)."),
-        tensor_parallel_size: Optional[int] = typer.Option(None, "--tensor-parallel-size", metavar="N", help="vllm: GPUs one model copy is split over."),
-        gpu_memory_utilization: Optional[float] = typer.Option(None, "--gpu-memory-utilization", metavar="F", help="vllm: share of device memory it may claim."),
-        max_model_len: Optional[int] = typer.Option(None, "--max-model-len", metavar="N", help="vllm: longest prompt + completion (sizes its KV cache)."),
-        engine_arg: Optional[list[str]] = typer.Option(None, "--engine-arg", metavar="KEY=VALUE", help="vllm: any other engine argument (repeatable)."),
+        tensor_parallel_size: Optional[int] = tensor_parallel_opt(),
+        data_parallel_size: Optional[int] = data_parallel_opt(),
+        gpu_memory_utilization: Optional[float] = gpu_memory_opt(),
+        max_model_len: Optional[int] = max_model_len_opt(),
+        engine_arg: Optional[list[str]] = engine_arg_opt(),
         prefix_cache: bool = typer.Option(True, "--prefix-cache/--no-prefix-cache", help="hf: compute the prompt prefix every request shares once (same answers to float rounding, 2-4x less work)."),
         log_bodies: bool = typer.Option(False, "--log-bodies", help="Log request bodies (off: logs never hold them)."),
         access_log: bool = typer.Option(True, "--access-log/--no-access-log", help="One log line per request (method, path, status; never the body)."),
@@ -66,7 +77,6 @@ def register(app: typer.Typer) -> None:
         import logging
         import os
 
-        from ..serve.engine import engine_options
         from ..serve.server import serve
         from ..serve.settings import ServeConfig
 
@@ -81,8 +91,9 @@ def register(app: typer.Typer) -> None:
             offline=offline, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
             max_inputs=max_inputs, max_body_bytes=max_body_bytes, request_timeout_s=request_timeout,
             unsafe_label=unsafe_label, threads=threads, log_bodies=log_bodies, prefix_cache=prefix_cache,
-            engine_options=engine_options(tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
-                                          max_model_len=max_model_len, engine_args=tuple(engine_arg or ())),
+            engine_options=engine_options(engine, tensor_parallel_size=tensor_parallel_size, data_parallel_size=data_parallel_size,
+                                          gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+                                          engine_args=engine_arg),
         )
         code = serve(config, access_log=access_log)
         if code:

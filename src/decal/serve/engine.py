@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import logging
 
-from ..engines import Engine, EngineOptions, EngineSpec, prepare_engine
+from ..engines import Engine, EngineSpec, prepare_engine
 from ..tasks.schema import Task
 
-__all__ = ["prepare_serving_engine", "build_serving_engine", "batching_defaults", "engine_options"]
+__all__ = ["prepare_serving_engine", "build_serving_engine", "batching_defaults"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,12 +61,3 @@ def batching_defaults(engine_name: str, *, max_batch_size: int, max_wait_ms: flo
     if engine_name == "vllm":
         return max(max_batch_size, call_size), 0.0
     return max_batch_size, max_wait_ms / 1000.0
-
-
-def engine_options(*, tensor_parallel_size: int | None = None, gpu_memory_utilization: float | None = None,
-                   max_model_len: int | None = None, engine_args: tuple[str, ...] = ()) -> EngineOptions:
-    """`EngineOptions` from `decal serve`'s flags (`--engine-arg KEY=VALUE` read as YAML scalars)."""
-    from ..engines import parse_engine_args
-
-    return EngineOptions(tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
-                         max_model_len=max_model_len, extra=parse_engine_args(engine_args))
