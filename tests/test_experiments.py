@@ -345,3 +345,98 @@ def test_a_finished_step_run_with_other_settings_is_not_silently_reused(tmp_path
     again = FakeDecal()
     run_experiment(experiment_config_from_dict(tiny_config()), out=moved, executor=again)
     assert again.calls == []
+
+
+# --- inference engines in experiment configs ------------------------------------------------------
+
+
+class FakeDecalMany(FakeDecal):
+    """Also answers `decal evaluate-many JOBS`: runs each job as `evaluate` and writes the results file."""
+
+    def __call__(self, argv, log_path: Path) -> int:
+        argv = list(argv)
+        if argv[0] != "evaluate-many":
+            return super().__call__(argv, log_path)
+        self.calls.append(argv)
+        spec = json.loads(Path(argv[1]).read_text())
+        codes = [super(FakeDecalMany, self).__call__(["evaluate", *job["argv"]], Path(job["log"])) for job in spec["jobs"]]
+        self.calls = self.calls[: len(self.calls) - len(codes)]  # the jobs ran inside the one call
+        Path(spec["results"]).write_text(json.dumps({"codes": codes, "engines_started": 1}))
+        return int(any(codes))
+
+
+def _engine_config(**evaluation):
+    data = tiny_config(
+        models=[{"name": "m1", "path": "some/model", "engine_options": {"tensor_parallel_size": 2, "enforce_eager": False}},
+                {"name": "m2", "path": "other/model"}],
+        evaluation={"engine": "vllm", "engine_options": {"max_model_len": 4096, "tensor_parallel_size": 1}, **evaluation},
+        analyses=[{"kind": "rollouts", "task": "builtin", "split": "train", "methods": ["base"], "models": ["m2"]}],
+        calibrators=[], sweeps=[],
+    )
+    return experiment_config_from_dict(data)
+
+
+def test_engine_and_model_engine_options_become_flags(tmp_path):
+    steps = build_plan(_engine_config(), tmp_path)
+    m1 = next(s for s in steps if s.id == "runs/m1/base/builtin/eval/builtin-validation").commands[0]
+    assert _flag(m1, "--engine") == "vllm"
+    assert _flag(m1, "--tensor-parallel-size") == "2"  # the model's option wins over the evaluation's
+    assert _flag(m1, "--max-model-len") == "4096"
+    assert "enforce_eager=false" in m1
+    m2 = next(s for s in steps if s.id == "runs/m2/base/builtin/eval/builtin-validation").commands[0]
+    assert _flag(m2, "--tensor-parallel-size") == "1" and "--engine-arg" not in m2
+    analysis = next(s for s in steps if s.kind == "analyze").commands[0]
+    assert _flag(analysis, "--engine") == "vllm" and _flag(analysis, "--max-model-len") == "4096"
+    # all training comes first, so a model's evaluations are ready together
+    kinds = [s.kind for s in steps]
+    assert max(i for i, k in enumerate(kinds) if k in ("train", "select")) < min(i for i, k in enumerate(kinds) if k == "evaluate")
+
+
+def test_configs_without_engine_plan_the_commands_they_always_did(tmp_path):
+    steps = build_plan(experiment_config_from_dict(tiny_config()), tmp_path)
+    assert not any("--engine" in c for s in steps for c in s.commands for c in c)
+    assert not any(s.info.get("engine_group") for s in steps)
+
+
+@pytest.mark.parametrize("where, value, message", [
+    ("evaluation", {"engine": "vllm", "engine_options": {"enforce_eagre": True}}, "did you mean enforce_eager"),
+    ("evaluation", {"engine": "vllm", "engine_options": {"max_model_len": 0}}, "--max-model-len must be a positive integer"),
+    ("evaluation", {"engine": "hf", "engine_options": {"max_model_len": 512}}, "applies to --engine vllm only"),
+    ("evaluation", {"engine": "tgi"}, "`evaluation.engine` must be one of 'hf', 'vllm'"),
+])
+def test_bad_engine_settings_in_configs_name_the_field(where, value, message):
+    with pytest.raises(ConfigError, match=message):
+        experiment_config_from_dict(tiny_config(**{where: value}))
+
+
+def test_vllm_grid_scores_every_evaluation_of_a_model_in_one_process(tmp_path):
+    config = _engine_config()
+    fake = FakeDecalMany()
+    steps = run_experiment(config, out=tmp_path / "exp", executor=fake)
+    root = tmp_path / "exp"
+    assert all((root / s.id / DONE).is_file() for s in steps)
+    many = [c for c in fake.calls if c[0] == "evaluate-many"]
+    assert len(many) == 2  # one per model
+    assert not any(c[0] == "evaluate" for c in fake.calls)
+    for call in many:
+        jobs = json.loads(Path(call[1]).read_text())["jobs"]
+        models = {_flag(j["argv"], "--model") for j in jobs}
+        assert len(models) == 1
+        # base, sft and cal-grpo, in-domain and OOD: six evaluations of one model
+        assert len(jobs) == 6 and sum("--adapter" in j["argv"] for j in jobs) == 4
+    # each evaluation still gets its own metrics and DONE marker; a rerun redoes nothing
+    assert all((root / s.id / "metrics.json").is_file() for s in steps if s.kind == "evaluate")
+    again = FakeDecalMany()
+    run_experiment(config, out=root, executor=again)
+    assert again.calls == []
+
+
+def test_a_failed_evaluation_in_a_batch_fails_its_step_only(tmp_path):
+    config = _engine_config()
+    root = tmp_path / "exp"
+    fake = FakeDecalMany(fail_on="other-test")
+    with pytest.raises(StepFailedError, match=r"eval/other-test failed: `decal evaluate` exited with 3"):
+        run_experiment(config, out=root, executor=fake)
+    done = {s.id for s in build_plan(config, root) if (root / s.id / DONE).is_file()}
+    assert "runs/m1/base/builtin/eval/builtin-validation" in done
+    assert "runs/m1/base/builtin/eval/other-test" not in done

@@ -160,3 +160,27 @@ def test_killed_run_resumes_without_redoing_finished_steps(tiny_qwen3_dir, tmp_p
     clean = tmp_path / "clean"
     run_experiment(config, out=clean)
     assert (root / "results.csv").read_text() == (clean / "results.csv").read_text()
+
+
+def test_vllm_grid_starts_one_engine_for_the_base_model_and_its_adapters(tiny_qwen3_32_dir, tmp_path):
+    """`evaluation.engine: vllm`: training runs first, then every evaluation of the model (base and
+    the trained adapter, in-domain and OOD) in one `decal evaluate-many` process with one engine."""
+    data = _grid(tiny_qwen3_32_dir, methods=[BASE, CAL_GRPO])
+    data["evaluation"] = {"limit": 4, "batch_size": 4, "engine": "vllm",
+                          "engine_options": {"max_model_len": 1024, "kv_cache_memory_bytes": 1 << 30}}
+    config = experiment_config_from_dict(data)
+    root = tmp_path / "exp"
+    steps = run_experiment(config, out=root)
+    assert all((root / s.id / DONE).is_file() for s in steps)
+    (results,) = list((root / ".batches").glob("*.results.json"))
+    batch = json.loads(results.read_text())
+    assert batch == {"codes": [0, 0, 0, 0], "engines_started": 1}
+    for s in steps:
+        if s.kind == "evaluate":
+            meta = json.loads((root / s.id / "run.json").read_text())
+            assert meta["engine"] == "vllm" and meta["engine_options"]["max_model_len"] == 1024
+            assert (meta["adapter"] is not None) == (s.info["method"] == "cal-grpo")
+            assert len((root / s.id / "predictions.jsonl").read_text().splitlines()) == 4
+    rows = read_results(root / "results.csv")
+    assert {(r["method"], r["eval_task"]) for r in rows if r["metric"] == "ece"} == {
+        (m, t) for m in ("base", "cal-grpo") for t in ("builtin", "builtin:difficulty=3")}

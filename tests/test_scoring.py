@@ -13,8 +13,8 @@ import torch
 
 from conftest import build_tiny_qwen3
 from decal.decision import option_token_ids
+from decal.engines.hf import _generate_batch
 from decal.scoring import (
-    _generate_batch,
     encode_prompts,
     generate_decisions,
     generation_config,

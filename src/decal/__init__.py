@@ -23,6 +23,8 @@ _EXPORTS = {
     "load_model": "decal.models",
     "option_token_ids": "decal.decision",
     "find_decision": "decal.decision",
+    "prepare_engine": "decal.engines",
+    "build_engine": "decal.engines",
     "score_prompts": "decal.scoring",
     "generate_decisions": "decal.scoring",
     "evaluate": "decal.evaluation",

@@ -43,6 +43,7 @@ COMMANDS = [
     "metrics",
     "calibrate",
     "threshold",
+    "serve",
 ]
 
 app = typer.Typer(

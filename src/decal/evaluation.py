@@ -2,7 +2,8 @@
 
 A run folder holds:
 
-- ``run.json``: model, adapter, task, split, mode, seed, generation settings, library versions
+- ``run.json``: model, adapter, task, split, mode, seed, generation settings, the inference
+  engine (`engine`, `engine_version`, `engine_options`; `decal.engines`), library versions
   (decal, torch, transformers, trl, peft), the git revision when known, and sha256 checksums of
   the data files read;
 - ``predictions.jsonl``: one prediction record per example (DESIGN.md), appended, flushed and
@@ -33,17 +34,13 @@ from ._io import read_json, write_json_atomic
 from .decision import END_OF_REASONING, DecisionTokens, option_token_ids
 from .errors import ConfigError, DataError
 from .records import PredictionRecord, RecordWriter, completed_ids
-from .scoring import (
-    check_prompt_lengths,
-    encode_prompts,
-    generate_token_ids,
-    length_sorted_batches,
-    score_token_ids,
-)
+from .engines import Engine, as_engine
+from .engines.base import length_sorted_batches, prompt_seeds
+from .scoring import encode_prompts
 from .tasks.prompts import decision_context, render_chat
 from .tasks.schema import DecisionExample, Task
 
-__all__ = ["make_record", "run_metadata", "data_checksums", "evaluate", "PREDICTIONS", "RUN_JSON"]
+__all__ = ["make_record", "run_metadata", "data_checksums", "prompt_lengths", "evaluate", "PREDICTIONS", "RUN_JSON"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +49,8 @@ RUN_JSON = "run.json"
 # Examples tokenized at a time, in batches: bounds memory whatever the split size.
 _CHUNK_BATCHES = 32
 # run.json fields that must match for a rerun to resume into the same folder.
-_RESUME_KEYS = ("model", "adapter", "task", "split", "mode", "seed", "temperature", "max_new_tokens", "prompt_version", "limit")
+_RESUME_KEYS = ("model", "adapter", "task", "split", "mode", "seed", "temperature", "max_new_tokens", "prompt_version", "limit",
+                "engine")
 
 
 def make_record(
@@ -173,8 +171,13 @@ def _git_revision() -> str | None:
 def run_metadata(task: Task, *, model_name: str, adapter: str | None, task_name: str | None, seed: int,
                  temperature: float, max_new_tokens: int, batch_size: int, limit: int | None,
                  model=None) -> dict:
-    """The contents of ``run.json`` (see the module docstring)."""
-    dtype = str(getattr(model, "dtype", "")).replace("torch.", "") or None
+    """The contents of ``run.json`` (see the module docstring); `model` is the `Engine` (or a
+    transformers model) that scores, whose engine name, version and options are recorded."""
+    if isinstance(model, Engine):
+        dtype, engine = model.dtype or None, model.info()
+    else:
+        dtype = str(getattr(model, "dtype", "")).replace("torch.", "") or None
+        engine = {"engine": "hf", "engine_version": f"transformers {_versions().get('transformers')}", "engine_options": {}}
     return {
         "model": model_name,
         "adapter": None if adapter is None else str(adapter),
@@ -189,7 +192,9 @@ def run_metadata(task: Task, *, model_name: str, adapter: str | None, task_name:
         "limit": limit,
         "prompt_version": task.template.version,
         "dtype": dtype,
-        "dtype_reason": getattr(getattr(model, "decal_dtype", None), "reason", None),
+        "dtype_reason": getattr(model, "dtype_reason", None)
+        or getattr(getattr(model, "decal_dtype", None), "reason", None),
+        **engine,
         "n_examples": len(task) if limit is None else min(limit, len(task)),
         "versions": _versions(),
         "git_revision": _git_revision(),
@@ -203,6 +208,7 @@ def _check_resumable(out_dir: Path, meta: dict) -> None:
     if not path.exists():
         return
     old = read_json(path)
+    old.setdefault("engine", "hf")  # runs from before engines existed were scored by transformers
     for key in _RESUME_KEYS:
         if old.get(key) != meta.get(key):
             raise ConfigError(
@@ -249,8 +255,9 @@ class _DecisionTokenCache:
         return tokens
 
 
-def _score_batch(model, tokenizer, task: Task, examples, sequences, tokens, *, settings: dict, batch_seed: int):
-    """Score one batch whole; returns one record per example, in the batch's order."""
+def _score_batch(engine: Engine, task: Task, examples, sequences, tokens, *, settings: dict, batch_seed):
+    """Score one batch (or several joined, see `_score_chunk`) whole; returns one record per example,
+    in order. `batch_seed` is the batch's seed, or one seed per example."""
     start = time.perf_counter()
     common = {
         "task": task.name,
@@ -261,7 +268,7 @@ def _score_batch(model, tokenizer, task: Task, examples, sequences, tokens, *, s
         "prompt_version": task.template.version,
     }
     if not task.reasoning:
-        scores = score_token_ids(model, tokenizer, sequences, tokens, batch_size=len(sequences))
+        scores = engine.score(sequences, tokens, batch_size=len(sequences))
         seconds = (time.perf_counter() - start) / len(examples)
         records = []
         for ex, score, dt in zip(examples, scores, tokens):
@@ -271,8 +278,8 @@ def _score_batch(model, tokenizer, task: Task, examples, sequences, tokens, *, s
                 top_is_option=score.top_is_option, seconds=seconds, **common,
             ))
         return records
-    rollouts = generate_token_ids(
-        model, tokenizer, sequences, tokens, num_samples=1, temperature=settings["temperature"],
+    rollouts = engine.generate(
+        sequences, tokens, num_samples=1, temperature=settings["temperature"],
         max_new_tokens=settings["max_new_tokens"], seed=batch_seed, batch_size=len(sequences), marker=settings["marker"],
     )
     seconds = (time.perf_counter() - start) / len(examples)
@@ -297,25 +304,56 @@ def _progress(enabled: bool, total: int, description: str):
     )
 
 
-def _score_chunk(model, tokenizer, task: Task, chunk, chunk_index: int, *, done: set, writer: RecordWriter,
+def prompt_lengths(tokenizer, task: Task, *, limit: int | None = None) -> tuple[list[str], list[int]]:
+    """(ids, prompt lengths in tokens) of a task's examples, as `evaluate` renders and tokenizes them.
+
+    Lets a caller check the prompts against an engine's context before any weights load; only one
+    chunk of prompts is held at a time.
+    """
+    examples = task.examples if limit is None else task.examples[:limit]
+    ids, lengths = [], []
+    step = 256
+    for start in range(0, len(examples), step):
+        chunk = examples[start : start + step]
+        prompts = [render_chat(tokenizer, task.user_message(ex), reasoning=task.reasoning) for ex in chunk]
+        ids += [str(ex.id) for ex in chunk]
+        lengths += [len(s) for s in encode_prompts(tokenizer, prompts)]
+    return ids, lengths
+
+
+def _score_chunk(engine: Engine, task: Task, chunk, chunk_index: int, *, done: set, writer: RecordWriter,
                  settings: dict, tokens_for, reserve: int, advance) -> None:
     """Score one chunk batch by batch, writing each batch's missing ids; its locals die on return."""
     if len({ex.id for ex in chunk}) != len(chunk):
         raise DataError(f"task '{task.name}' split '{task.split}' has duplicate ids; ids must be unique")
-    prompts = [render_chat(tokenizer, task.user_message(ex), reasoning=task.reasoning) for ex in chunk]
-    sequences = encode_prompts(tokenizer, prompts)
-    check_prompt_lengths(model, [len(s) for s in sequences], reserve=reserve, names=[ex.id for ex in chunk])
+    prompts = [render_chat(engine.tokenizer, task.user_message(ex), reasoning=task.reasoning) for ex in chunk]
+    sequences = encode_prompts(engine.tokenizer, prompts)
+    engine.check_prompt_lengths([len(s) for s in sequences], reserve=reserve, names=[ex.id for ex in chunk])
     tokens = [tokens_for(p) for p in prompts]
     del prompts
-    for b, batch in enumerate(length_sorted_batches([len(s) for s in sequences], settings["batch_size"])):
-        todo = {i for i in batch if chunk[i].id not in done}
-        if todo:
-            records = _score_batch(
-                model, tokenizer, task, [chunk[i] for i in batch], [sequences[i] for i in batch],
-                [tokens[i] for i in batch], settings=settings, batch_seed=_batch_seed(settings["seed"], chunk_index, b),
-            )
-            writer.write_batch([r for i, r in zip(batch, records) if i in todo])
-        advance(len(batch))
+    batches = length_sorted_batches([len(s) for s in sequences], settings["batch_size"])
+    seeds = [_batch_seed(settings["seed"], chunk_index, b) for b in range(len(batches))]
+    # An engine that schedules its own batches (vLLM) gets several batches per call; each prompt
+    # keeps the seed it has when its batch is scored alone, so records do not depend on the grouping.
+    per_call = max(1, engine.call_size(settings["batch_size"]) // settings["batch_size"])
+    todo = [b for b, batch in enumerate(batches) if any(chunk[i].id not in done for i in batch)]
+    advance(sum(len(batch) for b, batch in enumerate(batches) if b not in set(todo)))
+    for start in range(0, len(todo), per_call):
+        group = todo[start : start + per_call]
+        rows = [i for b in group for i in batches[b]]
+        batch_seed = seeds[group[0]] if len(group) == 1 else [
+            s for b in group for s in prompt_seeds(seeds[b], len(batches[b]))
+        ]
+        records = _score_batch(
+            engine, task, [chunk[i] for i in rows], [sequences[i] for i in rows], [tokens[i] for i in rows],
+            settings=settings, batch_seed=batch_seed,
+        )
+        at = 0
+        for b in group:
+            batch = batches[b]
+            writer.write_batch([r for i, r in zip(batch, records[at : at + len(batch)]) if chunk[i].id not in done])
+            at += len(batch)
+            advance(len(batch))
 
 
 def evaluate(
@@ -338,7 +376,8 @@ def evaluate(
     """Score a task split into `out_dir` (``predictions.jsonl`` + ``run.json``), resuming if begun.
 
     Args:
-        model, tokenizer: from `decal.models.load_model`.
+        model, tokenizer: an `Engine` (`decal.engines`; tokenizer None or its own), or a
+            transformers model and its tokenizer from `decal.models.load_model` (run on the hf engine).
         task: the split to score; `task.reasoning` picks the mode.
         out_dir: the run folder; created if missing.
         model_name, adapter: recorded in every record and in ``run.json``.
@@ -358,6 +397,7 @@ def evaluate(
         ConfigError: `out_dir` holds a run with other settings.
         ValueError: a prompt longer than the model's context, or bad settings.
     """
+    engine = as_engine(model, tokenizer)
     if batch_size < 1:
         raise ValueError(f"`batch_size` must be at least 1; got {batch_size!r}")
     if limit is not None and limit < 1:
@@ -369,13 +409,13 @@ def evaluate(
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = run_metadata(task, model_name=model_name, adapter=adapter, task_name=task_name, seed=seed,
                         temperature=temperature, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                        limit=limit, model=model)
+                        limit=limit, model=engine)
     _check_resumable(out_dir, meta)
     write_json_atomic(out_dir / RUN_JSON, meta)
     done = completed_ids(out_dir / PREDICTIONS)
     settings = {"model_name": model_name, "adapter": meta["adapter"], "seed": seed, "temperature": temperature,
                 "max_new_tokens": max_new_tokens, "marker": marker, "batch_size": batch_size}
-    tokens_for = _DecisionTokenCache(tokenizer, task.labels, reasoning=task.reasoning, marker=marker)
+    tokens_for = _DecisionTokenCache(engine.tokenizer, task.labels, reasoning=task.reasoning, marker=marker)
     reserve = max_new_tokens if task.reasoning else 1
     chunk_size = batch_size * _CHUNK_BATCHES
     logger.info("evaluating %d examples (%d already done) into %s", len(examples), len(done), out_dir)
@@ -391,7 +431,7 @@ def evaluate(
             if all(ex.id in done for ex in chunk):
                 bar.advance(bar_task, len(chunk))
                 continue
-            _score_chunk(model, tokenizer, task, chunk, c, done=done, writer=writer, settings=settings,
+            _score_chunk(engine, task, chunk, c, done=done, writer=writer, settings=settings,
                          tokens_for=tokens_for, reserve=reserve, advance=lambda k: bar.advance(bar_task, k))
     meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     write_json_atomic(out_dir / RUN_JSON, meta)

@@ -16,9 +16,9 @@ from ..errors import ConfigError, DataError
 
 __all__ = [
     "derive_seed",
-    "model_dtype",
     "read_rows",
     "check_run_config",
+    "engine_settings",
     "decision_confidence",
     "progress_bar",
     "fraction",
@@ -37,12 +37,6 @@ def derive_seed(seed: int, key: str) -> int:
     """
     digest = hashlib.sha256(f"{int(seed)}:{key}".encode("utf-8")).digest()
     return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
-
-
-def model_dtype(model) -> str:
-    """The dtype of a model's weights as the CLI spells it ("float32", "bfloat16"), for run.json:
-    resuming a run in another dtype would mix two sets of probabilities."""
-    return str(next(model.parameters()).dtype).removeprefix("torch.")
 
 
 def read_rows(path: str | os.PathLike) -> list[dict]:
@@ -69,6 +63,25 @@ def read_rows(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
+def engine_settings(engine) -> tuple[dict, tuple[str, ...]]:
+    """The run.json fields of an inference engine, and those not known yet (left out of the comparison).
+
+    Args:
+        engine: None (not known yet), an engine name ("hf", "vllm"; the CLI's early check), or
+            `Engine.info()` (`engine`, `engine_version`, `engine_options`). The version is recorded
+            but never compared: a rerun after an upgrade resumes.
+    """
+    if engine is None:
+        return {}, ("engine", "engine_version", "engine_options")
+    if isinstance(engine, str):
+        return {"engine": engine}, ("engine_version", "engine_options")
+    return dict(engine), ("engine_version",)
+
+
+# run.json fields of runs made before engines existed: they ran on transformers.
+_LEGACY = {"engine": "hf", "engine_options": {}}
+
+
 def check_run_config(out_dir: Path, config: dict, *, write: bool = True, unknown: tuple[str, ...] = ()) -> None:
     """Write `run.json` on the first run; on a rerun, refuse settings that differ from it.
 
@@ -84,7 +97,7 @@ def check_run_config(out_dir: Path, config: dict, *, write: bool = True, unknown
     """
     path = out_dir / "run.json"
     if path.exists():
-        old = read_json(path)
+        old = {**_LEGACY, **read_json(path)}
         diff = sorted(k for k in set(old) | set(config) if k not in unknown and old.get(k) != config.get(k))
         if diff:
             details = ", ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in diff)

@@ -1,7 +1,7 @@
 """Rollout confidence spread (the paper's Table 2): how many sampled rollouts decide with p > 0.99.
 
 For each query, `samples` completions are drawn at `temperature` with the scoring code of
-`decal evaluate` (`decal.scoring.generate_decisions`); each rollout's decision, correctness and
+`decal evaluate` (`Engine.generate` of `decal.engines`); each rollout's decision, correctness and
 confidence are recorded, one JSON line per rollout in `rollouts.jsonl`.
 
 Confidence is the paper's: the full-vocabulary probability of the decision token the model
@@ -36,9 +36,9 @@ from .._io import write_json_atomic, write_text_atomic
 from ..decision import END_OF_REASONING
 from ._common import (
     check_run_config,
+    engine_settings,
     decision_confidence,
     derive_seed,
-    model_dtype,
     fraction,
     percent,
     progress_bar,
@@ -236,7 +236,7 @@ def _write_report(out_dir: Path, rows: list[dict], *, task_name: str, settings: 
 
 def prepare_run_folder(
     out_dir: str | os.PathLike, task, config: RolloutConfig, *, model_name=None, adapter=None, dtype: str | None = None,
-    write: bool = True,
+    engine=None, write: bool = True,
 ) -> dict:
     """Check that `out_dir` is new or holds a run with the same settings; returns the settings.
 
@@ -246,16 +246,19 @@ def prepare_run_folder(
 
     Args:
         dtype: the model's weight dtype; None when not known yet (not compared).
+        engine: the engine's name, or its `Engine.info()` (see `_common.engine_settings`); None
+            when not known yet (not compared).
         write: write `run.json` when missing (False for the CLI's early check).
 
     Raises:
         ConfigError: `out_dir` holds a run with other settings (the message names them).
     """
+    engine_fields, engine_unknown = engine_settings(engine)
     settings = {"analysis": "rollouts", "task": task.name, "split": task.split, "model": model_name,
-                "adapter": adapter, "dtype": dtype, **asdict(config)}
+                "adapter": adapter, "dtype": dtype, **engine_fields, **asdict(config)}
     check_run_config(
         Path(out_dir), {k: v for k, v in settings.items() if k not in ("threshold", "limit")},
-        write=write, unknown=("dtype",) if dtype is None else (),
+        write=write, unknown=(("dtype",) if dtype is None else ()) + engine_unknown,
     )
     return settings
 
@@ -274,7 +277,8 @@ def run_rollouts(
     """Sample rollouts for every query of `task` (resuming from `out_dir`) and write the report.
 
     Args:
-        model, tokenizer: from `decal.models.load_model`.
+        model, tokenizer: an `Engine` (`decal.engines`; tokenizer None or its own), or a
+            transformers model and its tokenizer from `decal.models.load_model` (run on the hf engine).
         task: a `Task` loaded with `reasoning=True`.
         out_dir: run folder; created if needed, resumed if it holds a run with the same settings.
         config: the analysis settings.
@@ -289,15 +293,19 @@ def run_rollouts(
         ValueError: the task has no examples.
     """
     from ..decision import option_token_ids
+    from ..engines import as_engine
     from ..records import RecordWriter, completed_ids
-    from ..scoring import generate_decisions
+    from ..scoring import encode_prompts
     from ..tasks.prompts import decision_context, render_chat
 
+    engine = as_engine(model, tokenizer)
+    tokenizer = engine.tokenizer
     out_dir = Path(out_dir)
     examples = list(task.examples[: config.limit])
     if not examples:
         raise ValueError(f"task '{task.name}' split '{task.split}' has no examples")
-    settings = prepare_run_folder(out_dir, task, config, model_name=model_name, adapter=adapter, dtype=model_dtype(model))
+    settings = prepare_run_folder(out_dir, task, config, model_name=model_name, adapter=adapter, dtype=engine.dtype or None,
+                                  engine=engine.info())
     prompts = {ex.id: render_chat(tokenizer, task.user_message(ex), reasoning=True) for ex in examples}
     decision_tokens = option_token_ids(
         tokenizer, task.labels, context=decision_context(prompts[examples[0].id], reasoning=True, marker=config.marker)
@@ -309,18 +317,23 @@ def run_rollouts(
     # report keeps one row per id.
     pending = [ex for ex in examples if any(f"{ex.id}#{s}" not in done for s in range(config.samples))]
     logger.info("rollouts: %d queries, %d already done", len(examples), len(examples) - len(pending))
+    # Queries per engine call: one on the hf engine; vLLM takes many at once and schedules them
+    # itself (all of a query's samples in one request, so its prompt is prefilled once).
+    per_call = max(1, engine.call_size(config.batch_size) // config.batch_size)
     with RecordWriter(path) as writer, progress_bar(len(pending), "rollouts", enabled=progress) as advance:
-        for ex in pending:
-            # One call per query with a seed derived from its id, so a resumed run samples
+        for start in range(0, len(pending), per_call):
+            group = pending[start : start + per_call]
+            # Each query samples with a seed derived from its id, so a resumed run samples
             # exactly what an uninterrupted one would (issue #7, item 3).
-            generations = generate_decisions(
-                model, tokenizer, [prompts[ex.id]], decision_tokens,
+            generations = engine.generate(
+                encode_prompts(tokenizer, [prompts[ex.id] for ex in group]), decision_tokens,
                 num_samples=config.samples, temperature=config.temperature,
-                max_new_tokens=config.max_new_tokens, seed=derive_seed(config.seed, ex.id),
+                max_new_tokens=config.max_new_tokens, seed=[derive_seed(config.seed, ex.id) for ex in group],
                 batch_size=config.batch_size, marker=config.marker,
-            )[0]
-            writer.write_batch(rollout_rows(ex, generations, task=task.name, split=task.split, labels=task.labels))
-            advance(1)
+            )
+            for ex, gens in zip(group, generations):
+                writer.write_batch(rollout_rows(ex, gens, task=task.name, split=task.split, labels=task.labels))
+                advance(1)
     wanted = {ex.id for ex in examples}
     rows = list({r["id"]: r for r in read_rows(path) if r["example_id"] in wanted}.values())
     return _write_report(out_dir, rows, task_name=task.name, settings=settings, threshold=config.threshold)

@@ -42,10 +42,10 @@ from .._io import write_json_atomic, write_text_atomic
 from ..decision import END_OF_REASONING, forced_decision_suffix
 from ._common import (
     check_run_config,
+    engine_settings,
     decision_confidence,
     derive_seed,
     fraction,
-    model_dtype,
     percent,
     progress_bar,
     read_rows,
@@ -325,18 +325,20 @@ def swaps_table(summaries: Sequence[tuple[str, dict]]) -> str:
 
 
 def _greedy_phase(
-    model, tokenizer, task, examples, prompts, decision_tokens, path: Path, config: SwapConfig, progress: bool
+    engine, task, examples, prompts, decision_tokens, path: Path, config: SwapConfig, progress: bool
 ) -> list[dict]:
     from ..records import RecordWriter, completed_ids
-    from ..scoring import generate_decisions
+    from ..scoring import encode_prompts
 
+    tokenizer = engine.tokenizer
     done = completed_ids(path)
     pending = [ex for ex in examples if ex.id not in done]
+    step = engine.call_size(config.batch_size)
     with RecordWriter(path) as writer, progress_bar(len(pending), "greedy", enabled=progress) as advance:
-        for start in range(0, len(pending), config.batch_size):
-            chunk = pending[start : start + config.batch_size]
-            generations = generate_decisions(
-                model, tokenizer, [prompts[ex.id] for ex in chunk], decision_tokens,
+        for start in range(0, len(pending), step):
+            chunk = pending[start : start + step]
+            generations = engine.generate(
+                encode_prompts(tokenizer, [prompts[ex.id] for ex in chunk]), decision_tokens,
                 num_samples=1, temperature=0.0, max_new_tokens=config.max_new_tokens,
                 seed=config.seed, batch_size=config.batch_size, marker=config.marker,
             )
@@ -357,7 +359,7 @@ def _eligible(greedy: Sequence[Mapping], config: SwapConfig) -> list[Mapping]:
 
 
 def _swap_phase(
-    model, tokenizer, task, greedy, prompts, decision_tokens, path: Path, config: SwapConfig, progress: bool
+    engine, task, greedy, prompts, decision_tokens, path: Path, config: SwapConfig, progress: bool
 ) -> list[dict]:
     from ..records import RecordWriter, completed_ids
     from ..scoring import score_prompts
@@ -368,13 +370,14 @@ def _swap_phase(
     eligible = _eligible(greedy, config)
     done = completed_ids(path)
     pending = [g for g in eligible if g["id"] not in done]
+    step = engine.call_size(config.batch_size)
     with RecordWriter(path) as writer, progress_bar(len(pending), "swaps", enabled=progress) as advance:
-        for start in range(0, len(pending), config.batch_size):
-            chunk = pending[start : start + config.batch_size]
+        for start in range(0, len(pending), step):
+            chunk = pending[start : start + step]
             donors = [choose_donor(g["id"], g["prediction"], candidates, seed=config.seed) for g in chunk]
             texts = [swapped_prompt(prompts[g["id"]], g, by_id[d]) if d else None for g, d in zip(chunk, donors)]
             to_score = [t for t in texts if t is not None]
-            scored = score_prompts(model, tokenizer, to_score, decision_tokens, batch_size=config.batch_size) if to_score else []
+            scored = score_prompts(engine, None, to_score, decision_tokens, batch_size=config.batch_size) if to_score else []
             scores = iter(scored)
             writer.write_batch(
                 _swap_row(g, by_id[d] if d else None, t, next(scores) if t else None, labels=task.labels)
@@ -401,7 +404,7 @@ def _write_report(out_dir: Path, greedy, swaps, *, task_name: str, settings: dic
 
 def prepare_run_folder(
     out_dir: str | os.PathLike, task, config: SwapConfig, *, model_name=None, adapter=None, dtype: str | None = None,
-    write: bool = True,
+    engine=None, write: bool = True,
 ) -> dict:
     """Check that `out_dir` is new or holds a run with the same settings; returns the settings.
 
@@ -411,16 +414,19 @@ def prepare_run_folder(
 
     Args:
         dtype: the model's weight dtype; None when not known yet (not compared).
+        engine: the engine's name, or its `Engine.info()` (see `_common.engine_settings`); None
+            when not known yet (not compared).
         write: write `run.json` when missing (False for the CLI's early check).
 
     Raises:
         ConfigError: `out_dir` holds a run with other settings (the message names them).
     """
+    engine_fields, engine_unknown = engine_settings(engine)
     settings = {"analysis": "swap", "task": task.name, "split": task.split, "model": model_name,
-                "adapter": adapter, "dtype": dtype, **asdict(config)}
+                "adapter": adapter, "dtype": dtype, **engine_fields, **asdict(config)}
     check_run_config(
         Path(out_dir), {k: v for k, v in settings.items() if k != "min_confidence"},
-        write=write, unknown=("dtype",) if dtype is None else (),
+        write=write, unknown=(("dtype",) if dtype is None else ()) + engine_unknown,
     )
     return settings
 
@@ -439,7 +445,8 @@ def run_swap(
     """Run the greedy pass and the reasoning swaps for `task` (resuming from `out_dir`), write the report.
 
     Args:
-        model, tokenizer: from `decal.models.load_model`.
+        model, tokenizer: an `Engine` (`decal.engines`; tokenizer None or its own), or a
+            transformers model and its tokenizer from `decal.models.load_model` (run on the hf engine).
         task: a `Task` loaded with `reasoning=True`; recipients and donors come from it.
         out_dir: run folder; created if needed, resumed if it holds a run with the same settings.
         config: the analysis settings.
@@ -454,18 +461,22 @@ def run_swap(
         ValueError: the task has fewer than two examples.
     """
     from ..decision import option_token_ids
+    from ..engines import as_engine
     from ..tasks.prompts import decision_context, render_chat
 
+    engine = as_engine(model, tokenizer)
+    tokenizer = engine.tokenizer
     out_dir = Path(out_dir)
     examples = list(task.examples[: config.limit])
     if len(examples) < 2:
         raise ValueError(f"task '{task.name}' split '{task.split}' needs at least two examples for swaps; got {len(examples)}")
-    settings = prepare_run_folder(out_dir, task, config, model_name=model_name, adapter=adapter, dtype=model_dtype(model))
+    settings = prepare_run_folder(out_dir, task, config, model_name=model_name, adapter=adapter, dtype=engine.dtype or None,
+                                  engine=engine.info())
     prompts = {ex.id: render_chat(tokenizer, task.user_message(ex), reasoning=True) for ex in examples}
     decision_tokens = option_token_ids(
         tokenizer, task.labels, context=decision_context(prompts[examples[0].id], reasoning=True, marker=config.marker)
     )
-    greedy = _greedy_phase(model, tokenizer, task, examples, prompts, decision_tokens, out_dir / GREEDY_FILE, config, progress)
-    swaps = _swap_phase(model, tokenizer, task, greedy, prompts, decision_tokens, out_dir / SWAPS_FILE, config, progress)
+    greedy = _greedy_phase(engine, task, examples, prompts, decision_tokens, out_dir / GREEDY_FILE, config, progress)
+    swaps = _swap_phase(engine, task, greedy, prompts, decision_tokens, out_dir / SWAPS_FILE, config, progress)
     logger.info("swap: %d examples, %d eligible, %d swap rows", len(greedy), len(_eligible(greedy, config)), len(swaps))
     return _write_report(out_dir, greedy, swaps, task_name=task.name, settings=settings, min_confidence=config.min_confidence)

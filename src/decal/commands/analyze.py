@@ -12,6 +12,16 @@ from typing import Optional
 
 import typer
 
+from ._engine import (
+    data_parallel_opt,
+    engine_arg_opt,
+    engine_opt,
+    engine_options,
+    gpu_memory_opt,
+    max_model_len_opt,
+    tensor_parallel_opt,
+)
+
 __all__ = ["register"]
 
 logger = logging.getLogger("decal.analyze")
@@ -75,10 +85,11 @@ def _no_partial_folder(out: str, *, task: str, progress: bool):
         raise
 
 
-def _load(model: str, adapter: str | None, task: str, split: str, data_dir: str | None, dtype: str, *, prepare,
-          **model_options):
-    from ..dtypes import resolve_dtype
-    from ..models import load_model, merges_adapter_exactly
+def _prepare(model: str, adapter: str | None, task: str, split: str, data_dir: str | None, dtype: str, *, prepare,
+             engine: str, options, limit: int | None, max_new_tokens: int, **model_options):
+    """Load the task, check the run folder, the engine recipe and the prompts' lengths; no weights load here."""
+    from ..engines import prepare_engine
+    from ..evaluation import prompt_lengths
     from ..tasks import load_task
 
     loaded_task = load_task(task, split, data_dir=data_dir, reasoning=True)
@@ -86,10 +97,10 @@ def _load(model: str, adapter: str | None, task: str, split: str, data_dir: str 
         raise ValueError(f"task '{task}' split '{split}' has no examples")
     # Check the run folder before the (slow) model load, so a wrong --out fails at once.
     prepare(loaded_task)
-    resolved = resolve_dtype(dtype, device=model_options.get("device", "cpu"))
-    loaded_model, tokenizer = load_model(model, adapter=adapter, merge_adapter=merges_adapter_exactly(resolved.dtype),
-                                         dtype=resolved, **model_options)
-    return loaded_model, tokenizer, loaded_task
+    spec = prepare_engine(engine, model, adapter=adapter, dtype=dtype, options=options, **model_options)
+    ids, lengths = prompt_lengths(spec.tokenizer, loaded_task, limit=limit)
+    spec.check_prompt_lengths(lengths, reserve=max_new_tokens, names=ids)
+    return spec, loaded_task
 
 
 def _print_result(out: str, table: str) -> None:
@@ -119,7 +130,7 @@ def _register_rollouts(analyze_app: typer.Typer) -> None:
         task: str = typer.Option(..., "--task", metavar="TASK", help="Task name (see `decal tasks list`)."),
         split: str = typer.Option(..., "--split", metavar="SPLIT", help="Task split (the paper uses train)."),
         out: str = typer.Option(..., "--out", metavar="DIR", help="Run folder; rerun the same command to resume."),
-        adapter: Optional[str] = typer.Option(None, "--adapter", metavar="DIR", help="LoRA adapter (merged into the weights in float32, attached otherwise)."),
+        adapter: Optional[str] = typer.Option(None, "--adapter", metavar="DIR", help="LoRA adapter (hf: merged into the weights in float32, attached otherwise; vllm: a LoRA request on the base model)."),
         samples: Optional[int] = typer.Option(None, "--samples", metavar="N", help=h("samples")),
         temperature: Optional[float] = typer.Option(None, "--temperature", metavar="T", help=h("temperature")),
         max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", metavar="N", help=h("max_new_tokens")),
@@ -136,21 +147,33 @@ def _register_rollouts(analyze_app: typer.Typer) -> None:
         allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickled .bin weights (can run code)."),
         offline: bool = typer.Option(False, "--offline", help="Never touch the network (also HF_HUB_OFFLINE=1)."),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on stderr."),
+        engine: str = engine_opt(),
+        tensor_parallel_size: Optional[int] = tensor_parallel_opt(),
+        data_parallel_size: Optional[int] = data_parallel_opt(),
+        gpu_memory_utilization: Optional[float] = gpu_memory_opt(),
+        max_model_len: Optional[int] = max_model_len_opt(),
+        engine_arg: Optional[list[str]] = engine_arg_opt(),
     ) -> None:
         """Sample rollouts per query and report the share with decision-token probability > 0.99."""
         from ..analysis.rollouts import prepare_run_folder, rollouts_table, run_rollouts
 
         config = _config(RolloutConfig, samples=samples, temperature=temperature, max_new_tokens=max_new_tokens,
                          limit=limit, seed=seed, threshold=threshold, batch_size=batch_size)
+        options = engine_options(engine, tensor_parallel_size=tensor_parallel_size, data_parallel_size=data_parallel_size,
+                                 gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+                                 engine_args=engine_arg)
         with _no_partial_folder(out, task=task, progress=progress):
-            lm, tokenizer, loaded = _load(
+            spec, loaded = _prepare(
                 model, adapter, task, split, data_dir, dtype,
                 prepare=lambda t: prepare_run_folder(out, t, config, model_name=model, adapter=adapter,
-                                                     dtype=None if dtype == "auto" else dtype, write=False),
+                                                     dtype=None if dtype == "auto" else dtype, engine=engine,
+                                                     write=False),
+                engine=engine, options=options, limit=config.limit, max_new_tokens=config.max_new_tokens,
                 device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, offline=offline or None,
             )
-            summary = run_rollouts(lm, tokenizer, loaded, out, config=config, model_name=model, adapter=adapter,
-                                   progress=progress)
+            with spec.build() as scorer:
+                summary = run_rollouts(scorer, None, loaded, out, config=config, model_name=model, adapter=adapter,
+                                       progress=progress)
         _print_result(out, rollouts_table([(loaded.name, summary)]))
 
 
@@ -166,7 +189,7 @@ def _register_swap(analyze_app: typer.Typer) -> None:
         task: str = typer.Option(..., "--task", metavar="TASK", help="Task name (see `decal tasks list`)."),
         split: str = typer.Option(..., "--split", metavar="SPLIT", help="Task split (recipients and donors)."),
         out: str = typer.Option(..., "--out", metavar="DIR", help="Run folder; rerun the same command to resume."),
-        adapter: Optional[str] = typer.Option(None, "--adapter", metavar="DIR", help="LoRA adapter (merged into the weights in float32, attached otherwise)."),
+        adapter: Optional[str] = typer.Option(None, "--adapter", metavar="DIR", help="LoRA adapter (hf: merged into the weights in float32, attached otherwise; vllm: a LoRA request on the base model)."),
         min_confidence: Optional[float] = typer.Option(None, "--min-confidence", metavar="P", help=h("min_confidence")),
         limit: Optional[int] = typer.Option(None, "--limit", metavar="N", help=h("limit")),
         seed: Optional[int] = typer.Option(None, "--seed", metavar="N", help=h("seed")),
@@ -182,19 +205,31 @@ def _register_swap(analyze_app: typer.Typer) -> None:
         allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickled .bin weights (can run code)."),
         offline: bool = typer.Option(False, "--offline", help="Never touch the network (also HF_HUB_OFFLINE=1)."),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars on stderr."),
+        engine: str = engine_opt(),
+        tensor_parallel_size: Optional[int] = tensor_parallel_opt(),
+        data_parallel_size: Optional[int] = data_parallel_opt(),
+        gpu_memory_utilization: Optional[float] = gpu_memory_opt(),
+        max_model_len: Optional[int] = max_model_len_opt(),
+        engine_arg: Optional[list[str]] = engine_arg_opt(),
     ) -> None:
         """Swap in another example's reasoning and report how often the decision follows it."""
         from ..analysis.swap import prepare_run_folder, run_swap, swaps_table
 
         config = _config(SwapConfig, min_confidence=min_confidence, limit=limit, seed=seed,
                          max_new_tokens=max_new_tokens, batch_size=batch_size, include_invalid=include_invalid or None)
+        options = engine_options(engine, tensor_parallel_size=tensor_parallel_size, data_parallel_size=data_parallel_size,
+                                 gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+                                 engine_args=engine_arg)
         with _no_partial_folder(out, task=task, progress=progress):
-            lm, tokenizer, loaded = _load(
+            spec, loaded = _prepare(
                 model, adapter, task, split, data_dir, dtype,
                 prepare=lambda t: prepare_run_folder(out, t, config, model_name=model, adapter=adapter,
-                                                     dtype=None if dtype == "auto" else dtype, write=False),
+                                                     dtype=None if dtype == "auto" else dtype, engine=engine,
+                                                     write=False),
+                engine=engine, options=options, limit=config.limit, max_new_tokens=config.max_new_tokens,
                 device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, offline=offline or None,
             )
-            summary = run_swap(lm, tokenizer, loaded, out, config=config, model_name=model, adapter=adapter,
-                               progress=progress)
+            with spec.build() as scorer:
+                summary = run_swap(scorer, None, loaded, out, config=config, model_name=model, adapter=adapter,
+                                   progress=progress)
         _print_result(out, swaps_table([(loaded.name, summary)]))

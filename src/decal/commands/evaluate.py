@@ -7,7 +7,17 @@ from typing import Optional
 
 import typer
 
-__all__ = ["register", "run_name", "summary_line"]
+from ._engine import (
+    data_parallel_opt,
+    engine_arg_opt,
+    engine_opt,
+    engine_options,
+    gpu_memory_opt,
+    max_model_len_opt,
+    tensor_parallel_opt,
+)
+
+__all__ = ["register", "run_name", "summary_line", "run_many"]
 
 EPILOG = """Examples:
 
@@ -17,6 +27,9 @@ EPILOG = """Examples:
 
   decal evaluate --model Qwen/Qwen3-1.7B --task commonsense_qa --split validation --reasoning \\
       --max-new-tokens 256 --temperature 0 --adapter runs/cagrpo/adapter --out runs --offline
+
+  decal evaluate --engine vllm --tensor-parallel-size 2 --model Qwen/Qwen3-8B --task commonsense_qa \\
+      --split validation --reasoning --out runs
 
 Rerunning the same command resumes where it stopped, with no id lost or doubled.
 """
@@ -89,7 +102,75 @@ def _discard_if_empty(folder: Path, created: list[Path]) -> None:
             break
 
 
+# While `decal evaluate-many` runs, its evaluations share engines through this pool.
+_POOL = None
+
+
+def _engine(spec):
+    """The engine for one evaluation: built for it and closed after, or shared through `_POOL`."""
+    import contextlib
+
+    if _POOL is not None:
+        return _POOL.engine(spec)
+    return contextlib.closing(spec.build())
+
+
+def _jobs_adapters(jobs: list[list[str]]) -> dict[str, list[str]]:
+    """model -> the adapters the jobs evaluate on it (from their --model/--adapter flags)."""
+    out: dict[str, list[str]] = {}
+    for argv in jobs:
+        flags = dict(zip(argv, argv[1:]))
+        if "--model" in flags and "--adapter" in flags:
+            out.setdefault(flags["--model"], []).append(flags["--adapter"])
+    return out
+
+
+def run_many(jobs: list[dict], results: Path) -> int:
+    """Run `decal evaluate` argument lists in this process with shared engines (see `evaluate-many`).
+
+    Each job's output goes to its `log` file; `results` gets {"codes": [...], "engines_started": n},
+    rewritten after every job. Returns the number of failed jobs.
+    """
+    import contextlib
+    import json
+
+    from .._io import write_json_atomic
+    from ..cli import main as cli_main
+    from ..engines import EnginePool
+
+    global _POOL
+    pool = EnginePool()
+    for model, adapters in _jobs_adapters([list(j["argv"]) for j in jobs]).items():
+        pool.declare(model, adapters)
+    codes: list[int] = []
+    _POOL = pool
+    try:
+        for job in jobs:
+            with open(job["log"], "a", encoding="utf-8") as log, contextlib.redirect_stdout(log), \
+                    contextlib.redirect_stderr(log):
+                print(f"\n$ decal evaluate {' '.join(job['argv'])}  (in decal evaluate-many)", flush=True)
+                codes.append(cli_main(["evaluate", *job["argv"]]))
+            write_json_atomic(results, {"codes": codes, "engines_started": pool.started})
+    finally:
+        _POOL = None
+        pool.close()
+    return sum(1 for c in codes if c != 0)
+
+
 def register(app: typer.Typer) -> None:
+    @app.command("evaluate-many", hidden=True)
+    def evaluate_many_command(
+        jobs: Path = typer.Argument(..., metavar="JOBS", help="JSON: {\"jobs\": [{\"argv\": [...], \"log\": FILE}], \"results\": FILE}."),
+    ) -> None:
+        """Run several `decal evaluate` commands in one process; evaluations of one model share one engine
+        (vLLM: adapters as LoRA requests on one running engine). `decal run` calls it for vLLM grids."""
+        import json
+
+        spec = json.loads(jobs.read_text(encoding="utf-8"))
+        failed = run_many(spec["jobs"], Path(spec["results"]))
+        if failed:
+            raise typer.Exit(1)
+
     @app.command("evaluate", epilog=EPILOG)
     def evaluate_command(
         model: str = typer.Option(..., "--model", metavar="MODEL", help="Hub id, local folder, .gguf file, or alias (smollm2-135m-instruct)."),
@@ -97,7 +178,7 @@ def register(app: typer.Typer) -> None:
         split: str = typer.Option(..., "--split", metavar="SPLIT", help="Split to score."),
         out: Path = typer.Option(..., "--out", metavar="DIR", help="Parent folder; the run goes to DIR/<run name>."),
         reasoning: bool = typer.Option(False, "--reasoning", help="Generate a reasoning, then decide after </think>."),
-        adapter: Optional[str] = typer.Option(None, "--adapter", metavar="PATH", help="LoRA adapter folder (merged into the weights in float32, attached otherwise)."),
+        adapter: Optional[str] = typer.Option(None, "--adapter", metavar="PATH", help="LoRA adapter folder (hf: merged into the weights in float32, attached otherwise; vllm: a LoRA request on the base model)."),
         limit: Optional[int] = typer.Option(None, "--limit", metavar="N", help="Score only the first N examples."),
         batch_size: int = typer.Option(8, "--batch-size", metavar="B", help="Examples per forward pass / generate call."),
         max_new_tokens: int = typer.Option(256, "--max-new-tokens", metavar="K", help="Reasoning: generation budget."),
@@ -111,6 +192,12 @@ def register(app: typer.Typer) -> None:
         allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickled .bin weights (can run code)."),
         offline: bool = typer.Option(False, "--offline", help="Never touch the network (also HF_HUB_OFFLINE=1)."),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on stderr."),
+        engine: str = engine_opt(),
+        tensor_parallel_size: Optional[int] = tensor_parallel_opt(),
+        data_parallel_size: Optional[int] = data_parallel_opt(),
+        gpu_memory_utilization: Optional[float] = gpu_memory_opt(),
+        max_model_len: Optional[int] = max_model_len_opt(),
+        engine_arg: Optional[list[str]] = engine_arg_opt(),
     ) -> None:
         """Score a task split: predictions.jsonl + run.json in a run folder, then a short summary."""
         import os
@@ -118,10 +205,9 @@ def register(app: typer.Typer) -> None:
         from ._console import console as rich_console
 
         from .._io import safe_name
+        from ..engines import prepare_engine
         from ..errors import DecisionTokenCollisionError
-        from ..evaluation import PREDICTIONS, evaluate
-        from ..dtypes import resolve_dtype
-        from ..models import load_model, merges_adapter_exactly
+        from ..evaluation import PREDICTIONS, evaluate, prompt_lengths
         from ..records import read_records
 
         if offline:
@@ -132,6 +218,9 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter(f"must be at least 1; got {batch_size}", param_hint="--batch-size")
         if limit is not None and limit < 1:
             raise typer.BadParameter(f"must be at least 1; got {limit}", param_hint="--limit")
+        options = engine_options(engine, tensor_parallel_size=tensor_parallel_size, data_parallel_size=data_parallel_size,
+                                 gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+                                 engine_args=engine_arg)
         if not progress:
             from transformers.utils import logging as hf_logging
 
@@ -140,21 +229,23 @@ def register(app: typer.Typer) -> None:
         if len(the_task) == 0:
             raise ValueError(f"task '{task}' split '{split}' has no examples; nothing to evaluate")
         folder = Path(out) / safe_name(name or run_name(model, task, split, reasoning=reasoning, adapter=adapter))
+        # The engine recipe, the model, the adapter and every prompt's length are checked before
+        # any weights load (a vLLM engine takes a minute to start).
+        spec = prepare_engine(engine, model, adapter=adapter, dtype=dtype, device=device, options=options,
+                              trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, offline=offline or None)
+        ids, lengths = prompt_lengths(spec.tokenizer, the_task, limit=limit)
+        spec.check_prompt_lengths(lengths, reserve=max_new_tokens if reasoning else 1, names=ids)
         created = _make_run_folder(folder)
         try:
-            resolved = resolve_dtype(dtype, device=device)
-            net, tokenizer = load_model(
-                model, adapter=adapter, merge_adapter=merges_adapter_exactly(resolved.dtype), dtype=resolved, device=device,
-                trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, offline=offline or None,
-            )
-            try:
+            with _engine(spec) as scorer:
                 evaluate(
-                    net, tokenizer, the_task, out_dir=folder, model_name=model, adapter=adapter, batch_size=batch_size,
+                    scorer, None, the_task, out_dir=folder, model_name=model, adapter=adapter, batch_size=batch_size,
                     max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, limit=limit, progress=progress,
                     task_name=task,
                 )
-            except DecisionTokenCollisionError as e:  # name the task file too (issue #9)
-                raise DecisionTokenCollisionError(f"{task}: field 'labels': {e}") from e
+        except DecisionTokenCollisionError as e:  # name the task file too (issue #9)
+            _discard_if_empty(folder, created)
+            raise DecisionTokenCollisionError(f"{task}: field 'labels': {e}") from e
         except BaseException:
             _discard_if_empty(folder, created)
             raise

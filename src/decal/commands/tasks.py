@@ -21,15 +21,6 @@ SHOW_EPILOG = """Examples:
 """
 
 
-def _default_split(name: str) -> str:
-    from ..tasks import list_tasks, parse_spec
-    from ..tasks.generic import ALL_SPLIT
-
-    base = parse_spec(name)[0] if not name.endswith((".jsonl", ".csv")) else name
-    info = next((i for i in list_tasks() if i.name == base), None)
-    return next(iter(info.splits)) if info is not None else ALL_SPLIT
-
-
 def _tokenizer(model: str):
     # A local folder is read directly; anything else (hub id, alias, GGUF) goes through the
     # model loader, which knows decal's model names.
@@ -92,7 +83,7 @@ def register(app: typer.Typer) -> None:
         template: Optional[str] = typer.Option(None, "--template", metavar="FILE", help="A prompt template file (str.format fields) replacing the task's prompt."),
     ) -> None:
         """Print the prompts a model would see for the first N examples of a task split."""
-        from ..tasks import load_task
+        from ..tasks import default_split, load_task
 
-        task = load_task(name, split or _default_split(name), data_dir=data_dir, reasoning=reasoning, template=template)
+        task = load_task(name, split or default_split(name), data_dir=data_dir, reasoning=reasoning, template=template)
         _show(task, n, model)

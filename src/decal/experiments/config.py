@@ -64,6 +64,10 @@ CALIBRATORS = ("platt", "isotonic", "temperature")
 class ModelSpec:
     name: str = field(metadata={"help": "Name used in folders and tables, e.g. Qwen3-1.7B."})
     path: str = field(metadata={"help": "What `decal evaluate/train --model` receives: hub id, local folder, GGUF or alias."})
+    engine_options: Mapping[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "Engine options for this model over `evaluation.engine_options` (e.g. tensor_parallel_size: 4)."},
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -111,6 +115,14 @@ class EvalSettings:
     temperature: float | None = field(default=None, metadata={"help": "Sampling temperature; unset = the evaluator's default."})
     dtype: str | None = field(default=None, metadata={"help": "`--dtype`; None leaves the commands' `auto` (bfloat16 on GPUs and on CPUs with native bfloat16, else float32)."})
     device: str | None = field(default=None, metadata={"help": "`--device` of `decal evaluate` (e.g. cuda)."})
+    engine: Literal["hf", "vllm"] | None = field(
+        default=None, metadata={"help": "Inference engine of evaluations and analyses (`--engine`; default hf)."}
+    )
+    engine_options: Mapping[str, Any] | None = field(
+        default=None,
+        metadata={"help": "vLLM options: tensor_parallel_size, data_parallel_size, gpu_memory_utilization, "
+                          "max_model_len, or any vLLM engine argument (`--engine-arg`)."},
+    )
 
     def merged(self, other: "EvalSettings | None") -> "EvalSettings":
         """`other`'s set fields over this one's (merged with `is not None`)."""
@@ -383,7 +395,32 @@ def experiment_config_from_dict(data: Any, *, source: str = "config") -> Experim
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from e
     _check_train_keys(config, source)
+    _check_engine_options(config, source)
     return config
+
+
+def _check_engine_options(config: ExperimentConfig, source: str) -> None:
+    """Check engine options' names and values (not the devices: a plan may be made on another machine)."""
+    from ..engines import EngineOptions, check_engine_options
+
+    places = [("evaluation", config.evaluation)] + [
+        (f"methods[{i}].evaluation", m.evaluation) for i, m in enumerate(config.methods) if m.evaluation is not None
+    ]
+    for where, settings in places:
+        engine = settings.engine or "hf"
+        for i, model in enumerate(config.models):
+            merged = {**(settings.engine_options or {}), **model.engine_options}
+            if not merged:
+                continue
+            fields = ("tensor_parallel_size", "data_parallel_size", "gpu_memory_utilization", "max_model_len")
+            try:
+                options = EngineOptions(**{k: v for k, v in merged.items() if k in fields},
+                                        extra={k: v for k, v in merged.items() if k not in fields})
+                check_engine_options(engine, options, devices=False)
+            except ConfigError as e:
+                raise ConfigError(
+                    f"{source}: `{where}.engine_options` / `models[{i}].engine_options` (engine {engine}): {e}"
+                ) from e
 
 
 def _check_train_keys(config: ExperimentConfig, source: str) -> None:

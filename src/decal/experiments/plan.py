@@ -26,7 +26,7 @@ import yaml
 from .._io import safe_name
 from .config import EvalSpec, ExperimentConfig, MethodSpec, ModelSpec, TrainTaskSpec
 
-__all__ = ["Step", "build_plan", "select_steps", "run_prefix"]
+__all__ = ["Step", "build_plan", "select_steps", "run_prefix", "engine_args"]
 
 StepKind = Literal["train", "select", "evaluate", "calibrate", "analyze"]
 
@@ -64,7 +64,40 @@ def _applies(restrict: tuple[str, ...] | None, name: str) -> bool:
     return restrict is None or name in restrict
 
 
-def _eval_args(config: ExperimentConfig, method: MethodSpec, ev: EvalSpec, seed: int) -> list[str]:
+_ENGINE_FLAGS = {
+    "tensor_parallel_size": "--tensor-parallel-size",
+    "data_parallel_size": "--data-parallel-size",
+    "gpu_memory_utilization": "--gpu-memory-utilization",
+    "max_model_len": "--max-model-len",
+}
+
+
+def _engine_value(value: Any) -> str:
+    """A value as `--engine-arg KEY=VALUE` reads it back (a YAML scalar)."""
+    import json
+
+    if isinstance(value, str) and yaml.safe_load(value) == value:
+        return value
+    return json.dumps(value)
+
+
+def engine_args(settings, model: ModelSpec) -> list[str]:
+    """`--engine` and the engine-option flags of an evaluation or analysis of `model`.
+
+    The model's `engine_options` win over the evaluation's. Nothing is added when neither sets
+    anything, so configs without engines plan the commands they always did.
+    """
+    options = {**(settings.engine_options or {}), **model.engine_options}
+    args = ["--engine", settings.engine] if settings.engine else []
+    for key, value in options.items():
+        if key in _ENGINE_FLAGS:
+            args += [_ENGINE_FLAGS[key], str(value)]
+        else:
+            args += ["--engine-arg", f"{key}={_engine_value(value)}"]
+    return args
+
+
+def _eval_args(config: ExperimentConfig, method: MethodSpec, ev: EvalSpec, seed: int, model: ModelSpec) -> list[str]:
     settings = config.evaluation.merged(method.evaluation)
     args = ["--task", ev.task, "--split", ev.split]
     if method.resolved_reasoning:
@@ -79,6 +112,7 @@ def _eval_args(config: ExperimentConfig, method: MethodSpec, ev: EvalSpec, seed:
     ):
         if value is not None:
             args += [flag, str(value)]
+    args += engine_args(settings, model)
     # Output goes to the step's log file, where a progress bar is noise.
     args += ["--seed", str(seed), "--no-progress"]
     if config.data_dir:
@@ -143,7 +177,7 @@ def _model_steps(config, model, method, task, seed, root: Path) -> list[Step]:
         out = str(root / eval_id)
         # `decal evaluate --out PARENT --name NAME` writes PARENT/NAME; the step folder is that run folder.
         evaluate = (
-            "evaluate", "--model", model.path, *adapter_args, *_eval_args(config, method, ev, seed),
+            "evaluate", "--model", model.path, *adapter_args, *_eval_args(config, method, ev, seed, model),
             "--out", str((root / eval_id).parent), "--name", (root / eval_id).name,
         )
         steps.append(
@@ -152,10 +186,23 @@ def _model_steps(config, model, method, task, seed, root: Path) -> list[Step]:
                 kind="evaluate",
                 commands=(evaluate, _metrics_command(config, out)),
                 deps=eval_deps,
-                info={**base_info, "eval_task": ev.task, "eval_split": ev.split, "domain": ev.domain, "calibrator": "none"},
+                info={**base_info, "eval_task": ev.task, "eval_split": ev.split, "domain": ev.domain, "calibrator": "none",
+                      **_engine_info(config, method, model)},
             )
         )
     return steps
+
+
+def _engine_info(config: ExperimentConfig, method: MethodSpec, model: ModelSpec) -> dict:
+    """Step info of an evaluation's engine; vLLM evaluations of one model (and engine options) share
+    an `engine_group`, which the runner scores in one process with one engine start."""
+    settings = config.evaluation.merged(method.evaluation)
+    engine = settings.engine or "hf"
+    if engine != "vllm":
+        return {}
+    import json
+
+    return {"engine": engine, "engine_group": json.dumps([model.path, settings.dtype, engine_args(settings, model)])}
 
 
 def _calibrate_steps(config, model, method, task, seed, root: Path, eval_steps: list[Step]) -> list[Step]:
@@ -216,6 +263,8 @@ def _analysis_steps(config: ExperimentConfig, root: Path, model_steps: dict) -> 
                     command += ["--adapter", str(root / prefix / "select" / "adapter")]
                     deps = (f"{prefix}/select",)
                 command += ["--task", a.task, "--split", a.split]
+                if not any(k == "engine" or k in _ENGINE_FLAGS or k == "engine_arg" for k in a.settings):
+                    command += engine_args(config.evaluation.merged(method.evaluation), model)
                 for key_, value in a.settings.items():
                     command += [f"--{key_.replace('_', '-')}", str(value)]
                 if config.data_dir:
@@ -259,6 +308,11 @@ def build_plan(config: ExperimentConfig, root: str | Path) -> list[Step]:
                     model_steps[(model.name, method.name, method.variant, task.task, seed)] = own
                     steps += own
     steps += _analysis_steps(config, root, model_steps)
+    if any(s.info.get("engine_group") for s in steps):
+        # All training first, so that each model's vLLM evaluations (base, SFT, GRPO, ...) are
+        # ready together and the runner starts its engine once. Still dependency order:
+        # evaluations depend only on selections, calibrations and analyses on what precedes them.
+        steps = [s for s in steps if s.kind in ("train", "select")] + [s for s in steps if s.kind not in ("train", "select")]
     ids = [s.id for s in steps]
     if len(set(ids)) != len(ids):
         dup = sorted({i for i in ids if ids.count(i) > 1})

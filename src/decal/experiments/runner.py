@@ -191,7 +191,9 @@ def _metrics_for_calibrated(root: Path, step: Step, metrics_argv: tuple[str, ...
     return [("metrics", str(p), *metrics_argv) for p in subs]
 
 
-def _run_step(root: Path, step: Step, executor: Executor, metrics_argv: tuple[str, ...]) -> None:
+def _run_step(root: Path, step: Step, executor: Executor, metrics_argv: tuple[str, ...], *, first_done: bool = False) -> None:
+    """Run a step's commands and write its DONE marker; `first_done`: its first command already ran
+    (in a `decal evaluate-many` batch)."""
     folder = root / step.id
     folder.mkdir(parents=True, exist_ok=True)
     for name, text in step.files.items():
@@ -204,7 +206,7 @@ def _run_step(root: Path, step: Step, executor: Executor, metrics_argv: tuple[st
         # An interrupted training run continues from its newest checkpoint instead of restarting
         # (`decal train` refuses a folder holding a run unless told to resume).
         commands[0] = (*commands[0], "--resume")
-    i = 0
+    i = 1 if first_done else 0
     while i < len(commands):
         argv = commands[i]
         code = executor(argv, log_path)
@@ -292,6 +294,14 @@ def _run_steps(config, root: Path, all_steps: list[Step], steps: list[Step], exe
     m = config.metrics
     metrics_argv = ("--n-bins", str(m.n_bins), "--binning", m.binning, "--bootstrap", str(m.bootstrap))
     for step in steps:
+        group = step.info.get("engine_group")
+        if group and plan_status(root, step) != "done":
+            # vLLM evaluations of one model: the ready ones run in one process with one engine start.
+            batch = [s for s in steps if s.info.get("engine_group") == group and plan_status(root, s) != "done"
+                     and all((root / d / DONE).is_file() for d in s.deps)]
+            if len(batch) > 1:
+                _run_batch(config, root, all_steps, batch, executor, on_step, metrics_argv)
+                continue
         if plan_status(root, step) == "done":
             _log_event(root, "skip", step)
             if on_step:
@@ -314,3 +324,49 @@ def _run_steps(config, root: Path, all_steps: list[Step], steps: list[Step], exe
             on_step(step, "done")
         if step.kind in ("evaluate", "calibrate"):
             write_results(root / RESULTS_FILE, collect_results(config.name, root, all_steps))
+
+
+def _run_batch(config, root: Path, all_steps: list[Step], batch: list[Step], executor: Executor, on_step,
+               metrics_argv: tuple[str, ...]) -> None:
+    """Run the `decal evaluate` commands of `batch` as one `decal evaluate-many` process, then each
+    step's remaining commands (metrics) and DONE marker. Steps whose evaluation failed raise
+    `StepFailedError` after the others are finished."""
+    import hashlib
+
+    jobs = []
+    for step in batch:
+        (root / step.id).mkdir(parents=True, exist_ok=True)
+        jobs.append({"argv": list(step.commands[0][1:]), "log": str(root / step.id / "log.txt")})
+        _log_event(root, "start", step, batch=len(batch))
+        if on_step:
+            on_step(step, "start")
+    name = hashlib.sha256("|".join(s.id for s in batch).encode()).hexdigest()[:12]
+    folder = root / ".batches"
+    folder.mkdir(exist_ok=True)
+    jobs_file, results_file = folder / f"{name}.json", folder / f"{name}.results.json"
+    results_file.unlink(missing_ok=True)
+    write_json_atomic(jobs_file, {"jobs": jobs, "results": str(results_file)})
+    started = time.perf_counter()
+    executor(("evaluate-many", str(jobs_file)), folder / f"{name}.log")
+    codes = json.loads(results_file.read_text(encoding="utf-8")).get("codes", []) if results_file.is_file() else []
+    failed: StepFailedError | None = None
+    for i, step in enumerate(batch):
+        code = codes[i] if i < len(codes) else None
+        try:
+            if code != 0:
+                raise StepFailedError(
+                    f"step {step.id} failed: `decal evaluate` "
+                    + (f"exited with {code}" if code is not None else "did not finish")
+                    + f"; see {root / step.id / 'log.txt'} and {folder / (name + '.log')} (rerun the same command to resume)"
+                )
+            _run_step(root, step, executor, metrics_argv, first_done=True)
+        except StepFailedError as e:
+            _log_event(root, "fail", step, error=str(e))
+            failed = failed or e
+            continue
+        _log_event(root, "done", step, seconds=round(time.perf_counter() - started, 2), batch=len(batch))
+        if on_step:
+            on_step(step, "done")
+        write_results(root / RESULTS_FILE, collect_results(config.name, root, all_steps))
+    if failed:
+        raise failed

@@ -5,7 +5,7 @@ the named tasks. `BUILTIN_NAME` ("builtin") is the generated task that needs no 
 """
 
 from .builtin import BUILTIN_LABELS, BUILTIN_NAME, load_builtin
-from .registry import TaskInfo, list_tasks, load_task, parse_spec
+from .registry import TaskInfo, default_split, list_tasks, load_task, parse_spec
 from .schema import DecisionExample, PromptTemplate, Task
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "PromptTemplate",
     "Task",
     "TaskInfo",
+    "default_split",
     "list_tasks",
     "load_builtin",
     "load_task",

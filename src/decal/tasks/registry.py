@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .schema import Task
 
-__all__ = ["TaskInfo", "list_tasks", "load_task", "parse_spec"]
+__all__ = ["TaskInfo", "default_split", "list_tasks", "load_task", "parse_spec"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,6 +49,19 @@ def list_tasks() -> list[TaskInfo]:
         )
     )
     return infos
+
+
+def default_split(name: str) -> str:
+    """The split a command uses when none is given: a named task's first split, else "all" (task files).
+
+    >>> default_split("xstest"), default_split("builtin:seed=3"), default_split("my_task.jsonl")
+    ('test', 'train', 'all')
+    """
+    from .generic import ALL_SPLIT
+
+    base = parse_spec(name)[0] if not _looks_like_path(name) else name
+    info = next((i for i in list_tasks() if i.name == base), None)
+    return next(iter(info.splits)) if info is not None else ALL_SPLIT
 
 
 def _task_names() -> list[str]:

