@@ -124,6 +124,28 @@ def test_grpo_dataset_rejects_mixed_label_sets(qwen3_tokenizer):
         grpo_dataset(task, qwen3_tokenizer)
 
 
+def test_prompts_over_a_limit_stop_the_build_naming_the_example(tiny, tmp_path):
+    from decal.training.memory import PromptTooLongError
+
+    model, tok = tiny
+    task = _task(4)
+    task = Task(name="toy", split="train", template=TEMPLATE, examples=task.examples[:3] + (
+        DecisionExample(id="long-one", labels=LABELS, label="Safe", input="word " * 40),))
+    prompts = list(grpo_dataset(task, tok, reasoning=False)["prompt"])
+    lengths = [len(ids) for ids in tok(text=prompts)["input_ids"]]
+    short, longest = max(lengths[:3]), lengths[3]
+    with pytest.raises(PromptTooLongError, match=f"^example 'long-one' has a prompt of {longest} tokens, over "
+                       f"`max_prompt_length` \\({short} tokens\\)\\. Raise --max-prompt-length"):
+        build_grpo_trainer(model=model, tokenizer=tok, task=task, args=_args(tmp_path), peft_config=_lora(),
+                           max_prompt_length=short)
+    # the prompt and max_completion_length tokens must fit in the model's context (2048 for the tiny Qwen3)
+    context = model.config.max_position_embeddings
+    with pytest.raises(PromptTooLongError, match=f"^example 'long-one' has a prompt of {longest} tokens, too long to "
+                       f"fit with {context - short} completion tokens in the model's context of {context} tokens\\."):
+        build_grpo_trainer(model=model, tokenizer=tok, task=task, args=_args(tmp_path, max_completion_length=context - short),
+                           peft_config=_lora())
+
+
 # --- the exact loss on a hand-made batch ----------------------------------------------------
 
 

@@ -29,6 +29,7 @@ from ..errors import ConfigError
 from ..decision import DecisionTokens, option_token_ids, stop_token_ids
 from ..tasks.prompts import decision_context, render_chat
 from . import _trl_compat
+from .memory import check_prompt_lengths, model_context_length
 from .losses import CAL_TARGETS, decision_ce, decision_targets
 from .rewards import DecisionReward
 
@@ -260,7 +261,19 @@ class DecalGRPOTrainer(GRPOTrainer):
                 _trl_compat.log_metric(self, "cal/ce", s[6] / s[5])
 
 
-def build_grpo_trainer(*, model, tokenizer, task, args: DecalGRPOConfig, peft_config=None, callbacks=None) -> DecalGRPOTrainer:
+def _check_prompts(dataset, tokenizer, model, args: DecalGRPOConfig, max_prompt_length: int | None) -> None:
+    """Fail before training when a prompt is over the limits (`decal.training.memory`); log the longest."""
+    lengths = [len(ids) for ids in tokenizer(text=list(dataset["prompt"]))["input_ids"]]  # as TRL tokenizes them
+    logger.info("GRPO on %d prompts, mean length %.0f tokens, longest %d", len(lengths), sum(lengths) / len(lengths),
+                max(lengths))
+    check_prompt_lengths(list(dataset["id"]), lengths, max_prompt_length=max_prompt_length,
+                         context=model_context_length(model), reserved=args.max_completion_length,
+                         what=f"{args.max_completion_length} completion tokens",
+                         fix="Raise --max-prompt-length; GRPO prompts are never cut.")
+
+
+def build_grpo_trainer(*, model, tokenizer, task, args: DecalGRPOConfig, peft_config=None, callbacks=None,
+                       max_prompt_length: int | None = None) -> DecalGRPOTrainer:
     """A ready-to-train `DecalGRPOTrainer` for `task` (GRPO, or calibration-aware with ``args.calibration``).
 
     Args:
@@ -270,8 +283,12 @@ def build_grpo_trainer(*, model, tokenizer, task, args: DecalGRPOConfig, peft_co
         args: the trainer configuration.
         peft_config: a `peft.LoraConfig`, or None to train all weights.
         callbacks: extra `transformers.TrainerCallback`s.
+        max_prompt_length: the longest prompt allowed, in tokens (None: no limit); prompts are
+            never cut.
 
     Raises:
+        PromptTooLongError: a prompt is over `max_prompt_length`, or a prompt and
+            ``args.max_completion_length`` tokens do not fit in the model's context.
         DecisionTokenCollisionError: two options share their decision token under `tokenizer`.
         RuntimeError: the installed TRL is not the pinned one.
     """
@@ -283,6 +300,7 @@ def build_grpo_trainer(*, model, tokenizer, task, args: DecalGRPOConfig, peft_co
         # the decision logits are the LM head's raw output; TRL's fused head also applies these
         logger.warning("model config sets %s; decision probabilities and the CE ignore it", ", ".join(scaled))
     dataset = grpo_dataset(task, tokenizer, reasoning=args.reasoning)
+    _check_prompts(dataset, tokenizer, model, args, max_prompt_length)
     first = dataset[0]
     context = decision_context(first["prompt"], reasoning=args.reasoning)
     tokens = option_token_ids(tokenizer, first["labels"], context=context)

@@ -52,6 +52,7 @@ from ..errors import ConfigError
 from .callbacks import TRAIN_LOG_NAME, JsonlLogCallback
 from .checkpoints import list_checkpoints, last_checkpoint, select_checkpoint
 from .config import TrainConfig, config_to_dict
+from .memory import return_large_buffers
 
 __all__ = ["train", "training_arguments", "lora_config", "read_done", "RESOLVED_CONFIG_NAME", "DONE_NAME", "ADAPTER_DIR"]
 
@@ -224,11 +225,12 @@ def _build_trainer(cfg: TrainConfig, args, *, model, tokenizer, task, out: Path)
         from .sft import build_sft_trainer
 
         return build_sft_trainer(model=model, tokenizer=tokenizer, task=task, args=args, peft_config=lora_config(cfg),
-                                 callbacks=callbacks, max_prompt_length=cfg.max_prompt_length)
+                                 callbacks=callbacks, max_prompt_length=cfg.max_prompt_length,
+                                 truncate_prompts=cfg.truncate_prompts)
     from .grpo import build_grpo_trainer
 
     return build_grpo_trainer(model=model, tokenizer=tokenizer, task=task, args=args, peft_config=lora_config(cfg),
-                              callbacks=callbacks)
+                              callbacks=callbacks, max_prompt_length=cfg.max_prompt_length)
 
 
 def _save_final_adapter(trainer, out: Path) -> None:
@@ -261,6 +263,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         ConfigError: a bad config or an output folder that already holds a run (without resume).
     """
     config.check_runnable()
+    return_large_buffers()  # before any tensor: a step then holds what it uses, not what it freed (issue #13)
     cfg = config.resolve()
     out = Path(cfg.out)
     _check_out_dir(cfg, out, resume=resume)
@@ -278,9 +281,10 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     set_seed(cfg.seed)
     model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
                                   allow_pickle=cfg.allow_pickle)
+    # the trainer checks every prompt's length first (issue #13), so a prompt that cannot fit writes nothing
+    trainer = _build_trainer(cfg, args, model=model, tokenizer=tokenizer, task=task, out=out)
     if _is_main_process():
         _write_run_files(out, cfg)  # 3.
-    trainer = _build_trainer(cfg, args, model=model, tokenizer=tokenizer, task=task, out=out)
     checkpoint = last_checkpoint(out) if resume else None
     if resume:
         logger.info("resuming from %s", checkpoint or "scratch (no complete checkpoint yet)")
