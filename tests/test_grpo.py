@@ -93,6 +93,36 @@ def test_trl_private_api_is_what_decal_relies_on():
     # the base accepts (B, T) advantages: it only unsqueezes 1-D ones
     assert "if advantages.dim() == 1:" in inspect.getsource(GRPOTrainer._compute_loss)
     assert "current_gradient_accumulation_steps" in inspect.getsource(GRPOTrainer._compute_loss)
+    from trl.trainer import utils
+
+    assert _trl_compat._COMPACT_SOURCE in inspect.getsource(utils.add_fused_lm_head)
+
+
+def test_fused_head_projects_only_the_scored_positions_on_a_cpu(tiny, monkeypatch):
+    """TRL's fused head under `completion_positions_only`: the same log-probs from the scored rows only (issue #13)."""
+    from trl.trainer import utils
+
+    model, _ = tiny
+    utils.add_fused_lm_head(model)
+    seen, original = [], utils._ChunkedLogProbFunction
+
+    class Counting:  # what the fused forward calls, counting the hidden-state rows it projects
+        @staticmethod
+        def apply(hidden, *args):
+            seen.append(hidden.shape[0])
+            return original.apply(hidden, *args)
+
+    input_ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    labels = input_ids.clone()
+    labels[:, :-3] = -100  # 3 scored tokens per row, as TRL labels the completion
+    with monkeypatch.context() as patch:
+        patch.setattr(utils, "_ChunkedLogProbFunction", Counting)
+        full = model(input_ids=input_ids, labels=labels, fused_lm_head=True).log_probs  # (2, 11)
+        with _trl_compat.completion_positions_only():
+            compact = model(input_ids=input_ids, labels=labels, fused_lm_head=True).log_probs
+    assert seen == [2 * 11, 2 * 3]  # every shifted position, then only the scored ones
+    assert torch.allclose(full, compact, rtol=1e-5, atol=1e-6) and full[:, -3:].abs().min() > 0
+    assert (compact[:, :-3] == 0).all()
 
 
 @pytest.mark.parametrize(

@@ -27,10 +27,11 @@ from trl import GRPOConfig, GRPOTrainer
 
 from ..errors import ConfigError
 from ..decision import DecisionTokens, option_token_ids, stop_token_ids
+from ..scoring import context_length
 from ..tasks.prompts import decision_context, render_chat
 from . import _trl_compat
-from .memory import check_prompt_lengths, model_context_length
 from .losses import CAL_TARGETS, decision_ce, decision_targets
+from .memory import check_prompt_lengths
 from .rewards import DecisionReward
 
 __all__ = ["DecalGRPOConfig", "DecalGRPOTrainer", "grpo_dataset", "build_grpo_trainer"]
@@ -155,7 +156,8 @@ class DecalGRPOTrainer(GRPOTrainer):
     and, with ``args.calibration``, ``decision_targets`` (B, K) and (B, T) advantages that are 0 at
     the decision token), and that the loss adds ``args.cal_lambda * decision_ce`` computed from the
     hidden states of TRL's own forward pass. Without ``args.calibration`` the loss is TRL's, and
-    the decision metrics are only logged.
+    the decision metrics are only logged. Both hooks run TRL with its fused LM head projecting only
+    the completion positions on a CPU too (`_trl_compat.completion_positions_only`, issue #13).
     """
 
     def __init__(self, *args, decision_tokens: DecisionTokens, **kwargs):
@@ -170,7 +172,8 @@ class DecalGRPOTrainer(GRPOTrainer):
 
     # 1. generation: parse decisions once, build targets, zero the decision advantage
     def _generate_and_score_completions(self, inputs):
-        return self._add_decisions(super()._generate_and_score_completions(inputs))
+        with _trl_compat.completion_positions_only():  # the old and reference log-probs, when TRL needs them
+            return self._add_decisions(super()._generate_and_score_completions(inputs))
 
     def _add_decisions(self, output: dict) -> dict:
         """Add the decision keys to a generation batch, from the reward's parse of the same rows."""
@@ -219,7 +222,8 @@ class DecalGRPOTrainer(GRPOTrainer):
         positions = (prompt_len + index.clamp(min=0) - 1).clamp(min=0)  # (B,); invalid rows are masked later
         hook = _DecisionHidden(_trl_compat.backbone(self, model), positions)
         try:
-            loss = super()._compute_loss(model, inputs)
+            with _trl_compat.completion_positions_only():
+                loss = super()._compute_loss(model, inputs)
         finally:
             hook.remove()
         hidden = hook.hidden()  # (B, H)
@@ -267,7 +271,7 @@ def _check_prompts(dataset, tokenizer, model, args: DecalGRPOConfig, max_prompt_
     logger.info("GRPO on %d prompts, mean length %.0f tokens, longest %d", len(lengths), sum(lengths) / len(lengths),
                 max(lengths))
     check_prompt_lengths(list(dataset["id"]), lengths, max_prompt_length=max_prompt_length,
-                         context=model_context_length(model), reserved=args.max_completion_length,
+                         context=context_length(model), reserved=args.max_completion_length,
                          what=f"{args.max_completion_length} completion tokens",
                          fix="Raise --max-prompt-length; GRPO prompts are never cut.")
 

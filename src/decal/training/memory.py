@@ -31,7 +31,7 @@ from typing import Sequence
 
 from ..errors import DataError
 
-__all__ = ["PromptTooLongError", "model_context_length", "check_prompt_lengths", "return_large_buffers"]
+__all__ = ["PromptTooLongError", "check_prompt_lengths", "return_large_buffers"]
 
 
 logger = logging.getLogger(__name__)
@@ -45,16 +45,6 @@ class PromptTooLongError(DataError):
     """A training prompt is longer than ``max_prompt_length`` or than the model's context allows."""
 
 
-def model_context_length(model) -> int | None:
-    """The number of positions the model can attend over (``max_position_embeddings``), or None if unknown."""
-    config = getattr(model, "config", None)
-    if config is None:
-        return None
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    value = getattr(text_config, "max_position_embeddings", None)
-    return int(value) if isinstance(value, int) and value > 0 else None
-
-
 def check_prompt_lengths(ids: Sequence[str], lengths: Sequence[int], *, max_prompt_length: int | None = None,
                          context: int | None = None, reserved: int = 1, what: str = "the decision token",
                          fix: str = "") -> None:
@@ -64,7 +54,7 @@ def check_prompt_lengths(ids: Sequence[str], lengths: Sequence[int], *, max_prom
         ids: example ids, aligned with `lengths`.
         lengths: prompt lengths in tokens.
         max_prompt_length: the user's limit on prompt tokens; None: no limit.
-        context: the model's context in tokens (`model_context_length`); None: unknown.
+        context: the model's context in tokens (`decal.scoring.context_length`); None: unknown.
         reserved: tokens that follow the prompt and must fit in the context too.
         what: names the `reserved` tokens in the message ("the decision token", "64 completion tokens").
         fix: a sentence appended to the `max_prompt_length` message (how to get past it).

@@ -36,8 +36,9 @@ from transformers import Trainer
 
 from ..decision import option_token_ids
 from ..models import keep_head_input_contiguous
+from ..scoring import context_length
 from ..tasks.prompts import render_chat
-from .memory import check_prompt_lengths, model_context_length
+from .memory import check_prompt_lengths
 
 __all__ = ["IGNORE_INDEX", "LOSS_IMPLS", "sft_rows", "sft_dataset", "DecisionTokenCollator", "DecisionTokenTrainer",
            "build_sft_trainer"]
@@ -62,7 +63,7 @@ def sft_rows(task, tokenizer, *, max_prompt_length: int | None = None, truncate_
         truncate_prompts: cut prompts over `max_prompt_length` to their last `max_prompt_length`
             tokens (the end holds the generation prompt, which must stay next to the decision)
             instead of failing.
-        context: the model's context (`memory.model_context_length`); a prompt plus its decision
+        context: the model's context (`decal.scoring.context_length`); a prompt plus its decision
             token must fit. None: not checked.
 
     Returns:
@@ -222,7 +223,7 @@ def build_sft_trainer(*, model, tokenizer, task, args, peft_config=None, callbac
         raise ValueError("`remove_unused_columns` must be False for decision-token SFT; the collator reads "
                          "`input_ids` from rows that also carry id, length and target_id")
     dataset = sft_dataset(task, tokenizer, max_prompt_length=max_prompt_length, truncate_prompts=truncate_prompts,
-                          context=model_context_length(model))
+                          context=context_length(model))
     logger.info("SFT on %d examples of %s/%s, mean length %.0f tokens, longest %d", len(dataset), task.name,
                 task.split, sum(dataset["length"]) / len(dataset), max(dataset["length"]))
     # The head's input is the (B, 1, H) slice of the (B, T, H) hidden states; strided, its backward runs
