@@ -20,6 +20,11 @@ Step time is the first optimizer step (wall clock and process CPU seconds, from
 ``train_log.jsonl``); peak memory is the child's peak resident set size (``ru_maxrss``), model and
 all. On a shared machine compare CPU seconds and ratios, not wall times.
 
+``--suite grpo`` (issue #13 item 3): GRPO and cal-GRPO on ``openai_moderation``/``train`` at batch 4
+prompts x 8 completions of up to 64 tokens (reasoning prompts, `TrainConfig` defaults otherwise),
+on the 4 longest prompts (up to 2,102 tokens): one optimizer step in micro-batches of
+``--grpo-micro-batch`` completions (default 8, so grad-accum 4), its time and peak memory.
+
 ``--suite methods`` (issue #6): SFT, GRPO and cal-GRPO on the built-in task at small shapes; the
 step time is the fastest gap between consecutive steps after the first, and cal-GRPO / GRPO must
 stay <= 1.05 in CPU time and peak memory (peak RSS sampled every 20 ms during `train`).
@@ -29,6 +34,7 @@ stay <= 1.05 in CPU time and peak memory (peak RSS sampled every 20 ms during `t
 Usage:
     nice -n 5 python benchmarks/bench_training.py                      # SFT on moderation (about 40 CPU-minutes)
     python benchmarks/bench_training.py --suite sft --batches 4        # batch 4 only
+    nice -n 5 python benchmarks/bench_training.py --suite grpo         # GRPO, cal-GRPO on the longest prompts
     python benchmarks/bench_training.py --suite methods --threads 1    # SFT, GRPO, cal-GRPO on the built-in task
     python benchmarks/bench_training.py --suite methods --methods sft grpo --compare-head
 """
@@ -184,6 +190,69 @@ def _suite_sft(args, root: Path) -> None:
               f"{'ok' if peak < 4 else 'ABOVE TARGET'})")
 
 
+# --- suite "grpo" ------------------------------------------------------------------------------
+
+
+def _longest(task, tokenizer, n: int):
+    """`task` restricted to its `n` longest reasoning prompts (as GRPO renders them)."""
+    import dataclasses
+
+    from decal.training.grpo import grpo_dataset
+
+    lengths = [len(ids) for ids in tokenizer(text=list(grpo_dataset(task, tokenizer, reasoning=True)["prompt"]))["input_ids"]]
+    keep = sorted(range(len(lengths)), key=lambda i: -lengths[i])[:n]
+    return dataclasses.replace(task, examples=tuple(task.examples[i] for i in keep)), [lengths[i] for i in keep]
+
+
+def _grpo_worker(spec: dict) -> None:
+    """Child process: one GRPO / cal-GRPO step on the 4 longest moderation prompts; prints peak RSS."""
+    import decal.training.runner
+    from decal.models import load_model
+    from decal.training.config import TrainConfig
+    from decal.training.runner import train
+
+    _, tokenizer = load_model(spec["model"])
+    original = decal.training.runner._load_task
+    lengths = []
+
+    def load_longest(cfg):
+        task, kept = _longest(original(cfg), tokenizer, 4)
+        lengths.extend(kept)
+        return task
+
+    decal.training.runner._load_task = load_longest
+    config = TrainConfig(method=spec["method"], model=spec["model"], task=SFT_TASK[0], split=SFT_TASK[1],
+                         out=spec["out"], batch_size=spec["micro_batch"], grad_accum=32 // spec["micro_batch"],
+                         num_generations=8, max_completion_length=64, max_steps=1, save_steps=10_000, seed=0)
+    train(config, progress=False)
+    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "prompts": lengths}))
+
+
+def _suite_grpo(args, root: Path) -> None:
+    import torch
+
+    micro = args.grpo_micro_batch
+    print(f"GRPO on the 4 longest {'/'.join(SFT_TASK)} prompts with {MODEL}: 4 prompts x 8 completions x <= 64 "
+          f"tokens per step, micro-batches of {micro} completions (grad-accum {32 // micro}), float32, LoRA r16, "
+          f"gradient checkpointing on, {args.threads or torch.get_num_threads()} torch threads")
+    rows = {}
+    for method in ("grpo", "cal-grpo"):
+        out = root / method
+        child = _run_child({"name": method, "suite": "grpo", "method": method, "out": str(out), "model": MODEL,
+                            "micro_batch": micro}, args.threads)
+        log = _read_log(out)
+        begin = next(e for e in log if e.get("event") == "train_begin")
+        step = next(e for e in log if "loss" in e and "train_runtime" not in e)
+        r = rows[method] = {"step_s": step["time"] - begin["time"], "step_cpu_s": step["cpu_s"] - begin["cpu_s"],
+                            **child}
+        print(f"{method:9s} prompts {child['prompts']} tokens, completions {step['completions/mean_length']:.1f} tokens "
+              f"on average: step {r['step_s']:7.1f} s wall {r['step_cpu_s']:7.1f} CPU-s, peak RSS "
+              f"{r['peak_rss_mb'] / 1024:5.2f} GB", flush=True)
+    cpu = rows["cal-grpo"]["step_cpu_s"] / rows["grpo"]["step_cpu_s"]
+    memory = rows["cal-grpo"]["peak_rss_mb"] / rows["grpo"]["peak_rss_mb"]
+    print(f"cal-grpo / grpo: step CPU time {cpu:.2f}x, peak RSS {memory:.2f}x (different samples: lr 1e-3, one step)")
+
+
 # --- suite "methods" ---------------------------------------------------------------------------
 
 
@@ -273,7 +342,7 @@ def _suite_methods(args, root: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--suite", choices=["sft", "methods"], default="sft")
+    parser.add_argument("--suite", choices=["sft", "grpo", "methods"], default="sft")
     parser.add_argument("--threads", type=int, help="torch threads per run (OMP_NUM_THREADS); 1 avoids "
                         "thread spin-waits inflating CPU time on a busy machine")
     sft = parser.add_argument_group("suite sft")
@@ -281,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
     sft.add_argument("--old-full", action="store_true", help="also run the old implementation without truncation")
     sft.add_argument("--glibc-default", action="store_true",
                      help="also run the new implementation with glibc's own mmap threshold (several GB more)")
+    grpo = parser.add_argument_group("suite grpo")
+    grpo.add_argument("--grpo-micro-batch", type=int, default=8, choices=[4, 8, 16, 32],
+                      help="completions per micro-batch; 32 / this is the grad-accum")
     methods = parser.add_argument_group("suite methods")
     methods.add_argument("--methods", nargs="+", default=["sft", "grpo", "cal-grpo"], choices=list(SETTINGS))
     methods.add_argument("--steps", type=int, default=3, help="optimizer steps per method (first one is warm-up)")
@@ -297,13 +369,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        _sft_worker(json.loads(args.worker))
+        spec = json.loads(args.worker)
+        (_grpo_worker if spec.get("suite") == "grpo" else _sft_worker)(spec)
         return 0
     if args.method_worker:
         _methods_worker(args.method_worker, args.out, args.steps, args.model, args.same_samples, args.strided_head)
         return 0
     with tempfile.TemporaryDirectory(prefix="decal-bench-train-") as root:
-        (_suite_sft if args.suite == "sft" else _suite_methods)(args, Path(root))
+        {"sft": _suite_sft, "grpo": _suite_grpo, "methods": _suite_methods}[args.suite](args, Path(root))
     return 0
 
 

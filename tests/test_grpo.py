@@ -372,6 +372,29 @@ def test_training_steps_change_lora_and_save_an_adapter(tiny, tmp_path, calibrat
     assert (tmp_path / "adapter" / "adapter_config.json").exists()
 
 
+@pytest.mark.slow
+def test_generation_runs_in_chunks_of_one_micro_batch(tiny, tmp_path, monkeypatch):
+    """A generation batch of micro-batch x grad-accum rows is generated one micro-batch at a time (issue #13)."""
+    from transformers import Qwen3ForCausalLM
+
+    model, tok = tiny
+    calls, original = [], Qwen3ForCausalLM.generate
+
+    def generate(self, *args, **kwargs):
+        calls.append(kwargs["input_ids"].shape[0])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Qwen3ForCausalLM, "generate", generate)
+    # 2 prompts x 2 generations per step, micro-batches of 2 completions, 2 accumulation steps
+    args = _args(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2, num_generations=2,
+                 max_completion_length=4, max_steps=1, generation_kwargs=_option_bias(tok))
+    trainer = build_grpo_trainer(model=model, tokenizer=tok, task=_task(), args=args, peft_config=_lora())
+    trainer.train()
+    assert calls == [2, 2]
+    logs = [h for h in trainer.state.log_history if "reward" in h]
+    assert len(logs) == 1 and math.isfinite(logs[0]["loss"]) and logs[0]["decision/invalid_rate"] < 1.0
+
+
 _TWO_PROCESS_SCRIPT = '''
 import sys
 sys.path.insert(0, {tests!r})

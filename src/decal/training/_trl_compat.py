@@ -16,6 +16,9 @@ What decal relies on, as read in TRL 1.16.0 `trl/trainer/grpo_trainer.py`:
   whose fused LM head calls the backbone ``model.base_model`` and projects its
   ``last_hidden_state[:, :-1]``, and scales the bnpo/grpo/dr_grpo loss by
   ``current_gradient_accumulation_steps`` in train mode.
+- ``_generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, ...)``
+  returns ``(completion_ids, logprobs)``, lists with one entry per row of ``prompt_ids`` (logprobs
+  None on the transformers path), and generates all its rows in one ``generate`` call there.
 - ``_metrics[mode][name]`` lists are averaged by ``log``; ``num_generations`` and
   ``num_generations_eval`` give the group size.
 - ``trl.trainer.utils.add_fused_lm_head``'s forward decides ``compact = _use_triton(device)``:
@@ -56,6 +59,7 @@ HOOK_SIGNATURES: dict[str, tuple[str, ...]] = {
     "_generate_and_score_completions": ("self", "inputs"),
     "_compute_loss": ("self", "model", "inputs"),
     "_get_per_token_logps_and_entropies": ("self", "model", "input_ids", "attention_mask", "logits_to_keep"),
+    "_generate_single_turn": ("self", "prompt_ids", "images", "multimodal_fields", "num_generations"),
 }
 
 

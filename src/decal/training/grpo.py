@@ -156,8 +156,10 @@ class DecalGRPOTrainer(GRPOTrainer):
     and, with ``args.calibration``, ``decision_targets`` (B, K) and (B, T) advantages that are 0 at
     the decision token), and that the loss adds ``args.cal_lambda * decision_ce`` computed from the
     hidden states of TRL's own forward pass. Without ``args.calibration`` the loss is TRL's, and
-    the decision metrics are only logged. Both hooks run TRL with its fused LM head projecting only
-    the completion positions on a CPU too (`_trl_compat.completion_positions_only`, issue #13).
+    the decision metrics are only logged. For bounded memory (issue #13) both hooks run TRL with its
+    fused LM head projecting only the completion positions on a CPU too
+    (`_trl_compat.completion_positions_only`), and generation without vLLM runs in chunks of one
+    micro-batch (`_generate_single_turn`).
     """
 
     def __init__(self, *args, decision_tokens: DecisionTokens, **kwargs):
@@ -174,6 +176,28 @@ class DecalGRPOTrainer(GRPOTrainer):
     def _generate_and_score_completions(self, inputs):
         with _trl_compat.completion_positions_only():  # the old and reference log-probs, when TRL needs them
             return self._add_decisions(super()._generate_and_score_completions(inputs))
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        """TRL's generation, in chunks of at most one micro-batch of rows on the transformers path.
+
+        TRL generates a whole generation batch (micro-batch x grad-accum rows) in one `generate`
+        call, so its KV cache and prefill grew with the effective batch (the paper's 256
+        completions of 2,102 + 256 tokens: 28 GB on SmolLM2). In chunks the peak is one
+        micro-batch's, like the training pass's (issue #13). vLLM and multimodal inputs keep
+        TRL's single call.
+        """
+        rows = self.args.per_device_train_batch_size
+        if (self.use_vllm or getattr(self, "use_transformers_continuous_batching", False) or images is not None
+                or multimodal_fields or len(prompt_ids) <= rows):
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
+                                                 has_tool_images)
+        completion_ids, logprobs = [], []
+        for start in range(0, len(prompt_ids), rows):
+            ids, chunk_logprobs = super()._generate_single_turn(prompt_ids[start : start + rows], images,
+                                                                multimodal_fields, num_generations, has_tool_images)
+            completion_ids += ids
+            logprobs = None if chunk_logprobs is None or logprobs is None else logprobs + list(chunk_logprobs)
+        return completion_ids, logprobs
 
     def _add_decisions(self, output: dict) -> dict:
         """Add the decision keys to a generation batch, from the reward's parse of the same rows."""
