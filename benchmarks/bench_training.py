@@ -2,7 +2,8 @@
 
 Two suites, each variant in its own child process (so one variant's peak memory cannot hide
 another's), all through `decal.training.runner.train` (the code `decal train` runs), SmolLM2-135M,
-float32, LoRA r16 a32 all-linear, gradient checkpointing as `TrainConfig` defaults it (on).
+float32, LoRA r16 a32 all-linear, gradient checkpointing as `TrainConfig` defaults it (auto: only
+micro-batches whose estimated activations exceed a quarter of the memory).
 
 ``--suite sft`` (default; issue #13): decision-token SFT on ``openai_moderation``/``train`` (500
 prompts, up to 2,102 tokens under SmolLM2's tokenizer), one optimizer step at batch 4 and at batch
@@ -110,15 +111,17 @@ def _sft_worker(spec: dict) -> None:
 
     load_model(spec["model"])  # converts the GGUF once, outside the measured run
     original = decal.training.sft.build_sft_trainer
-    widths = []
+    widths, tokens, limit = [], [], []
 
     def build(**kwargs):  # the old implementation is reachable from here and the tests only
         trainer = original(**kwargs, loss_impl=spec["impl"])
         collate = trainer.data_collator
+        limit.append(trainer.auto_checkpointing.max_tokens if trainer.auto_checkpointing else None)
 
         def recording(features):
             batch = collate(features)
             widths.append(int(batch["attention_mask"].sum(dim=1).max()))  # longest row of the micro-batch
+            tokens.append(batch["input_ids"].numel())
             return batch
 
         trainer.data_collator = recording
@@ -132,8 +135,9 @@ def _sft_worker(spec: dict) -> None:
     config = TrainConfig(method="sft", model=spec["model"], task=SFT_TASK[0], split=SFT_TASK[1], out=spec["out"],
                          batch_size=batch_size, grad_accum=grad_accum, max_steps=1, save_steps=10_000, seed=0, **cut)
     train(config, progress=False)
+    checkpointed = sum(n > limit[0] for n in tokens[:grad_accum]) if limit[0] is not None else grad_accum
     print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "widths": widths[: grad_accum]}))
+                      "widths": widths[:grad_accum], "checkpointed": checkpointed, "max_tokens": limit[0]}))
 
 
 def _run_child(spec: dict, threads: int | None) -> dict:
@@ -157,7 +161,8 @@ def _sft_row(name: str, impl: str, batch: int, cut: int | None, root: Path, thre
     row = {"name": name, "impl": impl, "batch": batch, "cut": cut, "step_s": step["time"] - begin["time"],
            "step_cpu_s": step["cpu_s"] - begin["cpu_s"], "loss": step["loss"], **child}
     prompts = f"cut {cut}" if cut else "full"
-    print(f"{name:28s} batch {batch:2d} {prompts:8s} longest rows {row['widths']!s:42s} step "
+    print(f"{name:28s} batch {batch:2d} {prompts:8s} longest rows {row['widths']!s:42s} checkpointed "
+          f"{row['checkpointed']}/{len(row['widths'])} step "
           f"{row['step_s']:7.1f} s wall {row['step_cpu_s']:7.1f} CPU-s  peak RSS {row['peak_rss_mb'] / 1024:5.2f} GB  "
           f"loss {row['loss']:.4f}", flush=True)
     return row
@@ -166,8 +171,9 @@ def _sft_row(name: str, impl: str, batch: int, cut: int | None, root: Path, thre
 def _suite_sft(args, root: Path) -> None:
     import torch
 
-    print(f"SFT on {'/'.join(SFT_TASK)} with {MODEL}: float32, LoRA r16 a32 all-linear, gradient checkpointing on, "
-          f"one optimizer step (the longest prompts), {args.threads or torch.get_num_threads()} torch threads")
+    print(f"SFT on {'/'.join(SFT_TASK)} with {MODEL}: float32, LoRA r16 a32 all-linear, gradient checkpointing auto "
+          f"(micro-batches over a quarter of RAM in estimated activations), one optimizer step (the longest prompts), "
+          f"{args.threads or torch.get_num_threads()} torch threads")
     rows = {}
     for batch in args.batches:
         rows["new", batch] = _sft_row(f"decision b{batch} full", "decision", batch, None, root, args.threads)
@@ -234,7 +240,7 @@ def _suite_grpo(args, root: Path) -> None:
     micro = args.grpo_micro_batch
     print(f"GRPO on the 4 longest {'/'.join(SFT_TASK)} prompts with {MODEL}: 4 prompts x 8 completions x <= 64 "
           f"tokens per step, micro-batches of {micro} completions (grad-accum {32 // micro}), float32, LoRA r16, "
-          f"gradient checkpointing on, {args.threads or torch.get_num_threads()} torch threads")
+          f"gradient checkpointing auto, {args.threads or torch.get_num_threads()} torch threads")
     rows = {}
     for method in ("grpo", "cal-grpo"):
         out = root / method

@@ -9,9 +9,10 @@ for each measurement, as the commands do. It prints one table and exits:
     length-grouped, left-padded token batches, ``logits_to_keep=1``) on built-in task prompts;
     time, peak memory, decal / bare;
 (b) one GRPO and one cal-GRPO optimizer step (8 prompts x 8 completions x 256 tokens, one
-    micro-batch of 64 completions, gradient checkpointing on as `decal train` defaults it): step
-    time and peak memory (generation included), and cal-GRPO / GRPO;
-(c) one SFT micro-batch (forward + backward) at batch 32 x 512 tokens: decision-position SFT
+    micro-batch of 64 completions, gradient checkpointing on): step time and peak memory
+    (generation included), and cal-GRPO / GRPO;
+(c) one SFT micro-batch (forward + backward, gradient checkpointing on) at batch 32 x 512 tokens:
+    decision-position SFT
     against the full-logits implementation it replaced (`decal.training.sft`, ``loss_impl``).
 
 Times are CUDA-synchronised wall times of the second of two runs (the first warms up); peak

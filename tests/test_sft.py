@@ -242,6 +242,30 @@ def test_decision_position_sft_equals_full_logits_on_smollm2(smollm2, tmp_path):
     _assert_same_step(lambda: copy.deepcopy(model).float(), tokenizer, _varied_task(4), tmp_path)
 
 
+def test_auto_checkpointing_checkpoints_only_the_long_micro_batches(qwen3_tokenizer, tmp_path, monkeypatch):
+    import decal.training.memory as memory
+
+    task = _varied_task()
+    widths = sorted({r["length"] - 1 for r in sft_rows(task, qwen3_tokenizer)})
+    model = _fresh_model(qwen3_tokenizer)
+    # a budget between the two micro-batches of 4 rows: only the one with the longer prompts exceeds it
+    budget_tokens = 4 * (widths[0] + widths[-1]) // 2
+    monkeypatch.setattr(memory, "checkpoint_budget_bytes", lambda device: budget_tokens * memory.activation_bytes_per_token(model))
+    args = _args(tmp_path, gradient_accumulation_steps=2, gradient_checkpointing=True, learning_rate=0.0)
+    trainer = build_sft_trainer(model=model, tokenizer=qwen3_tokenizer, task=task, args=args, peft_config=_lora(),
+                                auto_checkpointing=True)
+    seen = []
+    layer = next(m for m in trainer.model.modules() if type(m).__name__ == "Qwen3DecoderLayer")
+    layer.register_forward_pre_hook(lambda module, args: seen.append(module.gradient_checkpointing)
+                                    if torch.is_grad_enabled() else None)
+    recorder = _Recorder(trainer)
+    trainer.train()
+    shapes = [s[0] * s[1] for s in recorder.batches]
+    # longest first (length-grouped); a checkpointed layer also runs again in the backward pass
+    assert shapes[0] > budget_tokens >= shapes[1]
+    assert seen[0] is True and seen[-1] is False and True in seen and False in seen
+
+
 def test_remove_unused_columns_is_rejected(small_task, qwen3_tokenizer, tmp_path):
     with pytest.raises(ValueError, match="remove_unused_columns"):
         build_sft_trainer(model=_fresh_model(qwen3_tokenizer), tokenizer=qwen3_tokenizer, task=small_task,

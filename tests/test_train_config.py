@@ -164,3 +164,14 @@ def test_sft_settings_reach_the_trainer_config():
     assert args.train_sampling_strategy == "group_by_length" and args.remove_unused_columns is False
     lora = lora_config(cfg)
     assert (lora.r, lora.lora_alpha, lora.lora_dropout, sorted(lora.target_modules)) == (16, 32, 0.1, ["q_proj", "v_proj"])
+
+
+@pytest.mark.parametrize(("value", "enabled"), [(None, True), (True, True), (False, False)])
+def test_gradient_checkpointing_auto_enables_it_for_the_trainer(value, enabled):
+    """None (the default, auto) turns checkpointing on in the trainer, which then switches it per micro-batch."""
+    from decal.training.runner import training_arguments
+
+    assert TrainConfig().gradient_checkpointing is None
+    for method in ("sft", "grpo"):
+        cfg = TrainConfig(method=method, model="m", task="t", out="o", gradient_checkpointing=value).resolve()
+        assert training_arguments(cfg, progress=False).gradient_checkpointing is enabled

@@ -44,3 +44,26 @@ def _released_mb(fix: bool) -> int:
 def test_freed_large_buffers_leave_the_process():
     assert _released_mb(fix=True) >= 150  # the 40 x 4 MiB transients are returned
     assert _released_mb(fix=False) < 50  # glibc's default keeps them: what the fix is for
+
+
+def test_activation_estimate_is_layers_times_16_hidden_plus_5_mlp(tiny_qwen3):
+    from decal.training.memory import activation_bytes_per_token
+
+    # tiny Qwen3: 2 layers, hidden 64, MLP 128, float32
+    assert activation_bytes_per_token(tiny_qwen3) == 2 * (16 * 64 + 5 * 128) * 4
+
+
+def test_auto_checkpointing_switches_the_layers_per_micro_batch(qwen3_tokenizer):
+    from conftest import build_tiny_qwen3
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from decal.training.memory import AutoCheckpointing, activation_bytes_per_token
+
+    model = build_tiny_qwen3(qwen3_tokenizer)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    auto = AutoCheckpointing(model, budget_bytes=100 * activation_bytes_per_token(model))
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    assert auto.max_tokens == 100 and len(layers) == 2
+    assert auto(model, 101) and all(m.gradient_checkpointing for m in layers)
+    assert not auto(model, 100) and not any(m.gradient_checkpointing for m in layers)
+    assert auto(model, 4 * 2102) and all(m.gradient_checkpointing for m in layers)

@@ -100,10 +100,11 @@ class TrainConfig:
         "for the sampler/trainer mismatch); only acts with use_vllm.", default=True)
     report_to: str = _help("Trackers to log to: none, tensorboard, wandb, mlflow (comma-separated).",
                            default="none")
-    gradient_checkpointing: bool = _help(
-        "Recompute each layer's activations in the backward pass: a step holds one layer's activations, not all "
-        "of them, for about 30% more time. Issue #13: SmolLM2 SFT at 4 x 2,102 tokens needs ~18 GB without it.",
-        default=True)
+    gradient_checkpointing: bool | None = _help(
+        "Recompute each layer's activations in the backward pass: a step holds one layer's activations, not all, "
+        "for about 30% more time. None (auto): only for micro-batches whose activations would take more than a "
+        "quarter of the memory (GPU, else RAM), estimated from the model's shape. Issue #13: SmolLM2 SFT at "
+        "4 x 2,102 tokens needs ~18 GB without it.", default=None)
     dtype: str = _help(f"Weights dtype, one of {', '.join(_DTYPES)}. DESIGN.md: train in float32 "
                        "(bf16 LoRA updates were lost to rounding).", default="float32")
     limit: int | None = _help("Train on the first N examples of the split only.", default=None)

@@ -31,7 +31,7 @@ from ..scoring import context_length
 from ..tasks.prompts import decision_context, render_chat
 from . import _trl_compat
 from .losses import CAL_TARGETS, decision_ce, decision_targets
-from .memory import check_prompt_lengths
+from .memory import AutoCheckpointing, check_prompt_lengths
 from .rewards import DecisionReward
 
 __all__ = ["DecalGRPOConfig", "DecalGRPOTrainer", "grpo_dataset", "build_grpo_trainer"]
@@ -158,13 +158,16 @@ class DecalGRPOTrainer(GRPOTrainer):
     hidden states of TRL's own forward pass. Without ``args.calibration`` the loss is TRL's, and
     the decision metrics are only logged. For bounded memory (issue #13) both hooks run TRL with its
     fused LM head projecting only the completion positions on a CPU too
-    (`_trl_compat.completion_positions_only`), and generation without vLLM runs in chunks of one
-    micro-batch (`_generate_single_turn`).
+    (`_trl_compat.completion_positions_only`), generation without vLLM runs in chunks of one
+    micro-batch (`_generate_single_turn`), and with ``auto_checkpointing`` only the micro-batches
+    that need it are checkpointed (`memory.AutoCheckpointing`).
     """
 
-    def __init__(self, *args, decision_tokens: DecisionTokens, **kwargs):
+    def __init__(self, *args, decision_tokens: DecisionTokens, auto_checkpointing: bool = False, **kwargs):
         _trl_compat.check_trl()
         super().__init__(*args, **kwargs)
+        self.auto_checkpointing = (AutoCheckpointing(self.model) if auto_checkpointing
+                                   and self.args.gradient_checkpointing else None)
         rewards = [f for f in self.reward_funcs if isinstance(f, DecisionReward)]
         if len(rewards) != 1:
             raise ValueError("DecalGRPOTrainer needs exactly one DecisionReward among `reward_funcs`")
@@ -241,6 +244,8 @@ class DecalGRPOTrainer(GRPOTrainer):
 
     # 2. loss: TRL's loss plus lambda * CE from the same forward
     def _compute_loss(self, model, inputs):
+        if self.auto_checkpointing is not None and model.training:
+            self.auto_checkpointing(model, inputs["prompt_ids"].numel() + inputs["completion_ids"].numel())
         index = inputs["decision_index"]  # (B,)
         prompt_len = inputs["prompt_ids"].size(1)
         positions = (prompt_len + index.clamp(min=0) - 1).clamp(min=0)  # (B,); invalid rows are masked later
@@ -301,7 +306,7 @@ def _check_prompts(dataset, tokenizer, model, args: DecalGRPOConfig, max_prompt_
 
 
 def build_grpo_trainer(*, model, tokenizer, task, args: DecalGRPOConfig, peft_config=None, callbacks=None,
-                       max_prompt_length: int | None = None) -> DecalGRPOTrainer:
+                       max_prompt_length: int | None = None, auto_checkpointing: bool = False) -> DecalGRPOTrainer:
     """A ready-to-train `DecalGRPOTrainer` for `task` (GRPO, or calibration-aware with ``args.calibration``).
 
     Args:
@@ -313,6 +318,8 @@ def build_grpo_trainer(*, model, tokenizer, task, args: DecalGRPOConfig, peft_co
         callbacks: extra `transformers.TrainerCallback`s.
         max_prompt_length: the longest prompt allowed, in tokens (None: no limit); prompts are
             never cut.
+        auto_checkpointing: with ``args.gradient_checkpointing``, checkpoint only the
+            micro-batches whose activations would exceed a quarter of the memory.
 
     Raises:
         PromptTooLongError: a prompt is over `max_prompt_length`, or a prompt and
@@ -343,4 +350,5 @@ def build_grpo_trainer(*, model, tokenizer, task, args: DecalGRPOConfig, peft_co
         peft_config=peft_config,
         callbacks=callbacks,
         decision_tokens=tokens,
+        auto_checkpointing=auto_checkpointing,
     )

@@ -94,7 +94,8 @@ def _common_arguments(cfg: TrainConfig, *, progress: bool) -> dict[str, Any]:
         "logging_steps": 1,
         "seed": cfg.seed,
         "report_to": _report_to(cfg.report_to),
-        "gradient_checkpointing": cfg.gradient_checkpointing,
+        # auto (None) enables it too; the trainers then switch it per micro-batch (memory.AutoCheckpointing)
+        "gradient_checkpointing": cfg.gradient_checkpointing is not False,
         # TRL's configs default to bf16 autocast; DESIGN.md trains in the weights' dtype (float32).
         "bf16": False,
         "disable_tqdm": not progress,
@@ -226,11 +227,13 @@ def _build_trainer(cfg: TrainConfig, args, *, model, tokenizer, task, out: Path)
 
         return build_sft_trainer(model=model, tokenizer=tokenizer, task=task, args=args, peft_config=lora_config(cfg),
                                  callbacks=callbacks, max_prompt_length=cfg.max_prompt_length,
-                                 truncate_prompts=cfg.truncate_prompts)
+                                 truncate_prompts=cfg.truncate_prompts,
+                                 auto_checkpointing=cfg.gradient_checkpointing is None)
     from .grpo import build_grpo_trainer
 
     return build_grpo_trainer(model=model, tokenizer=tokenizer, task=task, args=args, peft_config=lora_config(cfg),
-                              callbacks=callbacks, max_prompt_length=cfg.max_prompt_length)
+                              callbacks=callbacks, max_prompt_length=cfg.max_prompt_length,
+                              auto_checkpointing=cfg.gradient_checkpointing is None)
 
 
 def _save_final_adapter(trainer, out: Path) -> None:

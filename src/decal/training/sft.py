@@ -38,7 +38,7 @@ from ..decision import option_token_ids
 from ..models import keep_head_input_contiguous
 from ..scoring import context_length
 from ..tasks.prompts import render_chat
-from .memory import check_prompt_lengths
+from .memory import AutoCheckpointing, check_prompt_lengths
 
 __all__ = ["IGNORE_INDEX", "LOSS_IMPLS", "sft_rows", "sft_dataset", "DecisionTokenCollator", "DecisionTokenTrainer",
            "build_sft_trainer"]
@@ -176,9 +176,11 @@ class DecisionTokenTrainer(Trainer):
     The only change w.r.t. Trainer is that `compute_loss` passes ``logits_to_keep=1`` to the
     model when ``loss_impl="decision"``; the loss itself (the model's, on the (B, 1) labels of
     `DecisionTokenCollator`) and its normalisation by ``num_items_in_batch`` are the Trainer's.
+    With ``auto_checkpointing`` (and ``args.gradient_checkpointing``), gradient checkpointing is
+    switched on only for the micro-batches that need it (`memory.AutoCheckpointing`).
     """
 
-    def __init__(self, *args, loss_impl: LossImpl = "decision", **kwargs):
+    def __init__(self, *args, loss_impl: LossImpl = "decision", auto_checkpointing: bool = False, **kwargs):
         if loss_impl not in LOSS_IMPLS:
             raise ValueError(f"`loss_impl` must be one of {list(LOSS_IMPLS)}; got {loss_impl!r}.")
         super().__init__(*args, **kwargs)
@@ -186,8 +188,12 @@ class DecisionTokenTrainer(Trainer):
             raise ValueError(f"{type(self.model).__name__}.forward takes no loss keyword arguments "
                              f"(`shift_labels`, `num_items_in_batch`), which decision-token SFT needs")
         self.loss_impl = loss_impl
+        self.auto_checkpointing = (AutoCheckpointing(self.model) if auto_checkpointing
+                                   and self.args.gradient_checkpointing else None)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.auto_checkpointing is not None and model.training:
+            self.auto_checkpointing(model, inputs["input_ids"].numel())
         if self.loss_impl == "decision":
             inputs = {**inputs, "logits_to_keep": 1}  # logits (B, 1, V): the decision position only
         return super().compute_loss(model, inputs, return_outputs=return_outputs,
@@ -196,7 +202,7 @@ class DecisionTokenTrainer(Trainer):
 
 def build_sft_trainer(*, model, tokenizer, task, args, peft_config=None, callbacks=None,
                       max_prompt_length: int | None = None, truncate_prompts: bool = False,
-                      loss_impl: LossImpl = "decision"):
+                      loss_impl: LossImpl = "decision", auto_checkpointing: bool = False):
     """A `DecisionTokenTrainer` that trains `model` (with LoRA when `peft_config`) on the decision token.
 
     Args:
@@ -212,6 +218,8 @@ def build_sft_trainer(*, model, tokenizer, task, args, peft_config=None, callbac
         max_prompt_length, truncate_prompts: see `sft_rows`; the model's context is checked too.
         loss_impl: "decision" (default); "full_logits" only to compare against the old
             implementation (tests, benchmarks).
+        auto_checkpointing: with ``args.gradient_checkpointing``, checkpoint only the
+            micro-batches whose activations would exceed a quarter of the memory.
 
     Returns:
         The `Trainer`, ready for `.train(resume_from_checkpoint=...)`.
@@ -246,4 +254,5 @@ def build_sft_trainer(*, model, tokenizer, task, args, peft_config=None, callbac
         processing_class=tokenizer,
         callbacks=list(callbacks or []),
         loss_impl=loss_impl,
+        auto_checkpointing=auto_checkpointing,
     )
