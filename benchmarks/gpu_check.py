@@ -12,8 +12,8 @@ for each measurement, as the commands do. It prints one table and exits:
     micro-batch of 64 completions, gradient checkpointing on): step time and peak memory
     (generation included), and cal-GRPO / GRPO;
 (c) one SFT micro-batch (forward + backward, gradient checkpointing on) at batch 32 x 512 tokens:
-    decision-position SFT
-    against the full-logits implementation it replaced (`decal.training.sft`, ``loss_impl``).
+    decision-position SFT against the full-logits implementation it replaced
+    (`decal.training.sft`, ``loss_impl``).
 
 Times are CUDA-synchronised wall times of the second of two runs (the first warms up); peak
 memory is ``torch.cuda.max_memory_allocated`` over the timed run. ``--tiny`` runs the same code
