@@ -1,26 +1,52 @@
-"""Training cost on this machine: SFT, GRPO and cal-GRPO step times and peak memory on SmolLM2-135M.
+"""Training cost on this machine: SFT at the paper's shapes on OpenAI Moderation, and SFT / GRPO / cal-GRPO.
 
-Each method runs `decal.training.runner.train` in its own subprocess (so peak memory is per
-method), on the built-in task with the same seed, data and batch. Step time is the smallest gap
-between consecutive step lines of `train_log.jsonl` (wall clock and process CPU seconds),
-skipping the first step (warm-up); the ratio uses CPU seconds, which other jobs on a shared
-machine do not inflate. Peak
-memory is the process's peak resident set size, sampled every 20 ms during `train`, and the
-part of it added after the model was loaded. Issue #6 asks for cal-GRPO / GRPO <= 1.05 on both.
-`--compare-head` reruns each method with the output head fed the strided slice of the hidden
-states (see `decal.models.keep_head_input_contiguous`) and prints that ratio.
+Two suites, each variant in its own child process (so one variant's peak memory cannot hide
+another's), all through `decal.training.runner.train` (the code `decal train` runs), SmolLM2-135M,
+float32, LoRA r16 a32 all-linear, gradient checkpointing as `TrainConfig` defaults it (auto: only
+micro-batches whose estimated activations exceed a quarter of the memory).
+
+``--suite sft`` (default; issue #13): decision-token SFT on ``openai_moderation``/``train`` (500
+prompts, up to 2,102 tokens under SmolLM2's tokenizer), one optimizer step at batch 4 and at batch
+32 (4 x grad-accum 8). The length-grouped sampler puts the longest prompts in the first step, so
+its first micro-batch holds the 2,102-token prompt. Rows:
+
+- ``decision``, no truncation: the new implementation (logits at the decision position only);
+- ``decision`` and ``full_logits`` (the implementation it replaced: (B, T, V) logits, every label
+  masked but one) on the same batches with prompts cut to their last 512 tokens, where the old
+  one fits, and their step-time ratio (issue #13 target: >= 2x);
+- with ``--old-full``, ``full_logits`` without truncation too; with ``--glibc-default``, the new
+  implementation without `decal.training.memory.return_large_buffers` (glibc's own mmap threshold).
+
+Step time is the first optimizer step (wall clock and process CPU seconds, from
+``train_log.jsonl``); peak memory is the child's peak resident set size (``ru_maxrss``), model and
+all. On a shared machine compare CPU seconds and ratios, not wall times.
+
+``--suite grpo`` (issue #13 item 3): GRPO and cal-GRPO on ``openai_moderation``/``train`` at batch 4
+prompts x 8 completions of up to 64 tokens (reasoning prompts, `TrainConfig` defaults otherwise),
+on the 4 longest prompts (up to 2,102 tokens): one optimizer step in micro-batches of
+``--grpo-micro-batch`` completions (default 8, so grad-accum 4), its time and peak memory.
+
+``--suite methods`` (issue #6): SFT, GRPO and cal-GRPO on the built-in task at small shapes; the
+step time is the fastest gap between consecutive steps after the first, and cal-GRPO / GRPO must
+stay <= 1.05 in CPU time and peak memory (peak RSS sampled every 20 ms during `train`).
+`--compare-head` reruns each method with the output head fed the strided slice of the hidden states
+(see `decal.models.keep_head_input_contiguous`) and prints that ratio.
 
 Usage:
-    python benchmarks/bench_training.py --threads 1          # all three methods
-    python benchmarks/bench_training.py --methods grpo cal-grpo --steps 4
-    python benchmarks/bench_training.py --methods sft grpo --compare-head
+    nice -n 5 python benchmarks/bench_training.py                      # SFT on moderation (about 40 CPU-minutes)
+    python benchmarks/bench_training.py --suite sft --batches 4        # batch 4 only
+    nice -n 5 python benchmarks/bench_training.py --suite grpo         # GRPO, cal-GRPO on the longest prompts
+    python benchmarks/bench_training.py --suite methods --threads 1    # SFT, GRPO, cal-GRPO on the built-in task
+    python benchmarks/bench_training.py --suite methods --methods sft grpo --compare-head
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -32,7 +58,12 @@ from pathlib import Path
 __all__ = ["main"]
 
 MODEL = "smollm2-135m-instruct"
-# Small enough for a shared 2-core CPU; the same for GRPO and cal-GRPO (issue #6 compares them).
+# --- suite "sft": the paper's SFT shapes on the moderation train split (issue #13) ---------------
+SFT_TASK = ("openai_moderation", "train")
+# batch -> (per-device batch, grad-accum): the paper's effective batch 32 is 4 x 8 here
+SFT_BATCHES = {4: (4, 1), 32: (4, 8)}
+CUT = 512
+# --- suite "methods": SFT, GRPO and cal-GRPO on the built-in task (issue #6) -------------------
 SETTINGS = {
     "sft": {"batch_size": 4, "grad_accum": 1, "learning_rate": 2e-4},
     "grpo": {"batch_size": 4, "grad_accum": 1, "num_generations": 4, "max_completion_length": 8,
@@ -61,7 +92,177 @@ class _PeakSampler(threading.Thread):
             time.sleep(0.02)
 
 
-def _worker(method: str, out: str, steps: int, model: str, same_samples: bool, strided_head: bool) -> None:
+def _read_log(out: Path) -> list[dict]:
+    from decal.training.callbacks import read_train_log
+
+    return read_train_log(out)
+
+
+# --- suite "sft" -------------------------------------------------------------------------------
+
+
+def _sft_worker(spec: dict) -> None:
+    """Child process: one optimizer step of SFT as `spec` says; prints peak RSS and the batch widths."""
+    import decal.training.runner
+    import decal.training.sft
+    from decal.models import load_model
+    from decal.training.config import TrainConfig
+    from decal.training.runner import train
+
+    load_model(spec["model"])  # converts the GGUF once, outside the measured run
+    original = decal.training.sft.build_sft_trainer
+    widths, tokens, limit = [], [], []
+
+    def build(**kwargs):  # the old implementation is reachable from here and the tests only
+        trainer = original(**kwargs, loss_impl=spec["impl"])
+        collate = trainer.data_collator
+        limit.append(trainer.auto_checkpointing.max_tokens if trainer.auto_checkpointing else None)
+
+        def recording(features):
+            batch = collate(features)
+            widths.append(int(batch["attention_mask"].sum(dim=1).max()))  # longest row of the micro-batch
+            tokens.append(batch["input_ids"].numel())
+            return batch
+
+        trainer.data_collator = recording
+        return trainer
+
+    decal.training.sft.build_sft_trainer = build
+    if spec["glibc_default"]:
+        decal.training.runner.return_large_buffers = lambda: False
+    batch_size, grad_accum = SFT_BATCHES[spec["batch"]]
+    cut = {"max_prompt_length": spec["cut"], "truncate_prompts": True} if spec["cut"] else {}
+    config = TrainConfig(method="sft", model=spec["model"], task=SFT_TASK[0], split=SFT_TASK[1], out=spec["out"],
+                         batch_size=batch_size, grad_accum=grad_accum, max_steps=1, save_steps=10_000, seed=0, **cut)
+    train(config, progress=False)
+    checkpointed = sum(n > limit[0] for n in tokens[:grad_accum]) if limit[0] is not None else grad_accum
+    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "widths": widths[:grad_accum], "checkpointed": checkpointed, "max_tokens": limit[0]}))
+
+
+def _run_child(spec: dict, threads: int | None) -> dict:
+    command = [sys.executable, __file__, "--worker", json.dumps(spec)]
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        raise SystemExit(f"{spec.get('name', spec)} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _sft_row(name: str, impl: str, batch: int, cut: int | None, root: Path, threads: int | None,
+             glibc_default: bool = False) -> dict:
+    out = root / name
+    spec = {"name": name, "impl": impl, "batch": batch, "cut": cut, "out": str(out), "model": MODEL,
+            "glibc_default": glibc_default}
+    child = _run_child(spec, threads)
+    log = _read_log(out)
+    begin = next(e for e in log if e.get("event") == "train_begin")
+    step = next(e for e in log if "loss" in e and "train_runtime" not in e)
+    row = {"name": name, "impl": impl, "batch": batch, "cut": cut, "step_s": step["time"] - begin["time"],
+           "step_cpu_s": step["cpu_s"] - begin["cpu_s"], "loss": step["loss"], **child}
+    prompts = f"cut {cut}" if cut else "full"
+    print(f"{name:28s} batch {batch:2d} {prompts:8s} longest rows {row['widths']!s:42s} checkpointed "
+          f"{row['checkpointed']}/{len(row['widths'])} step "
+          f"{row['step_s']:7.1f} s wall {row['step_cpu_s']:7.1f} CPU-s  peak RSS {row['peak_rss_mb'] / 1024:5.2f} GB  "
+          f"loss {row['loss']:.4f}", flush=True)
+    return row
+
+
+def _suite_sft(args, root: Path) -> None:
+    import torch
+
+    print(f"SFT on {'/'.join(SFT_TASK)} with {MODEL}: float32, LoRA r16 a32 all-linear, gradient checkpointing auto "
+          f"(micro-batches over a quarter of RAM in estimated activations), one optimizer step (the longest prompts), "
+          f"{args.threads or torch.get_num_threads()} torch threads")
+    rows = {}
+    for batch in args.batches:
+        rows["new", batch] = _sft_row(f"decision b{batch} full", "decision", batch, None, root, args.threads)
+        if args.old_full:
+            rows["old-full", batch] = _sft_row(f"full_logits b{batch} full", "full_logits", batch, None, root,
+                                               args.threads)
+        if args.glibc_default:
+            _sft_row(f"decision b{batch} full glibc", "decision", batch, None, root, args.threads, glibc_default=True)
+        new = rows["new-cut", batch] = _sft_row(f"decision b{batch} cut{CUT}", "decision", batch, CUT, root,
+                                                args.threads)
+        old = rows["old-cut", batch] = _sft_row(f"full_logits b{batch} cut{CUT}", "full_logits", batch, CUT, root,
+                                                args.threads)
+        speed = old["step_cpu_s"] / new["step_cpu_s"]
+        print(f"  batch {batch}, cut {CUT}: full_logits / decision step CPU time {speed:.2f}x (target >= 2), wall "
+              f"{old['step_s'] / new['step_s']:.2f}x, peak RSS {old['peak_rss_mb'] / new['peak_rss_mb']:.2f}x; "
+              f"losses {new['loss']:.5f} / {old['loss']:.5f}", flush=True)
+    if 4 in args.batches:
+        peak = rows["new", 4]["peak_rss_mb"] / 1024
+        print(f"peak RSS at batch 4 with the 2,102-token prompt: {peak:.2f} GB (target < 4 GB: "
+              f"{'ok' if peak < 4 else 'ABOVE TARGET'})")
+
+
+# --- suite "grpo" ------------------------------------------------------------------------------
+
+
+def _longest(task, tokenizer, n: int):
+    """`task` restricted to its `n` longest reasoning prompts (as GRPO renders them)."""
+    import dataclasses
+
+    from decal.training.grpo import grpo_dataset
+
+    lengths = [len(ids) for ids in tokenizer(text=list(grpo_dataset(task, tokenizer, reasoning=True)["prompt"]))["input_ids"]]
+    keep = sorted(range(len(lengths)), key=lambda i: -lengths[i])[:n]
+    return dataclasses.replace(task, examples=tuple(task.examples[i] for i in keep)), [lengths[i] for i in keep]
+
+
+def _grpo_worker(spec: dict) -> None:
+    """Child process: one GRPO / cal-GRPO step on the 4 longest moderation prompts; prints peak RSS."""
+    import decal.training.runner
+    from decal.models import load_model
+    from decal.training.config import TrainConfig
+    from decal.training.runner import train
+
+    _, tokenizer = load_model(spec["model"])
+    original = decal.training.runner._load_task
+    lengths = []
+
+    def load_longest(cfg):
+        task, kept = _longest(original(cfg), tokenizer, 4)
+        lengths.extend(kept)
+        return task
+
+    decal.training.runner._load_task = load_longest
+    config = TrainConfig(method=spec["method"], model=spec["model"], task=SFT_TASK[0], split=SFT_TASK[1],
+                         out=spec["out"], batch_size=spec["micro_batch"], grad_accum=32 // spec["micro_batch"],
+                         num_generations=8, max_completion_length=64, max_steps=1, save_steps=10_000, seed=0)
+    train(config, progress=False)
+    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "prompts": lengths}))
+
+
+def _suite_grpo(args, root: Path) -> None:
+    import torch
+
+    micro = args.grpo_micro_batch
+    print(f"GRPO on the 4 longest {'/'.join(SFT_TASK)} prompts with {MODEL}: 4 prompts x 8 completions x <= 64 "
+          f"tokens per step, micro-batches of {micro} completions (grad-accum {32 // micro}), float32, LoRA r16, "
+          f"gradient checkpointing auto, {args.threads or torch.get_num_threads()} torch threads")
+    rows = {}
+    for method in ("grpo", "cal-grpo"):
+        out = root / method
+        child = _run_child({"name": method, "suite": "grpo", "method": method, "out": str(out), "model": MODEL,
+                            "micro_batch": micro}, args.threads)
+        log = _read_log(out)
+        begin = next(e for e in log if e.get("event") == "train_begin")
+        step = next(e for e in log if "loss" in e and "train_runtime" not in e)
+        r = rows[method] = {"step_s": step["time"] - begin["time"], "step_cpu_s": step["cpu_s"] - begin["cpu_s"],
+                            **child}
+        print(f"{method:9s} prompts {child['prompts']} tokens, completions {step['completions/mean_length']:.1f} tokens "
+              f"on average: step {r['step_s']:7.1f} s wall {r['step_cpu_s']:7.1f} CPU-s, peak RSS "
+              f"{r['peak_rss_mb'] / 1024:5.2f} GB", flush=True)
+    cpu = rows["cal-grpo"]["step_cpu_s"] / rows["grpo"]["step_cpu_s"]
+    memory = rows["cal-grpo"]["peak_rss_mb"] / rows["grpo"]["peak_rss_mb"]
+    print(f"cal-grpo / grpo: step CPU time {cpu:.2f}x, peak RSS {memory:.2f}x (different samples: lr 1e-3, one step)")
+
+
+# --- suite "methods" ---------------------------------------------------------------------------
+
+
+def _methods_worker(method: str, out: str, steps: int, model: str, same_samples: bool, strided_head: bool) -> None:
     import decal.models
     from decal.models import load_model
     from decal.training.config import TrainConfig
@@ -70,6 +271,9 @@ def _worker(method: str, out: str, steps: int, model: str, same_samples: bool, s
     load_model(model)  # converts the GGUF once, outside the measured run
     if strided_head:  # as before decal.models.keep_head_input_contiguous existed
         decal.models.keep_head_input_contiguous = lambda m: None
+        import decal.training.sft
+
+        decal.training.sft.keep_head_input_contiguous = lambda m: None
     settings = dict(SETTINGS[method])
     if same_samples and method != "sft":
         settings["learning_rate"] = SAME_SAMPLES_LR
@@ -84,23 +288,19 @@ def _worker(method: str, out: str, steps: int, model: str, same_samples: bool, s
 
 
 def _step_times(out: Path, key: str) -> list[float]:
-    from decal.training.callbacks import read_train_log
-
-    times = [e[key] for e in read_train_log(out) if "loss" in e and "train_runtime" not in e]
+    times = [e[key] for e in _read_log(out) if "loss" in e and "train_runtime" not in e]
     return [b - a for a, b in zip(times, times[1:])]
 
 
 def _invalid_rate(out: Path) -> float | None:
-    from decal.training.callbacks import read_train_log
-
-    rates = [e["decision/invalid_rate"] for e in read_train_log(out) if "decision/invalid_rate" in e]
+    rates = [e["decision/invalid_rate"] for e in _read_log(out) if "decision/invalid_rate" in e]
     return statistics.mean(rates) if rates else None
 
 
-def _run(method: str, steps: int, model: str, root: Path, same_samples: bool, threads: int | None,
-         strided_head: bool = False) -> dict:
+def _run_method(method: str, steps: int, model: str, root: Path, same_samples: bool, threads: int | None,
+                strided_head: bool = False) -> dict:
     out = root / (method + ("-strided" if strided_head else ""))
-    command = [sys.executable, __file__, "--worker", method, "--out", str(out), "--steps", str(steps),
+    command = [sys.executable, __file__, "--method-worker", method, "--out", str(out), "--steps", str(steps),
                "--model", model] + (["--same-samples"] if same_samples else []) + (["--strided-head"] if strided_head else [])
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     result = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -114,26 +314,7 @@ def _run(method: str, steps: int, model: str, root: Path, same_samples: bool, th
             "peak_rss_mb": memory["peak_rss_mb"], "invalid_rate": _invalid_rate(out)}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", nargs="+", default=["sft", "grpo", "cal-grpo"], choices=list(SETTINGS))
-    parser.add_argument("--steps", type=int, default=3, help="optimizer steps per method (first one is warm-up)")
-    parser.add_argument("--model", default=MODEL)
-    parser.add_argument("--paper-lr", action="store_true",
-                        help="train GRPO/cal-GRPO at lr 1e-3 (their samples then differ after step 1)")
-    parser.add_argument("--threads", type=int, help="torch threads per run (OMP_NUM_THREADS); 1 avoids "
-                        "thread spin-waits inflating CPU time on a busy machine")
-    parser.add_argument("--compare-head", action="store_true",
-                        help="also run each method with the output head fed the strided hidden-state slice "
-                        "(no decal.models.keep_head_input_contiguous) and print the step-time ratio")
-    parser.add_argument("--same-samples", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--strided-head", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.worker:
-        _worker(args.worker, args.out, args.steps, args.model, args.same_samples, args.strided_head)
-        return 0
+def _suite_methods(args, root: Path) -> None:
     import torch
 
     print(f"model {args.model}, task builtin (32 train examples), float32, LoRA r16 a32 all-linear, "
@@ -143,19 +324,18 @@ def main(argv: list[str] | None = None) -> int:
     if not args.paper_lr:
         print(f"  grpo and cal-grpo train at lr {SAME_SAMPLES_LR} so both draw the same completions")
     rows = {}
-    with tempfile.TemporaryDirectory(prefix="decal-bench-train-") as root:
-        for method in args.methods:
-            rows[method] = _run(method, args.steps, args.model, Path(root), not args.paper_lr, args.threads)
-            r = rows[method]
-            invalid = "" if r["invalid_rate"] is None else f", invalid rate {r['invalid_rate']:.2f}"
-            print(f"{method:9s} step {r['step_s']:7.2f} s wall, {r['step_cpu_s']:7.2f} CPU-s "
-                  f"(fastest of {r['steps_timed']}), "
-                  f"peak RSS {r['peak_rss_mb']:7.0f} MB{invalid}", flush=True)
-            if args.compare_head:
-                s = _run(method, args.steps, args.model, Path(root), not args.paper_lr, args.threads, strided_head=True)
-                print(f"{'':9s} strided head input: step {s['step_s']:7.2f} s wall, {s['step_cpu_s']:7.2f} CPU-s; "
-                      f"strided / contiguous CPU time {s['step_cpu_s'] / r['step_cpu_s']:.2f}x, "
-                      f"peak RSS {s['peak_rss_mb'] / r['peak_rss_mb']:.2f}x", flush=True)
+    run = functools.partial(_run_method, steps=args.steps, model=args.model, root=root,
+                            same_samples=not args.paper_lr, threads=args.threads)
+    for method in args.methods:
+        r = rows[method] = run(method)
+        invalid = "" if r["invalid_rate"] is None else f", invalid rate {r['invalid_rate']:.2f}"
+        print(f"{method:9s} step {r['step_s']:7.2f} s wall, {r['step_cpu_s']:7.2f} CPU-s "
+              f"(fastest of {r['steps_timed']}), peak RSS {r['peak_rss_mb']:7.0f} MB{invalid}", flush=True)
+        if args.compare_head:
+            s = run(method, strided_head=True)
+            print(f"{'':9s} strided head input: step {s['step_s']:7.2f} s wall, {s['step_cpu_s']:7.2f} CPU-s; "
+                  f"strided / contiguous CPU time {s['step_cpu_s'] / r['step_cpu_s']:.2f}x, "
+                  f"peak RSS {s['peak_rss_mb'] / r['peak_rss_mb']:.2f}x", flush=True)
     if "grpo" in rows and "cal-grpo" in rows:
         wall_ratio = rows["cal-grpo"]["step_s"] / rows["grpo"]["step_s"]
         # CPU seconds are the comparison that holds when other jobs share the cores.
@@ -164,6 +344,45 @@ def main(argv: list[str] | None = None) -> int:
         verdict = "ok" if cpu_ratio <= 1.05 and memory_ratio <= 1.05 else "ABOVE TARGET"
         print(f"cal-grpo / grpo: step CPU time {cpu_ratio:.3f}, peak memory {memory_ratio:.3f} "
               f"(target <= 1.05: {verdict}); wall-clock step time {wall_ratio:.3f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--suite", choices=["sft", "grpo", "methods"], default="sft")
+    parser.add_argument("--threads", type=int, help="torch threads per run (OMP_NUM_THREADS); 1 avoids "
+                        "thread spin-waits inflating CPU time on a busy machine")
+    sft = parser.add_argument_group("suite sft")
+    sft.add_argument("--batches", nargs="+", type=int, default=list(SFT_BATCHES), choices=list(SFT_BATCHES))
+    sft.add_argument("--old-full", action="store_true", help="also run the old implementation without truncation")
+    sft.add_argument("--glibc-default", action="store_true",
+                     help="also run the new implementation with glibc's own mmap threshold (several GB more)")
+    grpo = parser.add_argument_group("suite grpo")
+    grpo.add_argument("--grpo-micro-batch", type=int, default=8, choices=[4, 8, 16, 32],
+                      help="completions per micro-batch; 32 / this is the grad-accum")
+    methods = parser.add_argument_group("suite methods")
+    methods.add_argument("--methods", nargs="+", default=["sft", "grpo", "cal-grpo"], choices=list(SETTINGS))
+    methods.add_argument("--steps", type=int, default=3, help="optimizer steps per method (first one is warm-up)")
+    methods.add_argument("--model", default=MODEL)
+    methods.add_argument("--paper-lr", action="store_true",
+                         help="train GRPO/cal-GRPO at lr 1e-3 (their samples then differ after step 1)")
+    methods.add_argument("--compare-head", action="store_true",
+                         help="also run each method with the output head fed the strided hidden-state slice "
+                         "(no decal.models.keep_head_input_contiguous) and print the step-time ratio")
+    parser.add_argument("--same-samples", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--strided-head", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--method-worker", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        spec = json.loads(args.worker)
+        (_grpo_worker if spec.get("suite") == "grpo" else _sft_worker)(spec)
+        return 0
+    if args.method_worker:
+        _methods_worker(args.method_worker, args.out, args.steps, args.model, args.same_samples, args.strided_head)
+        return 0
+    with tempfile.TemporaryDirectory(prefix="decal-bench-train-") as root:
+        {"sft": _suite_sft, "grpo": _suite_grpo, "methods": _suite_methods}[args.suite](args, Path(root))
     return 0
 
 

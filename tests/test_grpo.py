@@ -93,6 +93,36 @@ def test_trl_private_api_is_what_decal_relies_on():
     # the base accepts (B, T) advantages: it only unsqueezes 1-D ones
     assert "if advantages.dim() == 1:" in inspect.getsource(GRPOTrainer._compute_loss)
     assert "current_gradient_accumulation_steps" in inspect.getsource(GRPOTrainer._compute_loss)
+    from trl.trainer import utils
+
+    assert _trl_compat._COMPACT_SOURCE in inspect.getsource(utils.add_fused_lm_head)
+
+
+def test_fused_head_projects_only_the_scored_positions_on_a_cpu(tiny, monkeypatch):
+    """TRL's fused head under `completion_positions_only`: the same log-probs from the scored rows only (issue #13)."""
+    from trl.trainer import utils
+
+    model, _ = tiny
+    utils.add_fused_lm_head(model)
+    seen, original = [], utils._ChunkedLogProbFunction
+
+    class Counting:  # what the fused forward calls, counting the hidden-state rows it projects
+        @staticmethod
+        def apply(hidden, *args):
+            seen.append(hidden.shape[0])
+            return original.apply(hidden, *args)
+
+    input_ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    labels = input_ids.clone()
+    labels[:, :-3] = -100  # 3 scored tokens per row, as TRL labels the completion
+    with monkeypatch.context() as patch:
+        patch.setattr(utils, "_ChunkedLogProbFunction", Counting)
+        full = model(input_ids=input_ids, labels=labels, fused_lm_head=True).log_probs  # (2, 11)
+        with _trl_compat.completion_positions_only():
+            compact = model(input_ids=input_ids, labels=labels, fused_lm_head=True).log_probs
+    assert seen == [2 * 11, 2 * 3]  # every shifted position, then only the scored ones
+    assert torch.allclose(full, compact, rtol=1e-5, atol=1e-6) and full[:, -3:].abs().min() > 0
+    assert (compact[:, :-3] == 0).all()
 
 
 @pytest.mark.parametrize(
@@ -122,6 +152,28 @@ def test_grpo_dataset_rejects_mixed_label_sets(qwen3_tokenizer):
     task = Task(name="toy", split="train", examples=tuple(ex), template=TEMPLATE)
     with pytest.raises(ValueError, match="one label set"):
         grpo_dataset(task, qwen3_tokenizer)
+
+
+def test_prompts_over_a_limit_stop_the_build_naming_the_example(tiny, tmp_path):
+    from decal.training.memory import PromptTooLongError
+
+    model, tok = tiny
+    task = _task(4)
+    task = Task(name="toy", split="train", template=TEMPLATE, examples=task.examples[:3] + (
+        DecisionExample(id="long-one", labels=LABELS, label="Safe", input="word " * 40),))
+    prompts = list(grpo_dataset(task, tok, reasoning=False)["prompt"])
+    lengths = [len(ids) for ids in tok(text=prompts)["input_ids"]]
+    short, longest = max(lengths[:3]), lengths[3]
+    with pytest.raises(PromptTooLongError, match=f"^example 'long-one' has a prompt of {longest} tokens, over "
+                       f"`max_prompt_length` \\({short} tokens\\)\\. Raise --max-prompt-length"):
+        build_grpo_trainer(model=model, tokenizer=tok, task=task, args=_args(tmp_path), peft_config=_lora(),
+                           max_prompt_length=short)
+    # the prompt and max_completion_length tokens must fit in the model's context (2048 for the tiny Qwen3)
+    context = model.config.max_position_embeddings
+    with pytest.raises(PromptTooLongError, match=f"^example 'long-one' has a prompt of {longest} tokens, too long to "
+                       f"fit with {context - short} completion tokens in the model's context of {context} tokens\\."):
+        build_grpo_trainer(model=model, tokenizer=tok, task=task, args=_args(tmp_path, max_completion_length=context - short),
+                           peft_config=_lora())
 
 
 # --- the exact loss on a hand-made batch ----------------------------------------------------
@@ -318,6 +370,29 @@ def test_training_steps_change_lora_and_save_an_adapter(tiny, tmp_path, calibrat
     trainer.save_model(str(tmp_path / "adapter"))
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
     assert (tmp_path / "adapter" / "adapter_config.json").exists()
+
+
+@pytest.mark.slow
+def test_generation_runs_in_chunks_of_one_micro_batch(tiny, tmp_path, monkeypatch):
+    """A generation batch of micro-batch x grad-accum rows is generated one micro-batch at a time (issue #13)."""
+    from transformers import Qwen3ForCausalLM
+
+    model, tok = tiny
+    calls, original = [], Qwen3ForCausalLM.generate
+
+    def generate(self, *args, **kwargs):
+        calls.append(kwargs["input_ids"].shape[0])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Qwen3ForCausalLM, "generate", generate)
+    # 2 prompts x 2 generations per step, micro-batches of 2 completions, 2 accumulation steps
+    args = _args(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2, num_generations=2,
+                 max_completion_length=4, max_steps=1, generation_kwargs=_option_bias(tok))
+    trainer = build_grpo_trainer(model=model, tokenizer=tok, task=_task(), args=args, peft_config=_lora())
+    trainer.train()
+    assert calls == [2, 2]
+    logs = [h for h in trainer.state.log_history if "reward" in h]
+    assert len(logs) == 1 and math.isfinite(logs[0]["loss"]) and logs[0]["decision/invalid_rate"] < 1.0
 
 
 _TWO_PROCESS_SCRIPT = '''

@@ -10,12 +10,23 @@ import torch
 from decal.decision import option_token_ids
 from decal.tasks.builtin import load_builtin
 from decal.tasks.prompts import render_chat
+from decal.tasks.schema import DecisionExample, PromptTemplate, Task
 from decal.training.sft import IGNORE_INDEX, DecisionTokenCollator, build_sft_trainer, sft_rows
 
 
 @pytest.fixture(scope="module")
 def small_task():
     return load_builtin("train", difficulty=0, n=8)
+
+
+def _varied_task(n: int = 8) -> Task:
+    """Prompts of n different lengths (the built-in task's are all alike), both labels."""
+    template = PromptTemplate(name="toy", version="1", non_reasoning="Is this message safe? {input}\nAnswer {labels}.",
+                              reasoning="Is this message safe? {input}\nThink, then answer {labels}.")
+    words = "the quick brown fox jumps over a lazy dog while it rains".split()
+    examples = tuple(DecisionExample(id=f"ex-{i}", labels=("Safe", "Unsafe"), label=("Safe", "Unsafe")[i % 2],
+                                     input=" ".join(words[: 1 + (3 * i) % len(words)])) for i in range(n))
+    return Task(name="toy", split="train", examples=examples, template=template)
 
 
 def test_rows_are_prompt_then_gold_decision_token(small_task, qwen3_tokenizer):
@@ -34,15 +45,54 @@ def test_rows_are_prompt_then_gold_decision_token(small_task, qwen3_tokenizer):
 
 def test_prompt_truncation_keeps_the_end(small_task, qwen3_tokenizer):
     full = sft_rows(small_task, qwen3_tokenizer)
-    cut = sft_rows(small_task, qwen3_tokenizer, max_prompt_length=10)
+    cut = sft_rows(small_task, qwen3_tokenizer, max_prompt_length=10, truncate_prompts=True)
     for a, b in zip(full, cut):
         assert len(b["input_ids"]) == 11
         assert b["input_ids"] == a["input_ids"][-11:]
 
 
-def test_collator_keeps_only_the_decision_label():
+def test_a_prompt_over_the_limit_is_an_error_naming_the_longest(qwen3_tokenizer):
+    from decal.errors import DecalError
+    from decal.training.memory import PromptTooLongError
+
+    small_task = _varied_task()
+    rows = sft_rows(small_task, qwen3_tokenizer)
+    lengths = sorted((r["length"] - 1, r["id"]) for r in rows)
+    longest, longest_id = lengths[-1]  # ties: the last id among the longest
+    limit = lengths[0][0]
+    n_over = sum(n > limit for n, _ in lengths)
+    assert 1 < n_over < len(rows)
+    with pytest.raises(PromptTooLongError) as e:
+        sft_rows(small_task, qwen3_tokenizer, max_prompt_length=limit)
+    message = str(e.value)
+    assert isinstance(e.value, DecalError) and "\n" not in message
+    assert message.startswith(f"example {longest_id!r} has a prompt of {longest} tokens, over `max_prompt_length` "
+                              f"({limit} tokens) ({n_over} of {len(rows)} prompts are).")
+    assert "--truncate-prompts" in message
+    assert len(sft_rows(small_task, qwen3_tokenizer, max_prompt_length=longest)) == len(rows)  # at the limit: fine
+    # the model's context must hold the prompt and the decision token
+    with pytest.raises(PromptTooLongError, match=f"example {longest_id!r} has a prompt of {longest} tokens, too long "
+                       f"to fit with the decision token in the model's context of {longest} tokens"):
+        sft_rows(small_task, qwen3_tokenizer, context=longest)
+    assert len(sft_rows(small_task, qwen3_tokenizer, context=longest + 1)) == len(rows)
+    with pytest.raises(ValueError, match="`truncate_prompts` needs `max_prompt_length`"):
+        sft_rows(small_task, qwen3_tokenizer, truncate_prompts=True)
+
+
+def test_collator_left_pads_the_prompts_and_labels_the_decision():
     rows = [{"input_ids": [5, 6, 7, 8]}, {"input_ids": [9, 10]}, {"input_ids": [11, 12, 13]}]
     batch = DecisionTokenCollator(pad_token_id=0)(rows)
+    # the gold token (last id) is not fed: the last column's logits predict it
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [0, 0, 9], [0, 11, 12]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1], [0, 1, 1]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2], [0, 0, 0], [0, 0, 1]]
+    assert batch["labels"].tolist() == [[8], [10], [13]]
+    assert batch["shift_labels"] is batch["labels"]
+
+
+def test_full_logits_collator_keeps_only_the_decision_label():
+    rows = [{"input_ids": [5, 6, 7, 8]}, {"input_ids": [9, 10]}, {"input_ids": [11, 12, 13]}]
+    batch = DecisionTokenCollator(pad_token_id=0, loss_impl="full_logits")(rows)
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8], [9, 10, 0, 0], [11, 12, 13, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]]
     expected = torch.full((3, 4), IGNORE_INDEX)
@@ -85,24 +135,135 @@ def _lora():
     return LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
 
 
-def test_loss_is_the_decision_token_nll_only(small_task, qwen3_tokenizer, tmp_path):
-    trainer = build_sft_trainer(model=_fresh_model(qwen3_tokenizer), tokenizer=qwen3_tokenizer, task=small_task,
+def _row_nll(model, row) -> torch.Tensor:
+    """-log p(gold | prompt) from a forward pass of the row's prompt alone (no padding, full logits)."""
+    prompt = torch.tensor([row["input_ids"][:-1]])
+    logits = model(input_ids=prompt).logits[0, -1]  # (V,)
+    return -torch.log_softmax(logits.float(), dim=-1)[row["target_id"]]
+
+
+def test_loss_is_the_decision_token_nll_only(qwen3_tokenizer, tmp_path):
+    trainer = build_sft_trainer(model=_fresh_model(qwen3_tokenizer), tokenizer=qwen3_tokenizer, task=_varied_task(),
                                 args=_args(tmp_path), peft_config=_lora())
     rows = [trainer.train_dataset[i] for i in range(4)]
+    assert len({r["length"] for r in rows}) > 1  # the batch is padded
     batch = trainer.data_collator(rows)
     model = trainer.model.eval()
     with torch.no_grad():
-        loss = trainer.compute_loss(model, dict(batch))
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
-    expected = []
-    for i, row in enumerate(rows):
-        position = row["length"] - 2  # the last prompt token predicts the decision token
-        expected.append(-torch.log_softmax(logits[i, position].float(), dim=-1)[row["target_id"]])
-    assert loss.item() == pytest.approx(torch.stack(expected).mean().item(), rel=1e-4)
+        loss, outputs = trainer.compute_loss(model, dict(batch), return_outputs=True)
+        expected = torch.stack([_row_nll(model, row) for row in rows]).mean()
+        full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+    assert outputs.logits.shape == (4, 1, full.size(-1))  # only the decision position reached the head
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     # a loss over all tokens would differ: the random model is far from uniform-free on the prompt
-    all_tokens = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)),
+    all_tokens = torch.nn.functional.cross_entropy(full[:, :-1].reshape(-1, full.size(-1)),
                                                    batch["input_ids"][:, 1:].reshape(-1), reduction="mean")
     assert abs(all_tokens.item() - loss.item()) > 1e-3
+
+
+class _Recorder:
+    """Records each micro-batch loss and, at the optimizer step, the LoRA gradients."""
+
+    def __init__(self, trainer):
+        from transformers import TrainerCallback
+
+        self.losses, self.grads, self.batches = [], None, []
+        original = trainer.compute_loss
+        recorder = self
+
+        def compute_loss(model, inputs, **kwargs):
+            recorder.batches.append(inputs["input_ids"].shape)
+            loss = original(model, inputs, **kwargs)
+            recorder.losses.append(loss.detach().double())
+            return loss
+
+        class _Grads(TrainerCallback):
+            def on_pre_optimizer_step(self, args, state, control, **kwargs):
+                recorder.grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters()
+                                  if p.requires_grad}
+
+        trainer.compute_loss = compute_loss
+        trainer.add_callback(_Grads())
+
+
+def _one_accumulated_step(model, tokenizer, task, tmp_path, loss_impl):
+    """One optimizer step of grad-accum 2 (the task fills it) through Trainer.train(); returns the recorder."""
+    args = _args(tmp_path / loss_impl, per_device_train_batch_size=len(task) // 2, gradient_accumulation_steps=2,
+                 max_grad_norm=0.0, learning_rate=0.0)
+    torch.manual_seed(0)  # PEFT draws the LoRA A init from the global generator
+    trainer = build_sft_trainer(model=model, tokenizer=tokenizer, task=task, args=args, peft_config=_lora(),
+                                loss_impl=loss_impl)
+    _perturb_lora(trainer.model)
+    recorder = _Recorder(trainer)
+    trainer.train()
+    return recorder, trainer
+
+
+def _perturb_lora(model, seed=1):
+    # LoRA B starts at zero; give it values so the adapter takes part in the gradients compared
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.05 * torch.randn(param.shape, generator=g))
+
+
+def _assert_same_step(build_model, tokenizer, task, tmp_path):
+    """Decision-position SFT equals the full-logits implementation: micro-batch losses, their sum (the
+    logged loss, the mean NLL over the examples of the effective batch) and every LoRA gradient."""
+    new, trainer = _one_accumulated_step(build_model(), tokenizer, task, tmp_path, "decision")
+    old, _ = _one_accumulated_step(build_model(), tokenizer, task, tmp_path, "full_logits")
+    assert len(new.losses) == len(old.losses) == 2
+    # the new path feeds the prompts only (one column less), the old one prompt + gold token
+    assert [s[1] + 1 for s in new.batches] == [s[1] for s in old.batches]
+    for a, b in zip(new.losses, old.losses):
+        assert a.item() == pytest.approx(b.item(), rel=1e-5)
+    model = trainer.model.eval()
+    with torch.no_grad():  # LoRA unchanged (lr 0): the mean over the 8 rows, one unpadded row at a time
+        expected = torch.stack([_row_nll(model, row) for row in trainer.train_dataset]).mean()
+    assert sum(new.losses).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert new.grads.keys() == old.grads.keys() and len(new.grads) > 0
+    for name, g in new.grads.items():
+        reference = old.grads[name]
+        assert reference.norm() > 0, name
+        assert ((g - reference).norm() / reference.norm()).item() < 1e-5, name
+
+
+def test_decision_position_sft_equals_full_logits_on_tiny_qwen3(qwen3_tokenizer, tmp_path):
+    _assert_same_step(lambda: _fresh_model(qwen3_tokenizer), qwen3_tokenizer, _varied_task(), tmp_path)
+
+
+@pytest.mark.slow
+def test_decision_position_sft_equals_full_logits_on_smollm2(smollm2, tmp_path):
+    import copy
+
+    model, tokenizer = smollm2
+    # 2 micro-batches of 2: SmolLM2's chat template alone is about 120 tokens per prompt
+    _assert_same_step(lambda: copy.deepcopy(model).float(), tokenizer, _varied_task(4), tmp_path)
+
+
+def test_auto_checkpointing_checkpoints_only_the_long_micro_batches(qwen3_tokenizer, tmp_path, monkeypatch):
+    import decal.training.memory as memory
+
+    task = _varied_task()
+    widths = sorted({r["length"] - 1 for r in sft_rows(task, qwen3_tokenizer)})
+    model = _fresh_model(qwen3_tokenizer)
+    # a budget between the two micro-batches of 4 rows: only the one with the longer prompts exceeds it
+    budget_tokens = 4 * (widths[0] + widths[-1]) // 2
+    monkeypatch.setattr(memory, "checkpoint_budget_bytes", lambda device: budget_tokens * memory.activation_bytes_per_token(model))
+    args = _args(tmp_path, gradient_accumulation_steps=2, gradient_checkpointing=True, learning_rate=0.0)
+    trainer = build_sft_trainer(model=model, tokenizer=qwen3_tokenizer, task=task, args=args, peft_config=_lora(),
+                                auto_checkpointing=True)
+    seen = []
+    layer = next(m for m in trainer.model.modules() if type(m).__name__ == "Qwen3DecoderLayer")
+    layer.register_forward_pre_hook(lambda module, args: seen.append(module.gradient_checkpointing)
+                                    if torch.is_grad_enabled() else None)
+    recorder = _Recorder(trainer)
+    trainer.train()
+    shapes = [s[0] * s[1] for s in recorder.batches]
+    # longest first (length-grouped); a checkpointed layer also runs again in the backward pass
+    assert shapes[0] > budget_tokens >= shapes[1]
+    assert seen[0] is True and seen[-1] is False and True in seen and False in seen
 
 
 def test_remove_unused_columns_is_rejected(small_task, qwen3_tokenizer, tmp_path):

@@ -208,6 +208,32 @@ def test_two_process_cpu_run(method, tiny_qwen3_dir, tmp_path):
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.slow
+def test_two_process_sft_loss_is_the_mean_over_the_effective_batch(tiny_qwen3_dir, tmp_path):
+    """torchrun with two CPU processes: decision-position SFT over 2 processes x 2 rows x grad-accum 2 logs the same
+    loss as one process x 2 rows x grad-accum 4 on the same 8 examples, the mean NLL over all 8 (issue #13)."""
+    # no LoRA dropout: its masks would differ between the runs
+    flags = ["--method", "sft", "--task", "builtin", "--split", "train", "--limit", "8", "--batch-size", "2",
+             "--lora-r", "4", "--lora-alpha", "8", "--lora-dropout", "0", "--max-steps", "1", "--learning-rate", "0.05"]
+    one = tmp_path / "one"
+    assert _train(tiny_qwen3_dir, one, *flags, "--grad-accum", "4") == 0
+    two = tmp_path / "two"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    command = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "decal", "train",
+               "--model", str(tiny_qwen3_dir), "--out", str(two), *flags, "--grad-accum", "2"]
+    result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((two / "env.json").read_text())["world_size"] == 2
+    losses = [[e["loss"] for e in read_train_log(out) if "loss" in e and "train_runtime" not in e] for out in (one, two)]
+    assert len(losses[0]) == len(losses[1]) == 1
+    assert losses[1][0] == pytest.approx(losses[0][0], rel=1e-5)
+    # and both changed the adapter the same way (the gradients were the same mean over the 8 rows)
+    a, b = _lora_state(one / "adapter"), _lora_state(two / "adapter")
+    assert a.keys() == b.keys() and any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in a.items())
+    for key in a:
+        assert torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-6), key
+
+
 @pytest.mark.parametrize(("name", "kind"), [("ddp", "MULTI_GPU"), ("deepspeed_zero2", "DEEPSPEED")])
 def test_accelerate_configs_load(name, kind):
     from accelerate.commands.config.config_args import load_config_from_file

@@ -56,7 +56,8 @@ def test_cli_overrides_yaml_overrides_defaults(tmp_path):
         ({"max_steps": 0}, "`max_steps` must be a positive step count or -1"),
         ({"loss_type": "bnp"}, "Did you mean: bnpo?"),
         ({"method": "sft", "reasoning": True}, "`reasoning` must be False"),
-        ({"method": "grpo", "max_prompt_length": 128}, "`max_prompt_length` applies to sft only"),
+        ({"method": "grpo", "max_prompt_length": 128, "truncate_prompts": True}, "`truncate_prompts` applies to sft only"),
+        ({"method": "sft", "truncate_prompts": True}, "`truncate_prompts` needs `max_prompt_length`"),
     ],
 )
 def test_bad_values_raise_config_error(values, message):
@@ -163,3 +164,14 @@ def test_sft_settings_reach_the_trainer_config():
     assert args.train_sampling_strategy == "group_by_length" and args.remove_unused_columns is False
     lora = lora_config(cfg)
     assert (lora.r, lora.lora_alpha, lora.lora_dropout, sorted(lora.target_modules)) == (16, 32, 0.1, ["q_proj", "v_proj"])
+
+
+@pytest.mark.parametrize(("value", "enabled"), [(None, True), (True, True), (False, False)])
+def test_gradient_checkpointing_auto_enables_it_for_the_trainer(value, enabled):
+    """None (the default, auto) turns checkpointing on in the trainer, which then switches it per micro-batch."""
+    from decal.training.runner import training_arguments
+
+    assert TrainConfig().gradient_checkpointing is None
+    for method in ("sft", "grpo"):
+        cfg = TrainConfig(method=method, model="m", task="t", out="o", gradient_checkpointing=value).resolve()
+        assert training_arguments(cfg, progress=False).gradient_checkpointing is enabled

@@ -70,6 +70,7 @@ def register(app: typer.Typer) -> None:
         batch_size: Optional[int] = _opt("batch_size", metavar="N"),
         grad_accum: Optional[int] = _opt("grad_accum", metavar="N"),
         max_prompt_length: Optional[int] = _opt("max_prompt_length", metavar="N"),
+        truncate_prompts: Optional[bool] = _bool_opt("truncate_prompts"),
         save_steps: Optional[int] = _opt("save_steps", metavar="N"),
         seed: Optional[int] = _opt("seed", metavar="N"),
         dtype: Optional[str] = _opt("dtype", metavar="DTYPE"),

@@ -16,12 +16,20 @@ What decal relies on, as read in TRL 1.16.0 `trl/trainer/grpo_trainer.py`:
   whose fused LM head calls the backbone ``model.base_model`` and projects its
   ``last_hidden_state[:, :-1]``, and scales the bnpo/grpo/dr_grpo loss by
   ``current_gradient_accumulation_steps`` in train mode.
+- ``_generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, ...)``
+  returns ``(completion_ids, logprobs)``, lists with one entry per row of ``prompt_ids`` (logprobs
+  None on the transformers path), and generates all its rows in one ``generate`` call there.
 - ``_metrics[mode][name]`` lists are averaged by ``log``; ``num_generations`` and
   ``num_generations_eval`` give the group size.
+- ``trl.trainer.utils.add_fused_lm_head``'s forward decides ``compact = _use_triton(device)``:
+  compact, it projects only the positions whose label is scored (the completion tokens); else
+  every position of prompt + completion (so tile shapes stay fixed for graph compilers such as
+  Neuron's). `completion_positions_only` makes it compact on a CPU too (issue #13).
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import torch
@@ -38,6 +46,7 @@ __all__ = [
     "output_head",
     "log_metric",
     "group_size",
+    "completion_positions_only",
 ]
 
 TRL_VERSION = "1.16.0"
@@ -50,6 +59,7 @@ HOOK_SIGNATURES: dict[str, tuple[str, ...]] = {
     "_generate_and_score_completions": ("self", "inputs"),
     "_compute_loss": ("self", "model", "inputs"),
     "_get_per_token_logps_and_entropies": ("self", "model", "input_ids", "attention_mask", "logits_to_keep"),
+    "_generate_single_turn": ("self", "prompt_ids", "images", "multimodal_fields", "num_generations"),
 }
 
 
@@ -73,6 +83,34 @@ def check_trl() -> None:
     source = inspect.getsource(GRPOTrainer._compute_loss)
     if "advantages.dim() == 1" not in source:
         raise RuntimeError("trl.GRPOTrainer._compute_loss no longer accepts (B, T) advantages; pin trl==1.16.0.")
+    from trl.trainer import utils
+
+    if _COMPACT_SOURCE not in inspect.getsource(utils.add_fused_lm_head) or not callable(getattr(utils, "_use_triton", None)):
+        raise RuntimeError("trl.trainer.utils.add_fused_lm_head no longer chooses its compact projection with "
+                           f"`{_COMPACT_SOURCE}`; pin trl=={TRL_VERSION}.")
+
+
+#: The line of TRL's fused LM head that `completion_positions_only` acts on.
+_COMPACT_SOURCE = "compact = _use_triton(hidden_states.device)"
+
+
+@contextlib.contextmanager
+def completion_positions_only():
+    """Within the block, TRL's fused LM head projects only the scored positions on a CPU too.
+
+    Without it, a CPU runs the (V, H) head and its chunked log-softmax over every prompt position
+    and keeps them for the backward pass: with 2,102-token prompts and 64-token completions, 33
+    times the rows that are scored. The log-probabilities are the same; only the rows computed
+    differ. CUDA and XPU already run compact; other devices keep TRL's choice.
+    """
+    from trl.trainer import utils
+
+    original = utils._use_triton
+    utils._use_triton = lambda device: device.type == "cpu" or original(device)
+    try:
+        yield
+    finally:
+        utils._use_triton = original
 
 
 def generate_and_score(trainer, inputs: list[dict]) -> dict:

@@ -60,7 +60,7 @@ class JsonlLogCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             self._append({"event": "train_begin", "step": state.global_step, "resumed": state.global_step > 0,
-                          "max_steps": state.max_steps, "time": time.time()})
+                          "max_steps": state.max_steps, "time": time.time(), "cpu_s": time.process_time()})
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:

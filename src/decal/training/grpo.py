@@ -27,9 +27,11 @@ from trl import GRPOConfig, GRPOTrainer
 
 from ..errors import ConfigError
 from ..decision import DecisionTokens, option_token_ids, stop_token_ids
+from ..scoring import context_length
 from ..tasks.prompts import decision_context, render_chat
 from . import _trl_compat
 from .losses import CAL_TARGETS, decision_ce, decision_targets
+from .memory import AutoCheckpointing, check_prompt_lengths
 from .rewards import DecisionReward
 
 __all__ = ["DecalGRPOConfig", "DecalGRPOTrainer", "grpo_dataset", "build_grpo_trainer"]
@@ -154,12 +156,18 @@ class DecalGRPOTrainer(GRPOTrainer):
     and, with ``args.calibration``, ``decision_targets`` (B, K) and (B, T) advantages that are 0 at
     the decision token), and that the loss adds ``args.cal_lambda * decision_ce`` computed from the
     hidden states of TRL's own forward pass. Without ``args.calibration`` the loss is TRL's, and
-    the decision metrics are only logged.
+    the decision metrics are only logged. For bounded memory (issue #13) both hooks run TRL with its
+    fused LM head projecting only the completion positions on a CPU too
+    (`_trl_compat.completion_positions_only`), generation without vLLM runs in chunks of one
+    micro-batch (`_generate_single_turn`), and with ``auto_checkpointing`` only the micro-batches
+    that need it are checkpointed (`memory.AutoCheckpointing`).
     """
 
-    def __init__(self, *args, decision_tokens: DecisionTokens, **kwargs):
+    def __init__(self, *args, decision_tokens: DecisionTokens, auto_checkpointing: bool = False, **kwargs):
         _trl_compat.check_trl()
         super().__init__(*args, **kwargs)
+        self.auto_checkpointing = (AutoCheckpointing(self.model) if auto_checkpointing
+                                   and self.args.gradient_checkpointing else None)
         rewards = [f for f in self.reward_funcs if isinstance(f, DecisionReward)]
         if len(rewards) != 1:
             raise ValueError("DecalGRPOTrainer needs exactly one DecisionReward among `reward_funcs`")
@@ -169,7 +177,30 @@ class DecalGRPOTrainer(GRPOTrainer):
 
     # 1. generation: parse decisions once, build targets, zero the decision advantage
     def _generate_and_score_completions(self, inputs):
-        return self._add_decisions(super()._generate_and_score_completions(inputs))
+        with _trl_compat.completion_positions_only():  # the old and reference log-probs, when TRL needs them
+            return self._add_decisions(super()._generate_and_score_completions(inputs))
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        """TRL's generation, in chunks of at most one micro-batch of rows on the transformers path.
+
+        TRL generates a whole generation batch (micro-batch x grad-accum rows) in one `generate`
+        call, so its KV cache and prefill grew with the effective batch (the paper's 256
+        completions of 2,102 + 256 tokens: 28 GB on SmolLM2). In chunks the peak is one
+        micro-batch's, like the training pass's (issue #13). vLLM and multimodal inputs keep
+        TRL's single call.
+        """
+        rows = self.args.per_device_train_batch_size
+        if (self.use_vllm or getattr(self, "use_transformers_continuous_batching", False) or images is not None
+                or multimodal_fields or len(prompt_ids) <= rows):
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
+                                                 has_tool_images)
+        completion_ids, logprobs = [], []
+        for start in range(0, len(prompt_ids), rows):
+            ids, chunk_logprobs = super()._generate_single_turn(prompt_ids[start : start + rows], images,
+                                                                multimodal_fields, num_generations, has_tool_images)
+            completion_ids += ids
+            logprobs = None if chunk_logprobs is None or logprobs is None else logprobs + list(chunk_logprobs)
+        return completion_ids, logprobs
 
     def _add_decisions(self, output: dict) -> dict:
         """Add the decision keys to a generation batch, from the reward's parse of the same rows."""
@@ -213,12 +244,15 @@ class DecalGRPOTrainer(GRPOTrainer):
 
     # 2. loss: TRL's loss plus lambda * CE from the same forward
     def _compute_loss(self, model, inputs):
+        if self.auto_checkpointing is not None and model.training:
+            self.auto_checkpointing(model, inputs["prompt_ids"].numel() + inputs["completion_ids"].numel())
         index = inputs["decision_index"]  # (B,)
         prompt_len = inputs["prompt_ids"].size(1)
         positions = (prompt_len + index.clamp(min=0) - 1).clamp(min=0)  # (B,); invalid rows are masked later
         hook = _DecisionHidden(_trl_compat.backbone(self, model), positions)
         try:
-            loss = super()._compute_loss(model, inputs)
+            with _trl_compat.completion_positions_only():
+                loss = super()._compute_loss(model, inputs)
         finally:
             hook.remove()
         hidden = hook.hidden()  # (B, H)
@@ -260,7 +294,19 @@ class DecalGRPOTrainer(GRPOTrainer):
                 _trl_compat.log_metric(self, "cal/ce", s[6] / s[5])
 
 
-def build_grpo_trainer(*, model, tokenizer, task, args: DecalGRPOConfig, peft_config=None, callbacks=None) -> DecalGRPOTrainer:
+def _check_prompts(dataset, tokenizer, model, args: DecalGRPOConfig, max_prompt_length: int | None) -> None:
+    """Fail before training when a prompt is over the limits (`decal.training.memory`); log the longest."""
+    lengths = [len(ids) for ids in tokenizer(text=list(dataset["prompt"]))["input_ids"]]  # as TRL tokenizes them
+    logger.info("GRPO on %d prompts, mean length %.0f tokens, longest %d", len(lengths), sum(lengths) / len(lengths),
+                max(lengths))
+    check_prompt_lengths(list(dataset["id"]), lengths, max_prompt_length=max_prompt_length,
+                         context=context_length(model), reserved=args.max_completion_length,
+                         what=f"{args.max_completion_length} completion tokens",
+                         fix="Raise --max-prompt-length; GRPO prompts are never cut.")
+
+
+def build_grpo_trainer(*, model, tokenizer, task, args: DecalGRPOConfig, peft_config=None, callbacks=None,
+                       max_prompt_length: int | None = None, auto_checkpointing: bool = False) -> DecalGRPOTrainer:
     """A ready-to-train `DecalGRPOTrainer` for `task` (GRPO, or calibration-aware with ``args.calibration``).
 
     Args:
@@ -270,8 +316,14 @@ def build_grpo_trainer(*, model, tokenizer, task, args: DecalGRPOConfig, peft_co
         args: the trainer configuration.
         peft_config: a `peft.LoraConfig`, or None to train all weights.
         callbacks: extra `transformers.TrainerCallback`s.
+        max_prompt_length: the longest prompt allowed, in tokens (None: no limit); prompts are
+            never cut.
+        auto_checkpointing: with ``args.gradient_checkpointing``, checkpoint only the
+            micro-batches whose activations would exceed a quarter of the memory.
 
     Raises:
+        PromptTooLongError: a prompt is over `max_prompt_length`, or a prompt and
+            ``args.max_completion_length`` tokens do not fit in the model's context.
         DecisionTokenCollisionError: two options share their decision token under `tokenizer`.
         RuntimeError: the installed TRL is not the pinned one.
     """
@@ -283,6 +335,7 @@ def build_grpo_trainer(*, model, tokenizer, task, args: DecalGRPOConfig, peft_co
         # the decision logits are the LM head's raw output; TRL's fused head also applies these
         logger.warning("model config sets %s; decision probabilities and the CE ignore it", ", ".join(scaled))
     dataset = grpo_dataset(task, tokenizer, reasoning=args.reasoning)
+    _check_prompts(dataset, tokenizer, model, args, max_prompt_length)
     first = dataset[0]
     context = decision_context(first["prompt"], reasoning=args.reasoning)
     tokens = option_token_ids(tokenizer, first["labels"], context=context)
@@ -297,4 +350,5 @@ def build_grpo_trainer(*, model, tokenizer, task, args: DecalGRPOConfig, peft_co
         peft_config=peft_config,
         callbacks=callbacks,
         decision_tokens=tokens,
+        auto_checkpointing=auto_checkpointing,
     )

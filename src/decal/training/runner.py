@@ -52,6 +52,7 @@ from ..errors import ConfigError
 from .callbacks import TRAIN_LOG_NAME, JsonlLogCallback
 from .checkpoints import list_checkpoints, last_checkpoint, select_checkpoint
 from .config import TrainConfig, config_to_dict
+from .memory import return_large_buffers
 
 __all__ = ["train", "training_arguments", "lora_config", "read_done", "RESOLVED_CONFIG_NAME", "DONE_NAME", "ADAPTER_DIR"]
 
@@ -93,7 +94,8 @@ def _common_arguments(cfg: TrainConfig, *, progress: bool) -> dict[str, Any]:
         "logging_steps": 1,
         "seed": cfg.seed,
         "report_to": _report_to(cfg.report_to),
-        "gradient_checkpointing": cfg.gradient_checkpointing,
+        # auto (None) enables it too; the trainers then switch it per micro-batch (memory.AutoCheckpointing)
+        "gradient_checkpointing": cfg.gradient_checkpointing is not False,
         # TRL's configs default to bf16 autocast; DESIGN.md trains in the weights' dtype (float32).
         "bf16": False,
         "disable_tqdm": not progress,
@@ -255,11 +257,14 @@ def _build_trainer(cfg: TrainConfig, args, *, model, tokenizer, task, out: Path)
         from .sft import build_sft_trainer
 
         return build_sft_trainer(model=model, tokenizer=tokenizer, task=task, args=args, peft_config=lora_config(cfg),
-                                 callbacks=callbacks, max_prompt_length=cfg.max_prompt_length)
+                                 callbacks=callbacks, max_prompt_length=cfg.max_prompt_length,
+                                 truncate_prompts=cfg.truncate_prompts,
+                                 auto_checkpointing=cfg.gradient_checkpointing is None)
     from .grpo import build_grpo_trainer
 
     return build_grpo_trainer(model=model, tokenizer=tokenizer, task=task, args=args, peft_config=lora_config(cfg),
-                              callbacks=callbacks)
+                              callbacks=callbacks, max_prompt_length=cfg.max_prompt_length,
+                              auto_checkpointing=cfg.gradient_checkpointing is None)
 
 
 def _save_final_adapter(trainer, out: Path) -> None:
@@ -292,6 +297,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         ConfigError: a bad config or an output folder that already holds a run (without resume).
     """
     config.check_runnable()
+    return_large_buffers()  # before any tensor: a step then holds what it uses, not what it freed (issue #13)
     cfg = config.resolve()
     _check_vllm(cfg)
     out = Path(cfg.out)
@@ -311,9 +317,10 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     dtype = _training_dtype(cfg)
     model, tokenizer = load_model(cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
                                   allow_pickle=cfg.allow_pickle)
+    # the trainer checks every prompt's length first (issue #13), so a prompt that cannot fit writes nothing
+    trainer = _build_trainer(cfg, args, model=model, tokenizer=tokenizer, task=task, out=out)
     if _is_main_process():
         _write_run_files(out, cfg, dtype)  # 3.
-    trainer = _build_trainer(cfg, args, model=model, tokenizer=tokenizer, task=task, out=out)
     checkpoint = last_checkpoint(out) if resume else None
     if resume:
         logger.info("resuming from %s", checkpoint or "scratch (no complete checkpoint yet)")
