@@ -180,7 +180,7 @@ def test_evaluate_on_the_verdicts_task_writes_the_truth(tiny_qwen3, qwen3_tokeni
     task = load_task("verdicts:variant=ood", "test", n=4)
     evaluate(tiny_qwen3, qwen3_tokenizer, task, out_dir=tmp_path, model_name="tiny", progress=False)
     records = read_records(tmp_path)
-    assert [r.true_probs for r in records] == [list(ex.true_probs) for ex in task]
+    assert {r.id: r.true_probs for r in records} == {ex.id: list(ex.true_probs) for ex in task}
     assert "tce" in m.summarize(records)
 
 
