@@ -55,7 +55,7 @@ def test_cli_overrides_yaml_overrides_defaults(tmp_path):
         ({"lora_dropout": 1.0}, "`lora_dropout` must be in [0, 1)"),
         ({"max_steps": 0}, "`max_steps` must be a positive step count or -1"),
         ({"loss_type": "bnp"}, "Did you mean: bnpo?"),
-        ({"method": "sft", "reasoning": True}, "`reasoning` must be False"),
+        ({"method": "sft", "reasoning": True, "max_prompt_length": 64}, "applies to decision-token sft only"),
         ({"method": "grpo", "max_prompt_length": 128}, "`max_prompt_length` applies to sft only"),
     ],
 )
