@@ -111,6 +111,9 @@ class EvalSettings:
     temperature: float | None = field(default=None, metadata={"help": "Sampling temperature; unset = the evaluator's default."})
     dtype: str | None = field(default=None, metadata={"help": "`--dtype` (bfloat16 scores ~2x faster on AVX512-BF16 CPUs)."})
     device: str | None = field(default=None, metadata={"help": "`--device` of `decal evaluate` (e.g. cuda)."})
+    engine: str | None = field(
+        default=None, metadata={"help": "`--engine` of `decal evaluate` (an engine decal has); unset = its default."}
+    )
 
     def merged(self, other: "EvalSettings | None") -> "EvalSettings":
         """`other`'s set fields over this one's (merged with `is not None`)."""

@@ -77,6 +77,7 @@ def _eval_args(config: ExperimentConfig, method: MethodSpec, ev: EvalSpec, seed:
         ("--temperature", settings.temperature),
         ("--dtype", settings.dtype),
         ("--device", settings.device),
+        ("--engine", settings.engine),
     ):
         if value is not None:
             args += [flag, str(value)]
@@ -226,7 +227,11 @@ def _analysis_steps(config: ExperimentConfig, root: Path, model_steps: dict) -> 
                     deps = (f"{prefix}/select",)
                 command += ["--task", a.task, "--split", a.split]
                 for key_, value in a.settings.items():
-                    command += [f"--{key_.replace('_', '-')}", str(value)]
+                    flag = f"--{key_.replace('_', '-')}"
+                    if isinstance(value, bool):  # a switch (`--include-invalid`), not a flag with a value
+                        command += [flag] if value else []
+                    else:
+                        command += [flag, str(value)]
                 if config.data_dir:
                     command += ["--data-dir", config.data_dir]
                 # The step's output goes to its log file, where a progress bar is noise.
