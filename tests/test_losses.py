@@ -190,7 +190,7 @@ def test_open_loop_group_accuracy_target_aims_at_the_accuracy(k, a):
     assert p[0].item() == pytest.approx(max(a, 1 / k), abs=1e-4)
 
 
-def _closed_loop_fixed_point(kind: str, truth: list[float], steps: int = 4000) -> torch.Tensor:
+def _closed_loop_fixed_point(kind: str, truth: list[float], steps: int = 600) -> torch.Tensor:
     """Iterate p <- E_{y~p, g~truth} q(y, g) (exact expectation over the K x K outcomes): the point where
     the expected CE gradient, softmax - E[q], vanishes when the decision is sampled from p itself."""
     k = len(truth)
