@@ -128,3 +128,12 @@ def test_labels_single_token_qwen3(qwen3_tokenizer):
         for label, tid in zip(task.labels, tokens.token_ids):
             assert qwen3_tokenizer(label, add_special_tokens=False)["input_ids"] == [tid]
         assert max(len(qwen3_tokenizer(task.user_message(ex))["input_ids"]) for ex in task) < 90
+
+
+def test_tasks_show_prints_the_truth_and_the_rationale(capsys):
+    from decal.cli import main
+
+    assert main(["tasks", "show", "verdicts", "--split", "train", "--n", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "gold Negative  true Positive 0.5, Negative 0.5" in out
+    assert "(warm-start rationale: fine 0, poor -, poor -, excellent +, lovely +: 2 positive, 2 negative.)" in out
