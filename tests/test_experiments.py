@@ -440,3 +440,53 @@ def test_a_failed_evaluation_in_a_batch_fails_its_step_only(tmp_path):
     done = {s.id for s in build_plan(config, root) if (root / s.id / DONE).is_file()}
     assert "runs/m1/base/builtin/eval/builtin-validation" in done
     assert "runs/m1/base/builtin/eval/other-test" not in done
+
+
+def _warm_config(**overrides) -> dict:
+    data = tiny_config(**overrides)
+    data["methods"] = [
+        {"name": "base", "method": "base", "reasoning": False},
+        {"name": "warm", "method": "sft", "reasoning": True, "train": {"max_steps": 2}},
+        {"name": "cal-grpo", "method": "cal-grpo", "init_from": "warm", "train": {"max_steps": 2}},
+    ]
+    return data
+
+
+def test_init_from_continues_the_selected_adapter_of_another_method(tmp_path):
+    config = experiment_config_from_dict(_warm_config())
+    steps = build_plan(config, tmp_path)
+    by_id = {s.id: s for s in steps}
+    for train_id in ("runs/m1/cal-grpo/builtin/train", "runs/m1/cal-grpo_lambda=0.005/builtin/train"):
+        train = by_id[train_id]
+        assert train.deps == ("runs/m1/warm/builtin/select",)
+        settings = yaml.safe_load(train.files["train.yaml"])
+        assert settings["init_adapter"] == str(tmp_path.resolve() / "runs/m1/warm/builtin/select/adapter")
+    warm = yaml.safe_load(by_id["runs/m1/warm/builtin/train"].files["train.yaml"])
+    assert "init_adapter" not in warm and warm["reasoning"] is True
+    # The fake runner runs the plan front to back: the warm start is selected before GRPO trains.
+    fake = FakeDecal()
+    run_experiment(config, out=tmp_path / "exp", executor=fake)
+    order = [_flag(c, "--out").split("/runs/m1/")[1] for c in fake.calls if c[0] == "train"]
+    assert order.index("warm/builtin/train") < order.index("cal-grpo/builtin/train")
+
+
+@pytest.mark.parametrize(
+    "init_from, match",
+    [("nothing", "Unknown name 'nothing'"), ("cal-grpo", "Unknown name 'cal-grpo'"), ("base", "must name a trained method")],
+)
+def test_bad_init_from_is_rejected(init_from, match):
+    data = _warm_config()
+    data["methods"][2]["init_from"] = init_from
+    with pytest.raises(ConfigError, match=match):
+        experiment_config_from_dict(data)
+    data = _warm_config()
+    data["methods"][2]["train"]["init_adapter"] = "x"
+    with pytest.raises(ConfigError, match="not both"):
+        experiment_config_from_dict(data)
+
+
+def test_init_from_a_method_not_trained_for_the_model_is_a_plan_error(tmp_path):
+    data = _warm_config(models=[{"name": "m1", "path": "a"}, {"name": "m2", "path": "b"}])
+    data["methods"][1]["models"] = ["m1"]
+    with pytest.raises(ValueError, match="runs/m2/warm/builtin/select, which the grid does not train"):
+        build_plan(experiment_config_from_dict(data), tmp_path)

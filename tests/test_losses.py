@@ -136,3 +136,92 @@ def test_decision_ce_is_invariant_to_row_permutation():
 def test_decision_ce_rejects_bad_shapes(logits, ids, targets, match):
     with pytest.raises(ValueError, match=match):
         decision_ce(logits, torch.tensor(ids), targets)
+
+
+# --- what each target aims at (issue #15 item 5; the losses module docstring) --------------------
+
+
+def _expected_target_open_loop(kind: str, k: int, a: float, emitted: int = 0) -> torch.Tensor:
+    """E[q] over the gold for a context that always emits `emitted`, right with probability a
+    (when wrong, the gold is one of the other options, each equally likely)."""
+    acc = [a]
+    right = decision_targets([emitted], [emitted], k, kind=kind, group_accuracy=acc)[0]
+    wrong = [decision_targets([g], [emitted], k, kind=kind, group_accuracy=acc)[0] for g in range(k) if g != emitted]
+    return a * right + (1 - a) * torch.stack(wrong).mean(0)
+
+
+def _minimise_expected_ce(k: int, weighted_targets: list[tuple[float, torch.Tensor]]) -> torch.Tensor:
+    """softmax of the logits that minimise sum_i w_i * decision_ce(logits, targets_i), by gradient descent."""
+    logits = torch.zeros(1, k, requires_grad=True)
+    opt = torch.optim.LBFGS([logits], lr=1.0, max_iter=200, tolerance_grad=1e-12, tolerance_change=1e-14)
+    ids = torch.arange(k)
+
+    def closure():
+        opt.zero_grad()
+        loss = sum(w * decision_ce(logits, ids, t.unsqueeze(0)) for w, t in weighted_targets)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return torch.softmax(logits.detach(), dim=-1)[0]
+
+
+@pytest.mark.parametrize("k", [2, 3, 5])
+@pytest.mark.parametrize("a", [0.3, 0.6, 0.9])
+def test_open_loop_uniform_target_aims_above_the_accuracy_by_one_minus_a_over_k(k, a):
+    if a < 1 / k:
+        pytest.skip("below chance")
+    w = _expected_target_open_loop("uniform", k, a)
+    assert w[0].item() == pytest.approx(a + (1 - a) / k, abs=1e-6)
+    # and the minimiser of the expected CE (decision_ce itself, optimised) is that target
+    acc = [a]
+    right = decision_targets([0], [0], k, group_accuracy=acc)[0]
+    terms = [(a, right)] + [((1 - a) / (k - 1), decision_targets([g], [0], k)[0]) for g in range(1, k)]
+    p = _minimise_expected_ce(k, terms)
+    assert p[0].item() == pytest.approx(a + (1 - a) / k, abs=1e-4)
+
+
+@pytest.mark.parametrize("k", [2, 3, 5])
+@pytest.mark.parametrize("a", [0.1, 0.6, 0.9])
+def test_open_loop_group_accuracy_target_aims_at_the_accuracy(k, a):
+    w = _expected_target_open_loop("group-accuracy", k, a)
+    assert w[0].item() == pytest.approx(max(a, 1 / k), abs=1e-6)
+    p = _minimise_expected_ce(k, [(1.0, w)])
+    assert p[0].item() == pytest.approx(max(a, 1 / k), abs=1e-4)
+
+
+def _closed_loop_fixed_point(kind: str, truth: list[float], steps: int = 600) -> torch.Tensor:
+    """Iterate p <- E_{y~p, g~truth} q(y, g) (exact expectation over the K x K outcomes): the point where
+    the expected CE gradient, softmax - E[q], vanishes when the decision is sampled from p itself."""
+    k = len(truth)
+    t = torch.tensor(truth, dtype=torch.float64)
+    p = torch.full((k,), 1.0 / k, dtype=torch.float64) * 0.5 + 0.5 * t  # start away from both answers
+    ys, gs = torch.meshgrid(torch.arange(k), torch.arange(k), indexing="ij")
+    for _ in range(steps):
+        accuracy = float((p * t).sum())
+        q = decision_targets(gs.reshape(-1), ys.reshape(-1), k, kind=kind,
+                             group_accuracy=[accuracy] * (k * k)).double()  # (K*K, K)
+        weight = (p[ys] * t[gs]).reshape(-1, 1)  # P(y, g)
+        p = 0.5 * p + 0.5 * (weight * q).sum(0)  # damped, same fixed point
+    return p
+
+
+@pytest.mark.parametrize("truth", [[0.73, 0.27], [0.95, 0.05], [0.5, 0.5]])
+def test_closed_loop_uniform_target_is_calibrated_for_two_options(truth):
+    p = _closed_loop_fixed_point("uniform", truth)
+    assert p.tolist() == pytest.approx(truth, abs=1e-6)
+
+
+def test_closed_loop_uniform_target_with_more_options_is_proportional_to_one_over_one_minus_truth():
+    truth = [0.6, 0.3, 0.1]
+    p = _closed_loop_fixed_point("uniform", truth)
+    expected = torch.tensor([1 / (1 - x) for x in truth], dtype=torch.float64)
+    # 1e-4: the targets are float32, and 1/3 in float32 moves the fixed point by about 2e-5
+    assert p.tolist() == pytest.approx((expected / expected.sum()).tolist(), abs=1e-4)
+    assert p[0] < truth[0]  # below the truth on the most likely option
+
+
+@pytest.mark.parametrize("truth", [[0.73, 0.27], [0.95, 0.05], [0.6, 0.3, 0.1]])
+def test_closed_loop_group_accuracy_target_pulls_towards_uniform(truth):
+    p = _closed_loop_fixed_point("group-accuracy", truth)
+    assert p.tolist() == pytest.approx([1 / len(truth)] * len(truth), abs=1e-4)

@@ -117,3 +117,34 @@ def test_an_undefined_metric_reads_n_a_and_a_missing_one_a_dash(experiment):
     row = next(c for c in cells if c[1] == first["method"] and c[2] == f"{first['eval_task']}/{first['eval_split']}")
     assert row[-2:] == ["n/a", "–"]  # auroc undefined; invalid_rate was never written by this fake grid
     assert "n/a undefined" in write_report(experiment, format="md", figures=False).read_text()
+
+
+class _TruthFake(FakeDecal):
+    """As FakeDecal, with the truth metrics that runs on the verdicts task get."""
+
+    def __call__(self, argv, log_path):
+        code = super().__call__(argv, log_path)
+        if argv[0] == "metrics":
+            path = __import__("pathlib").Path(argv[1]) / "metrics.json"
+            report = __import__("json").loads(path.read_text())
+            for key, value in (("tce", 0.123), ("mean_overconfidence", 0.05), ("mean_confidence", 0.9), ("bayes_accuracy", 0.78)):
+                report["metrics"][key] = {"value": value, "ci_low": value - 0.01, "ci_high": value + 0.01}
+            path.write_text(__import__("json").dumps(report))
+        return code
+
+
+def test_truth_tables_only_with_truth_metrics(tmp_path, experiment):
+    assert not any(t.key.startswith("tableT") for t in build_tables(experiment)[0])
+    config = experiment_config_from_dict(tiny_config())
+    root = tmp_path / "truth"
+    run_experiment(config, out=root, executor=_TruthFake())
+    tables, _ = build_tables(root)
+    by_key = {t.key: t for t in tables}
+    t1 = by_key["tableT1"]
+    assert t1.header == ("Dataset", "Method", "m1 Acc (↑)", "m1 ECE (↓)", "m1 TCE (↓)", "m1 Over", "m1 Conf", "m1 Bayes acc")
+    methods = [row[1] for row in t1.rows[:4]]
+    assert methods == ["Base", "SFT", "Ours", "Ours [lambda=0.005]"]  # sweep points too
+    assert t1.rows[0][4:] == ("12.30", "5.00", "90.00", "78.00")
+    t2 = by_key["tableT2"]
+    assert t2.title.startswith("Table T2: true calibration error") and [r[1] for r in t2.rows] == ["None", "Platt"]
+    assert "12.30" in t2.rows[1]

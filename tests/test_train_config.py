@@ -55,9 +55,9 @@ def test_cli_overrides_yaml_overrides_defaults(tmp_path):
         ({"lora_dropout": 1.0}, "`lora_dropout` must be in [0, 1)"),
         ({"max_steps": 0}, "`max_steps` must be a positive step count or -1"),
         ({"loss_type": "bnp"}, "Did you mean: bnpo?"),
-        ({"method": "sft", "reasoning": True}, "`reasoning` must be False"),
         ({"method": "grpo", "max_prompt_length": 128, "truncate_prompts": True}, "`truncate_prompts` applies to sft only"),
         ({"method": "sft", "truncate_prompts": True}, "`truncate_prompts` needs `max_prompt_length`"),
+        ({"method": "sft", "reasoning": True, "max_prompt_length": 64}, "applies to decision-token sft only"),
     ],
 )
 def test_bad_values_raise_config_error(values, message):

@@ -84,7 +84,8 @@ def make_record(
             the confidence is the largest option probability (the forced decision).
 
     Returns:
-        A `PredictionRecord`: confidence is the probability of the emitted (or argmax) option.
+        A `PredictionRecord`: confidence is the probability of the emitted (or argmax) option;
+        `true_probs` is the example's, when its task knows them.
     """
     probs = [float(p) for p in option_probs]
     if len(probs) != len(example.labels):
@@ -105,6 +106,7 @@ def make_record(
         confidence=min(1.0, probs[chosen]),
         option_probs=[min(1.0, p) for p in probs],
         labels=list(example.labels),
+        true_probs=None if example.true_probs is None else [float(p) for p in example.true_probs],
         emitted_token=emitted_token,
         completion=completion,
         model=model,

@@ -27,6 +27,14 @@ target in bin ``B`` and ``conf(B)`` the mean confidence in ``B``.
   AURC is the area under that step curve: each example contributes ``risk / n`` at the coverage
   where it is first accepted, which equals Geifman & El-Yaniv's mean of ``risk@k`` when there
   are no ties, and makes tied confidences count as one threshold.
+- Against a known truth (records with ``true_probs``, e.g. the `verdicts` task; no bins): with
+  ``p*_i = true_probs[i, prediction_i]`` the true probability that prediction i is right, the
+  true calibration error ``TCE = mean_i |confidence_i - p*_i|``, its squared form
+  ``sqrt(mean_i (confidence_i - p*_i)^2)``, the mean overconfidence ``mean_i (confidence_i - p*_i)``
+  (positive: overconfident) and the Bayes-optimal accuracy ``mean_i max_k true_probs[i, k]``.
+  A predictor that reports the true probability of its choice has TCE 0. Unlike ECE these
+  compare each example with its own right confidence, so they need no bins and are unbiased
+  at small n.
 """
 
 from __future__ import annotations
@@ -39,8 +47,10 @@ from typing import Callable, Literal
 import numpy as np
 
 from ._checks import check_binning as _check_binning
+from ._checks import check_class_probs as _check_class_probs
 from ._checks import check_conf_correct as _check_conf_correct
 from ._checks import check_correct as _check_correct
+from ._checks import check_labels as _check_labels
 from ._checks import check_n_bins as _check_n_bins
 from ._checks import check_probabilities as _check_probabilities
 from ._checks import check_probs_labels as _check_probs_labels
@@ -64,11 +74,16 @@ __all__ = [
     "overconfidence_ratio",
     "risk_coverage",
     "aurc",
+    "true_calibration_error",
+    "true_calibration_error_rms",
+    "mean_overconfidence",
+    "bayes_accuracy",
     "bootstrap_ci",
     "binned_stats",
     "summarize",
     "metrics_report",
     "SUMMARY_KEYS",
+    "TRUTH_KEYS",
 ]
 
 Binning = Literal["equal_mass", "equal_width"]
@@ -91,6 +106,8 @@ SUMMARY_KEYS = (
     "aurc",
     "mean_confidence",
 )
+# Added to `summarize` and `metrics_report` when the records carry `true_probs`.
+TRUTH_KEYS = ("tce", "tce_rms", "mean_overconfidence", "bayes_accuracy")
 
 
 def binned_stats(confidence, correct, *, n_bins: int = 10, binning: Binning = "equal_mass") -> BinStats:
@@ -390,6 +407,80 @@ def aurc(confidence, correct) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
+# Metrics against a known truth (module docstring).
+
+
+def _check_truth(confidence, true_probs, prediction) -> tuple[np.ndarray, np.ndarray]:
+    """(confidence (n,), true probability of each prediction (n,)), validated."""
+    conf = _check_probabilities(confidence, "confidence")
+    truth = _check_class_probs(true_probs, "true_probs")
+    pred = _check_labels(prediction, truth.shape[1], "prediction")
+    _check_same_length(confidence=conf, true_probs=truth, prediction=pred)
+    return conf, _gold_probs(truth, pred)
+
+
+def _truth_gap(conf, p_star) -> np.ndarray:
+    return conf - p_star
+
+
+def true_calibration_error(confidence, true_probs, prediction) -> float:
+    """Mean ``|confidence - true_probs[prediction]|`` (module docstring; 0 is perfect).
+
+    Args:
+        confidence: Array of shape (n,), values in [0, 1].
+        true_probs: Array of shape (n, K), each row the true distribution over the K options.
+        prediction: Array of shape (n,), the predicted option index in [0, K).
+
+    Example:
+        True P(chosen option) 0.7 and 0.6, confidences 0.9 and 0.6: (0.2 + 0) / 2.
+
+        >>> round(true_calibration_error([0.9, 0.6], [[0.7, 0.3], [0.4, 0.6]], [0, 1]), 6)
+        0.1
+    """
+    conf, p_star = _check_truth(confidence, true_probs, prediction)
+    return float(np.mean(np.abs(_truth_gap(conf, p_star))))
+
+
+def true_calibration_error_rms(confidence, true_probs, prediction) -> float:
+    """The squared form of `true_calibration_error`: ``sqrt(mean (confidence - p*)^2)`` (arguments as there).
+
+    Example:
+        >>> round(true_calibration_error_rms([0.9, 0.6], [[0.7, 0.3], [0.4, 0.6]], [0, 1]), 6)
+        0.141421
+    """
+    conf, p_star = _check_truth(confidence, true_probs, prediction)
+    return math.sqrt(float(np.mean(_truth_gap(conf, p_star) ** 2)))
+
+
+def mean_overconfidence(confidence, true_probs, prediction) -> float:
+    """Mean ``confidence - true_probs[prediction]``: positive when overconfident (arguments as `true_calibration_error`).
+
+    Example:
+        0.9 - 0.7 = 0.2 over, 0.5 - 0.6 = -0.1 under: mean 0.05.
+
+        >>> round(mean_overconfidence([0.9, 0.5], [[0.7, 0.3], [0.4, 0.6]], [0, 1]), 6)
+        0.05
+    """
+    conf, p_star = _check_truth(confidence, true_probs, prediction)
+    return float(np.mean(_truth_gap(conf, p_star)))
+
+
+def bayes_accuracy(true_probs) -> float:
+    """The Bayes-optimal accuracy, ``mean_i max_k true_probs[i, k]``: the expected accuracy of always
+    choosing the most probable option, the best any predictor can expect.
+
+    Args:
+        true_probs: Array of shape (n, K), each row the true distribution over the K options.
+
+    Example:
+        >>> round(bayes_accuracy([[0.7, 0.3], [0.5, 0.5], [0.1, 0.9]]), 6)
+        0.7
+    """
+    truth = _check_class_probs(true_probs, "true_probs")
+    return float(np.mean(np.max(truth, axis=1)))
+
+
+# ---------------------------------------------------------------------------------------------
 # Bootstrap confidence intervals.
 
 
@@ -468,9 +559,11 @@ class _Arrays:
     valid: np.ndarray
     class_probs: np.ndarray
     label_index: np.ndarray
+    true_prob: np.ndarray | None = None  # (n,) true probability of each prediction, p*
+    bayes_prob: np.ndarray | None = None  # (n,) max_k true_probs[:, k]
 
     def take(self, idx: np.ndarray) -> "_Arrays":
-        return _Arrays(*(getattr(self, f)[idx] for f in self.__dataclass_fields__))
+        return _Arrays(*(None if (v := getattr(self, f)) is None else v[idx] for f in self.__dataclass_fields__))
 
 
 def _arrays_of(records) -> _Arrays:
@@ -482,7 +575,10 @@ def _arrays_of(records) -> _Arrays:
     probs, labs = _check_probs_labels(arr.class_probs, arr.label_index)
     valid = _check_correct(arr.valid, "valid")
     _check_same_length(confidence=conf, class_probs=probs, valid=valid)
-    return _Arrays(conf, corr, valid, probs, labs)
+    if arr.true_probs is None:
+        return _Arrays(conf, corr, valid, probs, labs)
+    _, p_star = _check_truth(conf, arr.true_probs, arr.prediction_index)
+    return _Arrays(conf, corr, valid, probs, labs, p_star, np.max(arr.true_probs, axis=1))
 
 
 def _summary(a: _Arrays, n_bins: int, binning: str, *, warn: bool = True) -> dict[str, float]:
@@ -511,11 +607,21 @@ def _summary(a: _Arrays, n_bins: int, binning: str, *, warn: bool = True) -> dic
         invalid_rate=1.0 - np.count_nonzero(a.valid) / n,
         mean_confidence=float(np.mean(conf)),
     )
-    return {k: out[k] for k in SUMMARY_KEYS}
+    if a.true_prob is None:
+        return {k: out[k] for k in SUMMARY_KEYS}
+    gap = _truth_gap(conf, a.true_prob)
+    out.update(
+        tce=float(np.mean(np.abs(gap))),
+        tce_rms=math.sqrt(float(np.mean(gap**2))),
+        mean_overconfidence=float(np.mean(gap)),
+        bayes_accuracy=float(np.mean(a.bayes_prob)),
+    )
+    return {k: out[k] for k in SUMMARY_KEYS + TRUTH_KEYS}
 
 
 def summarize(records, *, n_bins: int = 10, binning: Binning = "equal_mass") -> dict[str, float]:
-    """All metrics of one run as a flat dict with the keys `SUMMARY_KEYS` (fractions).
+    """All metrics of one run as a flat dict with the keys `SUMMARY_KEYS` (fractions), followed by
+    `TRUTH_KEYS` when the records carry `true_probs`.
 
     ``ece`` uses `binning`; ``ece_equal_width`` always uses equal-width bins. Invalid
     predictions stay in every metric (they are wrong, with their forced-decision confidence).
@@ -552,7 +658,7 @@ def metrics_report(
         _check_bootstrap(n_resamples, level)
     a = _arrays_of(records)
     point = _summary(a, n_bins, binning)
-    keys = [k for k in SUMMARY_KEYS if k != "n"]
+    keys = [k for k in point if k != "n"]
     intervals: dict[str, tuple] = {k: (None, None) for k in keys}
     if n_resamples:
         draws = {k: [] for k in keys}

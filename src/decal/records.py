@@ -37,6 +37,9 @@ class PredictionRecord:
     `confidence` is the full-vocabulary probability of the emitted decision token (reasoning) or
     of the constrained argmax option (non-reasoning); `option_probs[k]` is the full-vocabulary
     probability of option k's decision token at the decision position (not renormalised).
+    `true_probs` (optional) is the true probability of each option, aligned with `labels`, for a
+    task that knows it (`decal.tasks.verdicts`); it is left out of the JSON when None, so records
+    of other tasks are unchanged.
     """
 
     id: str
@@ -49,6 +52,7 @@ class PredictionRecord:
     confidence: float
     option_probs: list[float]
     labels: list[str]
+    true_probs: list[float] | None = None
     emitted_token: str | None = None
     completion: str | None = None
     model: str | None = None
@@ -61,7 +65,10 @@ class PredictionRecord:
     extra: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), ensure_ascii=False, allow_nan=True)
+        row = asdict(self)
+        if row["true_probs"] is None:
+            del row["true_probs"]
+        return json.dumps(row, ensure_ascii=False, allow_nan=True)
 
     @classmethod
     def from_dict(cls, row: dict, *, path=None, line: int | None = None) -> "PredictionRecord":
@@ -81,6 +88,15 @@ class PredictionRecord:
         for name, value in (("confidence", row["confidence"]), *(("option_probs", p) for p in probs)):
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not (0.0 <= value <= 1.0):
                 raise DataError(f"must be a probability in [0, 1]; got {value!r}", path=path, line=line, field=name)
+        truth = row.get("true_probs")
+        if truth is not None:
+            if not isinstance(truth, list) or len(truth) != len(labels) or not all(
+                isinstance(p, (int, float)) and not isinstance(p, bool) and 0.0 <= p <= 1.0 for p in truth
+            ):
+                raise DataError(
+                    f"must be a list of {len(labels)} probabilities in [0, 1] (one per label); got {truth!r}",
+                    path=path, line=line, field="true_probs",
+                )
         for name in ("label", "prediction"):
             if row[name] not in labels:
                 raise DataError(f"{row[name]!r} is not one of {labels}", path=path, line=line, field=name)
@@ -158,7 +174,8 @@ class RecordArrays:
     """Records as plain arrays for the metric functions.
 
     confidence: (n,) float; correct: (n,) bool; valid: (n,) bool; class_probs: (n, K) rows summing
-    to 1 (option_probs renormalised); label_index: (n,) int; prediction_index: (n,) int.
+    to 1 (option_probs renormalised); label_index: (n,) int; prediction_index: (n,) int;
+    true_probs: (n, K) float when every record carries `true_probs`, else None.
     """
 
     confidence: np.ndarray
@@ -169,16 +186,27 @@ class RecordArrays:
     label_index: np.ndarray
     prediction_index: np.ndarray
     labels: tuple[str, ...]
+    true_probs: np.ndarray | None = None
 
 
 def records_to_arrays(records: Sequence[PredictionRecord]) -> RecordArrays:
-    """Stack records that share one label set into arrays; raises `DataError` if label sets differ."""
+    """Stack records that share one label set into arrays.
+
+    Raises `DataError` if label sets differ, or if some records carry `true_probs` and others not.
+    """
     if not records:
         raise DataError("no prediction records")
     labels = tuple(records[0].labels)
+    has_truth = records[0].true_probs is not None
     for r in records:
         if tuple(r.labels) != labels:
             raise DataError(f"record {r.id!r} has labels {r.labels}, expected {list(labels)}", field="labels")
+        if (r.true_probs is not None) != has_truth:
+            raise DataError(
+                f"record {r.id!r} {'lacks' if has_truth else 'has'} `true_probs` unlike record {records[0].id!r}; "
+                "a run's records all carry the true probabilities or none does",
+                field="true_probs",
+            )
     index = {lab: i for i, lab in enumerate(labels)}
     option_probs = np.asarray([r.option_probs for r in records], dtype=np.float64)
     totals = option_probs.sum(axis=1, keepdims=True)
@@ -194,6 +222,7 @@ def records_to_arrays(records: Sequence[PredictionRecord]) -> RecordArrays:
         label_index=np.asarray([index[r.label] for r in records], dtype=np.int64),
         prediction_index=np.asarray([index[r.prediction] for r in records], dtype=np.int64),
         labels=labels,
+        true_probs=np.asarray([r.true_probs for r in records], dtype=np.float64) if has_truth else None,
     )
 
 

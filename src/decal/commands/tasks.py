@@ -44,7 +44,10 @@ def _show(task, n: int, model: Optional[str]) -> None:
     )
     for ex in task.examples[:n]:
         message = task.user_message(ex)
-        typer.echo(f"\n===== id {ex.id}  gold {ex.label} =====")
+        truth = "" if ex.true_probs is None else "  true " + ", ".join(f"{lab} {p:g}" for lab, p in zip(ex.labels, ex.true_probs))
+        typer.echo(f"\n===== id {ex.id}  gold {ex.label}{truth} =====")
+        if ex.reasoning:
+            typer.echo(f"(warm-start rationale: {ex.reasoning})")
         if tokenizer is None:
             typer.echo(message)
             continue

@@ -21,6 +21,12 @@ EPILOG = """Examples:
 
   decal train --method sft --model smollm2-135m-instruct --task builtin --split train --out runs/sft --epochs 2
 
+  decal train --method sft --reasoning --model smollm2-135m-instruct --task verdicts --split train --limit 400 \\
+      --learning-rate 1e-3 --max-steps 60 --batch-size 8 --grad-accum 1 --out runs/warm
+
+  decal train --method grpo --init-adapter runs/warm/adapter --model smollm2-135m-instruct --task verdicts \\
+      --out runs/grpo --max-steps 20 --batch-size 16 --num-generations 8 --grad-accum 1 --max-completion-length 64
+
   decal train --method cal-grpo --model Qwen/Qwen3-1.7B --task commonsense_qa --split train --out runs/cal --cal-lambda 0.001
 
   decal train --config configs/train.yaml --out runs/sft --resume
@@ -64,6 +70,7 @@ def register(app: typer.Typer) -> None:
         data_dir: Optional[str] = _opt("data_dir", metavar="DIR", panel="Run"),
         limit: Optional[int] = _opt("limit", metavar="N", panel="Run"),
         reasoning: Optional[bool] = _bool_opt("reasoning", panel="Run"),
+        init_adapter: Optional[str] = _opt("init_adapter", metavar="DIR", panel="Run"),
         learning_rate: Optional[float] = _opt("learning_rate", metavar="LR"),
         epochs: Optional[float] = _opt("epochs", metavar="N"),
         max_steps: Optional[int] = _opt("max_steps", metavar="N"),
@@ -100,7 +107,8 @@ def register(app: typer.Typer) -> None:
         allow_pickle: Optional[bool] = _bool_opt("allow_pickle", panel="Safety"),
         trust_remote_code: Optional[bool] = _bool_opt("trust_remote_code", panel="Safety"),
     ) -> None:
-        """Fine-tune a LoRA adapter on the decision token (sft) or with (calibration-aware) GRPO."""
+        """Fine-tune a LoRA adapter on the decision token (sft), on reasoning completions (sft --reasoning, the
+        warm start) or with (calibration-aware) GRPO."""
         cli_values = dict(locals())
         for key in ("config", "resume"):
             cli_values.pop(key)

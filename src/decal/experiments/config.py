@@ -160,10 +160,19 @@ class MethodSpec:
     models: tuple[str, ...] | None = field(default=None, metadata={"help": "Restrict to these model names."})
     train_tasks: tuple[str, ...] | None = field(default=None, metadata={"help": "Restrict to these training tasks."})
     variant: str = field(default="", metadata={"help": "Variant label (set by sweeps, e.g. lambda=0.005)."})
+    init_from: str | None = field(
+        default=None,
+        metadata={"help": "Name of an earlier trained method entry whose selected adapter this one continues "
+                          "(e.g. GRPO from a reasoning warm start); None trains a new adapter on the base model."},
+    )
 
     def __post_init__(self) -> None:
         if self.method == "base" and self.train:
             raise ConfigError(f"method {self.name!r}: a `base` method has no `train` settings")
+        if self.method == "base" and self.init_from is not None:
+            raise ConfigError(f"method {self.name!r}: a `base` method trains nothing, so it has no `init_from`")
+        if self.init_from is not None and "init_adapter" in self.train:
+            raise ConfigError(f"method {self.name!r}: give `init_from` or `train.init_adapter`, not both")
 
     @property
     def resolved_reasoning(self) -> bool:
@@ -241,6 +250,11 @@ class ExperimentConfig:
         for i, m in enumerate(self.methods):
             _check_refs(f"methods[{i}].models", m.models, model_names)
             _check_refs(f"methods[{i}].train_tasks", m.train_tasks, task_names)
+            if m.init_from is not None:
+                # An earlier entry, so the plan (in method order) trains it first.
+                _check_refs(f"methods[{i}].init_from", (m.init_from,), method_names[:i])
+                if self.method(m.init_from).method == "base":
+                    raise ConfigError(f"`methods[{i}].init_from` must name a trained method; {m.init_from!r} is `base`")
         for i, c in enumerate(self.calibrators):
             _check_refs(f"calibrators[{i}].methods", c.methods, method_names)
             _check_refs(f"calibrators[{i}].models", c.models, model_names)

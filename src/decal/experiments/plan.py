@@ -10,7 +10,8 @@ to the experiment folder, built from `decal._io.safe_name` parts:
     analysis/<model>/<method>/<kind>-<task>-<split>
 
 Steps list their dependencies; the plan is in dependency order, so running it front to back is
-always valid. A step's commands are `decal` argument lists (the runner prefixes
+always valid. A method with `init_from` continues the adapter that another (earlier) method's
+select step chose: its train step depends on that step and its `train.yaml` sets `init_adapter`. A step's commands are `decal` argument lists (the runner prefixes
 `python -m decal`); `select` runs in-process (it copies the chosen adapter).
 """
 
@@ -125,9 +126,12 @@ def _metrics_command(config: ExperimentConfig, run_dir: str) -> tuple[str, ...]:
     return ("metrics", run_dir, "--n-bins", str(m.n_bins), "--binning", m.binning, "--bootstrap", str(m.bootstrap))
 
 
-def _train_yaml(config: ExperimentConfig, method: MethodSpec, task: TrainTaskSpec, seed: int) -> str:
+def _train_yaml(config: ExperimentConfig, method: MethodSpec, task: TrainTaskSpec, seed: int,
+                init_adapter: str | None = None) -> str:
     """The per-step training YAML (keys = `decal train` flag names with underscores)."""
     settings = dict(method.train)
+    if init_adapter is not None:
+        settings["init_adapter"] = init_adapter
     settings.setdefault("reasoning", method.resolved_reasoning)
     settings.setdefault("seed", seed)
     if task.select_split is not None:
@@ -155,6 +159,10 @@ def _model_steps(config, model, method, task, seed, root: Path) -> list[Step]:
     eval_deps: tuple[str, ...] = ()
     if method.method != "base":
         train_id, select_id = f"{prefix}/train", f"{prefix}/select"
+        init_adapter, train_deps = None, ()
+        if method.init_from is not None:
+            start = run_prefix(model, config.method(method.init_from), task, seed, len(config.seeds))
+            init_adapter, train_deps = str(root / start / "select" / "adapter"), (f"{start}/select",)
         steps.append(
             Step(
                 id=train_id,
@@ -165,7 +173,8 @@ def _model_steps(config, model, method, task, seed, root: Path) -> list[Step]:
                         "--split", task.split, "--out", str(root / train_id), "--config", str(root / train_id / "train.yaml"),
                     ),
                 ),
-                files={"train.yaml": _train_yaml(config, method, task, seed)},
+                deps=train_deps,
+                files={"train.yaml": _train_yaml(config, method, task, seed, init_adapter)},
                 info=dict(base_info),
             )
         )
@@ -266,7 +275,11 @@ def _analysis_steps(config: ExperimentConfig, root: Path, model_steps: dict) -> 
                 if not any(k == "engine" or k in _ENGINE_FLAGS or k == "engine_arg" for k in a.settings):
                     command += engine_args(config.evaluation.merged(method.evaluation), model)
                 for key_, value in a.settings.items():
-                    command += [f"--{key_.replace('_', '-')}", str(value)]
+                    flag = f"--{key_.replace('_', '-')}"
+                    if isinstance(value, bool):  # a switch (`--include-invalid`), not a flag with a value
+                        command += [flag] if value else []
+                    else:
+                        command += [flag, str(value)]
                 if config.data_dir:
                     command += ["--data-dir", config.data_dir]
                 # The step's output goes to its log file, where a progress bar is noise.
@@ -314,6 +327,11 @@ def build_plan(config: ExperimentConfig, root: str | Path) -> list[Step]:
         # evaluations depend only on selections, calibrations and analyses on what precedes them.
         steps = [s for s in steps if s.kind in ("train", "select")] + [s for s in steps if s.kind not in ("train", "select")]
     ids = [s.id for s in steps]
+    missing = sorted({d for s in steps for d in s.deps if d not in ids})
+    if missing:
+        # `init_from` names a method restricted away from this model or training task.
+        raise ValueError(f"a step depends on {missing[0]}, which the grid does not train; check the `init_from` "
+                         "method's `models` and `train_tasks`")
     if len(set(ids)) != len(ids):
         dup = sorted({i for i in ids if ids.count(i) > 1})
         raise ValueError(f"two steps share a folder: {dup[0]}; give the clashing entries distinct names")

@@ -4,7 +4,10 @@ Tables follow the paper's layouts (values in percent with two decimals; † in-d
 Table 1 (accuracy and ECE of base, SFT, GRPO), Tables 2 and 3 (rollout and reasoning-swap
 analyses, when the config runs them), Table 4 (the same with the calibration-aware
 method, "Ours"), Table 5 (ECE after post-hoc calibrators), Table 6 (SCE and MCE), Table 7
-(AUROC), Table 8 (lambda sweep) and Table 9 (KL beta sweep); the Figure 1/4 grids of
+(AUROC), Table 8 (lambda sweep) and Table 9 (KL beta sweep); when the records carry the true
+answer probabilities (the `verdicts` task), the truth tables T1 (accuracy, ECE, true
+calibration error, mean overconfidence, mean confidence and Bayes accuracy of every method and
+sweep point) and T2 (true calibration error after post-hoc calibrators); the Figure 1/4 grids of
 reliability diagrams with confidence histograms come from `decal.plots.plot_grid`. A table
 with no runs behind it is left out, and the report says what was not run. Intervals (bootstrap)
 appear in the HTML as cell tooltips and, with `ci=True`, in the Markdown cells.
@@ -115,7 +118,7 @@ def _metric_table(key, title, metrics, models, methods, datasets, index, *, ci) 
             row, tip = [ds.marked if i == 0 else "", _method_label(meth)], ["", ""]
             for model in models:
                 for metric, _ in metrics:
-                    text, t = _cell(index, model, meth["name"], "", ds, metric, ci=ci)
+                    text, t = _cell(index, model, meth["name"], meth.get("variant", ""), ds, metric, ci=ci)
                     filled |= text != MISSING
                     row.append(text)
                     tip.append(t)
@@ -128,16 +131,18 @@ def _metric_table(key, title, metrics, models, methods, datasets, index, *, ci) 
 
 def _method_label(meth: dict) -> str:
     label = METHOD_LABELS.get(meth["method"], meth["name"])
-    return label if meth["name"] in (meth["method"], label.lower()) else f"{label} ({meth['name']})"
+    label = label if meth["name"] in (meth["method"], label.lower()) else f"{label} ({meth['name']})"
+    return f"{label} [{meth['variant']}]" if meth.get("variant") else label
 
 
-def _posthoc_table(models, methods, datasets, index, *, ci) -> Table | None:
-    """Table 5: rows model x calibrator; columns dataset x (GRPO, Ours); ECE."""
+def _posthoc_table(models, methods, datasets, index, *, ci, metric: str = "ece", key: str = "table5",
+                   title: str = "Table 5: ECE after post-hoc calibration") -> Table | None:
+    """Table 5: rows model x calibrator; columns dataset x (GRPO, Ours); ECE (or another `metric`)."""
     rl = [m for m in methods if m["method"] in ("grpo", "cal-grpo")]
     cals = sorted({c for (_, _, _, _, _, _, c, _) in index._cells if c in CALIBRATOR_LABELS and c != "none"}, key=list(CALIBRATOR_LABELS).index)
     if not cals or not rl:
         return None
-    used = [ds for ds in datasets if any(index.get(mo, m["name"], "", ds, "ece", calibrator=c)[0] is not None for mo in models for m in rl for c in cals)]
+    used = [ds for ds in datasets if any(index.get(mo, m["name"], "", ds, metric, calibrator=c)[0] is not None for mo in models for m in rl for c in cals)]
     header = ["Model", "Post-hoc"] + [f"{ds.marked} {_method_label(m)}" for ds in used for m in rl]
     rows, tips = [], []
     for model in models:
@@ -146,15 +151,15 @@ def _posthoc_table(models, methods, datasets, index, *, ci) -> Table | None:
             for ds in used:
                 for m in rl:
                     # "None" on the examples the calibrators were scored on, where they held part out.
-                    held_out = cal == "none" and index.get(model, m["name"], "", ds, "ece", calibrator=HELD_OUT_UNCALIBRATED)[0] is not None
-                    text, t = _cell(index, model, m["name"], "", ds, "ece", calibrator=HELD_OUT_UNCALIBRATED if held_out else cal, ci=ci)
+                    held_out = cal == "none" and index.get(model, m["name"], "", ds, metric, calibrator=HELD_OUT_UNCALIBRATED)[0] is not None
+                    text, t = _cell(index, model, m["name"], "", ds, metric, calibrator=HELD_OUT_UNCALIBRATED if held_out else cal, ci=ci)
                     row.append(text)
                     tip.append(t)
             rows.append(tuple(row))
             tips.append(tuple(tip))
     if not used:
         return None
-    return Table("table5", "Table 5: ECE after post-hoc calibration (fitted on part of the in-domain set; in-domain cells, None included, on the other part)", tuple(header), tuple(rows), tuple(tips))
+    return Table(key, f"{title} (fitted on part of the in-domain set; in-domain cells, None included, on the other part)", tuple(header), tuple(rows), tuple(tips))
 
 
 def _sweep_table(key, title, kind, param, symbol, experiment, models, datasets, index, *, ci) -> Table | None:
@@ -246,7 +251,23 @@ def build_tables(experiment_dir: str | Path, *, ci: bool = False) -> tuple[list[
             notes.append(f"{key.replace('table', 'Table ')} omitted: {why[key]}.")
         else:
             tables.append(table)
+    tables += _truth_tables(models, experiment, datasets, index, ci=ci)
     return tables, notes
+
+
+def _truth_tables(models, experiment, datasets, index, *, ci) -> list[Table]:
+    """T1 and T2, only when some run's records carry the true probabilities (a `tce` result)."""
+    if not any(key[-1] == "tce" for key in index._cells):
+        return []
+    truth = (("accuracy", "Acc (↑)"), ("ece", "ECE (↓)"), ("tce", "TCE (↓)"), ("mean_overconfidence", "Over"),
+             ("mean_confidence", "Conf"), ("bayes_accuracy", "Bayes acc"))
+    title = ("Table T1: against the known truth (%): TCE = mean |confidence - true P(prediction)|, "
+             "Over = mean (confidence - true P(prediction)), Bayes acc = mean max true P")
+    out = [_metric_table("tableT1", title, truth, models, experiment["methods"], datasets, index, ci=ci)]
+    main = [m for m in experiment["methods"] if not m["variant"]]
+    out.append(_posthoc_table(models, main, datasets, index, ci=ci, metric="tce", key="tableT2",
+                              title="Table T2: true calibration error after post-hoc calibration"))
+    return [t for t in out if t is not None]
 
 
 # --- figures -------------------------------------------------------------------------------

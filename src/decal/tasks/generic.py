@@ -8,7 +8,12 @@
 - classification: `input` (or `question`) and `labels` (at least two), no options;
 - optional `fact` (or `context`), shown by templates that use `{fact}`;
 - optional `split`: with it, `split="train"` keeps the rows whose split is "train";
-  `split="all"` always keeps every row. Without a split field only "all" is accepted.
+  `split="all"` always keeps every row. Without a split field only "all" is accepted;
+- optional `reasoning`: a rationale that leads to the label, which the reasoning warm start
+  (`decal train --method sft --reasoning`) trains on;
+- optional `true_probs`: the true probability of each option, aligned with the labels (a JSON
+  list; a CSV cell holds one), when the gold label was drawn from a known distribution; records
+  then carry it and `decal metrics` adds the truth metrics.
 
 CSV files have a header with the same names; options come either from one `options` column
 holding a JSON list, or from columns `option_a`, `option_b`, ... (or `option1`, `option2`, ...)
@@ -93,6 +98,28 @@ def _list(value, path: Path, line: int, field: str) -> list[str]:
     return value
 
 
+def _true_probs(value, labels: list[str], path: Path, line: int) -> tuple[float, ...] | None:
+    """The optional `true_probs`: one probability per label, summing to 1 (within 1e-6)."""
+    if value in (None, ""):
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise DataError(f"not a JSON list: {e.msg}", path=path, line=line, field="true_probs") from e
+    numbers = isinstance(value, list) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0 for v in value
+    )
+    if not numbers or len(value) != len(labels):
+        raise DataError(
+            f"must be a list of {len(labels)} probabilities in [0, 1], one per label {labels}; got {value!r}",
+            path=path, line=line, field="true_probs",
+        )
+    if abs(sum(value) - 1.0) > 1e-6:
+        raise DataError(f"must sum to 1; got {value!r} (sum {sum(value)!r})", path=path, line=line, field="true_probs")
+    return tuple(float(v) for v in value)
+
+
 def _csv_options(row: dict) -> list[str] | None:
     """Options from option_a.. or option1.. columns, in order; None when there are none."""
     for keys in (
@@ -147,6 +174,8 @@ def _example(row: dict, path: Path, line: int, *, csv_row: bool) -> DecisionExam
         options=tuple(options) if options is not None else None,
         fact=_text(row, ("fact", "context"), path, line, required=False),
         input=text,
+        true_probs=_true_probs(row.get("true_probs"), labels, path, line),
+        reasoning=_text(row, ("reasoning",), path, line, required=False),
         meta={"split": row.get("split"), "line": line},
     )
 

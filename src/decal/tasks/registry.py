@@ -2,8 +2,10 @@
 
 A task is named by:
 
-- a built-in name: `commonsense_qa`, `openbookqa`, `openai_moderation`, `xstest`, `builtin`;
-- a spec string `NAME:key=value,...` (for `builtin`: `builtin:difficulty=1,seed=3,n=50`);
+- a built-in name: `commonsense_qa`, `openbookqa`, `openai_moderation`, `xstest`, `builtin`,
+  `verdicts`;
+- a spec string `NAME:key=value,...` (for `builtin`: `builtin:difficulty=1,seed=3,n=50`; for
+  `verdicts`: `verdicts:variant=ood,seed=3,n=50`);
 - a path to a JSONL or CSV file of the user's own examples (see `decal.tasks.generic`).
 
 Paper datasets are read from `data_dir`, else the environment variable `DECAL_DATA_DIR`, else the
@@ -33,8 +35,8 @@ class TaskInfo:
 
 
 def list_tasks() -> list[TaskInfo]:
-    """The named tasks with their splits (name -> size) and labels, built-in task last."""
-    from . import builtin, paper
+    """The named tasks with their splits (name -> size) and labels, generated tasks last."""
+    from . import builtin, paper, verdicts
 
     infos = [
         TaskInfo(name=name, splits=dict(spec.splits), labels=spec.labels, description=spec.description)
@@ -46,6 +48,14 @@ def list_tasks() -> list[TaskInfo]:
             splits=dict(builtin.BUILTIN_SPLITS),
             labels=builtin.BUILTIN_LABELS,
             description=builtin.DESCRIPTION,
+        )
+    )
+    infos.append(
+        TaskInfo(
+            name=verdicts.VERDICTS_NAME,
+            splits=dict(verdicts.VERDICTS_SPLITS),
+            labels=verdicts.VERDICTS_LABELS,
+            description=verdicts.DESCRIPTION,
         )
     )
     return infos
@@ -142,8 +152,8 @@ def load_task(
         reasoning: render the reasoning variant of the prompt.
         template: a template file (`str.format` fields of `PromptTemplate.user_message`) that
             replaces the task's prompt, used for both modes.
-        **options: task options, e.g. `difficulty=`, `seed=`, `n=` for "builtin" (the same keys
-            as in a spec string; keyword arguments win).
+        **options: task options, e.g. `difficulty=`, `seed=`, `n=` for "builtin", `variant=`,
+            `seed=`, `n=` for "verdicts" (the same keys as in a spec string; keyword arguments win).
 
     Returns:
         A `Task`: examples in a fixed order, the template and the reasoning flag.
@@ -155,7 +165,7 @@ def load_task(
     """
     from dataclasses import replace
 
-    from . import builtin
+    from . import builtin, verdicts
 
     text = os.fspath(name)
     # 1. the built-in task first: it is what the demo and fast tests use, and needs no files
@@ -164,6 +174,10 @@ def load_task(
         merged = {**spec_options, **options}
         _check_options(base, merged, builtin.BUILTIN_OPTIONS)
         task = builtin.load_builtin(split, reasoning=reasoning, **merged)
+    elif base == verdicts.VERDICTS_NAME:
+        merged = {**spec_options, **options}
+        _check_options(base, merged, verdicts.VERDICTS_OPTIONS)
+        task = verdicts.load_verdicts(split, reasoning=reasoning, **merged)
     elif _looks_like_path(text) or Path(text).is_file():
         from . import generic
 

@@ -17,6 +17,9 @@ class DecisionExample:
     label: the gold label, one of `labels`.
     question, options, fact, input: the prompt fields a template may use; `options` holds the
         option texts in the order of `labels` (multiple choice), `input` the text to classify.
+    true_probs: the true probability of each option, aligned with `labels`, for a task whose gold
+        label is drawn from a known distribution (DESIGN.md, "Prediction record"); else None.
+    reasoning: a rationale that leads to the decision, for the reasoning warm start; else None.
     """
 
     id: str
@@ -26,6 +29,8 @@ class DecisionExample:
     options: tuple[str, ...] | None = None
     fact: str | None = None
     input: str | None = None
+    true_probs: tuple[float, ...] | None = None
+    reasoning: str | None = None
     meta: dict = field(default_factory=dict, compare=False)
 
     @property

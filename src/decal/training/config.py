@@ -49,14 +49,20 @@ class TrainConfig:
     """What `decal train` runs. YAML keys are exactly these field names."""
 
     method: Literal["sft", "grpo", "cal-grpo"] = _help(
-        "Training method: sft (cross-entropy on the decision token), grpo, or cal-grpo "
-        "(GRPO with the decision-token advantage zeroed plus cal_lambda * CE).", default="sft")
+        "Training method: sft (cross-entropy on the decision token; with reasoning: the reasoning warm start, "
+        "SFT on whole <think> completions), grpo, or cal-grpo (GRPO with the decision-token advantage zeroed "
+        "plus cal_lambda * CE).", default="sft")
     model: str = _help("Base model: hub id, local folder or .gguf file.", default="")
     task: str = _help("Task name (see `decal tasks list`) or a JSONL/CSV task file.", default="")
     split: str = _help("Training split of the task.", default="train")
     data_dir: str | None = _help("Folder with the paper datasets (default: $DECAL_DATA_DIR).", default=None)
     reasoning: bool | None = _help(
-        "Prompt with the reasoning template; None: True for grpo/cal-grpo, False for sft.", default=None)
+        "Prompt with the reasoning template; None: True for grpo/cal-grpo, False for sft. sft with reasoning is "
+        "the warm start: it trains on <think>RATIONALE</think> LABEL completions, labels drawn from the "
+        "task's true probabilities.", default=None)
+    init_adapter: str | None = _help(
+        "LoRA adapter folder to continue training (e.g. a warm start's adapter); its LoRA settings replace the "
+        "lora_* fields. None starts a new adapter.", default=None)
     out: str = _help("Output folder: adapter/, checkpoint-N/, config.resolved.yaml, train_log.jsonl.", default="")
     learning_rate: float | None = _help("AdamW learning rate; None: 2e-4 (sft) or 1e-3 (grpo).", default=None)
     epochs: float | None = _help("Training epochs; None: 5 (sft) or 20 (grpo). Ignored when max_steps > 0.",
@@ -152,9 +158,9 @@ class TrainConfig:
         if self.method != "sft" and self.truncate_prompts:
             raise ConfigError(f"`truncate_prompts` applies to sft only; got True with {self.method}. TRL 1.16's "
                               f"GRPOConfig has no prompt truncation; `max_prompt_length` alone checks the prompts.")
-        if self.method == "sft" and self.reasoning:
-            raise ConfigError("`reasoning` must be False (or unset) for sft; got True. SFT trains the decision "
-                              "token right after the non-reasoning prompt; use grpo or cal-grpo for reasoning.")
+        if self.method == "sft" and self.reasoning and self.max_prompt_length is not None:
+            raise ConfigError(f"`max_prompt_length` applies to decision-token sft only; got {self.max_prompt_length!r} "
+                              "with reasoning. The warm start trains on whole prompts, as generation sees them.")
 
     def check_runnable(self) -> None:
         """Raise ConfigError when a field a run needs (model, task, out) is empty."""

@@ -19,6 +19,26 @@ over the options) and ``q`` (the paper's target) is a distribution over the K op
 A completion without a valid decision (``emitted_index == -1``) gets an all-zero target row and
 no CE term. The CE is averaged over the rows that have a target.
 
+What each target aims at (issue #15 item 5; `tests/test_losses.py` checks both views exactly).
+For fixed targets the expected CE ``-sum_k w_k log p_k`` over the options is minimised at
+``p = w``, the expected target.
+
+- Open loop (the issue's argument): fix the emitted option e of a decision context whose
+  emission is right with probability a (the true probability of e). "uniform" targets one-hot
+  on e with weight a and 1/K on every option with weight 1 - a, so ``w_e = a + (1 - a)/K``, above
+  a: an overconfidence of ``(1 - a)/K``. "group-accuracy" with group accuracy a targets
+  ``w_e = max(a, 1/K)``, i.e. a itself when a >= 1/K.
+- Closed loop (what training does when the decision token is sampled, at temperature 1, from
+  the same distribution p that the CE trains, and the gold label is drawn from a truth t): the
+  emitted option is itself drawn from p, and the stationary point is ``p = E_{y~p, g~t} q(y, g)``.
+  For "uniform", ``p_k (1 - t_k) = (1 - sum_j p_j t_j)/K`` for every k, so ``p_k`` is
+  proportional to ``1/(1 - t_k)``: exactly ``p = t`` (calibrated) when K = 2, and below t on the
+  most likely option when K > 2. For "group-accuracy" the target ignores which option was right,
+  so ``p_k = p_k a' + (1 - p_k)(1 - a')/(K - 1)`` with ``a' = max(a, 1/K) < 1``, whose only
+  solution is ``p_k = 1/K``: alone, it pulls the decision towards uniform. Which view describes a
+  run depends on how much of the decision the CE (rather than the reasoning the policy gradient
+  trains) determines; the verdicts task measures it.
+
 Gradient. For a row with targets ``q`` placed on the option token ids (zero elsewhere in the
 vocabulary), ``d CE / d logits = (sum_k q_k) * softmax(logits) - q``. Every row that
 `decision_targets` builds sums to 1, so the gradient of `decision_ce` is

@@ -7,7 +7,7 @@ Steps of `train(config)`:
 2. load the task split, check that OUT can be created, and load the base model
    (`decal.models.load_model`, float32 by default), so bad input writes nothing (issue #9);
 3. write `OUT/config.resolved.yaml` and `OUT/env.json` atomically;
-4. train with LoRA through PEFT, saving `OUT/checkpoint-N/` every `save_steps` steps and
+4. train with LoRA through PEFT (a new adapter, or `init_adapter` continued), saving `OUT/checkpoint-N/` every `save_steps` steps and
    appending every log dict to `OUT/train_log.jsonl`; `resume=True` continues from the newest
    complete checkpoint (also after a SIGKILL);
 5. save the final adapter to `OUT/adapter/` (loadable with `decal evaluate --adapter`);
@@ -118,6 +118,10 @@ def training_arguments(config: TrainConfig, *, progress: bool = True):
     """
     common = _common_arguments(config, progress=progress)
     try:
+        if config.method == "sft" and config.reasoning:
+            from .warm_start import warm_start_arguments
+
+            return warm_start_arguments(common)
         if config.method == "sft":
             from transformers import TrainingArguments
 
@@ -248,23 +252,47 @@ def _load_task(cfg: TrainConfig):
         task = dataclasses.replace(task, examples=task.examples[: cfg.limit])
     if len(task) == 0:
         raise ConfigError(f"task {cfg.task!r} split {cfg.split!r} has no examples to train on.")
+    if cfg.method == "sft" and cfg.reasoning:
+        from .warm_start import check_rationales
+
+        check_rationales(task)
     return task
 
 
-def _build_trainer(cfg: TrainConfig, args, *, model, tokenizer, task, out: Path):
+def _build_trainer(cfg: TrainConfig, args, *, model, tokenizer, task, out: Path, peft_config):
     callbacks = [JsonlLogCallback(out / TRAIN_LOG_NAME)]
+    if cfg.method == "sft" and cfg.reasoning:
+        from .warm_start import build_warm_start_trainer
+
+        return build_warm_start_trainer(model=model, tokenizer=tokenizer, task=task, args=args,
+                                        peft_config=peft_config, callbacks=callbacks)
     if cfg.method == "sft":
         from .sft import build_sft_trainer
 
-        return build_sft_trainer(model=model, tokenizer=tokenizer, task=task, args=args, peft_config=lora_config(cfg),
+        return build_sft_trainer(model=model, tokenizer=tokenizer, task=task, args=args, peft_config=peft_config,
                                  callbacks=callbacks, max_prompt_length=cfg.max_prompt_length,
                                  truncate_prompts=cfg.truncate_prompts,
                                  auto_checkpointing=cfg.gradient_checkpointing is None)
     from .grpo import build_grpo_trainer
 
-    return build_grpo_trainer(model=model, tokenizer=tokenizer, task=task, args=args, peft_config=lora_config(cfg),
+    return build_grpo_trainer(model=model, tokenizer=tokenizer, task=task, args=args, peft_config=peft_config,
                               callbacks=callbacks, max_prompt_length=cfg.max_prompt_length,
                               auto_checkpointing=cfg.gradient_checkpointing is None)
+
+
+def _check_init_adapter(cfg: TrainConfig) -> None:
+    if cfg.init_adapter is not None and not (Path(cfg.init_adapter) / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"`init_adapter` {cfg.init_adapter} is not a LoRA adapter folder (no adapter_config.json)")
+
+
+def _continue_adapter(model, cfg: TrainConfig):
+    """(model, peft_config): the base model with `init_adapter` attached and trainable, or a new LoRA config."""
+    if cfg.init_adapter is None:
+        return model, lora_config(cfg)
+    from peft import PeftModel
+
+    logger.info("continuing the LoRA adapter %s (its LoRA settings replace the lora_* fields)", cfg.init_adapter)
+    return PeftModel.from_pretrained(model, cfg.init_adapter, is_trainable=True), None
 
 
 def _save_final_adapter(trainer, out: Path) -> None:
@@ -312,13 +340,15 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     # 2. task, output folder and model are checked before anything is written, so a bad task
     #    file, an unwritable --out or a missing model leaves no half-made run folder (issue #9)
     task = _load_task(cfg)
+    _check_init_adapter(cfg)
     _check_writable(out)
     set_seed(cfg.seed)
     dtype = _training_dtype(cfg)
     model, tokenizer = load_model(cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
                                   allow_pickle=cfg.allow_pickle)
+    model, peft_config = _continue_adapter(model, cfg)
     # the trainer checks every prompt's length first (issue #13), so a prompt that cannot fit writes nothing
-    trainer = _build_trainer(cfg, args, model=model, tokenizer=tokenizer, task=task, out=out)
+    trainer = _build_trainer(cfg, args, model=model, tokenizer=tokenizer, task=task, out=out, peft_config=peft_config)
     if _is_main_process():
         _write_run_files(out, cfg, dtype)  # 3.
     checkpoint = last_checkpoint(out) if resume else None
