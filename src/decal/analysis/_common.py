@@ -97,7 +97,8 @@ def check_run_config(out_dir: Path, config: dict, *, write: bool = True, unknown
     """
     path = out_dir / "run.json"
     if path.exists():
-        old = {**_LEGACY, **read_json(path)}
+        # run.json written before a setting existed holds its default (runs from older versions resume)
+        old, config = {**_LEGACY, **read_json(path)}, {**_LEGACY, **config}
         diff = sorted(k for k in set(old) | set(config) if k not in unknown and old.get(k) != config.get(k))
         if diff:
             details = ", ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in diff)
