@@ -129,7 +129,7 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float) -> None:
 def test_killed_run_resumes_without_redoing_finished_steps(tiny_qwen3_dir, tmp_path):
     data = _grid(tiny_qwen3_dir, methods=[BASE])
     # Bit-equal results across processes need float32: on a CPU with native bfloat16 (where `auto`
-    # picks it), oneDNN's two-thread bfloat16 kernels gave probabilities that differ by ~3e-3
+    # picks it), PyTorch's two-thread CPU bfloat16 kernels gave probabilities that differ by ~3e-3
     # (relative) between processes when the machine was busy as they started (measured; one
     # thread, or float32, gave the same bits every time). This failed in CI before the pin.
     data["evaluation"]["dtype"] = "float32"

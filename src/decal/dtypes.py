@@ -14,7 +14,7 @@ An explicit dtype always wins; an explicit bfloat16 on a CPU without native supp
 with the measured slowdown. The resolved dtype and the reason go into each run's metadata.
 
 Reproducibility: float32 gives the same bits in every process. CPU bfloat16 does not quite:
-oneDNN's two-thread bfloat16 kernels gave probabilities ~3e-3 (relative) apart between processes
+PyTorch's two-thread CPU bfloat16 kernels gave probabilities ~3e-3 (relative) apart between processes
 started while the machine was busy (one thread gave the same bits), so tests and users that need
 bit-equal reruns across processes pass float32.
 """
