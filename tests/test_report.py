@@ -148,3 +148,16 @@ def test_truth_tables_only_with_truth_metrics(tmp_path, experiment):
     t2 = by_key["tableT2"]
     assert t2.title.startswith("Table T2: true calibration error") and [r[1] for r in t2.rows] == ["None", "Platt"]
     assert "12.30" in t2.rows[1]
+
+
+def test_lambda_table_holds_only_the_swept_entry_and_its_variants(tmp_path):
+    """A second cal-grpo entry (another target, another lambda) is not a point of the lambda sweep."""
+    data = tiny_config()
+    data["methods"].append({"name": "cal-grpo-group", "method": "cal-grpo",
+                            "train": {"max_steps": 2, "cal_lambda": 1.0, "cal_target": "group-accuracy"}})
+    root = tmp_path / "exp"
+    run_experiment(experiment_config_from_dict(data), out=root, executor=FakeDecal())
+    by_key = {t.key: t for t in build_tables(root)[0]}
+    # Per dataset: the main run (lambda 0.001) and its 0.005 variant; no third row at lambda 1.
+    assert [r[1] for r in by_key["table8"].rows] == ["0.001", "0.005", "0.001", "0.005"]
+    assert "Ours (cal-grpo-group)" in [r[1] for r in by_key["table4"].rows]

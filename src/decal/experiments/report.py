@@ -164,7 +164,11 @@ def _posthoc_table(models, methods, datasets, index, *, ci, metric: str = "ece",
 
 def _sweep_table(key, title, kind, param, symbol, experiment, models, datasets, index, *, ci) -> Table | None:
     """Tables 8/9: for each model with variants of `kind`, rows dataset x param value; Acc, ECE."""
-    entries = [m for m in experiment["methods"] if m["method"] == kind]
+    # Only the swept entries (the base entry of a sweep and its variants): another entry of the same
+    # kind differs in more than this parameter (say cal-grpo with the group-accuracy target at lambda 1)
+    # and would sit in the table as a second, mislabelled point.
+    swept = {s["method"] for s in experiment["config"].get("sweeps") or [] if s["param"] == param}
+    entries = [m for m in experiment["methods"] if m["method"] == kind and m["name"] in swept]
     if not any(m["variant"] for m in entries):
         return None
     rows, tips = [], []
