@@ -15,10 +15,12 @@ from decal.analysis.swap import (
     ReasoningParts,
     SwapConfig,
     choose_donor,
+    closing_token_ids,
     greedy_row,
     run_swap,
     split_reasoning,
     summarize_swaps,
+    swapped_ids,
     swapped_prompt,
     swaps_table,
 )
@@ -145,6 +147,7 @@ def test_greedy_row_cuts_valid_and_forced_completions():
     )
     row = greedy_row(_example("e", "Safe"), valid, tok, task="t", split="s", labels=LABELS, marker="</think>")
     assert (row["opening"], row["reasoning"], row["closing"]) == ("<think>\n", "rude", "\n</think>\n\n")
+    assert row["closing_ids"] == [ord(c) for c in "\n</think>\n\n"]
     assert row["prediction"] == "Unsafe" and row["valid"] and not row["forced"] and row["confidence"] == 0.98
     forced = SimpleNamespace(
         completion_ids=[1], completion="It is fine", decision=Decision(-1, -1),
@@ -153,7 +156,39 @@ def test_greedy_row_cuts_valid_and_forced_completions():
     row = greedy_row(_example("e", "Safe"), forced, tok, task="t", split="s", labels=LABELS, marker="</think>")
     # the forced decision appended the marker and a newline; the cut mirrors it
     assert (row["opening"], row["reasoning"], row["closing"]) == ("", "It is fine", "</think>\n")
+    assert row["closing_ids"] is None  # the forced suffix was never generated: no ids of the model's own
     assert row["prediction"] == "Safe" and not row["valid"] and not row["correct"] and row["confidence"] == 0.7
+
+
+def test_closing_ids_are_the_models_own_tail_or_none():
+    vocab = {1: "<think>\nok.", 2: "\n</think>", 3: "\n\n", 4: "ok.\n", 5: "</think>\n\n"}
+    tok = SimpleNamespace(decode=lambda ids, **kw: "".join(vocab[i] for i in ids))
+    assert closing_token_ids([1, 2, 3], "\n</think>\n\n", tok) == [2, 3]
+    # the reasoning and the closing share token 4: no tail decodes to the closing exactly
+    assert closing_token_ids([4, 5], "\n</think>\n\n", tok) is None
+
+
+def test_swap_scores_the_models_own_closing_tokens_on_smollm2():
+    """SmolLM2 emits `</think>` then two single newlines; the text re-encoded in one piece ends in
+    one `\n\n` token instead. The swapped sequence must end in the model's own ids."""
+    from decal.models import load_tokenizer
+    from decal.scoring import encode_prompts
+
+    tok = load_tokenizer("smollm2-135m-instruct")
+    own_closing = tok.convert_tokens_to_ids(["Ċ", "</", "think", ">", "Ċ", "Ċ"])
+    head_ids = encode_prompts(tok, ["<think>\ngreat +: 1 positive."])[0] + own_closing
+    parts = split_reasoning(tok.decode(head_ids))
+    closing = closing_token_ids(head_ids, parts.closing, tok)
+    assert closing == own_closing
+    recipient = {"opening": parts.opening, "reasoning": parts.reasoning, "closing": parts.closing, "closing_ids": closing}
+    donor = {"reasoning": "awful -: 1 negative."}
+    prompt = "<|im_start|>user\nverdicts: awful<|im_end|>\n<|im_start|>assistant\n"
+    text = swapped_prompt(prompt, recipient, donor)
+    ids = swapped_ids(tok, prompt, recipient, donor, text)
+    assert ids[-len(own_closing):] == own_closing and tok.decode(ids) == text
+    assert encode_prompts(tok, [text])[0][-len(own_closing):] != own_closing  # why the ids are kept
+    # without closing ids (older records, forced decisions), the text in one piece
+    assert swapped_ids(tok, prompt, {**recipient, "closing_ids": None}, donor, text) == encode_prompts(tok, [text])[0]
 
 
 def test_choose_donor_picks_another_label_deterministically():

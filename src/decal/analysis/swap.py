@@ -10,8 +10,10 @@ Two phases, each resumable, both through the scoring code of `decal evaluate`:
    other examples of the same split whose greedy decision was a different label (and whose
    reasoning is not empty). The swapped prompt is the original prompt + the recipient's
    opening + the donor's reasoning + the recipient's closing, so it has the shape of the
-   model's own completion up to its decision position; one forward pass
-   (`decal.scoring.score_prompts`) reads the decision there. One JSON line per eligible example
+   model's own completion up to its decision position. The closing is the recipient's own
+   token ids (the same text re-tokenized in one piece can end in other tokens, and the model's
+   next token there is not a decision); one forward pass (`decal.scoring.score_token_ids`)
+   reads the decision there. One JSON line per eligible example
    in `swaps.jsonl`. With `include_invalid`, predictions without a valid decision take part
    too, at their forced decision (DESIGN.md): the whole completion is their reasoning and the
    marker is appended, which lets the experiment run on models that ignore the format.
@@ -170,6 +172,9 @@ def greedy_row(example, generation, tokenizer, *, task: str, split: str, labels:
     else:
         head = generation.completion + forced_decision_suffix(generation.completion, marker)
     parts = split_reasoning(head, marker=marker)
+    closing_ids = None
+    if parts is not None and generation.decision.index >= 0:
+        closing_ids = closing_token_ids(list(generation.completion_ids[: generation.decision.index]), parts.closing, tokenizer)
     return {
         "id": example.id,
         "task": task,
@@ -185,7 +190,29 @@ def greedy_row(example, generation, tokenizer, *, task: str, split: str, labels:
         "emitted_token": generation.emitted_token,
         "completion": generation.completion,
         **(asdict(parts) if parts else {"opening": None, "reasoning": None, "closing": None}),
+        "closing_ids": closing_ids,
     }
+
+
+def closing_token_ids(head_ids: Sequence[int], closing: str, tokenizer) -> list[int] | None:
+    """The model's own token ids of `closing`: the shortest tail of `head_ids` that decodes to it.
+
+    The same text tokenized in one piece can differ from what the model emitted (SmolLM2 writes
+    `</think>` then two `\n` tokens; `"...</think>\n\n"` encodes to one `\n\n` token, after which
+    its top token is another newline). A swap scores the donor's reasoning followed by these ids,
+    so the decision is read at the position the model itself reached.
+
+    Returns:
+        The ids, or None when no tail decodes to exactly `closing` (the reasoning and the closing
+        share a token); the swap then encodes the text in one piece.
+    """
+    for k in range(1, len(head_ids) + 1):
+        text = tokenizer.decode(list(head_ids[-k:]), skip_special_tokens=False)
+        if text == closing:
+            return [int(i) for i in head_ids[-k:]]
+        if len(text) > len(closing):
+            return None
+    return None
 
 
 def choose_donor(example_id: str, prediction: str, candidates: Mapping[str, str], *, seed: int) -> str | None:
@@ -218,6 +245,19 @@ def swapped_prompt(prompt: str, recipient: Mapping, donor: Mapping) -> str:
         recipient, donor: greedy rows (`opening`, `reasoning`, `closing`).
     """
     return f"{prompt}{recipient['opening']}{donor['reasoning']}{recipient['closing']}"
+
+
+def swapped_ids(tokenizer, prompt: str, recipient: Mapping, donor: Mapping, text: str) -> list[int]:
+    """Token ids of `swapped_prompt`: the text up to the donor's reasoning, then the recipient's own
+    closing ids (`closing_ids`, see `closing_token_ids`); `text` encoded in one piece when the
+    recipient has none (forced decisions, a shared boundary token, records of older runs)."""
+    from ..scoring import encode_prompts
+
+    own = recipient.get("closing_ids")
+    if not own:
+        return encode_prompts(tokenizer, [text])[0]
+    head = f"{prompt}{recipient['opening']}{donor['reasoning']}"
+    return encode_prompts(tokenizer, [head])[0] + [int(i) for i in own]
 
 
 def _swap_row(recipient: Mapping, donor: Mapping | None, text: str | None, scores, *, labels: Sequence[str]) -> dict:
@@ -362,7 +402,7 @@ def _swap_phase(
     engine, task, greedy, prompts, decision_tokens, path: Path, config: SwapConfig, progress: bool
 ) -> list[dict]:
     from ..records import RecordWriter, completed_ids
-    from ..scoring import score_prompts
+    from ..scoring import score_token_ids
 
     by_id = {g["id"]: g for g in greedy}
     # Donors: valid greedy decisions (or any, with include_invalid) with a reasoning to lend.
@@ -376,8 +416,10 @@ def _swap_phase(
             chunk = pending[start : start + step]
             donors = [choose_donor(g["id"], g["prediction"], candidates, seed=config.seed) for g in chunk]
             texts = [swapped_prompt(prompts[g["id"]], g, by_id[d]) if d else None for g, d in zip(chunk, donors)]
-            to_score = [t for t in texts if t is not None]
-            scored = score_prompts(engine, None, to_score, decision_tokens, batch_size=config.batch_size) if to_score else []
+            to_score = [swapped_ids(engine.tokenizer, prompts[g["id"]], g, by_id[d], t) for g, d, t in zip(chunk, donors, texts) if t is not None]
+            if to_score:
+                engine.check_prompt_lengths([len(ids) for ids in to_score], reserve=1)
+            scored = score_token_ids(engine, None, to_score, decision_tokens, batch_size=config.batch_size) if to_score else []
             scores = iter(scored)
             writer.write_batch(
                 _swap_row(g, by_id[d] if d else None, t, next(scores) if t else None, labels=task.labels)
