@@ -153,21 +153,55 @@ def _lock_state_dir(state_dir: Path):
 
 
 class DecisionLog:
-    """The server's decision log over a `DecisionStore` and a `Monitor` (module docstring).
+    """The server's decision log over a `DecisionStore`, feeding its `Monitor` (module docstring).
 
     Args:
-        store: the open store; monitor: fed after each commit; state_dir: locked while the log lives.
+        store: the open store; lock: the state dir's lock handle (released by `close`).
         log_bodies: store each input's text (else only its hash).
     """
 
-    def __init__(self, store: DecisionStore, monitor: Monitor, *, state_dir: str | os.PathLike | None = None,
-                 log_bodies: bool = False):
-        self.store, self.monitor, self.log_bodies = store, monitor, log_bodies
-        self._lockfile = _lock_state_dir(Path(state_dir)) if state_dir is not None else None
+    def __init__(self, store: DecisionStore, *, lock=None, log_bodies: bool = False):
+        self.store, self.log_bodies = store, log_bodies
+        self.monitor = Monitor()
+        self._lockfile = lock
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decal-log")
         self._lock = threading.Lock()
         self._pending: list[_Job] = []
         self._draining = False
+
+    @classmethod
+    def open(cls, state_dir: str | os.PathLike, *, log_bodies: bool = False) -> "DecisionLog":
+        """Open (or create) the store under `state_dir` and lock it; fast, so bad state dirs fail at startup.
+
+        Raises:
+            StateDirBusy: another server holds the state dir.
+            DataError, ValueError, NotADirectoryError: see `decal.serve.store.open_store`.
+        """
+        from .store import open_store
+
+        store = open_store(state_dir)
+        try:
+            lock = _lock_state_dir(Path(state_dir))
+        except StateDirBusy:
+            store.close()
+            raise
+        return cls(store, lock=lock, log_bodies=log_bodies)
+
+    def resume(self, settings: dict) -> Epoch:
+        """Blocking: rebuild the monitor from the store, then continue its last epoch if it had
+        these settings, else start a new one. Returns the epoch now served."""
+        self.monitor.rebuild(self.store)
+        normal = json.loads(json.dumps(settings, sort_keys=True, allow_nan=False))
+        epochs = self.store.epochs()
+        epoch = epochs[-1] if epochs and epochs[-1].settings == normal else self.store.add_epoch(normal, started=time.time())
+        self.monitor.start_epoch(epoch)
+        return epoch
+
+    def new_epoch(self, settings: dict) -> Epoch:
+        """Blocking (run it with `call`): record a new epoch and make it the monitor's current one."""
+        epoch = self.store.add_epoch(settings, started=time.time())
+        self.monitor.start_epoch(epoch)
+        return epoch
 
     async def call(self, fn: Callable[[], Any]) -> Any:
         """Run `fn` on the writer thread, in order with the writes (e.g. starting an epoch)."""

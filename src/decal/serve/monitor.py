@@ -1,7 +1,7 @@
 """The monitor of `decal serve`: rolling figures, the label-free accuracy estimate and the two alarms.
 
 Fed by the decision log (`decal.serve.decision_log`) in the order rows are committed, and rebuilt
-from the store after a restart (`Monitor.replay`), it reports on ``GET /v1/monitor``, as
+from the store after a restart (`Monitor.rebuild`), it reports on ``GET /v1/monitor``, as
 Prometheus gauges (`MonitorCollector`) and over time in `decal monitor` (`monitor_history`). The
 vocabulary is NannyML's and Evidently's: the *reference window* is the calibration run, the
 *analysis window* the last `window` decisions (and the last `window` labels), an *alert* an
@@ -31,15 +31,15 @@ import hashlib
 import math
 import threading
 from collections import deque
-from dataclasses import replace
-from typing import Iterable
+from dataclasses import dataclass, replace
+from typing import Callable, Iterable
 
 import numpy as np
 
 from .alarms import DriftAlarm, GuaranteeAlarm
 from .store import DecisionRow, DecisionStore, Epoch
 
-__all__ = ["DRIFT_SCORES", "EpochMonitor", "Monitor", "MonitorCollector", "load_reference", "monitor_history", "theta"]
+__all__ = ["DRIFT_SCORES", "EpochMonitor", "Monitor", "MonitorCollector", "ReferenceRun", "monitor_history", "theta"]
 
 DRIFT_SCORES = ("confidence", "label_mass")
 BET_WINDOW = 25  # labels: memory of the guarantee alarm's bets (decal.serve.alarms)
@@ -60,28 +60,39 @@ def _raw(record):
                    option_probs=[float(p) for p in extra["uncalibrated_option_probs"]], extra={})
 
 
-def load_reference(run_dir, calibrator=None) -> dict:
-    """The reference window from a run folder: each record's calibrated confidence and label mass.
+@dataclass(frozen=True)
+class ReferenceRun:
+    """The reference window's run: its records as they were before any post-hoc calibration.
 
-    The records are taken back to their raw values (a `decal calibrate` run keeps them) and the
-    served `calibrator` is applied, so reference and served scores are computed alike.
-
-    Returns:
-        ``{"source", "sha256", "n", "confidence": [...], "label_mass": [...]}`` (JSON-ready).
+    `window(calibrator)` applies the served calibrator to them, so reference and served scores
+    are computed alike, however the run itself was calibrated.
     """
-    from pathlib import Path
 
-    from ..calibrators import apply_calibrator
-    from ..records import read_records, records_to_arrays
-    from .settings import file_sha256
+    source: str
+    sha256: str
+    records: tuple
 
-    path = Path(run_dir)
-    records = [_raw(r) for r in read_records(path)]
-    served = apply_calibrator(calibrator, records) if calibrator is not None else records
-    file = path / "predictions.jsonl" if path.is_dir() else path
-    return {"source": str(path), "sha256": file_sha256(file), "n": len(records),
-            "confidence": [float(r.confidence) for r in served],
-            "label_mass": records_to_arrays(records).option_probs.sum(axis=1).tolist()}
+    @classmethod
+    def read(cls, run_dir) -> "ReferenceRun":
+        """Read a run folder (or its predictions.jsonl); errors name the file and line."""
+        from pathlib import Path
+
+        from ..records import read_records
+        from .settings import file_sha256
+
+        path = Path(run_dir)
+        file = path / "predictions.jsonl" if path.is_dir() else path
+        return cls(str(path), file_sha256(file) if file.is_file() else "", tuple(_raw(r) for r in read_records(path)))
+
+    def window(self, calibrator=None) -> dict:
+        """``{"source", "sha256", "n", "confidence": [...], "label_mass": [...]}`` (JSON-ready) under `calibrator`."""
+        from ..calibrators import apply_calibrator
+        from ..records import records_to_arrays
+
+        served = apply_calibrator(calibrator, self.records) if calibrator is not None else self.records
+        return {"source": self.source, "sha256": self.sha256, "n": len(self.records),
+                "confidence": [float(r.confidence) for r in served],
+                "label_mass": records_to_arrays(list(self.records)).option_probs.sum(axis=1).tolist()}
 
 
 def _mean(values) -> float | None:
@@ -138,7 +149,12 @@ class EpochMonitor:
         if rows:
             conf = np.array([r[0] for r in rows])
             out["ece"] = ece(conf, np.array([r[3] for r in rows]), n_bins=min(10, len(rows)))
-            out["brier"] = brier(np.array([r[1] for r in rows]), np.array([r[2] for r in rows]))
+            probs = np.array([r[1] for r in rows], dtype=np.float64)
+            # Without a calibrator the "calibrated" probabilities are the raw full-vocabulary ones:
+            # over the options they become class_probs as in `decal.records.records_to_arrays`.
+            totals = probs.sum(axis=1, keepdims=True)
+            class_probs = np.where(totals > 0, probs / np.where(totals > 0, totals, 1.0), 1.0 / probs.shape[1])
+            out["brier"] = brier(class_probs, np.array([r[2] for r in rows]))
         return out
 
     def _reference(self) -> dict | None:
@@ -197,15 +213,17 @@ class Monitor:
             current = self.epochs[self.current].snapshot() if self.current is not None else {}
             return {"decisions": self.decisions, "labelled": self.labelled, **current}
 
-    @classmethod
-    def replay(cls, store: DecisionStore) -> "Monitor":
-        """The monitor a server had when it stopped, from its store (decisions, then labels, each in order)."""
-        monitor = cls()
+    def rebuild(self, store: DecisionStore) -> "Monitor":
+        """Refill this (empty) monitor from a store: the state the server had when it stopped.
+
+        Decisions, then labels, each in their order: the two streams feed separate parts of the
+        state, so the result equals feeding them interleaved as they arrived.
+        """
         for epoch in store.epochs():
-            monitor.start_epoch(epoch)
-        monitor.observe_decisions(store.decisions())
-        monitor.observe_labels((row, fb.label) for fb, row in store.feedback())
-        return monitor
+            self.start_epoch(epoch)
+        self.observe_decisions(store.decisions())
+        self.observe_labels((row, fb.label) for fb, row in store.feedback())
+        return self
 
 
 def _events(store: DecisionStore) -> list[tuple[float, int, object]]:
@@ -234,7 +252,7 @@ def monitor_history(store: DecisionStore, *, points: int = 200) -> tuple[list[di
     """The monitor's figures over time: about `points` rows, plus one at each alarm's first firing.
 
     Events (decisions and labels) are replayed in time order; the final state equals
-    `Monitor.replay`'s. Returns (rows, the final monitor).
+    `Monitor.rebuild`'s. Returns (rows, the final monitor).
     """
     events = _events(store)
     every = max(1, math.ceil(len(events) / points))
@@ -259,15 +277,20 @@ def monitor_history(store: DecisionStore, *, points: int = 200) -> tuple[list[di
 
 
 class MonitorCollector:
-    """Prometheus collector: the monitor's current figures as ``decal_monitor_*`` gauges, read at scrape time."""
+    """Prometheus collector: the monitor's current figures as ``decal_monitor_*`` gauges, read at scrape time.
 
-    def __init__(self, monitor: Monitor):
+    Args:
+        monitor: returns the monitor, or None while there is none (no log, or not loaded yet).
+    """
+
+    def __init__(self, monitor: Callable[[], Monitor | None]):
         self.monitor = monitor
 
     def collect(self):
         from prometheus_client.core import GaugeMetricFamily
 
-        snap = self.monitor.snapshot()
+        monitor = self.monitor()
+        snap = monitor.snapshot() if monitor is not None else {}
         if "epoch" not in snap:
             return
         analysis, labelled, alarms = snap["analysis_window"], snap["labelled_window"], snap["alarms"]
