@@ -61,6 +61,7 @@ __all__ = [
     "N_BINS",
     "EPSILONS",
     "JUMP_RATE",
+    "BET_WINDOW",
     "quantize",
     "guarantee_step",
     "guarantee_log_capital",
@@ -77,6 +78,7 @@ N_BINS = 1 << 14
 _LOGIT_RANGE = 20.0  # logits clipped to [-20, 20]: probabilities within 2e-9 of 0 or 1 tie
 EPSILONS = (-1.0, -0.5, 0.0, 0.5, 1.0)  # crepes' EpsilonBettingFunction default
 JUMP_RATE = 0.01  # crepes' SimpleJumper default
+BET_WINDOW = 25  # labels: memory of the guarantee alarm's bet estimates (delays measured in README)
 _TRUNCATION = 0.5  # bets at most half of what the capital can lose (confseq's trunc_scale)
 
 
@@ -143,7 +145,7 @@ def _check_target(target) -> float:
     return float(target)
 
 
-def guarantee_log_capital(correct, *, target: float, window: int = 100) -> np.ndarray:
+def guarantee_log_capital(correct, *, target: float, window: int = BET_WINDOW) -> np.ndarray:
     """Log capital ``log K_t`` after each step, for streams of labels (module docstring).
 
     Args:
@@ -188,7 +190,7 @@ class GuaranteeAlarm:
         (it stays on); fired_at: the number of labels when it first fired (None before).
     """
 
-    def __init__(self, target: float, *, alpha: float = 0.05, window: int = 100):
+    def __init__(self, target: float, *, alpha: float = 0.05, window: int = BET_WINDOW):
         self.target, self.alpha, self.window = _check_target(target), _check_alpha(alpha), int(window)
         self._state = _guarantee_start(self.target, 1)
         self.fired_at: int | None = None

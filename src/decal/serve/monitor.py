@@ -42,7 +42,6 @@ from .store import DecisionRow, DecisionStore, Epoch
 __all__ = ["DRIFT_SCORES", "EpochMonitor", "Monitor", "MonitorCollector", "ReferenceRun", "monitor_history", "theta"]
 
 DRIFT_SCORES = ("confidence", "label_mass")
-BET_WINDOW = 25  # labels: memory of the guarantee alarm's bets (decal.serve.alarms)
 
 
 def theta(decision_id: str, score: str) -> float:
@@ -109,7 +108,7 @@ class EpochMonitor:
         alpha = float(s.get("alarm_alpha", 0.05))
         threshold = s.get("threshold") or {}
         self.target = threshold.get("target_accuracy")
-        self.guarantee = GuaranteeAlarm(self.target, alpha=alpha, window=BET_WINDOW) if self.target else None
+        self.guarantee = GuaranteeAlarm(self.target, alpha=alpha) if self.target else None
         reference = s.get("reference")
         self.drift = DriftAlarm({k: (reference[k] if reference else []) for k in DRIFT_SCORES}, alpha=alpha)
         self.decision_window: deque = deque(maxlen=self.window)  # (calibrated confidence, label mass, defer)

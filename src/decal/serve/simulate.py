@@ -30,7 +30,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .alarms import conformal_p_values, first_crossing, guarantee_log_capital, simple_jumper_log
+from .alarms import BET_WINDOW, conformal_p_values, first_crossing, guarantee_log_capital, simple_jumper_log
 
 __all__ = ["StreamPool", "StreamResult", "verdicts_records", "stream_pool", "simulate_streams"]
 
@@ -165,7 +165,7 @@ class StreamResult:
 
 def simulate_streams(pool: StreamPool, shifted: StreamPool | None = None, *, n_streams: int = 500, n_reference: int = 500,
                      n_before: int = 500, n_after: int = 500, label_rate: float = 0.2, target: float,
-                     alpha: float = 0.05, window: int = 100, seed: int = 0) -> StreamResult:
+                     alpha: float = 0.05, window: int = BET_WINDOW, seed: int = 0) -> StreamResult:
     """Draw `n_streams` streams and run both alarms on each (module docstring).
 
     Args:
