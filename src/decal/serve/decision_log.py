@@ -8,6 +8,8 @@
   and returns the ids only when the rows are durable; the handler answers after that.
 - `DecisionLog.feedback` joins labels to ids in one transaction; `parse_feedback` checks the
   request and `feedback_results` turns the outcomes into per-item statuses (200, 404, 409, 422).
+- `feedback_records` turns the labelled decisions back into prediction records, for
+  `decal calibrate --fit-feedback`.
 - A lock on ``STATE_DIR/serve.lock`` keeps a second server off the same state dir.
 
 Without `--state-dir` there is no log: answers still get ids (`new_id`), nothing is stored, and
@@ -35,7 +37,7 @@ from .settings import CalibratorInfo, ThresholdInfo
 from .store import DecisionRow, DecisionStore, Epoch, FeedbackOutcome
 
 __all__ = ["ServingEpoch", "epoch_settings", "new_id", "input_fields", "decision_row", "DecisionLog",
-           "parse_feedback", "feedback_results", "MAX_FEEDBACK_ITEMS", "StateDirBusy"]
+           "feedback_records", "parse_feedback", "feedback_results", "MAX_FEEDBACK_ITEMS", "StateDirBusy"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,10 +57,10 @@ def new_id() -> str:
 
 
 def epoch_settings(*, model: str, adapter: str | None, calibrator: CalibratorInfo | None, threshold: ThresholdInfo | None,
-                   reference: dict | None, alarm_alpha: float, monitor_window: int) -> dict:
+                   reference: dict | None, alarm_alpha: float, monitor_window: int, task: str | None = None) -> dict:
     """The JSON an epoch row holds: enough for `decal monitor` to redo the monitor without the files."""
     return {
-        "model": model, "adapter": adapter,
+        "model": model, "adapter": adapter, "task": task,
         "calibrator": None if calibrator is None else {**calibrator.to_dict(), "params": calibrator.calibrator.to_dict()},
         "threshold": None if threshold is None else threshold.to_dict(),
         "reference": reference, "alarm_alpha": float(alarm_alpha), "monitor_window": int(monitor_window),
@@ -292,6 +294,53 @@ class DecisionLog:
         self.store.close()
         if self._lockfile is not None:
             self._lockfile.close()
+
+
+def feedback_records(state_dir: str | os.PathLike) -> tuple[list, dict]:
+    """The labelled decisions of a decision log as prediction records, for refitting a calibrator.
+
+    Only the decisions of the latest epoch's model and adapter count (the raw probabilities a
+    calibrator maps belong to them; the calibrator and threshold that answered do not matter).
+    Each record holds the raw option probabilities and confidence, the label as gold, and
+    ``correct`` as the monitor counts it.
+
+    Returns:
+        (records, run metadata with a one-line ``summary`` of what was used and left out).
+
+    Raises:
+        FileNotFoundError: no decision log; ValueError: no labelled decision of that model.
+    """
+    from ..records import PredictionRecord
+    from .store import open_store
+
+    store = open_store(state_dir, create=False)
+    try:
+        epochs = store.epochs()
+        labelled = list(store.feedback())
+    finally:
+        store.close()
+    if not epochs:
+        raise ValueError(f"{state_dir}: the decision log has no epoch yet")
+    latest = epochs[-1].settings
+    model, adapter, task = latest.get("model"), latest.get("adapter"), latest.get("task") or "feedback"
+    rows = [(fb, row) for fb, row in labelled if (row.model, row.adapter) == (model, adapter)]
+    if not rows:
+        raise ValueError(f"{state_dir}: no labelled decision of model {model!r} (adapter {adapter!r}); "
+                         f"send labels to POST /v1/feedback first ({len(labelled)} labelled decisions of other models)")
+    records = [
+        PredictionRecord(id=row.id, task=task, split="feedback", label=fb.label, prediction=row.decision,
+                         correct=row.is_correct(fb.label), valid=row.valid, confidence=row.confidence,
+                         option_probs=list(row.option_probs), labels=list(row.labels), model=row.model, adapter=row.adapter,
+                         extra={"decided_at": row.time, "labelled_at": fb.time, "epoch": row.epoch})
+        for fb, row in rows
+    ]
+    left_out = len(labelled) - len(rows)
+    summary = (f"feedback: {len(records)} labelled decisions of model {model}"
+               + (f" (adapter {adapter})" if adapter else "")
+               + (f"; {left_out} labelled decisions of other models left out" if left_out else ""))
+    meta = {"task": task, "split": "feedback", "model": model, "adapter": adapter, "state_dir": str(state_dir),
+            "n": len(records), "left_out": left_out, "summary": summary}
+    return records, meta
 
 
 def parse_feedback(body: dict) -> list[tuple[str, str] | InputError]:

@@ -90,7 +90,7 @@ def build_state(config: ServeConfig) -> ServerState:
     def settings(cal, thr) -> dict:
         window = reference.window(cal.calibrator if cal else None) if reference is not None else None
         return epoch_settings(model=config.model, adapter=config.adapter, calibrator=cal, threshold=thr, reference=window,
-                              alarm_alpha=config.alarm_alpha, monitor_window=config.monitor_window)
+                              alarm_alpha=config.alarm_alpha, monitor_window=config.monitor_window, task=config.task)
 
     log = DecisionLog.open(config.state_dir, log_bodies=config.log_bodies) if config.state_dir else None
     state = ServerState(config, loader=loader, info=info, unsafe_label=unsafe_label, log=log, epoch_settings=settings)
