@@ -374,9 +374,6 @@ def create_app(state: ServerState):
                                     "limits": limits, "moderation": state.unsafe_label is not None,
                                     "unsafe_label": state.unsafe_label})
 
-    async def monitor(request: Request, deadline: float):
-        return _json_response(200, {"state_dir": config.state_dir, **_log(state).monitor.snapshot()})
-
     async def decide(request: Request, deadline: float):
         body = await _read_json(request, state)
         for key in body:
@@ -397,6 +394,18 @@ def create_app(state: ServerState):
         _, answers, _, ids = await _decide(state, texts, param="input", deadline=deadline, endpoint="/v1/moderations")
         return _json_response(200, moderation_response(answers, model=state.info["model"], unsafe_label=state.unsafe_label,
                                                        decision_ids=ids))
+
+    app.add_api_route("/v1/decide", _route(state, decide), methods=["POST"])
+    app.add_api_route("/v1/moderations", _route(state, moderations), methods=["POST"])
+    _add_log_routes(app, state)
+    return _Guard(app, state)
+
+
+def _add_log_routes(app, state: ServerState) -> None:
+    """POST /v1/feedback, GET /v1/monitor, POST /v1/admin/reload."""
+
+    async def monitor(request: Request, deadline: float):
+        return _json_response(200, {"state_dir": state.config.state_dir, **_log(state).monitor.snapshot()})
 
     async def feedback(request: Request, deadline: float):
         log = _log(state)
@@ -419,12 +428,9 @@ def create_app(state: ServerState):
             changes[key] = value
         return _json_response(200, await _reload(state, changes, source="POST /v1/admin/reload"))
 
-    app.add_api_route("/v1/decide", _route(state, decide), methods=["POST"])
-    app.add_api_route("/v1/moderations", _route(state, moderations), methods=["POST"])
     app.add_api_route("/v1/feedback", _route(state, feedback), methods=["POST"])
     app.add_api_route("/v1/admin/reload", _route(state, reload), methods=["POST"])
     app.add_api_route("/v1/monitor", _route(state, monitor), methods=["GET"])
-    return _Guard(app, state)
 
 
 def _log(state: ServerState) -> DecisionLog:

@@ -7,7 +7,7 @@ it in time order (`decal.serve.monitor.monitor_history`), and writes into ``OUT`
 - ``monitor.png`` / ``.svg``: four panels over the number of decisions: accuracy of answered
   decisions (measured on labels, the label-free estimate, the promise), deferral rate / mean
   confidence / mean label mass, ECE and Brier of the labelled window, and both alarms' e-values
-  against their firing level 1/alpha; a vertical line where each alarm first fired, a dotted one
+  against their firing level 1/alpha (drawn up to 1e6); a vertical line where each alarm first fired, a dotted one
   at each new epoch (reload);
 - ``monitor.md`` or one self-contained ``monitor.html`` (the figure embedded): the current figures,
   the alarms, and the epochs;
@@ -28,6 +28,9 @@ __all__ = ["write_monitor_report", "history_figure"]
 _COLORS = {"accuracy": "#3b6ea8", "estimated_accuracy": "#5cb85c", "target_accuracy": "#222222", "deferral_rate": "#8e44ad",
            "mean_confidence": "#3b6ea8", "mean_label_mass": "#e67e22", "ece": "#d9534f", "brier": "#7f8c8d",
            "guarantee_e_value": "#d9534f", "drift_e_value": "#e67e22"}
+
+
+_E_CAP = 1e6  # e-values drawn at most this high
 
 
 def _series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
@@ -63,16 +66,19 @@ def history_figure(rows: list[dict], path: str | os.PathLike, *, alpha: float, t
         (axes[3], ("guarantee_e_value", "drift_e_value"), "e-value"),
     ]
     names = {"accuracy": "measured (labels)", "estimated_accuracy": "label-free estimate", "target_accuracy": "promise",
-             "guarantee_e_value": "guarantee alarm", "drift_e_value": "drift alarm"}
+             "guarantee_e_value": "guarantee alarm", "drift_e_value": "drift alarm", "ece": "ECE", "brier": "Brier"}
     for ax, keys, ylabel in panels:
         for key in keys:
             x, y = _series(rows, key)
+            if key.endswith("e_value"):  # past the alarm the evidence grows without bound: keep the level readable
+                y = [min(v, _E_CAP) for v in y]
             if x:
                 style = {"drawstyle": "steps-post", "linestyle": "--"} if key == "target_accuracy" else {}
                 ax.plot(x, y, color=_COLORS[key], linewidth=1.2, label=names.get(key, key.replace("_", " ")), **style)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
     axes[3].set_yscale("log")
+    axes[3].set_ylim(top=_E_CAP * 3)
     axes[3].axhline(1.0 / alpha, color="black", linewidth=0.8, linestyle=":", label=f"fires at 1/alpha = {1 / alpha:g}")
     marks = _marks(rows)
     for ax in axes:
