@@ -114,6 +114,7 @@ _WRITER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_every_acknowledged_row_survives_sigkill(tmp_path):
     state = tmp_path / "state"
     script = _WRITER.format(tests=os.path.dirname(__file__), state=str(state))
