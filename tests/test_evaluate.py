@@ -274,11 +274,6 @@ def test_cli_errors_are_one_line_and_nonzero(word_model_dir, tmp_path, toy_tasks
 
 
 def test_cli_on_the_builtin_task_with_tiny_qwen3(tiny_qwen3_dir, tmp_path, capsys):
-    pytest.importorskip("decal.tasks", reason="task layer missing")
-    from decal import tasks
-
-    if not hasattr(tasks, "load_task"):
-        pytest.skip("decal.tasks.load_task not written yet")
     code, out, err = _cli(capsys, "evaluate", "--model", str(tiny_qwen3_dir), "--task", "builtin", "--split", "test",
                           "--limit", "5", "--out", str(tmp_path), "--name", "b", "--no-progress")
     assert code == 0, err
