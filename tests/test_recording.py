@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -386,30 +384,30 @@ def test_evaluation_rollouts_swap_and_serve_build_records_in_the_one_module(tmp_
         "swaps_scored_one_piece": summary["n_scored_one_piece"]}
 
 
+def _one_error_line(capsys, argv: list[str]) -> str:
+    """Run the CLI in this process; it must fail with exit 1 and exactly one `error:` line."""
+    code = main(argv)
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 1 and len(errors) == 1 and "Traceback" not in err, err
+    return errors[0]
+
+
 def test_a_prompt_whose_ids_are_not_a_prefix_of_prompt_plus_label_is_refused_in_one_line(tmp_path, peaked_dir,
-                                                                                       safety_task_file):
+                                                                                       safety_task_file, capsys):
     import shutil
 
     model = tmp_path / "model"
     shutil.copytree(peaked_dir, model)
     # a chat template that ends in a space: "...Answer: " + "Safe" tokenizes as "Answer:" + "ĠSafe"
     (model / "chat_template.jinja").write_text("{{ messages[0]['content'] }}\nAnswer: ")
-    proc = subprocess.run(
-        [sys.executable, "-m", "decal", "evaluate", "--model", str(model), "--task", str(safety_task_file), "--split",
-         "all", "--out", str(tmp_path / "runs"), "--name", "run", "--no-progress", "--dtype", "float32"],
-        capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 1, proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in proc.stderr
-    assert errors[0].startswith("error: example 'e0': the prompt's ") and "not a prefix" in errors[0]
+    error = _one_error_line(capsys, ["evaluate", "--model", str(model), "--task", str(safety_task_file), "--split", "all",
+                                     "--out", str(tmp_path / "runs"), "--name", "run", "--no-progress", "--dtype", "float32"])
+    assert error.startswith("error: example 'e0': the prompt's ") and "not a prefix" in error
     assert not (tmp_path / "runs" / "run").exists()  # nothing scored, nothing left
 
 
 # --- resume: every setting that can change a record ---------------------------------------------
-
-
-def _cli(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "decal", *args], capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -432,7 +430,6 @@ def _with(args: list[str], flag: str, value: str | None) -> list[str]:
     return [*args, flag, value]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("run, flag, value, key", [
     ("direct", "--dtype", "bfloat16", "dtype"),
     ("direct", "--batch-size", "3", "batch_size"),
@@ -442,12 +439,10 @@ def _with(args: list[str], flag: str, value: str | None) -> list[str]:
     ("reasoning", "--temperature", "0.7", "temperature"),
     ("reasoning", "--max-new-tokens", "5", "max_new_tokens"),
 ])
-def test_a_rerun_with_another_record_setting_is_refused_in_one_line(resumable_runs, run, flag, value, key):
-    proc = _cli(_with(resumable_runs[run], flag, value))
-    assert proc.returncode == 1, proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in proc.stderr
-    assert f"holds a run with other settings ({key}: " in errors[0]
+def test_a_rerun_with_another_record_setting_is_refused_in_one_line(resumable_runs, run, flag, value, key, capsys):
+    # refused before any weights load (`evaluation.check_run_folder`); the folder keeps its run
+    error = _one_error_line(capsys, _with(resumable_runs[run], flag, value))
+    assert f"holds a run with other settings ({key}: " in error
 
 
 def test_the_same_rerun_resumes(resumable_runs):
