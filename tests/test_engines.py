@@ -287,7 +287,7 @@ def test_engine_option_values_are_checked():
 @pytest.mark.parametrize("argv, message", [
     (["--engine", "fast"], "unknown engine 'fast'"),
     (["--engine", "vllm", "--tensor-parallel-size", "64"], "needs 64 devices"),
-    (["--engine", "vllm", "--max-model-len", "40"], "exceeds --max-model-len of 40 tokens"),
+    (["--engine", "vllm", "--max-model-len", "40"], "in --max-model-len of 40 tokens"),
     (["--engine", "vllm", "--max-model-len", "999999"], "above the model's context of 2048 tokens"),
     (["--engine", "vllm", "--engine-arg", "no_such_arg=1"], "not a vLLM engine argument"),
     (["--engine", "hf", "--max-model-len", "40"], "applies to --engine vllm only"),

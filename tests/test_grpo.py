@@ -147,7 +147,8 @@ def test_config_defaults_follow_the_paper(tmp_path):
 
 def test_grpo_dataset_holds_rendered_prompts(qwen3_tokenizer):
     ds = grpo_dataset(_task(3), qwen3_tokenizer, reasoning=False)
-    assert ds.column_names == ["prompt", "id", "label", "labels"]
+    assert ds.column_names == ["prompt", "id", "label", "labels", "option_token_ids"]
+    assert ds[0]["option_token_ids"] == list(qwen3_tokenizer.convert_tokens_to_ids(list(LABELS)))
     assert ds[1]["label"] == "Unsafe" and ds[1]["labels"] == list(LABELS)
     assert ds[0]["prompt"].startswith("<|im_start|>user\nIs this safe? message number 0")
     assert ds[0]["prompt"].endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")

@@ -125,7 +125,7 @@ def test_batched_scores_equal_one_prompt_at_a_time(tiny_qwen3, qwen3_tok):
 def test_prompt_longer_than_context_is_an_error(tiny_qwen3, qwen3_tok):
     dt = option_token_ids(qwen3_tok, ["A", "B"])
     long_prompt = "word " * (tiny_qwen3.config.max_position_embeddings + 10)
-    with pytest.raises(ValueError, match="exceeds the model's context"):
+    with pytest.raises(ValueError, match="in the model's context of"):
         score_prompts(tiny_qwen3, qwen3_tok, [long_prompt], dt)
 
 
@@ -137,7 +137,7 @@ def test_probs_captured_in_generation_equal_teacher_forcing_tiny_qwen3(tiny_qwen
     option_ids = [25663, 78770, 32, 33]
     config = generation_config(tiny_qwen3, qwen3_tok, temperature=temperature, max_new_tokens=6)
     torch.manual_seed(0)
-    new_ids, captured, _ = _generate_batch(
+    new_ids, captured, _, _ = _generate_batch(
         tiny_qwen3, seqs, torch.tensor([option_ids] * len(seqs)), config, qwen3_tok.pad_token_id
     )
     assert captured.shape == (len(seqs), new_ids.shape[1], len(option_ids))
@@ -153,7 +153,7 @@ def test_probs_captured_in_generation_equal_teacher_forcing_smollm2(smollm2):
     option_ids = list(option_token_ids(tok, ["Safe", "Unsafe"], context="</think>\n").token_ids)
     config = generation_config(model, tok, temperature=1.0, max_new_tokens=5)
     torch.manual_seed(1)
-    new_ids, captured, _ = _generate_batch(model, seqs, torch.tensor([option_ids] * 2), config, tok.pad_token_id)
+    new_ids, captured, _, _ = _generate_batch(model, seqs, torch.tensor([option_ids] * 2), config, tok.pad_token_id)
     for r, seq in enumerate(seqs):
         ref = _teacher_forced_probs(model, seq, new_ids[r].tolist(), option_ids)
         assert_logprobs_close(captured[r].exp(), ref, atol=LOGPROB_ATOL_SMOLLM2)

@@ -371,7 +371,7 @@ def apply_calibrator(calibrator: _Calibrator, records: Sequence) -> list:
     from .records import records_to_arrays
 
     records = list(records)
-    arrays = records_to_arrays(records)
+    arrays = records_to_arrays(records, require_gold=False)  # served decisions have none; calibration reads no gold
     rows = np.arange(len(records))
     if isinstance(calibrator, TemperatureScaling):
         new_probs = calibrator.transform(_option_logprobs(arrays))

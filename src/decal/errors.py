@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-__all__ = ["DecalError", "DataError", "ConfigError", "DecisionTokenCollisionError", "NotFittedError"]
+__all__ = [
+    "DecalError",
+    "DataError",
+    "ConfigError",
+    "DecisionTokenCollisionError",
+    "DecisionPositionError",
+    "PromptTooLongError",
+    "NotFittedError",
+]
 
 
 class DecalError(Exception):
@@ -36,6 +44,22 @@ class ConfigError(DecalError, ValueError):
 
 class DecisionTokenCollisionError(DecalError, ValueError):
     """Two options share their decision token under a tokenizer (see DESIGN.md, Decision token)."""
+
+
+class DecisionPositionError(DecalError, ValueError):
+    """A prompt's decision token would not be read where it sits: the prompt's token ids are not a
+    prefix of the tokenization of the prompt plus a label, or the label's decision token is not the
+    first token after them (docs/design.md, "Decision position"). The message names the example,
+    and `name` holds it (an example id, or ``inputs[3]`` in a request)."""
+
+    def __init__(self, message: str, *, name: str | None = None):
+        super().__init__(message)
+        self.name = name
+
+
+class PromptTooLongError(DataError):
+    """A prompt, with the tokens that must follow it, does not fit a length limit (the model's
+    context, the engine's --max-model-len, or a training run's ``max_prompt_length``)."""
 
 
 class NotFittedError(DecalError, ValueError, AttributeError):

@@ -29,7 +29,6 @@ __all__ = [
     "OptionScores",
     "GeneratedDecision",
     "context_length",
-    "check_prompt_lengths",
     "length_sorted_batches",
     "pad_left",
     "score_prompts",
@@ -41,21 +40,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-def check_prompt_lengths(model, lengths: Sequence[int], *, reserve: int = 1, names: Sequence[str] | None = None) -> None:
-    """Raise ValueError if a prompt of `lengths` tokens plus `reserve` new tokens exceeds the context
-    of `model` (an `Engine` or a transformers model).
-
-    `names` (one per prompt, e.g. example ids) goes into the message.
-    """
-    from .engines import Engine
-    from .engines.base import check_lengths
-
-    if isinstance(model, Engine):
-        model.check_prompt_lengths(lengths, reserve=reserve, names=names)
-    else:
-        check_lengths(context_length(model), lengths, reserve=reserve, names=names)
 
 
 def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:

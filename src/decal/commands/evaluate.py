@@ -207,7 +207,8 @@ def register(app: typer.Typer) -> None:
         from .._io import safe_name
         from ..engines import prepare_engine
         from ..errors import DecisionTokenCollisionError
-        from ..evaluation import PREDICTIONS, evaluate, prompt_lengths
+        from .._io import read_json
+        from ..evaluation import PREDICTIONS, RUN_JSON, check_run_folder, evaluate, prompt_lengths
         from ..records import read_records
 
         if offline:
@@ -235,6 +236,10 @@ def register(app: typer.Typer) -> None:
                               trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, offline=offline or None)
         ids, lengths = prompt_lengths(spec.tokenizer, the_task, limit=limit)
         spec.check_prompt_lengths(lengths, reserve=max_new_tokens if reasoning else 1, names=ids)
+        # a rerun into the folder with other record settings fails here, before the weights load
+        check_run_folder(folder, the_task, engine=spec.engine, dtype=spec.dtype, model_name=model, adapter=adapter,
+                         task_name=task, seed=seed, temperature=temperature, max_new_tokens=max_new_tokens,
+                         batch_size=batch_size, limit=limit)
         created = _make_run_folder(folder)
         try:
             with _engine(spec) as scorer:
@@ -250,8 +255,10 @@ def register(app: typer.Typer) -> None:
             _discard_if_empty(folder, created)
             raise
         s = summary_line(read_records(folder / PREDICTIONS))
+        fallbacks = read_json(folder / RUN_JSON).get("fallbacks") or []
         rich_console().print(
             f"{folder}: n={s['n']}  accuracy {100 * s['accuracy']:.1f}%  ECE {100 * s['ece']:.1f}%  "
-            f"invalid {100 * s['invalid_rate']:.1f}%  confidence>0.99 {100 * s['overconfidence_ratio']:.1f}%",
+            f"invalid {100 * s['invalid_rate']:.1f}%  confidence>0.99 {100 * s['overconfidence_ratio']:.1f}%"
+            + (f"  fallbacks {len(fallbacks)} (see run.json)" if fallbacks else ""),
             soft_wrap=True,
         )

@@ -206,6 +206,8 @@ class EngineSpec:
         options: the engine options.
         tokenizer: the model's tokenizer (left padding, with a pad token).
         model_context: the model's own context length from its config (None if it states none).
+        fallbacks: what the preparation fell back on (one line each); the built engine's
+            `Engine.fallbacks` start with them.
     """
 
     engine: str
@@ -221,6 +223,7 @@ class EngineSpec:
     offline: bool | None = None
     tokenizer: Any = None
     model_context: int | None = None
+    fallbacks: tuple[str, ...] = ()
 
     def context_length(self) -> int | None:
         """The longest prompt + completion the engine will accept: --max-model-len, else the model's context."""
@@ -245,15 +248,25 @@ class EngineSpec:
             built = load_vllm_engine(self.model, adapter=self.adapter, adapters=self.adapters, options=self.options,
                                      tokenizer=self.tokenizer, model_context=self.model_context, **common)
         built.dtype_reason = self.dtype_reason
+        built.fallbacks = (*self.fallbacks, *built.fallbacks)
         return built
 
 
-def _model_config(source: str, *, trust_remote_code: bool, offline: bool):
+def _model_config(source: str, *, trust_remote_code: bool, offline: bool, fallbacks: list[str] | None = None):
+    """The model's config, or None (noted in `fallbacks`, with a warning) when it cannot be read: then
+    prompt lengths are checked against the context only once the model has loaded."""
+    import warnings
+
     from transformers import AutoConfig
 
     try:
         return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, local_files_only=offline)
-    except (OSError, ValueError):
+    except (OSError, ValueError) as e:
+        note = (f"could not read the model config of {source} ({type(e).__name__}: {e}); prompt lengths are not "
+                "checked against the model's context before the weights load")
+        warnings.warn(note, stacklevel=2)
+        if fallbacks is not None:
+            fallbacks.append(note)
         return None
 
 
@@ -335,7 +348,8 @@ def prepare_engine(
     check_engine_options(engine, options)  # before anything touches the model
     tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code, offline=offline)
     source = resolve_model(model, offline=offline)
-    config = _model_config(source, trust_remote_code=trust_remote_code, offline=offline_)
+    fallbacks: list[str] = []
+    config = _model_config(source, trust_remote_code=trust_remote_code, offline=offline_, fallbacks=fallbacks)
     context = _model_context(config)
     check_engine_options(engine, options, context=context)
     if engine == "vllm":
@@ -345,7 +359,7 @@ def prepare_engine(
         engine=engine, model=str(model), adapter=None if adapter is None else str(adapter), adapters=extra,
         dtype=resolved.dtype, dtype_reason=resolved.reason, device=device, options=options,
         trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, offline=offline, tokenizer=tokenizer,
-        model_context=context,
+        model_context=context, fallbacks=tuple(fallbacks),
     )
 
 

@@ -12,8 +12,14 @@ questions on prompts that decal rendered and tokenized itself (DESIGN.md, "Infer
 `option_probs[k]` is always the full-vocabulary probability at temperature 1 of option k's
 decision token, whatever the sampling temperature, never a top-k list.
 
+Both also give the unconstrained top token at the decision position (`top_token_id`), which
+`decal.recording` turns into the record's `argmax_is_option`, and list in `Engine.fallbacks`
+anything they fell back on (one line each; `run.json` records them).
+
 The pieces both engines share (cutting a completion at its stop token and finding its
-decision, the forced-decision suffix ids, the prompt-length check) live here, once.
+decision, the forced-decision suffix ids, the prompt-length check) live here, once. The
+prompt-length check, `check_lengths`, is the only one in decal: engines, engine recipes and the
+training runs all call it.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from ..decision import END_OF_REASONING, Decision, DecisionTokens, find_decision, forced_decision_suffix
-from ..errors import ConfigError
+from ..errors import ConfigError, PromptTooLongError
 
 __all__ = [
     "ENGINES",
@@ -72,6 +78,8 @@ class GeneratedDecision:
     emitted_token: the token emitted at the decision position, None when forced.
     valid: a decision position exists and its token is an option's decision token.
     forced: no decision position; `option_probs` come from appending the marker.
+    top_token, top_token_id: the unconstrained argmax token (temperature 1, full vocabulary) at the
+        position `option_probs` were read at; with sampling it can differ from `emitted_token`.
     """
 
     completion_ids: list[int]
@@ -81,6 +89,8 @@ class GeneratedDecision:
     emitted_token: str | None
     valid: bool
     forced: bool
+    top_token: str
+    top_token_id: int
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -186,17 +196,41 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[
 
 
 def check_lengths(limit: int | None, lengths: Sequence[int], *, reserve: int = 1, names: Sequence[str] | None = None,
-                  what: str = "the model's context") -> None:
-    """Raise ValueError if a prompt of `lengths` tokens plus `reserve` new tokens exceeds `limit` tokens."""
-    if limit is None:
-        return
-    for i, n in enumerate(lengths):
-        if n + reserve > limit:
-            who = f"example {names[i]!r}" if names is not None else f"prompt {i}"
-            raise ValueError(
-                f"{who} has {n} tokens, plus {reserve} to generate, which exceeds {what} of "
-                f"{limit} tokens; shorten the prompt or lower --max-new-tokens"
-            )
+                  what: str = "the model's context", reserve_name: str | None = None,
+                  max_prompt_length: int | None = None, fix: str = "") -> None:
+    """The prompt-length check: raise `PromptTooLongError` naming the longest prompt over a limit.
+
+    Args:
+        limit: the longest prompt + following tokens allowed (the context); None: no stated limit.
+        lengths: prompt lengths in tokens.
+        reserve: tokens that follow each prompt and must fit in `limit` too.
+        names: one per prompt (example ids, ``inputs[3]``); default "prompt <index>".
+        what: names `limit` in the message ("the model's context", "--max-model-len").
+        reserve_name: names the `reserve` tokens ("the decision token"); default "N new tokens".
+        max_prompt_length: a limit on the prompt alone (training's ``--max-prompt-length``).
+        fix: the advice after a `max_prompt_length` message.
+
+    Raises:
+        PromptTooLongError: one line: the longest offending prompt, its length, the limit, and how
+            many prompts are over it.
+    """
+    who = [f"prompt {i}" for i in range(len(lengths))] if names is None else [f"example {n!r}" for n in names]
+    if len(who) != len(lengths):
+        raise ValueError(f"`names` must have one entry per prompt ({len(lengths)}); got {len(who)}")
+    checks = []
+    if max_prompt_length is not None:
+        checks.append((max_prompt_length, f"over `max_prompt_length` ({max_prompt_length} tokens)", fix))
+    if limit is not None:
+        following = reserve_name or f"{reserve} new token{'s' if reserve != 1 else ''}"
+        checks.append((limit - reserve, f"too long to fit with {following} in {what} of {limit} tokens",
+                       "Shorten the prompt, or use a model with a longer context"
+                       + ("" if reserve_name else " or fewer new tokens (--max-new-tokens)") + "."))
+    for bound, rule, advice in checks:
+        over = [(n, who[i], i) for i, n in enumerate(lengths) if n > bound]
+        if over:
+            n, _, i = max(over)  # the longest; among equals, the last name
+            others = f" ({len(over)} of {len(lengths)} prompts are)" if len(over) > 1 else ""
+            raise PromptTooLongError(f"{who[i]} has a prompt of {n} tokens, {rule}{others}. {advice}".rstrip())
 
 
 def decide(tokenizer, new_ids: Sequence[int], decision_tokens: DecisionTokens, marker: str | None, stops):
@@ -224,6 +258,7 @@ class Engine:
         dtype: the weights' dtype as the CLI spells it ("float32", "bfloat16", ...).
         dtype_reason: why that dtype (`decal.dtypes.ResolvedDtype.reason`), recorded in run.json.
         stop_ids: the ids that end a completion (`decal.decision.stop_token_ids`).
+        fallbacks: what the engine fell back on when built (one line each), or ().
 
     Engines are context managers; `close()` frees the model (and vLLM's engine processes).
     """
@@ -235,6 +270,9 @@ class Engine:
     dtype: str = ""
     dtype_reason: str | None = None
     stop_ids: list[int]
+    #: what the engine fell back on while being built, one line each (issue #20 item 5); `run.json`
+    #: and the analyses' summaries record them, and each was logged as a warning when it happened
+    fallbacks: tuple[str, ...] = ()
 
     # -- what every engine implements --------------------------------------------------------
 
@@ -315,7 +353,8 @@ class Engine:
         return batch_size
 
     def check_prompt_lengths(self, lengths: Sequence[int], *, reserve: int = 1, names: Sequence[str] | None = None) -> None:
-        """Raise ValueError if a prompt of `lengths` tokens plus `reserve` new tokens exceeds the context.
+        """`check_lengths` against this engine's context: `PromptTooLongError` (a ValueError) if a
+        prompt of `lengths` tokens plus `reserve` new tokens does not fit.
 
         `names` (one per prompt, e.g. example ids) goes into the message.
         """

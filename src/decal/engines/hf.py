@@ -77,7 +77,8 @@ def _forward_last(model, sequences: Sequence[Sequence[int]], pad_id: int):
 
 
 class _OptionCapture:
-    """Forward hook on the output head: per call, option log-probs (B, K) at the last position.
+    """Forward hook on the output head: per call, option log-probs (B, K) and the argmax token (B,)
+    at the last position.
 
     The log-softmax runs on the raw head output in float32, at temperature 1 over the full
     vocabulary, so sampling settings (temperature, top-k) do not change what is captured.
@@ -86,6 +87,7 @@ class _OptionCapture:
     def __init__(self, option_ids):
         self.option_ids = option_ids  # (B, K) long tensor, one row per generated sequence
         self.steps: list = []
+        self.top_ids: list = []
 
     def __call__(self, module, inputs, output):
         import torch
@@ -94,6 +96,7 @@ class _OptionCapture:
         # log p(option) = logit(option) - logsumexp(logits): gather first, no full softmax copy.
         picked = logits.gather(1, self.option_ids.to(logits.device))  # (B, K)
         self.steps.append((picked - torch.logsumexp(logits, dim=-1, keepdim=True)).cpu())
+        self.top_ids.append(logits.argmax(dim=-1).cpu())  # (B,)
         return None
 
 
@@ -134,8 +137,9 @@ def generation_config(model, tokenizer, *, temperature: float, max_new_tokens: i
 def _generate_batch(model, sequences, option_ids, config, pad_id, *, keep_cache: bool = False):
     """Generate for one batch.
 
-    Returns new ids (R, S), captured option log-probs (R, S, K), and, with `keep_cache`, the
-    state a forced decision needs: (past key values, prompt attention mask (R, P)).
+    Returns new ids (R, S), captured option log-probs (R, S, K), the argmax token at every step
+    (R, S), and, with `keep_cache`, the state a forced decision needs: (past key values, prompt
+    attention mask (R, P)).
     """
     import torch
 
@@ -154,7 +158,7 @@ def _generate_batch(model, sequences, option_ids, config, pad_id, *, keep_cache:
         )
     cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
     state = (cache, attention_mask) if keep_cache else None
-    return new_ids, torch.stack(capture.steps, dim=1), state  # (R, S), (R, S, K)
+    return new_ids, torch.stack(capture.steps, dim=1), torch.stack(capture.top_ids, dim=1), state  # (R, S), (R, S, K), (R, S)
 
 
 def _cache_keyword(model) -> str:
@@ -166,8 +170,9 @@ def _cache_keyword(model) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def _forced_from_cache(model, state, new_ids, lengths, suffixes, option_ids, captured, pad_id):
-    """Option log-probs (R, K) after each forced row's completion + suffix, reusing the generation cache.
+def _forced_from_cache(model, state, new_ids, lengths, suffixes, option_ids, captured, captured_top, pad_id):
+    """Option log-probs (R, K) and the argmax token (R,) after each forced row's completion + suffix,
+    reusing the generation cache.
 
     The cache holds the prompt and all generated tokens but the last. Each row feeds what is
     missing (its last token if it was cut by the budget, then the suffix); positions after a
@@ -186,9 +191,11 @@ def _forced_from_cache(model, state, new_ids, lengths, suffixes, option_ids, cap
         else:
             feeds.append(new_ids[r, width_new - 1 : lengths[r]].tolist() + list(suffixes[r]))
         starts.append(int(prompt_mask[r].sum()) + min(lengths[r], width_new - 1))
-    result = captured[torch.arange(n_rows), torch.as_tensor(lengths).clamp(max=width_new - 1)].clone()  # (R, K)
+    at = torch.as_tensor(lengths).clamp(max=width_new - 1)
+    result = captured[torch.arange(n_rows), at].clone()  # (R, K)
+    top = captured_top[torch.arange(n_rows), at].clone()  # (R,)
     if not any(feeds):
-        return result  # every forced row stopped right after its marker: step L is its decision
+        return result, top  # every forced row stopped right after its marker: step L is its decision
     width = max(len(f) for f in feeds)
     device = prompt_mask.device
     feed_ids, feed_mask = pad_left([f if f else [pad_id] for f in feeds], pad_id, device=device)
@@ -209,7 +216,8 @@ def _forced_from_cache(model, state, new_ids, lengths, suffixes, option_ids, cap
     logprobs = torch.log_softmax(logits, dim=-1).gather(1, option_ids.to(logits.device)).cpu()  # (R, K)
     fed = torch.as_tensor([bool(f) for f in feeds])
     result[fed] = logprobs[fed]
-    return result
+    top[fed] = logits.argmax(dim=-1).cpu()[fed]
+    return result, top
 
 def _dtype_name(model) -> str:
     try:
@@ -326,21 +334,22 @@ class HFEngine(Engine):
         for batch in length_sorted_batches(lengths, max(1, batch_size // num_samples)):
             rows = [(i, s) for i in batch for s in range(num_samples)]
             option_ids = torch.as_tensor([per_prompt[i].token_ids for i, _ in rows], dtype=torch.long)  # (R, K)
-            new_ids, option_logprobs, state = _generate_batch(
+            new_ids, option_logprobs, top_ids, state = _generate_batch(
                 model, [sequences[i] for i in batch for _ in range(num_samples)], option_ids, config, pad_id,
                 keep_cache=True,
             )
             decided = [decide(tokenizer, new_ids[r].tolist(), per_prompt[i], marker, stops) for r, (i, _) in enumerate(rows)]
             suffixes = [None if d.index >= 0 else forced_suffix_ids(tokenizer, text, marker) for ids, text, d in decided]
             if any(x is not None for x in suffixes):
-                forced_logprobs = _forced_from_cache(
+                forced_logprobs, forced_top = _forced_from_cache(
                     model, state, new_ids, [len(ids) for ids, _, _ in decided], suffixes, option_ids, option_logprobs,
-                    pad_id,
+                    top_ids, pad_id,
                 )
             del state  # the KV cache: free it before the next batch
             for r, ((i, s), (ids, text, decision)) in enumerate(zip(rows, decided)):
                 forced = decision.index < 0
                 logprobs = forced_logprobs[r] if forced else option_logprobs[r, decision.index]
+                top = int(forced_top[r] if forced else top_ids[r, decision.index])
                 results[i][s] = GeneratedDecision(
                     completion_ids=ids,
                     completion=text,
@@ -349,6 +358,8 @@ class HFEngine(Engine):
                     emitted_token=None if forced else tokenizer.convert_ids_to_tokens(ids[decision.index]),
                     valid=decision.valid,
                     forced=forced,
+                    top_token=tokenizer.convert_ids_to_tokens(top),
+                    top_token_id=top,
                 )
         return results  # type: ignore[return-value]
 

@@ -86,20 +86,32 @@ def _on_cpu() -> bool:
     return bool(current_platform.is_cpu())
 
 
-def _adapter_rank(path: str) -> int:
+def _fallback(fallbacks: list[str] | None, note: str) -> None:
+    """Record what the engine fell back on (`Engine.fallbacks`, run.json) and say it in one warning."""
+    import warnings
+
+    warnings.warn(note, stacklevel=3)
+    if fallbacks is not None:
+        fallbacks.append(note)
+
+
+def _adapter_rank(path: str, fallbacks: list[str] | None = None) -> int:
     config = Path(path) / "adapter_config.json"
     try:
-        return int(json.loads(config.read_text(encoding="utf-8")).get("r", 16))
-    except (OSError, ValueError, TypeError):
+        return int(json.loads(config.read_text(encoding="utf-8"))["r"])
+    except (OSError, ValueError, TypeError, KeyError) as e:  # a hub adapter id has no local file
+        _fallback(fallbacks, f"could not read the LoRA rank of adapter {path} from {config.name} "
+                             f"({type(e).__name__}: {e}); vLLM's max_lora_rank assumes 16")
         return 16
 
 
 def engine_kwargs(options: EngineOptions, *, on_cpu: bool, model_context: int | None = None,
-                  adapters: Sequence[str] = ()) -> dict[str, Any]:
+                  adapters: Sequence[str] = (), fallbacks: list[str] | None = None) -> dict[str, Any]:
     """The `vllm.LLM` keyword arguments decal adds to the user's options (the user's win).
 
     See the module docstring for the CPU defaults. With adapters, LoRA is enabled and
-    `max_lora_rank` set to the smallest rank vLLM supports that holds them all.
+    `max_lora_rank` set to the smallest rank vLLM supports that holds them all (an adapter whose
+    rank cannot be read counts as 16, noted in `fallbacks`).
     """
     kwargs: dict[str, Any] = {}
     if on_cpu:
@@ -108,7 +120,7 @@ def engine_kwargs(options: EngineOptions, *, on_cpu: bool, model_context: int | 
             kwargs["kv_cache_memory_bytes"] = 2 * GiB
         kwargs["enable_chunked_prefill"] = False
     if adapters:
-        rank = max(_adapter_rank(a) for a in adapters)
+        rank = max(_adapter_rank(a, fallbacks) for a in adapters)
         kwargs["enable_lora"] = True
         kwargs["max_lora_rank"] = next((r for r in _LORA_RANKS if r >= rank), rank)
     kwargs.update(options.as_dict())
@@ -214,11 +226,14 @@ class _Replicas:
 class _Shared:
     """The running vLLM engine and the LoRA requests registered on it (one per adapter path)."""
 
-    def __init__(self, llm, kwargs: dict[str, Any]):
+    def __init__(self, llm, kwargs: dict[str, Any], fallbacks: Sequence[str] = ()):
         self.llm = llm
         self.kwargs = kwargs
         self.loras: dict[str, Any] = {}
         self.closed = False
+        self.fallbacks = list(fallbacks)  # what starting the engine fell back on (`Engine.fallbacks`)
+        # read once, as transformers does when it loads the model, so every view stops at the same ids
+        self.generation_config = _generation_config_holder(kwargs.get("model"), self.fallbacks)
 
     def lora(self, adapter: str | None):
         if adapter is None:
@@ -273,7 +288,8 @@ class VLLMEngine(Engine):
         self._model_context = model_context
         self._on_cpu = on_cpu
         self._owner = owner
-        self.stop_ids = stop_token_ids(tokenizer, _generation_config_holder(shared.kwargs.get("model")))
+        self.stop_ids = stop_token_ids(tokenizer, shared.generation_config)
+        self.fallbacks = tuple(shared.fallbacks)
         self._lora = shared.lora(self.adapter)
 
     @property
@@ -391,6 +407,7 @@ class VLLMEngine(Engine):
         outputs = self._run(sequences, params)
         tokenizer, stops = self.tokenizer, set(self.stop_ids)
         pending = []  # (prompt, sample, completion ids, text, decision) of completions to force
+        decided = []  # (prompt, sample, completion ids, text, decision, option log-probs) of the others
         results: list[list[Any]] = [[None] * num_samples for _ in sequences]
         for i, (result, dt) in enumerate(zip(outputs, per_prompt)):
             for completion in result.outputs:
@@ -398,32 +415,43 @@ class VLLMEngine(Engine):
                 ids, text, decision = decide(tokenizer, completion.token_ids, dt, marker, stops)
                 if decision.index < 0:
                     pending.append((i, s, ids, text, decision))
-                    continue
-                logprobs = self._option_logprobs(completion.logprobs[decision.index], dt.token_ids)
-                results[i][s] = GeneratedDecision(
-                    completion_ids=ids, completion=text, decision=decision,
-                    option_probs=[math.exp(lp) for lp in logprobs],
-                    emitted_token=tokenizer.convert_ids_to_tokens(ids[decision.index]),
-                    valid=decision.valid, forced=False,
-                )
+                else:
+                    decided.append((i, s, ids, text, decision,
+                                    self._option_logprobs(completion.logprobs[decision.index], dt.token_ids)))
+        # The top token at the decision position: a greedy completion emitted it; a sampled one is
+        # asked for it with one more greedy max_tokens=1 request on the prompt + its completion up to
+        # there (vLLM returns the requested ids' log-probabilities, not the argmax; prefix caching
+        # makes the request cheap).
+        tops = ([ids[d.index] for _, _, ids, _, d, _ in decided] if not sample else
+                [top for _, top in self._last_position([sequences[i] + ids[: d.index] for i, _, ids, _, d, _ in decided],
+                                                       [per_prompt[i].token_ids for i, *_ in decided])])
+        for (i, s, ids, text, decision, logprobs), top in zip(decided, tops):
+            results[i][s] = GeneratedDecision(
+                completion_ids=ids, completion=text, decision=decision,
+                option_probs=[math.exp(lp) for lp in logprobs],
+                emitted_token=tokenizer.convert_ids_to_tokens(ids[decision.index]),
+                valid=decision.valid, forced=False, top_token=tokenizer.convert_ids_to_tokens(top), top_token_id=top,
+            )
         if pending:
             # The forced decision (DESIGN.md): prompt + completion + marker, one more max_tokens=1 request.
             forced = self._last_position(
                 [sequences[i] + ids + forced_suffix_ids(tokenizer, text, marker) for i, _, ids, text, _ in pending],
                 [per_prompt[i].token_ids for i, *_ in pending],
             )
-            for (i, s, ids, text, decision), (logprobs, _) in zip(pending, forced):
+            for (i, s, ids, text, decision), (logprobs, top) in zip(pending, forced):
                 results[i][s] = GeneratedDecision(
                     completion_ids=ids, completion=text, decision=decision,
                     option_probs=[math.exp(lp) for lp in logprobs], emitted_token=None, valid=False, forced=True,
+                    top_token=tokenizer.convert_ids_to_tokens(top), top_token_id=top,
                 )
         return results
 
 
-def _generation_config_holder(source: str | None):
+def _generation_config_holder(source: str | None, fallbacks: list[str] | None = None):
     """What `decal.decision.stop_token_ids` reads from a model: its generation config, here read from
     the model folder as transformers builds it when loading the model (`generation_config.json`,
-    else the model config), so both engines stop at the same ids."""
+    else the model config), so both engines stop at the same ids. When neither can be read, the
+    stop ids are the tokenizer's alone, noted in `fallbacks`."""
     from types import SimpleNamespace
 
     from transformers import AutoConfig, GenerationConfig
@@ -435,8 +463,10 @@ def _generation_config_holder(source: str | None):
         except (OSError, ValueError):
             try:
                 config = GenerationConfig.from_model_config(AutoConfig.from_pretrained(source))
-            except (OSError, ValueError):
-                config = None
+            except (OSError, ValueError) as e:
+                _fallback(fallbacks, f"could not read the generation config of {source} ({type(e).__name__}: {e}); "
+                                     "completions stop at the tokenizer's EOS and padding ids only, which can "
+                                     "differ from the hf engine's stop ids")
     return SimpleNamespace(generation_config=config)
 
 
@@ -478,7 +508,9 @@ def load_vllm_engine(
         tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code, offline=offline)
     on_cpu = _on_cpu()
     all_adapters = [str(a) for a in (adapter, *adapters) if a is not None]
-    kwargs = engine_kwargs(options or EngineOptions(), on_cpu=on_cpu, model_context=model_context, adapters=all_adapters)
+    fallbacks: list[str] = []
+    kwargs = engine_kwargs(options or EngineOptions(), on_cpu=on_cpu, model_context=model_context, adapters=all_adapters,
+                           fallbacks=fallbacks)
     kwargs.update(model=source, tokenizer=source, dtype=dtype, seed=0, trust_remote_code=bool(trust_remote_code))
     kwargs.setdefault("disable_log_stats", True)
     if not allow_pickle:
@@ -492,6 +524,6 @@ def load_vllm_engine(
         from vllm import LLM
 
         llm = LLM(**kwargs)
-    shared = _Shared(llm, kwargs)
+    shared = _Shared(llm, kwargs, fallbacks)
     return VLLMEngine(shared, tokenizer, model_name=str(model), adapter=adapter, dtype=dtype,
                       model_context=model_context, on_cpu=on_cpu)

@@ -31,7 +31,8 @@ from ..scoring import context_length
 from ..tasks.prompts import decision_context, render_chat
 from . import _trl_compat
 from .losses import CAL_TARGETS, decision_ce, decision_targets
-from .memory import AutoCheckpointing, check_prompt_lengths
+from ..engines.base import check_lengths
+from .memory import AutoCheckpointing
 from .rewards import DecisionReward
 
 __all__ = ["DecalGRPOConfig", "DecalGRPOTrainer", "grpo_dataset", "build_grpo_trainer"]
@@ -88,7 +89,10 @@ def grpo_dataset(task, tokenizer, *, reasoning: bool | None = None):
 
     Returns:
         A Dataset with columns ``prompt`` (the fully rendered chat prompt string, so TRL does not
-        apply a template again), ``id``, ``label`` and ``labels``.
+        apply a template again), ``id``, ``label``, ``labels`` and ``option_token_ids`` (each
+        example's decision token ids, found in its own context by `decal.decision.option_token_ids`;
+        TRL hands them to the reward, so examples whose contexts tokenize differently are parsed
+        and trained on their own tokens).
 
     Raises:
         ValueError: the task is empty or its examples have different label sets.
@@ -106,11 +110,15 @@ def grpo_dataset(task, tokenizer, *, reasoning: bool | None = None):
                 f"task {task.name!r}: example {ex.id!r} has labels {list(ex.labels)} but {examples[0].id!r} has "
                 f"{list(labels)}; GRPO needs one label set per task"
             )
+    prompts = [render_chat(tokenizer, task.template.user_message(ex, reasoning=reasoning), reasoning=reasoning)
+               for ex in examples]
     rows = {
-        "prompt": [render_chat(tokenizer, task.template.user_message(ex, reasoning=reasoning), reasoning=reasoning) for ex in examples],
+        "prompt": prompts,
         "id": [ex.id for ex in examples],
         "label": [ex.label for ex in examples],
         "labels": [list(ex.labels) for ex in examples],
+        "option_token_ids": [list(option_token_ids(tokenizer, ex.labels, context=decision_context(p, reasoning=reasoning)).token_ids)
+                             for ex, p in zip(examples, prompts, strict=True)],
     }
     return Dataset.from_dict(rows)
 
@@ -172,8 +180,7 @@ class DecalGRPOTrainer(GRPOTrainer):
         if len(rewards) != 1:
             raise ValueError("DecalGRPOTrainer needs exactly one DecisionReward among `reward_funcs`")
         self.decision_reward = rewards[0]
-        self.decision_tokens = decision_tokens
-        self._option_ids = torch.tensor(decision_tokens.token_ids, dtype=torch.long)  # (K,)
+        self.decision_tokens = decision_tokens  # the labels and K; each row's ids come from the reward
 
     # 1. generation: parse decisions once, build targets, zero the decision advantage
     def _generate_and_score_completions(self, inputs):
@@ -216,8 +223,9 @@ class DecalGRPOTrainer(GRPOTrainer):
         output["decision_index"] = index  # (B,)
         output["decision_option"] = option  # (B,)
         output["decision_gold"] = gold_t  # (B,)
-        # (B, K) rather than (K,): TRL shuffles and splits every tensor of the dict along dim 0
-        output["option_token_ids"] = self._option_ids.to(device).expand(b, -1).clone()
+        # (B, K) rather than (K,): each row's own decision tokens, and TRL shuffles and splits every
+        # tensor of the dict along dim 0
+        output["option_token_ids"] = torch.tensor(self.decision_reward.last_option_ids, dtype=torch.long, device=device)
         invalid = self.accelerator.gather((index < 0).float())
         _trl_compat.log_metric(self, "decision/invalid_rate", invalid.mean().item())
         if self.args.calibration:
@@ -299,10 +307,9 @@ def _check_prompts(dataset, tokenizer, model, args: DecalGRPOConfig, max_prompt_
     lengths = [len(ids) for ids in tokenizer(text=list(dataset["prompt"]))["input_ids"]]  # as TRL tokenizes them
     logger.info("GRPO on %d prompts, mean length %.0f tokens, longest %d", len(lengths), sum(lengths) / len(lengths),
                 max(lengths))
-    check_prompt_lengths(list(dataset["id"]), lengths, max_prompt_length=max_prompt_length,
-                         context=context_length(model), reserved=args.max_completion_length,
-                         what=f"{args.max_completion_length} completion tokens",
-                         fix="Raise --max-prompt-length; GRPO prompts are never cut.")
+    check_lengths(context_length(model), lengths, names=list(dataset["id"]), reserve=args.max_completion_length,
+                  reserve_name=f"{args.max_completion_length} completion tokens", max_prompt_length=max_prompt_length,
+                  fix="Raise --max-prompt-length; GRPO prompts are never cut.")
 
 
 def build_grpo_trainer(*, model, tokenizer, task, args: DecalGRPOConfig, peft_config=None, callbacks=None,
@@ -336,10 +343,10 @@ def build_grpo_trainer(*, model, tokenizer, task, args: DecalGRPOConfig, peft_co
         logger.warning("model config sets %s; decision probabilities and the CE ignore it", ", ".join(scaled))
     dataset = grpo_dataset(task, tokenizer, reasoning=args.reasoning)
     _check_prompts(dataset, tokenizer, model, args, max_prompt_length)
+    # each example's decision tokens are in the dataset; the first example's name the options in logs
     first = dataset[0]
-    context = decision_context(first["prompt"], reasoning=args.reasoning)
-    tokens = option_token_ids(tokenizer, first["labels"], context=context)
-    logger.info("decision tokens %s for options %s", tokens.tokens, tokens.labels)
+    tokens = option_token_ids(tokenizer, first["labels"], context=decision_context(first["prompt"], reasoning=args.reasoning))
+    logger.info("decision tokens %s for options %s (first example)", tokens.tokens, tokens.labels)
     reward = DecisionReward(tokenizer, tokens, reasoning=args.reasoning, stop_ids=stop_token_ids(tokenizer, model))
     return DecalGRPOTrainer(
         model=model,

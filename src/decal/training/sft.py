@@ -38,7 +38,8 @@ from ..decision import option_token_ids
 from ..models import keep_head_input_contiguous
 from ..scoring import context_length
 from ..tasks.prompts import render_chat
-from .memory import AutoCheckpointing, check_prompt_lengths
+from ..engines.base import check_lengths
+from .memory import AutoCheckpointing
 
 __all__ = ["IGNORE_INDEX", "LOSS_IMPLS", "sft_rows", "sft_dataset", "DecisionTokenCollator", "DecisionTokenTrainer",
            "build_sft_trainer"]
@@ -87,10 +88,9 @@ def sft_rows(task, tokenizer, *, max_prompt_length: int | None = None, truncate_
             prompt_ids = prompt_ids[-max_prompt_length:]
         input_ids = prompt_ids + [int(target_id)]
         rows.append({"id": example.id, "input_ids": input_ids, "length": len(input_ids), "target_id": int(target_id)})
-    check_prompt_lengths([r["id"] for r in rows], [r["length"] - 1 for r in rows],
-                         max_prompt_length=None if truncate_prompts else max_prompt_length, context=context,
-                         fix="Raise --max-prompt-length, or add --truncate-prompts to keep the end of longer "
-                             "prompts.")
+    check_lengths(context, [r["length"] - 1 for r in rows], names=[r["id"] for r in rows], reserve=1,
+                  reserve_name="the decision token", max_prompt_length=None if truncate_prompts else max_prompt_length,
+                  fix="Raise --max-prompt-length, or add --truncate-prompts to keep the end of longer prompts.")
     return rows
 
 
