@@ -6,7 +6,7 @@ A run folder holds:
   engine (`engine`, `engine_version`, `engine_options`; `decal.engines`), library versions
   (decal, torch, transformers, trl, peft), the git revision when known, and sha256 checksums of
   the data files read;
-- ``predictions.jsonl``: one prediction record per example (DESIGN.md), appended, flushed and
+- ``predictions.jsonl``: one prediction record per example (docs/design.md, "Prediction record"), appended, flushed and
   fsynced per batch.
 
 Resuming (issue #3, #9a). The examples are cut into fixed chunks in task order, and each chunk
@@ -80,7 +80,7 @@ def make_record(
         emitted_option: reasoning mode: the option index the model emitted at the decision
             position (-1 or None when it emitted none). None in non-reasoning mode, where the
             prediction is the constrained argmax of `option_probs`.
-        valid: False when there was no valid decision (DESIGN.md): then `correct` is False and
+        valid: False when there was no valid decision (docs/design.md, "Forced decision"): then `correct` is False and
             the confidence is the largest option probability (the forced decision).
 
     Returns:

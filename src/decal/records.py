@@ -1,6 +1,6 @@
 """Prediction records: the one schema that scoring writes and metrics, calibrators, plots and reports read.
 
-One JSON object per example (DESIGN.md, "Prediction record"), appended to `predictions.jsonl`
+One JSON object per example (docs/design.md, "Prediction record"), appended to `predictions.jsonl`
 in a run folder and flushed per batch, so an interrupted run resumes where it stopped.
 """
 
@@ -32,7 +32,7 @@ _REQUIRED = ("id", "task", "split", "label", "prediction", "correct", "valid", "
 
 @dataclass(frozen=True, kw_only=True)
 class PredictionRecord:
-    """One example's decision: see DESIGN.md for each field's meaning.
+    """One example's decision: see docs/design.md, "Prediction record", for each field's meaning.
 
     `confidence` is the full-vocabulary probability of the emitted decision token (reasoning) or
     of the constrained argmax option (non-reasoning); `option_probs[k]` is the full-vocabulary

@@ -112,7 +112,7 @@ def check_run_config(out_dir: Path, config: dict, *, write: bool = True, unknown
 
 
 def decision_confidence(option_probs: Sequence[float], option: int) -> float:
-    """The confidence of a decision (DESIGN.md): the emitted option's probability when the
+    """The confidence of a decision (docs/design.md, "Confidence"): the emitted option's probability when the
     decision is valid (`option >= 0`), else the largest option probability (forced decision)."""
     if option >= 0:
         return float(option_probs[option])

@@ -15,7 +15,7 @@ Two phases, each resumable, both through the scoring code of `decal evaluate`:
    next token there is not a decision); one forward pass (`decal.scoring.score_token_ids`)
    reads the decision there. One JSON line per eligible example
    in `swaps.jsonl`. With `include_invalid`, predictions without a valid decision take part
-   too, at their forced decision (DESIGN.md): the whole completion is their reasoning and the
+   too, at their forced decision (docs/design.md, "Forced decision"): the whole completion is their reasoning and the
    marker is appended, which lets the experiment run on models that ignore the format.
 
 The donor is `random.Random(derive_seed(seed, example_id)).choice(sorted candidate ids)`: it

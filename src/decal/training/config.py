@@ -85,7 +85,8 @@ class TrainConfig:
         default=None)
     truncate_prompts: bool = _help(
         "SFT: cut prompts longer than max_prompt_length to their last max_prompt_length tokens (the end holds "
-        "the generation prompt, next to the decision) instead of failing. Measured: 128 made CPU runs ~2x faster.",
+        "the generation prompt, next to the decision) instead of failing. 128 tokens made CPU runs ~2x faster "
+        '(docs/design.md, "Measured costs").',
         default=False)
     temperature: float = _help("GRPO sampling temperature.", default=1.0)
     beta: float = _help("GRPO KL coefficient (0 loads no reference model).", default=0.0)
@@ -117,8 +118,9 @@ class TrainConfig:
         "for about 30% more time. None (auto): only for micro-batches whose activations would take more than a "
         "quarter of the memory (GPU, else RAM), estimated from the model's shape. Issue #13: SmolLM2 SFT at "
         "4 x 2,102 tokens needs ~18 GB without it.", default=None)
-    dtype: Dtype = _help(f"Weights dtype, one of {', '.join(_DTYPES)}. auto: float32 on CPUs (docs/design.md: bf16 LoRA "
-                       "updates were lost to rounding), bfloat16 on GPUs that support it.", default="auto")
+    dtype: Dtype = _help(f"Weights dtype, one of {', '.join(_DTYPES)}. auto: float32 on CPUs (bf16 LoRA updates were "
+                         'lost to rounding: docs/design.md, "Measured costs"), bfloat16 on GPUs that support it.',
+                         default="auto")
     limit: int | None = _help("Train on the first N examples of the split only.", default=None)
     select_split: str | None = _help(
         "After training, evaluate every checkpoint on this split and record the best in selection.json.",
