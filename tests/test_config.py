@@ -48,6 +48,8 @@ def _with(path: str, value) -> dict:
     ("metrics", [1], "grid.yaml: `metrics` must be a mapping; got [1]."),
     ("models.0.engine_options", "fast", "grid.yaml: `models[0].engine_options` must be a mapping of settings; got 'fast'."),
     ("evaluation", {"dtype": 16}, "grid.yaml: `evaluation.dtype` must be a non-empty string; got 16."),
+    ("calibrators.0.fit_fraction", float("nan"), "grid.yaml: `calibrators[0].fit_fraction` must be a finite number; got nan."),
+    ("models.0.engine_options", {"": 1}, "grid.yaml: `models[0].engine_options` must have non-empty string keys; got ''."),
     # choices: the house "Unknown ... Did you mean ... Available" line
     ("metrics", {"binning": "equal_mas"},
      "grid.yaml: Unknown `metrics.binning` 'equal_mas'. Did you mean: equal_mass? Available: equal_mass, equal_width."),
@@ -56,6 +58,7 @@ def _with(path: str, value) -> dict:
     # a rule of `__post_init__` gets the path of the object that broke it
     ("calibrators.0.fit_fraction", 2.0, "grid.yaml: calibrators[0]: `fit_fraction` must be in (0, 1]; got 2.0"),
     ("seeds", [3, 3], "grid.yaml: `seeds` lists 3 twice"),
+    ("metrics", {"n_bins": 0}, "grid.yaml: metrics: `n_bins` must be >= 1; got 0"),
     # a method's training settings are checked against the training config: keys and types
     ("methods.1.train", {"epochs": "five"}, "grid.yaml: `methods[1].train.epochs` must be a number; got 'five'."),
     ("methods.1.train", {"cal_target": "unifrom"}, "grid.yaml: Unknown `methods[1].train.cal_target` 'unifrom'. "

@@ -17,7 +17,7 @@ raises `ConfigError`; the message gains the path of the object that broke the ru
 
 Types are checked as JSON would have them (pydantic's strict JSON mode): an integer field takes
 an integer (not `true`, not `2.5`), a boolean field `true` or `false` (not `"yes"`), a string
-field a non-empty string, a float field any number. One exception, for YAML: PyYAML reads YAML
+field a non-empty string, a float field any finite number. One exception, for YAML: PyYAML reads YAML
 1.1, where `1e-3` (no dot) is a string, so a float field given a string written as a number
 takes that number. Lists become the tuples the dataclasses declare.
 
@@ -54,9 +54,9 @@ from .errors import ConfigError, did_you_mean
 
 __all__ = ["config_dataclass", "validate_config", "load_yaml"]
 
-# pydantic's settings for every config dataclass: unknown keys are errors, strings are non-empty.
+# pydantic's settings for every config dataclass: unknown keys are errors, strings non-empty, numbers finite.
 # A plain dict: pydantic's `ConfigDict` is a TypedDict, and pydantic is imported only to validate.
-_PYDANTIC_CONFIG = {"extra": "forbid", "str_min_length": 1}
+_PYDANTIC_CONFIG = {"extra": "forbid", "str_min_length": 1, "allow_inf_nan": False}
 # Numbers as YAML 1.2 writes them; YAML 1.1 (PyYAML) reads `1e-3` or `5E+2` as strings.
 _YAML_NUMBER = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?")
 _UNKNOWN_KEY = ("extra_forbidden", "unexpected_keyword_argument")
@@ -232,9 +232,12 @@ def _describe(tp: Any) -> str:
 
 
 def _message(cls: type, error: dict, data: Any, where: str) -> str:
-    path, tp = _resolve(cls, error["loc"])
+    loc, kind = error["loc"], error["type"]
+    if loc and loc[-1] == "[key]":  # a mapping's key, not its value
+        name = _key_path(_resolve(cls, loc[:-2])[0], where)
+        return f"`{name}` must have non-empty string keys; got {error['input']!r}."
+    path, tp = _resolve(cls, loc)
     name = _key_path(path, where)
-    kind = error["type"]
     if kind in _UNKNOWN_KEY:
         allowed = [f.name for f in dataclasses.fields(_resolve(cls, error["loc"][:-1])[1])]
         key = str(path[-1])
@@ -247,12 +250,14 @@ def _message(cls: type, error: dict, data: Any, where: str) -> str:
     if kind in _RULE_BROKEN:
         rule = str(error.get("ctx", {}).get("error", error["msg"]))
         return f"{name}: {rule}" if name else rule
-    value = _value_at(data, path)
+    # An error inside a union is reported at the union, with the whole value there.
+    value = _value_at(data, path) if len(path) < len(loc) else error["input"]
     if typing.get_origin(tp) is Literal:
         choices = typing.get_args(tp)
         return (f"Unknown `{name}` {value!r}.{did_you_mean(str(value), [str(c) for c in choices])} "
                 f"Available: {', '.join(map(str, choices))}.")
-    return f"`{name or 'config'}` must be {_describe(tp)}; got {value!r}."
+    rule = "a finite number" if kind == "finite_number" else _describe(tp)
+    return f"`{name or 'config'}` must be {rule}; got {value!r}."
 
 
 def _numbers_from_strings(cls: type, data: Any, errors: list[dict]) -> Any:

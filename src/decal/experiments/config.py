@@ -137,9 +137,9 @@ class MetricsSettings:
 
     def __post_init__(self) -> None:
         if self.n_bins < 1:
-            raise ConfigError(f"`metrics.n_bins` must be >= 1; got {self.n_bins!r}")
+            raise ConfigError(f"`n_bins` must be >= 1; got {self.n_bins!r}")
         if self.bootstrap < 0:
-            raise ConfigError(f"`metrics.bootstrap` must be >= 0; got {self.bootstrap!r}")
+            raise ConfigError(f"`bootstrap` must be >= 0; got {self.bootstrap!r}")
 
 
 @config_dataclass
