@@ -1,6 +1,6 @@
 """Tests for decal.engines: the vllm engine against the hf engine on real models (issue 14).
 
-Parity (DESIGN.md, "Inference engines"): the same token-id prompts give the same option
+Parity (docs/design.md, "Inference engines"): the same token-id prompts give the same option
 probabilities (as log-probabilities, to `LOGPROB_ATOL_ENGINES`), predictions, greedy completions
 and forced decisions on both engines;
 reruns give identical records; LoRA adapters served by vLLM agree with PEFT's attached adapter.

@@ -45,7 +45,7 @@ def _args(tmp_path, **overrides) -> DecalGRPOConfig:
         max_steps=1,
         learning_rate=5e-2,  # large so one step visibly moves a rank-4 LoRA
         temperature=1.0,
-        bf16=False,  # CPU fp32 (DESIGN.md: train in fp32)
+        bf16=False,  # CPU fp32 (docs/design.md, "Measured costs": train in fp32)
         use_cpu=True,
         gradient_checkpointing=False,  # tiny model: recomputation only costs time
         report_to="none",

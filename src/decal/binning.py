@@ -1,4 +1,4 @@
-"""Equal-mass and equal-width binning of values with a 0/1 target (DESIGN.md, "Metrics").
+"""Equal-mass and equal-width binning of values with a 0/1 target (docs/design.md, "Metrics").
 
 The core that ECE, the maximum calibration error, SCE, MCE and the reliability diagram share;
 `decal.metrics` holds the definitions and validates input, this module assumes valid arrays.

@@ -1,5 +1,5 @@
 """Decision tokens and decision positions: the one implementation that evaluation, training
-rewards and analysis all call (DESIGN.md, "Decision token" and "Decision position").
+rewards and analysis all call (docs/design.md, "Decision token" and "Decision position").
 
 - `option_token_ids` tokenizes each option label in context (after the text that precedes the
   decision) and takes, for every option, the token at the first position where the option
@@ -234,7 +234,7 @@ def stop_token_ids(tokenizer, model=None) -> list[int]:
 
 
 def forced_decision_suffix(completion: str, marker: str | None = END_OF_REASONING) -> str:
-    """The text appended to a completion that reached no decision, to force one (DESIGN.md):
+    """The text appended to a completion that reached no decision, to force one (docs/design.md, "Forced decision"):
     the marker and the newline before the label; nothing when the completion already holds the
     marker (it stopped right after it, at the decision position) or there is no marker."""
     if marker is None or marker in completion:

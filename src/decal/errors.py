@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
+from typing import Iterable
+
 __all__ = [
     "DecalError",
     "DataError",
@@ -10,6 +13,7 @@ __all__ = [
     "DecisionPositionError",
     "PromptTooLongError",
     "NotFittedError",
+    "did_you_mean",
 ]
 
 
@@ -43,7 +47,7 @@ class ConfigError(DecalError, ValueError):
 
 
 class DecisionTokenCollisionError(DecalError, ValueError):
-    """Two options share their decision token under a tokenizer (see DESIGN.md, Decision token)."""
+    """Two options share their decision token under a tokenizer (docs/design.md, "Decision token")."""
 
 
 class DecisionPositionError(DecalError, ValueError):
@@ -64,3 +68,13 @@ class PromptTooLongError(DataError):
 
 class NotFittedError(DecalError, ValueError, AttributeError):
     """A calibrator was used before `fit`."""
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """The hint of an "Unknown ..." message: ' Did you mean: x?' for the choice closest to `name`, or ''.
+
+    >>> did_you_mean("lerning_rate", ["learning_rate", "seed"])
+    ' Did you mean: learning_rate?'
+    """
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1)
+    return f" Did you mean: {close[0]}?" if close else ""

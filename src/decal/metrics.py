@@ -1,4 +1,4 @@
-"""Calibration and selective-prediction metrics on plain arrays (DESIGN.md, "Metrics").
+"""Calibration and selective-prediction metrics on plain arrays (docs/design.md, "Metrics").
 
 Every function takes array-likes and returns a Python ``float`` fraction (reports multiply by
 100). Notation: ``n`` examples, ``K`` classes, ``M = n_bins`` bins, ``acc(B)`` the mean of the

@@ -1,7 +1,7 @@
 """From engine outputs to prediction records: the one path every scorer takes (issue #20 items 2 and 6).
 
 `decal evaluate`, the rollout and swap analyses and `decal serve` all build their records here,
-so a decision means the same everywhere (docs/design.md, "Prediction" and "Prediction record"):
+so a decision means the same everywhere (docs/design.md, "Prediction and validity" and "Prediction record"):
 
 - `prepare_prompts` renders each example's prompt, tokenizes it, finds its decision tokens in
   its own context (`decal.decision.option_token_ids`, cached) and checks that the decision token

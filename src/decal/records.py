@@ -41,7 +41,7 @@ _GOLD = ("label", "correct")
 
 @dataclass(frozen=True, kw_only=True)
 class PredictionRecord:
-    """One example's decision: see docs/design.md for each field's meaning.
+    """One example's decision: see docs/design.md, "Prediction record", for each field's meaning.
 
     `confidence` is the full-vocabulary probability of the emitted decision token (the forced
     decision's when `valid` is False); `option_probs[k]` is the full-vocabulary probability of

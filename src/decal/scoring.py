@@ -5,8 +5,8 @@
   the unconstrained top token is recorded as well.
 - Reasoning (`generate_decisions`, `generate_token_ids`): generation (greedy or sampled), the
   decision found by `decal.decision` on the generated ids, and the option distribution read at
-  that position. A completion that never reaches a decision gets the forced decision of
-  DESIGN.md (marker and newline appended); `valid=False`.
+  that position. A completion that never reaches a decision gets the forced decision
+  (docs/design.md, "Forced decision": marker and newline appended); `valid=False`.
 
 The work is done by an inference engine (`decal.engines`): `model` may be an `Engine` (hf or
 vllm), or a transformers model with its tokenizer, which runs on the `hf` engine.

@@ -8,7 +8,7 @@ with the rollout's own fields (`id` "<query>#<sample>", `example_id`, `sample`) 
 Confidence is the paper's: the full-vocabulary probability of the decision token the model
 emitted after the end-of-reasoning marker. A rollout without a valid decision (no marker, no
 option token, truncated) is kept and counted as invalid; its recorded confidence is the forced
-one (DESIGN.md), but it is left out of the "share above" figures, which need an emitted
+one (docs/design.md, "Forced decision"), but it is left out of the "share above" figures, which need an emitted
 decision token. So, with `n_valid + n_invalid = n_rollouts` and `n_correct + n_wrong = n_valid`:
 
 - `share_above = n_above / n_valid`, and the same among correct and among wrong rollouts;

@@ -20,7 +20,7 @@ Two phases, each resumable, both through the scoring code of `decal evaluate`:
    one piece, after the check that its decision token sits where it is read; such swaps are
    marked ``scored_on: "one_piece_text"``, counted (`n_scored_one_piece` in the summary,
    `fallback_counts` in `run.json`) and reported in one warning. With `include_invalid`, predictions without a valid decision take part
-   too, at their forced decision (DESIGN.md): the whole completion is their reasoning and the
+   too, at their forced decision (docs/design.md, "Forced decision"): the whole completion is their reasoning and the
    marker is appended, which lets the experiment run on models that ignore the format.
 
 The donor is `random.Random(derive_seed(seed, example_id)).choice(sorted candidate ids)`: it

@@ -1,4 +1,4 @@
-"""Inference engines: the one place a model runs (DESIGN.md, "Inference engines").
+"""Inference engines: the one place a model runs (docs/design.md, "Inference engines").
 
 Two engines give the same records for the same inputs, up to floating-point rounding:
 

@@ -1,13 +1,13 @@
 """The engine interface: what every inference engine gives decal, and the options it is built with.
 
 An engine holds one model (and, for vLLM, the LoRA adapters served on it) and answers two
-questions on prompts that decal rendered and tokenized itself (DESIGN.md, "Inference engines"):
+questions on prompts that decal rendered and tokenized itself (docs/design.md, "Inference engines"):
 
 - `Engine.score`: the option distribution at the position right after each token-id prompt
   (non-reasoning scoring, and any "decide here" read such as the reasoning swap);
 - `Engine.generate`: completions (greedy or sampled) with the decision found by `decal.decision`
   on the generated ids and the option distribution read at that position; a completion with no
-  decision gets the forced decision of DESIGN.md.
+  decision gets the forced decision (docs/design.md, "Forced decision").
 
 `option_probs[k]` is always the full-vocabulary probability at temperature 1 of option k's
 decision token, whatever the sampling temperature, never a top-k list.

@@ -7,7 +7,7 @@
   keeps, at every generation step, the full-vocabulary temperature-1 log-probability of each
   option's decision token, so the distribution at the decision position comes from the
   generation itself, with no second forward pass. A completion that never reaches a decision
-  gets the forced decision of DESIGN.md: the marker and a newline are appended and one batched
+  gets the forced decision (docs/design.md, "Forced decision"): the marker and a newline are appended and one batched
   forward pass over just those completions, reusing the generation's KV cache, reads the option
   distribution; `valid=False`.
 

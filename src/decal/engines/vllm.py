@@ -1,6 +1,6 @@
 """The `vllm` engine: decal's scoring and generation on a vLLM engine (`vllm.LLM`).
 
-Exactness rules (DESIGN.md, "Inference engines"):
+Exactness rules (docs/design.md, "Inference engines"):
 
 - Prompts go in as token ids (`TokensPrompt`) that decal rendered and tokenized itself; generated
   ids are never re-tokenized, and the decision position is found by `decal.decision` on them.
@@ -433,7 +433,7 @@ class VLLMEngine(Engine):
                 valid=decision.valid, forced=False, top_token=tokenizer.convert_ids_to_tokens(top), top_token_id=top,
             )
         if pending:
-            # The forced decision (DESIGN.md): prompt + completion + marker, one more max_tokens=1 request.
+            # The forced decision (docs/design.md, "Forced decision"): prompt + completion + marker, one more max_tokens=1 request.
             forced = self._last_position(
                 [sequences[i] + ids + forced_suffix_ids(tokenizer, text, marker) for i, _, ids, text, _ in pending],
                 [per_prompt[i].token_ids for i, *_ in pending],

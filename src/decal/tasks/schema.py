@@ -10,7 +10,7 @@ __all__ = ["DecisionExample", "PromptTemplate", "Task"]
 
 @dataclass(frozen=True, kw_only=True)
 class DecisionExample:
-    """One decision to make (DESIGN.md, "Decision example").
+    """One decision to make (docs/design.md, "Decision example").
 
     id: unique within its task and split.
     labels: the option labels, e.g. ("A", "B", "C", "D", "E") or ("Safe", "Unsafe").
@@ -19,7 +19,7 @@ class DecisionExample:
     question, options, fact, input: the prompt fields a template may use; `options` holds the
         option texts in the order of `labels` (multiple choice), `input` the text to classify.
     true_probs: the true probability of each option, aligned with `labels`, for a task whose gold
-        label is drawn from a known distribution (DESIGN.md, "Prediction record"); else None.
+        label is drawn from a known distribution (docs/design.md, "Prediction record"); else None.
     reasoning: a rationale that leads to the decision, for the reasoning warm start; else None.
     """
 

@@ -3,7 +3,7 @@
 - GRPO (issue #5 item 3): reward 1 when the decision parsed by `decal.decision` equals the gold
   label, else 0 (`decal.training.rewards`); TRL's clipped objective with ``loss_type="bnpo"`` and
   no KL by default (``beta=0``, no reference model).
-- Calibration-aware GRPO (issue #6, DESIGN.md): the same, with the advantage of the decision
+- Calibration-aware GRPO (issue #6, docs/design.md, "Calibration-aware GRPO"): the same, with the advantage of the decision
   token set to 0 and ``cal_lambda * CE`` added, where CE is the decision-token cross-entropy of
   `decal.training.losses` (targets: the paper's "uniform" rule, or decal's "group-accuracy"
   extension). The CE reuses the training forward pass: a forward hook on the backbone keeps the
@@ -39,7 +39,7 @@ __all__ = ["DecalGRPOConfig", "DecalGRPOTrainer", "grpo_dataset", "build_grpo_tr
 
 logger = logging.getLogger(__name__)
 
-# Confidence above which a decision counts as overconfident (DESIGN.md, overconfidence ratio).
+# Confidence above which a decision counts as overconfident (docs/design.md, "Metrics": overconfidence ratio).
 _OVERCONFIDENT = 0.99
 
 

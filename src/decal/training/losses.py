@@ -1,6 +1,6 @@
 """The calibration term of calibration-aware GRPO: CE targets over the options and the CE itself.
 
-Calibration-aware GRPO (DESIGN.md, "Calibration-aware GRPO"; issue #6) keeps the GRPO loss on
+Calibration-aware GRPO (docs/design.md, "Calibration-aware GRPO"; issue #6) keeps the GRPO loss on
 every completion token except the decision token d, whose advantage is set to 0, and adds
 ``lambda * CE_d`` with
 

@@ -96,7 +96,7 @@ def _common_arguments(cfg: TrainConfig, *, progress: bool) -> dict[str, Any]:
         "report_to": _report_to(cfg.report_to),
         # auto (None) enables it too; the trainers then switch it per micro-batch (memory.AutoCheckpointing)
         "gradient_checkpointing": cfg.gradient_checkpointing is not False,
-        # TRL's configs default to bf16 autocast; DESIGN.md trains in the weights' dtype (float32).
+        # TRL's configs default to bf16 autocast; decal trains in the weights' dtype, float32 on CPUs (docs/design.md, "Measured costs").
         "bf16": False,
         "disable_tqdm": not progress,
         "remove_unused_columns": False,
@@ -125,7 +125,7 @@ def training_arguments(config: TrainConfig, *, progress: bool = True):
         if config.method == "sft":
             from transformers import TrainingArguments
 
-            # Batches of similar length pad less (DESIGN.md, measured costs).
+            # Batches of similar length pad less (docs/design.md, "Measured costs").
             return TrainingArguments(**common, train_sampling_strategy="group_by_length", length_column_name="length")
         from .grpo import DecalGRPOConfig
 

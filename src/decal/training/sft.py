@@ -3,7 +3,7 @@
 Each training row is the non-reasoning prompt (`render_chat(..., reasoning=False)`) followed by
 the gold option's decision token (`decision.option_token_ids` in the prompt's context). The loss
 of a row is the cross-entropy, over the full vocabulary, of the logits at the decision position
-of DESIGN.md (the first position after the prompt) against the gold decision token.
+(docs/design.md, "Decision position": the first position after the prompt) against the gold decision token.
 
 Only that position goes through the output head (issue #13 item 1): `DecisionTokenCollator`
 left-pads the prompts (without the gold token), so every row's decision is predicted from the
@@ -21,7 +21,7 @@ both give the same loss and gradients, and for `benchmarks/bench_training.py`.
 
 Rows carry a `length` column so `train_sampling_strategy="group_by_length"` batches prompts of
 similar length together: a micro-batch is padded to its own longest prompt, so its memory grows
-with that prompt, not the data set's longest (DESIGN.md: random-order padding made CPU steps
+with that prompt, not the data set's longest (docs/design.md, "Measured costs": random-order padding made CPU steps
 several times slower). Prompts over ``max_prompt_length`` or the model's context stop the run
 before training (`decal.training.memory`), unless ``truncate_prompts`` keeps their last tokens.
 """
@@ -206,7 +206,7 @@ def build_sft_trainer(*, model, tokenizer, task, args, peft_config=None, callbac
     """A `DecisionTokenTrainer` that trains `model` (with LoRA when `peft_config`) on the decision token.
 
     Args:
-        model: a causal LM (float32 recommended, DESIGN.md).
+        model: a causal LM (float32 recommended: docs/design.md, "Measured costs").
         tokenizer: its tokenizer.
         task: the training `Task` (non-reasoning prompts are rendered whatever `task.reasoning`).
         args: `transformers.TrainingArguments`; `remove_unused_columns` must be False (the rows

@@ -180,7 +180,7 @@ def build_warm_start_trainer(*, model, tokenizer, task, args, peft_config=None, 
     """A TRL `SFTTrainer` for the reasoning warm start (see the module docstring).
 
     Args:
-        model: a causal LM (float32 recommended, DESIGN.md), or a `PeftModel` to continue.
+        model: a causal LM (float32 recommended: docs/design.md, "Measured costs"), or a `PeftModel` to continue.
         tokenizer: its tokenizer; a missing pad token is set to the EOS token.
         task: the training `Task`; its examples need `reasoning`.
         args: from `warm_start_arguments` (`completion_only_loss=True`, `remove_unused_columns=False`).
