@@ -18,6 +18,9 @@ and one full-batch timing), so load from other processes on a shared machine hit
 
 Usage: python benchmarks/bench_serve.py [--requests 64,128,256] [--time-cap 300] [--rounds 2] [--dtype float32]
        [--max-batch-size 32] [--max-wait-ms 50] [--threads 1] [--concurrency 1,8,32] [--server-arg=--flag ...]
+       [--model smollm2-135m-instruct]
+
+The test suite runs it at a tiny size on a tiny random Qwen3 (tests/test_benchmarks.py).
 """
 
 from __future__ import annotations
@@ -27,12 +30,15 @@ import asyncio
 import os
 import re
 import statistics
+import sys
 import time
 
 import httpx
 
 from decal.serve.process import ServeProcess
 from decal.tasks import load_task
+
+__all__ = ["main"]
 
 
 def _metric(text: str, name: str) -> float:
@@ -94,8 +100,9 @@ def _full_batch_latency(client: httpx.Client, texts: list[str], size: int, repea
     return statistics.median(times)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="alias or local model folder")
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument("--requests", default="64,128,256", help="requests per level (one value, or one per level)")
     parser.add_argument("--time-cap", type=float, default=300.0, help="seconds per level at most (all rounds)")
@@ -105,14 +112,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="server torch threads (1 leaves a core for HTTP and the clients)")
     parser.add_argument("--rounds", type=int, default=2, help="levels interleaved in this many rounds")
     parser.add_argument("--server-arg", action="append", default=[], help="extra `decal serve` argument (repeatable)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
     counts = [int(n) for n in args.requests.split(",")]
     counts = counts * len(levels) if len(counts) == 1 else counts
     texts = [ex.input for ex in load_task("xstest", "test").examples]
     load_before = _load()
 
-    server_args = ["--model", "smollm2-135m-instruct", "--task", "xstest", "--host", "127.0.0.1", "--dtype", args.dtype,
+    server_args = ["--model", args.model, "--task", "xstest", "--host", "127.0.0.1", "--dtype", args.dtype,
                    "--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms),
                    "--max-queue", str(max(256, 2 * max(levels))), "--request-timeout", "600", "--no-access-log",
                    *args.server_arg]
@@ -159,7 +166,7 @@ def main() -> None:
                      "mean_batch": t["inputs"] / t["batches"] if t["batches"] else float("nan"),
                      "busy": t["busy"] / t["seconds"]})
     base = rows[0]["throughput"]
-    print(f"decal serve, SmolLM2-135M-Instruct ({args.dtype}) on XSTest, 127.0.0.1, "
+    print(f"decal serve, {args.model} ({args.dtype}) on XSTest, 127.0.0.1, "
           f"max batch {args.max_batch_size}, max wait {args.max_wait_ms:g} ms, {os.cpu_count()} CPUs")
     print(f"one full batch of {args.max_batch_size} inputs alone: {1000 * full_batch:.0f} ms (median of {len(full_batches)}); "
           f"levels interleaved in {args.rounds} rounds; load average before/after: {load_before} / {_load()}")
@@ -177,7 +184,8 @@ def main() -> None:
           f"{'PASS' if top['throughput'] >= 3 * base else 'FAIL'}; "
           f"p99 {1000 * top['p99']:.0f} ms vs 2 x full batch {2000 * full_batch:.0f} ms "
           f"{'PASS' if top['p99'] < 2 * full_batch else 'FAIL'}; server exit status {status}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
