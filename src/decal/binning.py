@@ -186,47 +186,54 @@ def _equal_width_sums(sv: OrderedValues, n_bins: int):
 # spans 1/256 of an octave, so the buckets next to the ~3M cuts and edges of a million class
 # probabilities hold about 1 % of them.
 _MANTISSA_BITS = 8
-_SHIFT = np.uint64(52 - _MANTISSA_BITS)
-# Buckets per column: every value in [0, 1] has one below 1 << (10 + m) (1.0's is 1023 << m), and
-# masking to that range sends -0.0 (its sign bit alone is set) to bucket 0 with 0.0.
-_BUCKETS = 1 << (10 + _MANTISSA_BITS)
+_SHIFT = 52 - _MANTISSA_BITS
+# Every value below 2**-126 (float32's smallest normal: what a float32 softmax rounds to zero or
+# leaves subnormal) shares bucket 0 with 0.0 and -0.0, so a column's buckets span 126 octaves
+# only and its tables stay small enough for the cache. 1.0 falls in bucket 126 << m.
+_FIRST = (1023 - 126) << _MANTISSA_BITS  # the bucket of 2**-126 among all float64 bit patterns
+_BUCKETS = (126 << _MANTISSA_BITS) + 1  # buckets per column
 # Below this many values the full key sort is faster than the buckets (`OrderedValues`), and
 # the bootstrap's resamples (~1,000 examples) take that path.
 BUCKETED_FROM = 20_000
 
 
+def _to_buckets(bits: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """The buckets of float64 bit patterns (int64 view) of values in [0, 1], into `out`."""
+    np.right_shift(bits, _SHIFT, out=out)  # arithmetic: -0.0 (the sign bit alone) turns negative
+    out -= _FIRST
+    return np.maximum(out, 0, out=out)
+
+
 def _buckets(values: np.ndarray) -> np.ndarray:
-    """The bucket of every value in [0, 1] (any shape), as int64."""
-    code = values.view(np.uint64) >> _SHIFT
-    code &= np.uint64(_BUCKETS - 1)
-    return code.view(np.int64)
+    """The bucket of every value in [0, 1] (any shape), as int64; non-decreasing in the value."""
+    return _to_buckets(values.view(np.int64), np.empty(values.shape, dtype=np.int64))
 
 
 def _bucket_codes(values: np.ndarray) -> np.ndarray:
     """The bucket of every entry of a C-contiguous (n, K) array in [0, 1], plus column * _BUCKETS so
     that one ``bincount`` counts all columns: int64 (n * K,) in the array's flat order."""
     n, n_columns = values.shape
-    bits = values.reshape(-1).view(np.uint64)
-    code = np.empty(len(bits), dtype=np.uint64)
-    # code[j] = bucket + (j % K) * _BUCKETS, a block of rows at a time: the three passes then run
-    # in cache. Adding a (K,) row of offsets would broadcast with an inner loop of K entries only.
-    rows = 8192
-    offsets = np.tile(np.arange(n_columns, dtype=np.uint64) * np.uint64(_BUCKETS), rows)
-    for start in range(0, len(bits), len(offsets)):
-        block = code[start:start + len(offsets)]
-        np.right_shift(bits[start:start + len(offsets)], _SHIFT, out=block)
-        block &= np.uint64(_BUCKETS - 1)
-        if n_columns > 1:
-            block += offsets[: len(block)]
-    return code.view(np.int64)
+    bits = values.reshape(-1).view(np.int64)
+    code = np.empty(len(bits), dtype=np.int64)
+    # As `_to_buckets`, with the column's offset folded into both steps after the shift: bucket 0
+    # of column k is k * _BUCKETS. A block of rows at a time, so the passes run in cache, and
+    # against tiled rows of the K offsets (a (K,) row would broadcast with an inner loop of K).
+    first = np.tile(np.arange(n_columns, dtype=np.int64) * _BUCKETS, 8192)
+    shift = first - _FIRST
+    for start in range(0, len(bits), len(first)):
+        block = code[start:start + len(first)]
+        np.right_shift(bits[start:start + len(first)], _SHIFT, out=block)
+        block += shift[: len(block)]
+        np.maximum(block, first[: len(block)], out=block)
+    return code
 
 
 def bucket_columns(values, labels, n_bins: int, true_values=None) -> list["BucketedValues"]:
     """Each column k of `values` (n, K) bucketed with the target ``labels == k`` (labels (n,), -1
     where no column is true): SCE's and MCE's class columns, all from one pass over the array.
 
-    `true_values`: ``values[i, labels[i]]`` for the rows with a label, where the caller has them
-    already (the gold probabilities of NLL and Brier).
+    `true_values`: ``values[i, labels[i]]`` (every row has a label then), where the caller has
+    them already (the gold probabilities of NLL and Brier).
     """
     values = np.ascontiguousarray(values, dtype=np.float64)
     n, n_columns = values.shape
@@ -235,11 +242,13 @@ def bucket_columns(values, labels, n_bins: int, true_values=None) -> list["Bucke
     size = n_columns * _BUCKETS
     count = np.bincount(code, minlength=size)
     value_sum = np.bincount(code, weights=flat_values, minlength=size)
-    rows = np.flatnonzero(labels >= 0) if labels.min() < 0 else None
+    rows = None if true_values is not None or labels.min() >= 0 else np.flatnonzero(labels >= 0)
     row_labels = labels if rows is None else labels[rows]
     if true_values is None:
         true_values = flat_values[(np.arange(n) if rows is None else rows) * n_columns + row_labels]
-    target_sum = np.bincount(_buckets(true_values) + row_labels * _BUCKETS, minlength=size)
+    true_codes = _buckets(true_values)
+    true_codes += row_labels * _BUCKETS
+    target_sum = np.bincount(true_codes, minlength=size)
     tables = [(count[k * _BUCKETS:(k + 1) * _BUCKETS], value_sum[k * _BUCKETS:(k + 1) * _BUCKETS],
                target_sum[k * _BUCKETS:(k + 1) * _BUCKETS]) for k in range(n_columns)]
     nonempty = [np.flatnonzero(c) for c, _, _ in tables]
@@ -267,7 +276,7 @@ def _split_buckets(count: np.ndarray, nonempty: np.ndarray, n: int, n_bins: int)
     starts, ends = _equal_mass_bounds(n, n_bins)
     ranks = np.concatenate([starts, ends - 1])
     cut = nonempty[np.searchsorted(np.cumsum(count[nonempty]), ranks[(ranks >= 0) & (ranks < n)], side="right")]
-    return np.concatenate([cut, (_edges(n_bins)[1:-1].view(np.uint64) >> _SHIFT).view(np.int64)])
+    return np.concatenate([cut, _buckets(_edges(n_bins)[1:-1])])
 
 
 class BucketedValues:
@@ -312,7 +321,7 @@ class BucketedValues:
         self.count[at_whole], self.count[at_member] = count[whole], 1.0
         self.value_sum[at_whole], self.value_sum[at_member] = value_sum[whole], member_values
         self.target_sum[at_whole], self.target_sum[at_member] = target_sum[whole], member_targets
-        self.key[at_whole] = (whole.astype(np.uint64) << _SHIFT).view(np.float64)
+        self.key[at_whole] = _smallest_value(whole)
         self.key[at_member] = member_values
         return self
 
@@ -334,6 +343,12 @@ class BucketedValues:
             lower, upper = edges[:-1], edges[1:]
         count = _segment_sums(self.count, lo, hi)
         return count, _segment_sums(self.value_sum, lo, hi), _segment_sums(self.target_sum, lo, hi), lower, upper
+
+
+def _smallest_value(bucket: np.ndarray) -> np.ndarray:
+    """The smallest value each bucket can hold (0.0 for bucket 0), so a whole bucket sorts before
+    every value of a higher bucket and after every value of a lower one."""
+    return np.where(bucket > 0, ((bucket + _FIRST) << _SHIFT).view(np.float64), 0.0)
 
 
 def values_for_bins(values, target, n_bins: int) -> OrderedValues | BucketedValues:
