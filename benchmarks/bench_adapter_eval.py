@@ -8,7 +8,8 @@ validation split (non-reasoning) times `score_prompts` for
 1. base: the model without adapter (what a merged adapter should cost);
 2. strided: the adapter attached, the head fed the strided `logits_to_keep` slice (decal before
    `decal.models.keep_head_input_contiguous`: with a frozen head PyTorch copies its weight per row);
-3. attached: the adapter attached, as `load_model` returns it (bfloat16 evaluation);
+3. attached: the adapter attached, as `load_model` returns it (bfloat16 evaluation where the CPU
+   has native bfloat16: `--dtype auto`, the default);
 4. merged: the adapter folded into the weights (`merge_adapter=True`, float32 evaluation, where
    `merges_adapter_exactly` holds),
 
@@ -16,7 +17,7 @@ batch by batch and interleaved, so load from other processes hits all of them al
 the ratios plus how far the merged and strided variants' option probabilities are from attached.
 
 Usage: python benchmarks/bench_adapter_eval.py [--n 200] [--batch-size 8] [--threads 2]
-       [--dtype bfloat16|float32] [--adapter DIR] [--model smollm2-135m-instruct]
+       [--dtype auto|bfloat16|float32] [--adapter DIR] [--model smollm2-135m-instruct]
 
 The test suite runs it at a tiny size on a tiny random Qwen3 (tests/test_benchmarks.py).
 """
@@ -33,6 +34,7 @@ import torch
 
 import decal.models
 from decal.decision import option_token_ids
+from decal.dtypes import resolve_dtype
 from decal.models import load_model
 from decal.scoring import score_prompts
 from decal.tasks import load_task
@@ -68,9 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--adapter", default=None)
-    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                        help="auto: bfloat16 where the CPU computes it natively, else float32 (bfloat16 is ~170x slower there)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    args.dtype = resolve_dtype(args.dtype).dtype
 
     with tempfile.TemporaryDirectory() as tmp:
         adapter = args.adapter or _random_adapter(args.model, tmp)

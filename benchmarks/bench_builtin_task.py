@@ -1,11 +1,11 @@
 """Accuracy of SmolLM2-135M-Instruct on the built-in task at each difficulty (non-reasoning).
 
-One forward pass per prompt, constrained argmax over the two decision tokens, bf16, one thread.
+One forward pass per prompt, constrained argmax over the two decision tokens, one thread, bf16
+where the CPU computes it natively (`--dtype auto`), else float32.
 Prints one line per difficulty; the numbers are quoted in `decal/tasks/builtin.py`.
 
     .venv/bin/python benchmarks/bench_builtin_task.py --split validation --n 100
     .venv/bin/python benchmarks/bench_builtin_task.py --split test --difficulties 2,3,4
-    .venv/bin/python benchmarks/bench_builtin_task.py --dtype float32   # CPUs without native bfloat16
 
 The test suite runs it at a tiny size on a tiny random Qwen3 (tests/test_benchmarks.py).
 """
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, metavar="SEED")
     parser.add_argument("--threads", type=int, default=1, metavar="T")
     parser.add_argument("--model", default="smollm2-135m-instruct", help="alias or local model folder")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
     args = parser.parse_args(argv)
 
     import torch
