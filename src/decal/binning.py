@@ -198,8 +198,10 @@ BUCKETED_FROM = 20_000
 
 
 def _to_buckets(bits: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """The buckets of float64 bit patterns (int64 view) of values in [0, 1], into `out`."""
-    np.right_shift(bits, _SHIFT, out=out)  # arithmetic: -0.0 (the sign bit alone) turns negative
+    """The buckets of float64 bit patterns (int64 view) of values in [0, 1], into `out`: the
+    leading bits counted from 2**-126's, and 0 below (-0.0 included: its only set bit is the sign,
+    which the arithmetic shift keeps, so it turns negative)."""
+    np.right_shift(bits, _SHIFT, out=out)
     out -= _FIRST
     return np.maximum(out, 0, out=out)
 
@@ -212,7 +214,7 @@ def _buckets(values: np.ndarray) -> np.ndarray:
 def _bucket_codes(values: np.ndarray) -> np.ndarray:
     """The bucket of every entry of a C-contiguous (n, K) array in [0, 1], plus column * _BUCKETS so
     that one ``bincount`` counts all columns: int64 (n * K,) in the array's flat order."""
-    n, n_columns = values.shape
+    n_columns = values.shape[1]
     bits = values.reshape(-1).view(np.int64)
     code = np.empty(len(bits), dtype=np.int64)
     # As `_to_buckets`, with the column's offset folded into both steps after the shift: bucket 0
@@ -297,8 +299,9 @@ class BucketedValues:
     """
 
     def __init__(self, values, target, n_bins: int):
+        # One column of `bucket_columns`, whose target is true where labels == 0.
         values = np.asarray(values, dtype=np.float64).reshape(-1, 1)
-        labels = np.asarray(target).astype(np.int64) - 1  # column 0 is true where labels == 0
+        labels = np.asarray(target).astype(np.int64) - 1
         (column,) = bucket_columns(values, labels, n_bins)
         self.__dict__.update(column.__dict__)
 
