@@ -4,7 +4,7 @@ Prints one line per measurement and the ratios. Targets (issues #4 and #20): the
 2 s and faster than netcal's ECE alone on the same data, measured in this process; a 1,000-resample
 bootstrap of every metric on a paper-sized evaluation (1,180 records) in a few seconds.
 
-    .venv/bin/python benchmarks/bench_metrics.py [--n 1000000] [--classes 5] [--repeats 3]
+    .venv/bin/python benchmarks/bench_metrics.py [--n 1000000] [--classes 5] [--repeats 5]
         [--resamples 1000] [--bootstrap-n 1180] [--wall]
 
 The test suite runs it at a tiny size (tests/test_benchmarks.py).
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1_000_000, metavar="N")
     parser.add_argument("--classes", type=int, default=5, metavar="K")
-    parser.add_argument("--repeats", type=int, default=3, metavar="R")
+    parser.add_argument("--repeats", type=int, default=5, metavar="R")
     parser.add_argument("--resamples", type=int, default=1000, metavar="B", help="bootstrap resamples of the last line")
     parser.add_argument("--bootstrap-n", type=int, default=1180, metavar="N", help="records of the bootstrap line")
     parser.add_argument("--wall", action="store_true", help="Measure wall-clock time instead of CPU time.")
