@@ -141,7 +141,12 @@ def test_bench_serve_runs_tiny(run_benchmark, tiny_qwen3_dir, data_dir, monkeypa
 
 
 @pytest.mark.slow
-def test_bench_training_runs_tiny(run_benchmark, tiny_qwen3_dir):
+def test_bench_training_runs_tiny(run_benchmark, tiny_qwen3_dir, monkeypatch):
+    import decal.training.runner
+
+    # `train` sets glibc's mmap threshold for the whole process, for good; the tests after this
+    # one should not run under it.
+    monkeypatch.setattr(decal.training.runner, "return_large_buffers", lambda: False)
     common = ["--model", tiny_qwen3_dir, "--threads", 1, "--in-process"]
     out = run_benchmark("bench_training", "--suite", "sft", "--task", "builtin/train", "--limit", 8, "--batches", 4, *common)
     for row in ("decision b4 full", "decision b4 cut512", "full_logits b4 cut512"):
