@@ -37,16 +37,17 @@ def run_benchmark(capsys):
     import torch
 
     threads, disabled = torch.get_num_threads(), logging.root.manager.disable
+    outputs = []
 
     def run(name: str, *argv: str) -> str:
         assert _load(name).main([str(a) for a in argv]) == 0
-        out = capsys.readouterr().out
-        sys.stdout.write(out)  # shown when a test fails
-        return out
+        outputs.append(capsys.readouterr().out)
+        return outputs[-1]
 
     yield run
     torch.set_num_threads(threads)
     logging.disable(disabled)
+    sys.stdout.write("".join(outputs))  # the tables, shown when the test failed
 
 
 def _number(pattern: str, text: str) -> float:
@@ -87,11 +88,11 @@ def test_bench_scoring_runs_tiny(run_benchmark, tiny_qwen3_dir, data_dir):
 
 @pytest.mark.slow
 def test_bench_adapter_eval_runs_tiny(run_benchmark, tiny_qwen3_dir):
-    out = run_benchmark("bench_adapter_eval", "--model", tiny_qwen3_dir, "--n", 4, "--batch-size", 2, "--dtype", "float32",
+    out = run_benchmark("bench_adapter_eval", "--model", tiny_qwen3_dir, "--n", 2, "--batch-size", 2, "--dtype", "float32",
                         "--threads", 1)
     for row in ("base", "strided", "attached", "merged"):
         assert re.search(rf"^  {row} +\S+ s +\S+ prompts/s$", out, re.M), row
-    assert re.search(r"^identical predictions merged vs attached: \d/4$", out, re.M)
+    assert re.search(r"^identical predictions merged vs attached: \d/2$", out, re.M)
     assert _number(r"^attached / merged time: (\S+)x$", out) > 0
 
 
@@ -107,7 +108,7 @@ def test_bench_builtin_task_runs_tiny(run_benchmark, tiny_qwen3_dir):
 @pytest.mark.slow
 def test_bench_cal_grpo_runs_tiny(run_benchmark, tiny_qwen3_dir):
     out = run_benchmark("bench_cal_grpo", "--model", tiny_qwen3_dir, "--prompts", 1, "--generations", 2,
-                        "--max-completion-length", 4, "--repeats", 1, "--threads", 1, "--in-process")
+                        "--max-completion-length", 2, "--repeats", 1, "--threads", 1, "--in-process")
     hashes = re.findall(r"^(?:grpo|cal-grpo) +pass \S+ s .* completions (\w+) +tokens \d+$", out, re.M)
     assert len(hashes) == 2 and hashes[0] == hashes[1]  # both methods trained on the same completions
     assert "warning" not in out
@@ -148,17 +149,18 @@ def test_bench_training_runs_tiny(run_benchmark, tiny_qwen3_dir, monkeypatch):
     # one should not run under it.
     monkeypatch.setattr(decal.training.runner, "return_large_buffers", lambda: False)
     common = ["--model", tiny_qwen3_dir, "--threads", 1, "--in-process"]
-    out = run_benchmark("bench_training", "--suite", "sft", "--task", "builtin/train", "--limit", 8, "--batches", 4, *common)
+    out = run_benchmark("bench_training", "--suite", "sft", "--task", "builtin/train", "--limit", 4, "--batches", 4, *common)
     for row in ("decision b4 full", "decision b4 cut512", "full_logits b4 cut512"):
         assert re.search(rf"^{row} +batch  4 .* step +\S+ s wall +\S+ CPU-s +peak RSS +\S+ GB +loss \S+$", out, re.M), row
     new, old = re.search(r"losses (\S+) / (\S+)", out).groups()
     assert new == old  # the decision-position loss and the full-logits loss it replaced, to 5 decimals
 
-    out = run_benchmark("bench_training", "--suite", "grpo", "--task", "builtin/train", "--limit", 8, "--generations", 2,
-                        "--completion-tokens", 4, "--grpo-micro-batch", 4, *common)
+    out = run_benchmark("bench_training", "--suite", "grpo", "--task", "builtin/train", "--limit", 4, "--generations", 2,
+                        "--completion-tokens", 2, "--grpo-micro-batch", 8, *common)
     assert len(re.findall(r"^(?:grpo|cal-grpo) +prompts \[.*\] tokens, .* step +\S+ s wall", out, re.M)) == 2
     assert _number(r"cal-grpo / grpo: step CPU time (\S+)x", out) > 0
 
-    out = run_benchmark("bench_training", "--suite", "methods", "--steps", 2, *common)
-    assert len(re.findall(r"^(?:sft|grpo|cal-grpo) +step +\S+ s wall, +\S+ CPU-s \(fastest of 1\)", out, re.M)) == 3
-    assert _number(r"cal-grpo / grpo: step CPU time (\S+),", out) > 0
+    # The grpo and cal-grpo rows of this suite run the same `train` as the grpo suite above; SFT
+    # alone exercises its worker and table at a fifth of the cost.
+    out = run_benchmark("bench_training", "--suite", "methods", "--methods", "sft", "--steps", 2, *common)
+    assert re.search(r"^sft +step +\S+ s wall, +\S+ CPU-s \(fastest of 1\), peak RSS +\d+ MB$", out, re.M)
