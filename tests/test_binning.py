@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from decal import metrics
-from decal.binning import BUCKETED_FROM, BucketedValues, OrderedValues, bin_stats, bucket_columns, values_for_bins
+from decal.binning import BUCKETED_FROM, BucketedValues, OrderedValues, bin_stats, bucket_columns
 
 EPS = np.finfo(np.float64).eps
 
@@ -92,10 +92,21 @@ def test_bucket_columns_equal_the_definition_per_column():
             _assert_same_bins(sv, probs[:, j], labels == j, 10)
 
 
-def test_the_fast_path_is_taken_from_bucketed_from_on():
+def test_crowded_columns_are_sorted_and_give_the_same_bins():
+    # A confident model's columns crowd next to 0 and 1 (near 1.0 a bucket is 1/512 wide), so
+    # most examples would sit in split buckets: such a column is sorted instead.
     rng = np.random.default_rng(2)
-    assert isinstance(values_for_bins(rng.random(BUCKETED_FROM), rng.random(BUCKETED_FROM) < 0.5, 10), BucketedValues)
-    assert isinstance(values_for_bins(rng.random(BUCKETED_FROM - 1), rng.random(BUCKETED_FROM - 1) < 0.5, 10), OrderedValues)
+    n = 40_000
+    spread = rng.dirichlet(np.ones(3), size=n)
+    confident = np.where(rng.random(n) < 0.5, 1 - rng.random(n) * 1e-3, rng.random(n) * 1e-3)
+    probs = np.column_stack([confident, 1 - confident])
+    for values, kinds in ((spread, [BucketedValues] * 3), (probs, [OrderedValues] * 2)):
+        labels = rng.integers(0, values.shape[1], n)
+        columns = bucket_columns(values, labels, 10)
+        assert [type(c) for c in columns] == kinds
+        for j, sv in enumerate(columns):
+            _assert_same_bins(sv, values[:, j], labels == j, 10)
+    assert BUCKETED_FROM <= n  # metrics.sce and mce take this path for such arrays
 
 
 def _reference_sce_mce(probs, labels, n_bins):

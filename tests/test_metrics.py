@@ -219,7 +219,7 @@ def test_equal_mass_bins_match_the_literal_definition_under_ties(n_bins):
 
 
 def test_equal_mass_bins_match_the_literal_definition_on_a_large_tied_array():
-    # From 30,000 examples on (decal.binning.BUCKETED_FROM) the values are bucketed rather than sorted.
+    # Many tie runs straddle the bin boundaries of a large array.
     rng = np.random.default_rng(6)
     values = rng.integers(0, 7, 30_000) / 7
     target = rng.random(len(values)) < 0.6

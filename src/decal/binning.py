@@ -11,14 +11,16 @@ The core that ECE, the maximum calibration error, SCE, MCE and the reliability d
 Speed matters because the bootstrap calls this thousands of times and users score millions of
 predictions. Two exact ways to the per-bin sums:
 
-- `OrderedValues` sorts values and targets together in one int64 key sort; AUROC and AURC need
-  that full order anyway, and below `BUCKETED_FROM` examples it is the fastest way to the bins.
-- `BucketedValues` (large arrays: the class columns of SCE and MCE) sorts nothing but the few
-  examples next to a bin boundary. It counts the values into buckets by their leading bits
-  (``numpy.bincount``), which order like the values, and expands only the buckets that hold an
-  equal-mass cut or an equal-width edge. It runs at the speed of ``bincount`` on every CPU,
-  where the quickselect it replaced depended on the CPU's SIMD partition kernel (0.41x netcal's
-  ECE on an AMD EPYC with AVX-512, issue #20; `benchmarks/bench_metrics.py`).
+- `OrderedValues` sorts values and targets together in one int64 key sort. AUROC and AURC need
+  that full order anyway, and for one column (the confidence) it is the way to its bins.
+- `BucketedValues` (`bucket_columns`: the class columns of SCE and MCE, from `BUCKETED_FROM`
+  examples on) sorts nothing but the few examples next to a bin boundary. It counts the values
+  into buckets by their leading bits (``numpy.bincount``), which order like the values, and
+  expands only the buckets that hold an equal-mass cut or an equal-width edge. It runs at the
+  speed of ``bincount`` on every CPU, where the quickselect it replaced depended on the CPU's
+  SIMD partition kernel (the suite at 0.41x netcal's ECE on an AMD EPYC with AVX-512, issue
+  #20; `benchmarks/bench_metrics.py`). A column whose values crowd into a few buckets (near 1.0
+  a bucket is 1/512 wide) would expand most of them; it is sorted instead.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["BUCKETED_FROM", "BinStats", "BucketedValues", "OrderedValues", "bin_stats", "bucket_columns", "values_for_bins"]
+__all__ = ["BUCKETED_FROM", "BinStats", "BucketedValues", "OrderedValues", "bin_stats", "bucket_columns"]
 
 
 @dataclass(frozen=True)
@@ -196,6 +198,9 @@ _BUCKETS = (126 << _MANTISSA_BITS) + 1  # buckets per column
 # columns of 20,000: 4.4 ms sorted, 5.8 bucketed; of 50,000: 11.3 and 7.0), and the bootstrap's
 # resamples (~1,000 examples) take that path.
 BUCKETED_FROM = 30_000
+# A column with more examples than this share of n in its split buckets is sorted instead: their
+# stable argsort costs about five times a key sort per example.
+_SORTED_ABOVE = 1 / 8
 
 
 def _to_buckets(bits: np.ndarray, out: np.ndarray) -> np.ndarray:
@@ -231,9 +236,12 @@ def _bucket_codes(values: np.ndarray) -> np.ndarray:
     return code
 
 
-def bucket_columns(values, labels, n_bins: int, true_values=None) -> list["BucketedValues"]:
+def bucket_columns(values, labels, n_bins: int, true_values=None, *,
+                   sort_crowded: bool = True) -> list["BucketedValues | OrderedValues"]:
     """Each column k of `values` (n, K) bucketed with the target ``labels == k`` (labels (n,), -1
     where no column is true): SCE's and MCE's class columns, all from one pass over the array.
+    With `sort_crowded`, a column crowded into a few buckets comes back sorted (`OrderedValues`;
+    module docstring).
 
     `true_values`: ``values[i, labels[i]]`` (every row has a label then), where the caller has
     them already (the gold probabilities of NLL and Brier).
@@ -263,8 +271,12 @@ def bucket_columns(values, labels, n_bins: int, true_values=None) -> list["Bucke
     member_values = flat_values[members]
     member_labels = labels[members // n_columns] if n_columns > 1 else labels[members]
     member_column = members % n_columns
+    crowded = (np.bincount(member_column, minlength=n_columns) > _SORTED_ABOVE * n) & sort_crowded
     columns = []
     for k, (c, v, t) in enumerate(tables):
+        if crowded[k]:
+            columns.append(OrderedValues(values[:, k], labels == k))
+            continue
         mine = member_column == k
         columns.append(BucketedValues._from_tables(
             n, n_bins, c, v, t, split[k * _BUCKETS:(k + 1) * _BUCKETS], nonempty[k],
@@ -300,10 +312,10 @@ class BucketedValues:
     """
 
     def __init__(self, values, target, n_bins: int):
-        # One column of `bucket_columns`, whose target is true where labels == 0.
+        # One column of `bucket_columns`, whose target is true where labels == 0, however crowded.
         values = np.asarray(values, dtype=np.float64).reshape(-1, 1)
         labels = np.asarray(target).astype(np.int64) - 1
-        (column,) = bucket_columns(values, labels, n_bins)
+        (column,) = bucket_columns(values, labels, n_bins, sort_crowded=False)
         self.__dict__.update(column.__dict__)
 
     @classmethod
@@ -355,20 +367,12 @@ def _smallest_value(bucket: np.ndarray) -> np.ndarray:
     return np.where(bucket > 0, ((bucket + _FIRST) << _SHIFT).view(np.float64), 0.0)
 
 
-def values_for_bins(values, target, n_bins: int) -> OrderedValues | BucketedValues:
-    """`values` (n,) and `target` (n,) made ready for `bin_stats` with `n_bins` bins, by the faster
-    of the two exact ways for n (module docstring); both give the same bins."""
-    if len(values) >= BUCKETED_FROM:
-        return BucketedValues(values, target, n_bins)
-    return OrderedValues(values, target)
-
-
 def bin_stats(values, target, n_bins: int, binning: str, ordered: OrderedValues | BucketedValues | None = None) -> BinStats:
     """Bin `values` (n,) with a 0/1 `target` (n,); arrays of shape (M,).
 
     `ordered` reuses the ordering (or bucketing) of the same values and target.
     """
-    sv = ordered if ordered is not None else values_for_bins(values, target, n_bins)
+    sv = ordered if ordered is not None else OrderedValues(values, target)
     count, sum_v, sum_t, lower, upper = sv.bin_sums(n_bins, binning)
     nonempty = count > 0
     safe = np.where(nonempty, count, 1.0)

@@ -155,8 +155,8 @@ def _max_ce(conf, corr, n_bins, binning, ordered=None) -> float:
 
 def _sce_mce(probs, labs, n_bins, gold=None) -> tuple[float, float]:
     """SCE and MCE together: both bin each class column, and share its one ordering (a sort
-    below `BUCKETED_FROM` examples, else the buckets of all columns from one pass). `gold`:
-    `_gold_probs`, if computed already."""
+    below `BUCKETED_FROM` examples, else the buckets of all columns from one pass; see
+    `decal.binning`). `gold`: `_gold_probs`, if computed already."""
     n, n_classes = probs.shape
     if n >= BUCKETED_FROM:
         columns = bucket_columns(probs, labs, n_bins, true_values=gold)
