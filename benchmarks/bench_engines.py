@@ -1,6 +1,6 @@
 """The hf and vllm engines on the same work, in one process tree: throughput and the vllm/hf ratio.
 
-SmolLM2-135M-Instruct (float32 by default), through decal's own code paths:
+SmolLM2-135M-Instruct (float32 by default; `--model` for another), through decal's own code paths:
 
 (a) non-reasoning scoring of 200 XSTest prompts (`Engine.score`);
 (b) Table-2 rollouts: 20 OpenAI Moderation train queries x 16 samples x 64 new tokens at
@@ -9,22 +9,30 @@ SmolLM2-135M-Instruct (float32 by default), through decal's own code paths:
 (c) greedy reasoning evaluation: 100 OpenAI Moderation eval examples x 128 new tokens
     (`decal.evaluation.evaluate`, batch 8).
 
+The sizes are options (`--score-n`, `--queries`, `--samples`, `--rollout-tokens`, `--eval-n`,
+`--eval-tokens`); the test suite runs the hf engine at a tiny size on a tiny random Qwen3
+(tests/test_benchmarks.py).
+
 Each engine is built once (its start-up is timed) and runs (a), (b), (c) in turn; then the next
 engine. Throughput is reported without and with the start-up. The machine may be shared: the
 load average before and after is printed, and only the ratios of one run mean much.
 
 Usage: python benchmarks/bench_engines.py [--dtype float32] [--parts abc] [--engines hf,vllm]
-       [--hf-threads N] [--kv-cache-gib 2] [--engine-arg KEY=VALUE ...]
+       [--hf-threads N] [--kv-cache-gib 2] [--engine-arg KEY=VALUE ...] [--model smollm2-135m-instruct]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+__all__ = ["main"]
 
 MODEL = "smollm2-135m-instruct"
 
@@ -33,7 +41,7 @@ def _load():
     return os.getloadavg()[0]
 
 
-def _work(engine, parts: str, data_dir: str, out: Path) -> dict[str, dict]:
+def _work(engine, args: argparse.Namespace, out: Path) -> dict[str, dict]:
     from decal.analysis.rollouts import RolloutConfig, run_rollouts
     from decal.decision import option_token_ids
     from decal.evaluation import evaluate
@@ -44,9 +52,10 @@ def _work(engine, parts: str, data_dir: str, out: Path) -> dict[str, dict]:
 
     tok = engine.tokenizer
     results: dict[str, dict] = {}
+    parts, data_dir = args.parts, args.data_dir
     if "a" in parts:
         task = load_task("xstest", "test", data_dir=data_dir)
-        prompts = [render_chat(tok, task.user_message(ex), reasoning=False) for ex in task.examples[:200]]
+        prompts = [render_chat(tok, task.user_message(ex), reasoning=False) for ex in task.examples[: args.score_n]]
         tokens = option_token_ids(tok, task.labels, context=decision_context(prompts[0], reasoning=False))
         seqs = encode_prompts(tok, prompts)
         start = time.perf_counter()
@@ -56,20 +65,19 @@ def _work(engine, parts: str, data_dir: str, out: Path) -> dict[str, dict]:
                         "probs": [s.option_probs for s in scores]}
     if "b" in parts:
         task = load_task("openai_moderation", "train", data_dir=data_dir, reasoning=True)
-        config = RolloutConfig(samples=16, temperature=1.0, max_new_tokens=64, limit=20, batch_size=16, seed=0)
+        config = RolloutConfig(samples=args.samples, temperature=1.0, max_new_tokens=args.rollout_tokens,
+                               limit=args.queries, batch_size=args.samples, seed=0)
         start = time.perf_counter()
-        run_rollouts(engine, None, task, out / f"rollouts-{engine.name}", config=config, model_name=MODEL)
+        run_rollouts(engine, None, task, out / f"rollouts-{engine.name}", config=config, model_name=args.model)
         seconds = time.perf_counter() - start
         rows = (out / f"rollouts-{engine.name}" / "rollouts.jsonl").read_text().splitlines()
-        import json
-
         tokens_made = sum(json.loads(r)["n_completion_tokens"] for r in rows)
         results["b"] = {"seconds": seconds, "units": tokens_made, "unit": "new tokens", "rollouts": len(rows)}
     if "c" in parts:
         task = load_task("openai_moderation", "eval", data_dir=data_dir, reasoning=True)
         start = time.perf_counter()
-        folder = evaluate(engine, None, task, out_dir=out / f"eval-{engine.name}", model_name=MODEL, batch_size=8,
-                          max_new_tokens=128, temperature=0.0, limit=100, progress=False)
+        folder = evaluate(engine, None, task, out_dir=out / f"eval-{engine.name}", model_name=args.model, batch_size=8,
+                          max_new_tokens=args.eval_tokens, temperature=0.0, limit=args.eval_n, progress=False)
         seconds = time.perf_counter() - start
         records = read_records(folder / "predictions.jsonl")
         results["c"] = {"seconds": seconds, "units": len(records), "unit": "examples",
@@ -79,8 +87,9 @@ def _work(engine, parts: str, data_dir: str, out: Path) -> dict[str, dict]:
     return results
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=MODEL, help="alias or local model folder")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--parts", default="abc", help="which of a, b, c to run")
     parser.add_argument("--engines", default="hf,vllm")
@@ -89,7 +98,14 @@ def main() -> None:
     parser.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE", help="more vLLM engine arguments")
     parser.add_argument("--data-dir", default=os.environ.get("DECAL_DATA_DIR")
                         or str(Path(__file__).resolve().parents[2] / "shared" / "data"))
-    args = parser.parse_args()
+    sizes = parser.add_argument_group("sizes")
+    sizes.add_argument("--score-n", type=int, default=200, help="(a) XSTest prompts scored")
+    sizes.add_argument("--queries", type=int, default=20, help="(b) moderation queries rolled out")
+    sizes.add_argument("--samples", type=int, default=16, help="(b) samples per query")
+    sizes.add_argument("--rollout-tokens", type=int, default=64, help="(b) new tokens per sample")
+    sizes.add_argument("--eval-n", type=int, default=100, help="(c) moderation examples evaluated")
+    sizes.add_argument("--eval-tokens", type=int, default=128, help="(c) new tokens per example")
+    args = parser.parse_args(argv)
     logging.disable(logging.WARNING)
     import torch
 
@@ -106,20 +122,21 @@ def main() -> None:
                 options = EngineOptions(extra={"kv_cache_memory_bytes": int(args.kv_cache_gib * (1 << 30)),
                                                **parse_engine_args(args.engine_arg)})
             start = time.perf_counter()
-            engine = prepare_engine(name, MODEL, dtype=args.dtype, options=options).build()
+            engine = prepare_engine(name, args.model, dtype=args.dtype, options=options).build()
             startup = time.perf_counter() - start
             try:
-                measured[name] = (startup, _work(engine, args.parts, args.data_dir, Path(tmp)))
+                measured[name] = (startup, _work(engine, args, Path(tmp)))
             finally:
                 engine.close()
     load_after = _load()
-    print(f"SmolLM2-135M-Instruct {args.dtype}; hf: {torch.get_num_threads()} torch threads; "
+    print(f"{args.model} {args.dtype}; hf: {torch.get_num_threads()} torch threads; "
           f"load average {load_before:.1f} before, {load_after:.1f} after (2 cores; shared machine: read the ratios)")
     names = list(measured)
     header = "| work | " + " | ".join(f"{n} (run) | {n} (with start-up)" for n in names) + " | vllm/hf (run) | vllm/hf (with start-up) |"
     print(header)
     print("|" + " --- |" * (2 * len(names) + 3))
-    labels = {"a": "(a) score 200 XSTest", "b": "(b) rollouts 20x16x64", "c": "(c) greedy eval 100x128"}
+    labels = {"a": f"(a) score {args.score_n} XSTest", "b": f"(b) rollouts {args.queries}x{args.samples}x{args.rollout_tokens}",
+              "c": f"(c) greedy eval {args.eval_n}x{args.eval_tokens}"}
     for part in args.parts:
         cells, rates = [], {}
         for n in names:
@@ -142,7 +159,8 @@ def main() -> None:
             diff = max((abs(x - y) for i in same for x, y in zip(hf["c"]["probs"][i], vl["c"]["probs"][i])), default=0.0)
             print(f"(c) identical greedy completions: {len(same)}/{len(hf['c']['completions'])}; "
                   f"max |option prob difference| where identical: {diff:.2e}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

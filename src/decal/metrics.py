@@ -55,7 +55,7 @@ from ._checks import check_n_bins as _check_n_bins
 from ._checks import check_probabilities as _check_probabilities
 from ._checks import check_probs_labels as _check_probs_labels
 from ._checks import check_same_length as _check_same_length
-from .binning import BinStats, OrderedValues, bin_stats, partition_bins
+from .binning import BUCKETED_FROM, BinStats, OrderedValues, bin_stats, bucket_columns
 
 __all__ = [
     "Binning",
@@ -153,19 +153,19 @@ def _max_ce(conf, corr, n_bins, binning, ordered=None) -> float:
     return _max_gap(bin_stats(conf, corr, n_bins, binning, ordered))
 
 
-def _sce_mce(probs, labs, n_bins, buffers=None) -> tuple[float, float]:
-    """SCE and MCE together: both bin each class column, and share its one sort.
-
-    `buffers` as for `OrderedValues`; they are overwritten.
-    """
+def _sce_mce(probs, labs, n_bins, gold=None) -> tuple[float, float]:
+    """SCE and MCE together: both bin each class column, and share its one ordering (a sort
+    below `BUCKETED_FROM` examples, else the buckets of all columns from one pass; see
+    `decal.binning`). `gold`: `_gold_probs`, if computed already."""
     n, n_classes = probs.shape
+    if n >= BUCKETED_FROM:
+        columns = bucket_columns(probs, labs, n_bins, true_values=gold)
+    else:
+        columns = [OrderedValues(probs[:, k], labs == k) for k in range(n_classes)]
     sce_total = mce_total = 0.0
-    buffers = buffers if buffers is not None else (np.empty(n, np.int64), np.empty(n, bool))
-    for k in range(n_classes):
-        column, target = probs[:, k], labs == k  # a strided view: OrderedValues copies it once into its keys
-        sv = OrderedValues(column, target, buffers, n_bins=partition_bins(n, n_bins))
-        sce_total += _weighted_abs_gap(bin_stats(column, target, n_bins, "equal_width", sv), n)
-        s = bin_stats(column, target, n_bins, "equal_mass", sv)
+    for k, sv in enumerate(columns):
+        sce_total += _weighted_abs_gap(bin_stats(None, None, n_bins, "equal_width", sv), n)
+        s = bin_stats(None, None, n_bins, "equal_mass", sv)
         ok = s.count > 0
         mce_total += float(np.sum(s.count[ok] / n * (s.acc[ok] - s.conf[ok]) ** 2))
     return sce_total / n_classes, math.sqrt(mce_total / n_classes)
@@ -231,10 +231,9 @@ def _aurc(conf, corr, ordered: OrderedValues | None = None) -> float:
     # and each run adds its width (size/n) times that risk.
     sv = ordered if ordered is not None else OrderedValues(conf, corr)
     n = len(sv.all)
-    errors_top = np.cumsum(~sv.t[::-1], dtype=np.float64)  # errors among the top k, k = 1..n
-    if sv.run_ends is None:
-        errors_top /= np.arange(1, n + 1, dtype=np.float64)
-        return float(np.sum(errors_top)) / n
+    errors_top = np.cumsum(~sv.t[::-1], dtype=np.int64)  # errors among the top k, k = 1..n
+    if sv.run_ends is None:  # sum_k errors_top[k] / k, in one pass that casts the counts as it goes
+        return float(np.einsum("i,i->", errors_top, 1.0 / np.arange(1, n + 1, dtype=np.float64))) / n
     k = (n - sv.run_ends[::-1][1:])  # runs from high to low: the top k ends at each run's lower end
     k = np.append(k, n)
     width = np.diff(k, prepend=0)
@@ -585,9 +584,7 @@ def _summary(a: _Arrays, n_bins: int, binning: str, *, warn: bool = True) -> dic
     """Every summary metric; the confidence sort is computed once and shared."""
     conf, corr = a.confidence, a.correct
     n = len(conf)
-    # One pair of sort buffers for the confidence and then each class column (see `OrderedValues`).
-    buffers = (np.empty(n, np.int64), np.empty(n, bool))
-    sv = OrderedValues(conf, corr, buffers)
+    sv = OrderedValues(conf, corr)
     main = bin_stats(conf, corr, n_bins, binning, sv)
     out = {
         "n": n,
@@ -598,8 +595,8 @@ def _summary(a: _Arrays, n_bins: int, binning: str, *, warn: bool = True) -> dic
         "auroc": _auroc(conf, corr, sv, warn=warn),
         "aurc": _aurc(conf, corr, sv),
     }
-    out["sce"], out["mce"] = _sce_mce(a.class_probs, a.label_index, n_bins, buffers)  # overwrites `sv`
     gold = _gold_probs(a.class_probs, a.label_index)
+    out["sce"], out["mce"] = _sce_mce(a.class_probs, a.label_index, n_bins, gold)
     out.update(
         brier=_brier(a.class_probs, a.label_index, gold),
         nll=_nll(a.class_probs, a.label_index, gold),
