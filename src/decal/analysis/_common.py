@@ -68,14 +68,15 @@ def engine_settings(engine) -> tuple[dict, tuple[str, ...]]:
 
     Args:
         engine: None (not known yet), an engine name ("hf", "vllm"; the CLI's early check), or
-            `Engine.info()` (`engine`, `engine_version`, `engine_options`). The version is recorded
-            but never compared: a rerun after an upgrade resumes.
+            `Engine.info()` (`engine`, `engine_version`, `engine_options`, and the remote engine's
+            `engine_servers`). The version and the servers are recorded but never compared: a
+            rerun after an upgrade, or on other replicas, resumes.
     """
     if engine is None:
         return {}, ("engine", "engine_version", "engine_options")
     if isinstance(engine, str):
         return {"engine": engine}, ("engine_version", "engine_options")
-    return dict(engine), ("engine_version",)
+    return dict(engine), ("engine_version", "engine_servers")
 
 
 # run.json fields of runs made before engines existed: they ran on transformers.
