@@ -301,3 +301,37 @@ GOOD = {"greedy": _answer({5: -0.1, 7: -3.0, 9: -4.0}), "hot": _answer({5: -0.1,
 def test_logprob_refusals_name_what_differs(change, message):
     refusal = logprob_refusal({**GOOD, **change}, [7, 9])
     assert refusal is None if message is None else message in refusal
+
+
+def test_https_with_a_private_ca(tmp_path, monkeypatch, scripted):
+    """An https URL: the certificate is checked (refused without the CA), and accepted with
+    SSL_CERT_FILE naming it."""
+    import shutil
+    import ssl
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a certificate")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    server, url = scripted([])
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    url = url.replace("http://", "https://")
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    fleet = _fleet([url], server_retries=0)
+    try:
+        with pytest.raises(RemoteEngineError, match="CERTIFICATE_VERIFY_FAILED"):
+            fleet.get("/models")
+    finally:
+        fleet.close()
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    fleet = _fleet([url])
+    try:
+        assert fleet.get("/models") == {"ok": True}
+    finally:
+        fleet.close()
+    assert [auth for _, auth in server.seen] == ["Bearer sekrit-token"]

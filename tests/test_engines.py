@@ -353,7 +353,16 @@ def test_data_parallel_copies_give_the_records_of_one_engine(vllm_tiny_qwen3, ti
         for r, q in zip(a, b):
             for g, h in zip(r, q):
                 assert g.option_probs == pytest.approx(h.option_probs, abs=1e-6)
-        for x, y in zip(dp.score(seqs, tokens), vllm_tiny_qwen3.score(seqs, tokens)):
+        ref = vllm_tiny_qwen3.score(seqs, tokens)
+        for x, y in zip(dp.score(seqs, tokens), ref):
+            assert x.option_probs == pytest.approx(y.option_probs, abs=1e-6) and x.top_token_id == y.top_token_id
+        # Issue #21: when replica 0 fails (a prompt past the context), replica 1's reply must be read
+        # too, or the next call joins it, stale, to its own outputs. The failing call's share on
+        # replica 1 (seqs 0-2) differs from the next call's (seqs 4-6), so a stale reply shows.
+        too_long = [seqs[0][0]] * 3000
+        with pytest.raises(RuntimeError, match="data-parallel replica"):
+            dp.score([too_long, *seqs[1:4], *seqs[:3]], tokens)
+        for x, y in zip(dp.score(seqs, tokens), ref, strict=True):
             assert x.option_probs == pytest.approx(y.option_probs, abs=1e-6) and x.top_token_id == y.top_token_id
 
 

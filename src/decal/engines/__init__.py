@@ -192,12 +192,13 @@ def _model_context(config) -> int | None:
     return None
 
 
-def _resolve_dtype(kind: EngineKind, dtype: str, device: str):
-    """(dtype, reason): resolved from the hardware for an engine that loads weights, else the server's."""
+def _resolve_dtype(kind: EngineKind, dtype: str | None, device: str):
+    """(dtype, reason): resolved from the hardware for an engine that loads weights (None: float32),
+    else the server's (None or "auto"; another dtype cannot be checked, so it is refused)."""
     from ..dtypes import resolve_dtype
 
     if kind.capabilities.loads_weights:
-        resolved = resolve_dtype(dtype, device=device)  # an unknown dtype fails here
+        resolved = resolve_dtype(dtype or "float32", device=device)  # an unknown dtype fails here
         return resolved.dtype, resolved.reason
     if dtype not in (None, "auto"):
         raise ConfigError(
@@ -213,7 +214,7 @@ def prepare_engine(
     *,
     adapter: str | None = None,
     adapters: Sequence[str] = (),
-    dtype: str = "float32",
+    dtype: str | None = None,
     device: str = "cpu",
     options: EngineOptions | None = None,
     trust_remote_code: bool = False,
@@ -223,7 +224,8 @@ def prepare_engine(
 ) -> EngineSpec:
     """Check an engine recipe and load the model's tokenizer and config (no weights).
 
-    `dtype` may be "auto": it is resolved here from the hardware (`decal.dtypes.resolve_dtype`).
+    `dtype` may be "auto": it is resolved here from the hardware (`decal.dtypes.resolve_dtype`);
+    None is float32 on an engine that loads weights, and the server's dtype on the remote engine.
     `api_key` is the remote engine's credential (default: $DECAL_SERVER_API_KEY there).
 
     Raises:

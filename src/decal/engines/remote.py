@@ -624,7 +624,10 @@ class RemoteEngine(VLLMRequestEngine):
         return "the server's max_model_len"
 
     def call_size(self, batch_size: int) -> int:
-        return max(int(batch_size), CALL_SIZE)
+        """Enough prompts to keep every replica's request slots full, at most vLLM's `CALL_SIZE`, so
+        records (and resumable progress) come back regularly."""
+        o = self.fleet.options
+        return max(int(batch_size), min(CALL_SIZE, len(o.server_urls) * o.max_concurrency * PROMPTS_PER_REQUEST))
 
     def info(self) -> dict[str, Any]:
         """`engine_options` hold what changes records (the served model and LoRA module);
