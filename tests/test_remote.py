@@ -214,7 +214,7 @@ def _tokenizer_only_model(tmp_path, smollm2_dir) -> Path:
     ("model", "not --model"),
     ("adapter", "serves no LoRA module 'no-such-lora'"),
     ("served-name", "does not serve --served-model-name 'guard'"),
-    ("down", "the server failed after 1 attempts"),
+    ("down", "the server failed after 1 attempt ("),
 ])
 def test_a_server_that_does_not_match_is_refused_in_one_line(smol_server, tiny_qwen3_32_dir, tmp_path, capsys,
                                                              case, message):

@@ -271,35 +271,40 @@ class Fleet:
         while True:
             replica = await self._acquire(pin)
             url = (replica.root if root else replica.url) + path
-            error = retry_after = None
+            error = retry_after = response = None
             try:
                 response = await self._client.request(method, url, json=body)
-            except httpx.TransportError as e:
-                error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-            else:
                 if response.status_code == 429 or response.status_code >= 500:
                     error, retry_after = f"HTTP {response.status_code}: {_server_message(response)}", _retry_after(response)
-                elif response.status_code >= 400:
-                    await self._release(replica, None, None)  # the server answered: it is up
+            except httpx.TransportError as e:
+                error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            finally:  # also when the call is cancelled: the slot is given back
+                await self._release(replica, error, retry_after)
+            if error is None:
+                if response.status_code >= 400:  # not retried: the request itself is refused
                     raise RemoteEngineError(f"{url}: HTTP {response.status_code}: {_server_message(response)}"
                                             + _status_hint(response.status_code))
-            await self._release(replica, error, retry_after)
-            if error is None:
                 try:
                     return response.json()
                 except ValueError as e:
                     raise RemoteEngineError(f"{url}: the server's answer is not JSON ({e})") from e
-            attempts += 1
-            logger.warning("%s: %s (attempt %d of %d)", url, error, attempts, self.options.server_retries + 1)
+            pool = [pin] if pin is not None else self.replicas
+            # An attempt counts towards giving up only while no replica is healthy: a request that
+            # waits behind a live replica's slots must not run out of attempts on a dead one.
+            if not any(r.failures == 0 for r in pool):
+                attempts += 1
+            logger.warning("%s: %s (%d of %d attempts with every server failing)", url, error, attempts,
+                           self.options.server_retries + 1)
             if attempts > self.options.server_retries:
-                raise RemoteEngineError(self._give_up(pin, attempts))
+                raise RemoteEngineError(self._give_up(pool, attempts))
 
-    def _give_up(self, pin: _Replica | None, attempts: int) -> str:
-        pool = [pin] if pin is not None else self.replicas
+    @staticmethod
+    def _give_up(pool: list[_Replica], attempts: int) -> str:
         failed = "; ".join(f"{r.url}: {r.last_error}" for r in pool if r.last_error)
         who = "the server" if len(pool) == 1 else f"every one of the {len(pool)} servers"
-        return (f"{who} failed after {attempts} attempts ({failed}); start the server(s) again and rerun the "
-                "same command to resume")
+        tries = f"{attempts} attempt{'s' if attempts != 1 else ''}"
+        return (f"{who} failed after {tries} ({failed}); start the server(s) again and rerun the same command "
+                "to resume")
 
     # -- blocking API -----------------------------------------------------------------------
 

@@ -418,7 +418,7 @@ def experiment_config_from_dict(data: Any, *, source: str = "config") -> Experim
 
 def _check_engine_options(config: ExperimentConfig, source: str) -> None:
     """Check engine options' names and values (not the devices: a plan may be made on another machine)."""
-    from ..engines import EngineOptions, check_engine_options
+    from ..engines import EngineOptions, check_engine_name, check_engine_options
 
     places = [("evaluation", config.evaluation)] + [
         (f"methods[{i}].evaluation", config.evaluation.merged(m.evaluation))
@@ -426,6 +426,10 @@ def _check_engine_options(config: ExperimentConfig, source: str) -> None:
     ]
     for where, settings in places:
         engine = settings.engine or "hf"
+        try:
+            check_engine_name(engine)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: `{where}.engine`: {e}") from e
         for i, model in enumerate(config.models):
             merged = {**(settings.engine_options or {}), **model.engine_options}
             try:  # also with no options: the engine name, and what an engine cannot do without (remote: its URLs)
