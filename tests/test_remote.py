@@ -270,7 +270,9 @@ def tiny_servers(tmp_path_factory, tiny_qwen3_32_dir):
                for i in range(2)]
     try:
         for s in servers:
-            s.start()
+            s.launch()
+        for s in servers:
+            s.wait_ready()
         yield servers
     finally:
         for s in servers:

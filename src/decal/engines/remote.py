@@ -185,8 +185,7 @@ def _server_message(response) -> str:
     try:
         body = response.json()
         error = body.get("error", body) if isinstance(body, dict) else body
-        message = error.get("message") if isinstance(error, dict) else None
-        text = str(message if message is not None else body)
+        text = str(error.get("message", error) if isinstance(error, dict) else error)
     except ValueError:
         text = response.text
     return " ".join(text.split())[:300]

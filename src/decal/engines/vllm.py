@@ -364,16 +364,25 @@ class LocalServer:
         return f"http://127.0.0.1:{self.port}/v1"
 
     def start(self, *, timeout: float = 600.0) -> "LocalServer":
-        """Start the server and wait until GET /health answers 200 (RuntimeError with its log's tail if it exits)."""
+        """Start the server and wait until it answers (`launch`, then `wait_ready`)."""
+        return self.launch().wait_ready(timeout=timeout)
+
+    def launch(self) -> "LocalServer":
+        """Start the server process without waiting (several servers then start side by side)."""
         import subprocess
-        import time
-        import urllib.request
 
         env = {**os.environ, "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
         if self._api_key:
             env["VLLM_API_KEY"] = self._api_key
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        return self
+
+    def wait_ready(self, *, timeout: float = 600.0) -> "LocalServer":
+        """Wait until GET /health answers 200 (RuntimeError with its log's tail if the server exits)."""
+        import time
+        import urllib.request
+
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
