@@ -44,6 +44,7 @@ COMMANDS = [
     "calibrate",
     "threshold",
     "serve",
+    "monitor",
 ]
 
 app = typer.Typer(

@@ -59,6 +59,11 @@ class ServeConfig:
     server_api_key: the remote engine's bearer token for its servers (not decal's own `api_key`);
         never in a repr, /v1/info or a log.
     prefix_cache: hf: compute the prompt prefix all requests share once (`decal.serve.prefix`).
+    state_dir: the decision log's folder (`decal.serve.store`); None: no log, no feedback, no monitor.
+    reference: the run folder of the monitor's reference window (None: the threshold file's
+        calibration run when it exists, else the drift alarm watches the stream's own past).
+    alarm_alpha: each alarm's false-alarm probability over the whole stream (`decal.serve.alarms`).
+    monitor_window: decisions (and labels) in the monitor's analysis window.
     """
 
     model: str
@@ -91,12 +96,17 @@ class ServeConfig:
     threads: int | None = None
     engine_options: EngineOptions = field(default_factory=EngineOptions)
     prefix_cache: bool = True
+    state_dir: str | None = None
+    reference: str | None = None
+    alarm_alpha: float = 0.05
+    monitor_window: int = 500
     server_api_key: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         positive = {
             "max_batch_size": self.max_batch_size, "max_queue": self.max_queue, "max_inputs": self.max_inputs,
             "max_body_bytes": self.max_body_bytes, "max_new_tokens": self.max_new_tokens,
+            "monitor_window": self.monitor_window,
         }
         for name, value in positive.items():
             if not isinstance(value, int) or value < 1:
@@ -117,6 +127,10 @@ class ServeConfig:
         check_engine_name(self.engine)
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"`threads` must be >= 1; got {self.threads!r}")
+        if not (isinstance(self.alarm_alpha, (int, float)) and 0.0 < self.alarm_alpha < 1.0):
+            raise ConfigError(f"`alarm_alpha` must be in (0, 1); got {self.alarm_alpha!r}")
+        if self.reference is not None and self.state_dir is None:
+            raise ConfigError("`--reference` sets the monitor's reference window; the monitor needs `--state-dir`")
         if self.api_key is not None and not self.api_key.strip():
             raise ConfigError("`api_key` must not be empty; leave it out to serve without one")
 
@@ -133,6 +147,7 @@ class ThresholdInfo:
     value: the threshold, or None when the source chose none (then every decision is deferred).
     source: "value" or the JSON file's path; sha256: the file's hash (None for a value).
     target_accuracy, delta, coverage: what the threshold was chosen for, from the JSON file.
+    calibration_run: the run it was chosen on (the file's ``calibration_run``), if recorded.
     """
 
     value: float | None
@@ -141,6 +156,7 @@ class ThresholdInfo:
     target_accuracy: float | None = None
     delta: float | None = None
     coverage: float | None = None
+    calibration_run: str | None = None
 
     def defers(self, calibrated_confidence: float) -> bool:
         """Whether a decision with this calibrated confidence is deferred (`apply_threshold` rejects it)."""
@@ -193,6 +209,7 @@ def load_threshold(spec: str) -> ThresholdInfo:
     return ThresholdInfo(
         value=None if raw is None else float(raw), source=str(path), sha256=file_sha256(path),
         target_accuracy=number("target_accuracy"), delta=number("delta"), coverage=number("coverage"),
+        calibration_run=data.get("calibration_run") if isinstance(data.get("calibration_run"), str) else None,
     )
 
 
