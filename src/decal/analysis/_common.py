@@ -69,15 +69,17 @@ def engine_settings(engine) -> tuple[dict, tuple[str, ...]]:
     """The run.json fields of an inference engine, and those not known yet (left out of the comparison).
 
     Args:
-        engine: None (not known yet), an engine name ("hf", "vllm"; the CLI's early check), or the
-            `Engine`: its `info()` (`engine`, `engine_version`, `engine_options`) and its
-            `fallbacks`. The version is recorded but never compared: a rerun after an upgrade resumes.
+        engine: None (not known yet), an engine name ("hf", "vllm", "remote"; the CLI's early
+            check), or the `Engine`: its `info()` (`engine`, `engine_version`, `engine_options`,
+            and the remote engine's `engine_servers`) and its `fallbacks`. The version and the
+            servers are recorded but never compared: a rerun after an upgrade, or on other
+            replicas, resumes.
     """
     if engine is None:
         return {}, ("engine", "engine_version", "engine_options", "fallbacks")
     if isinstance(engine, str):
-        return {"engine": engine}, ("engine_version", "engine_options", "fallbacks")
-    return {**engine.info(), "fallbacks": list(engine.fallbacks)}, ("engine_version",)
+        return {"engine": engine}, ("engine_version", "engine_options", "fallbacks", "engine_servers")
+    return {**engine.info(), "fallbacks": list(engine.fallbacks)}, ("engine_version", "engine_servers")
 
 
 # run.json fields of runs made before they were recorded: engines ran on transformers, with no fallback.

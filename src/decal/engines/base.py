@@ -32,13 +32,11 @@ from ..decision import END_OF_REASONING, Decision, DecisionTokens, find_decision
 from ..errors import ConfigError, PromptTooLongError
 
 __all__ = [
-    "ENGINES",
     "Engine",
     "EngineOptions",
     "OptionScores",
     "GeneratedDecision",
     "parse_engine_args",
-    "check_engine_name",
     "tokens_per_prompt",
     "prompt_seeds",
     "length_sorted_batches",
@@ -48,9 +46,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-ENGINES = ("hf", "vllm")
-
 
 @dataclass(frozen=True)
 class OptionScores:
@@ -93,6 +88,9 @@ class GeneratedDecision:
     top_token_id: int
 
 
+_NAMED = ("tensor_parallel_size", "data_parallel_size", "gpu_memory_utilization", "max_model_len")
+
+
 @dataclass(frozen=True, kw_only=True)
 class EngineOptions:
     """Options an engine is built with; None leaves the engine's own default.
@@ -101,7 +99,9 @@ class EngineOptions:
     data_parallel_size: model copies; each serves part of the requests (across nodes too).
     gpu_memory_utilization: vLLM's share of device memory (on the CPU build: of RAM) it may claim.
     max_model_len: the longest prompt + completion the engine accepts (vLLM sizes its KV cache by it).
-    extra: any other vLLM engine argument (`--engine-arg KEY=VALUE`), passed through as is.
+    extra: the engine's other options, as the registry names them (`decal.engines.registry`): any
+        vLLM engine argument (`--engine-arg KEY=VALUE`, passed through as is), or the remote
+        engine's `server_urls`, `served_model_name`, `max_concurrency`, ...
     """
 
     tensor_parallel_size: int | None = None
@@ -120,10 +120,16 @@ class EngineOptions:
         if u is not None and (isinstance(u, bool) or not isinstance(u, (int, float)) or not 0.0 < u <= 1.0):
             raise ConfigError(f"--gpu-memory-utilization must be in (0, 1]; got {u!r}")
 
+    @classmethod
+    def from_mapping(cls, options: Mapping[str, Any] | None) -> "EngineOptions":
+        """Options from one flat mapping (a config's `engine_options`): named fields, the rest in `extra`."""
+        options = dict(options or {})
+        named = {k: options.pop(k) for k in _NAMED if k in options}
+        return cls(**named, extra=options)
+
     def as_dict(self) -> dict[str, Any]:
         """The options that were set, flat (`extra` merged in), for run.json and the engine's kwargs."""
-        named = {k: getattr(self, k) for k in ("tensor_parallel_size", "data_parallel_size",
-                                               "gpu_memory_utilization", "max_model_len")}
+        named = {k: getattr(self, k) for k in _NAMED}
         return {**{k: v for k, v in named.items() if v is not None}, **dict(self.extra)}
 
     @property
@@ -150,13 +156,6 @@ def parse_engine_args(items: Sequence[str]) -> dict[str, Any]:
         except yaml.YAMLError:
             out[key] = value
     return out
-
-
-def check_engine_name(name: str) -> str:
-    """`name` if it is a known engine, else a ConfigError naming the choices."""
-    if name not in ENGINES:
-        raise ConfigError(f"unknown engine {name!r}; choose one of: {', '.join(ENGINES)}")
-    return name
 
 
 def tokens_per_prompt(decision_tokens, n: int) -> list[DecisionTokens]:

@@ -31,8 +31,9 @@ from .base import (
     length_sorted_batches,
     tokens_per_prompt,
 )
+from .registry import Capabilities, EngineKind
 
-__all__ = ["HFEngine", "load_hf_engine", "context_length", "pad_left", "generation_config"]
+__all__ = ["KIND", "HFEngine", "load_hf_engine", "context_length", "pad_left", "generation_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -388,3 +389,16 @@ def load_hf_engine(
     options = {"dtype": dtype, "device": device, "trust_remote_code": trust_remote_code,
                "allow_pickle": allow_pickle, "offline": offline}
     return HFEngine(net, tokenizer, model_name=str(model), adapter=adapter, load_options=options)
+
+
+def _build(spec) -> HFEngine:
+    return load_hf_engine(spec.model, adapter=spec.adapter, dtype=spec.dtype, device=spec.device,
+                          trust_remote_code=spec.trust_remote_code, allow_pickle=spec.allow_pickle, offline=spec.offline)
+
+
+KIND = EngineKind(
+    name="hf",
+    summary="transformers in this process (default)",
+    capabilities=Capabilities(local_forward=True),
+    build=_build,
+)

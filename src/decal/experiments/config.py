@@ -111,13 +111,16 @@ class EvalSettings:
     temperature: float | None = field(default=None, metadata={"help": "Sampling temperature; unset = the evaluator's default."})
     dtype: str | None = field(default=None, metadata={"help": "`--dtype`; None leaves the commands' `auto` (bfloat16 on GPUs and on CPUs with native bfloat16, else float32)."})
     device: str | None = field(default=None, metadata={"help": "`--device` of `decal evaluate` (e.g. cuda)."})
-    engine: Literal["hf", "vllm"] | None = field(
-        default=None, metadata={"help": "Inference engine of evaluations and analyses (`--engine`; default hf)."}
+    engine: str | None = field(
+        default=None, metadata={"help": "Inference engine of evaluations and analyses (`--engine`: hf, vllm or remote; "
+                                        "default hf)."}
     )
     engine_options: Mapping[str, Any] | None = field(
         default=None,
-        metadata={"help": "vLLM options: tensor_parallel_size, data_parallel_size, gpu_memory_utilization, "
-                          "max_model_len, or any vLLM engine argument (`--engine-arg`)."},
+        metadata={"help": "Engine options. vllm: tensor_parallel_size, data_parallel_size, gpu_memory_utilization, "
+                          "max_model_len, or any vLLM engine argument (`--engine-arg`). remote: server_urls (a list), "
+                          "served_model_name, max_concurrency, server_timeout, server_retries (the API key comes from "
+                          "$DECAL_SERVER_API_KEY, never from a config)."},
     )
 
     def merged(self, other: "EvalSettings | None") -> "EvalSettings":
@@ -330,7 +333,7 @@ def experiment_config_from_dict(data: Any, *, source: str = "config") -> Experim
 
 def _check_engine_options(config: ExperimentConfig, source: str) -> None:
     """Check engine options' names and values (not the devices: a plan may be made on another machine)."""
-    from ..engines import EngineOptions, check_engine_options
+    from ..engines import EngineOptions, check_engine_name, check_engine_options
 
     places = [("evaluation", config.evaluation)] + [
         (f"methods[{i}].evaluation", config.evaluation.merged(m.evaluation))
@@ -338,15 +341,14 @@ def _check_engine_options(config: ExperimentConfig, source: str) -> None:
     ]
     for where, settings in places:
         engine = settings.engine or "hf"
+        try:
+            check_engine_name(engine)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: `{where}.engine`: {e}") from e
         for i, model in enumerate(config.models):
             merged = {**(settings.engine_options or {}), **model.engine_options}
-            if not merged:
-                continue
-            fields = ("tensor_parallel_size", "data_parallel_size", "gpu_memory_utilization", "max_model_len")
-            try:
-                options = EngineOptions(**{k: v for k, v in merged.items() if k in fields},
-                                        extra={k: v for k, v in merged.items() if k not in fields})
-                check_engine_options(engine, options, devices=False)
+            try:  # also with no options: the engine name, and what an engine cannot do without (remote: its URLs)
+                check_engine_options(engine, EngineOptions.from_mapping(merged), devices=False)
             except ConfigError as e:
                 raise ConfigError(
                     f"{source}: `{where}.engine_options` / `models[{i}].engine_options` (engine {engine}): {e}"
