@@ -42,6 +42,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -57,7 +58,7 @@ from .base import (
     tokens_per_prompt,
 )
 
-__all__ = ["VLLMEngine", "load_vllm_engine", "vllm_version", "engine_kwargs"]
+__all__ = ["VLLMEngine", "SampledCompletion", "load_vllm_engine", "vllm_version", "engine_kwargs"]
 
 logger = logging.getLogger(__name__)
 
@@ -306,6 +307,63 @@ class VLLMEngine(Engine):
         if self._owner:
             self._shared.close()
 
+    def sample(
+        self,
+        sequences: Sequence[Sequence[int]],
+        *,
+        num_samples: int,
+        temperature: float = 1.0,
+        max_new_tokens: int = 256,
+        seed: int | Sequence[int] = 0,
+        stop_ids: Sequence[int] | None = None,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
+    ) -> list[list[SampledCompletion]]:
+        """Sample `num_samples` completions per prompt and return their tokens and log-probabilities.
+
+        The sampler RL training needs (GRPO on vLLM, `decal.training.vllm_sampler`): no decision is
+        parsed here (the trainer's reward parses it), so this is one vLLM request per prompt
+        (`n=num_samples`, so the prompt is prefilled once), each with its own seed as in `generate`.
+
+        Args:
+            sequences: prompt token ids.
+            num_samples: completions per prompt (>= 1).
+            temperature, top_p, top_k, min_p, repetition_penalty: vLLM's sampling settings (top_k 0:
+                the whole vocabulary).
+            max_new_tokens: the most tokens per completion.
+            seed: one int (each prompt's seed derived from it and its index) or one per prompt.
+            stop_ids: token ids that end a completion (default: the engine's stop ids).
+
+        Returns:
+            For each prompt, its completions in sample order.
+        """
+        from vllm import SamplingParams
+
+        if num_samples < 1 or temperature <= 0 or max_new_tokens < 1:
+            raise ValueError(f"`sample` needs num_samples >= 1, temperature > 0 and max_new_tokens >= 1; got "
+                             f"{num_samples!r}, {temperature!r}, {max_new_tokens!r}")
+        sequences = [list(s) for s in sequences]
+        self.check_prompt_lengths([len(s) for s in sequences], reserve=max_new_tokens)
+        stops = list(self.stop_ids if stop_ids is None else stop_ids)
+        params = [
+            SamplingParams(n=num_samples, temperature=float(temperature), top_p=float(top_p), top_k=int(top_k),
+                           min_p=float(min_p), repetition_penalty=float(repetition_penalty),
+                           max_tokens=int(max_new_tokens), stop_token_ids=stops, ignore_eos=False, seed=s,
+                           logprobs=0, detokenize=False, skip_special_tokens=False)
+            for s in prompt_seeds(seed, len(sequences))
+        ]
+        out = []
+        for result in self._run(sequences, params):
+            completions = sorted(result.outputs, key=lambda c: int(c.index))
+            out.append([
+                SampledCompletion(token_ids=[int(t) for t in c.token_ids],
+                                  logprobs=[float(lp[t].logprob) for lp, t in zip(c.logprobs, c.token_ids)])
+                for c in completions
+            ])
+        return out
+
     # -- requests ----------------------------------------------------------------------------
 
     def _run(self, prompts: list[list[int]], params: list) -> list:
@@ -418,6 +476,20 @@ class VLLMEngine(Engine):
                     option_probs=[math.exp(lp) for lp in logprobs], emitted_token=None, valid=False, forced=True,
                 )
         return results
+
+
+@dataclass(frozen=True)
+class SampledCompletion:
+    """One sampled completion with its tokens' log-probabilities (for RL training, `VLLMEngine.sample`).
+
+    token_ids: the generated ids, a stop token included when the completion stopped at one.
+    logprobs: (len(token_ids),) log-probability of each sampled token under the sampling
+        distribution (after temperature and the other sampling settings when the engine runs with
+        `logprobs_mode="processed_logprobs"`, else of the raw logits).
+    """
+
+    token_ids: list[int]
+    logprobs: list[float]
 
 
 def _generation_config_holder(source: str | None):
