@@ -32,12 +32,22 @@ stay <= 1.05 in CPU time and peak memory (peak RSS sampled every 20 ms during `t
 `--compare-head` reruns each method with the output head fed the strided slice of the hidden states
 (see `decal.models.keep_head_input_contiguous`) and prints that ratio.
 
+``--suite engines`` (issue #22 item 3): GRPO at the reasoning grid's shape (`configs/cpu-reasoning.yaml`:
+``verdicts``/``train`` reasoning prompts, 4 prompts x 8 completions of up to 64 tokens, lr 1e-4, LoRA
+r16) with TRL's transformers generation (``engine: hf``) and with decal's vLLM sampler (``engine:
+vllm``, the LoRA adapter served each step). Step time is the fastest gap between consecutive
+optimizer steps after the first (the first also starts vLLM); the ratio hf / vllm is the speed-up
+(target >= 2x). ``--init-adapter DIR`` starts both from a warm start's adapter (completions that
+decide and stop, as in the grid); without it the base model, which never closes </think>, fills
+all 64 tokens.
+
 Usage:
     nice -n 5 python benchmarks/bench_training.py                      # SFT on moderation (about 40 CPU-minutes)
     python benchmarks/bench_training.py --suite sft --batches 4        # batch 4 only
     nice -n 5 python benchmarks/bench_training.py --suite grpo         # GRPO, cal-GRPO on the longest prompts
     python benchmarks/bench_training.py --suite methods --threads 1    # SFT, GRPO, cal-GRPO on the built-in task
     python benchmarks/bench_training.py --suite methods --methods sft grpo --compare-head
+    python benchmarks/bench_training.py --suite engines --steps 3       # GRPO step time, hf vs vllm sampling
 """
 
 from __future__ import annotations
@@ -346,9 +356,72 @@ def _suite_methods(args, root: Path) -> None:
               f"(target <= 1.05: {verdict}); wall-clock step time {wall_ratio:.3f}")
 
 
+# --- suite "engines" ---------------------------------------------------------------------------
+
+# The GRPO entries of configs/cpu-reasoning.yaml (4 prompts x 8 completions of up to 64 tokens).
+GRID_GRPO = {"batch_size": 32, "num_generations": 8, "grad_accum": 1, "learning_rate": 1e-4,
+             "max_completion_length": 64, "reasoning": True}
+
+
+def _engine_worker(engine: str, out: str, steps: int, model: str, init_adapter: str | None) -> None:
+    from decal.models import load_model
+    from decal.training.config import TrainConfig
+    from decal.training.runner import train
+
+    load_model(model)  # converts the GGUF once, outside the measured run
+    config = TrainConfig(method="grpo", model=model, task="verdicts", split="train", out=out, limit=64,
+                         max_steps=steps, save_steps=10_000, seed=0, engine=engine, init_adapter=init_adapter,
+                         **GRID_GRPO)
+    sampler = _PeakSampler()
+    sampler.start()
+    train(config, progress=False)
+    sampler.running = False
+    sampler.join()
+    print(json.dumps({"peak_rss_mb": sampler.peak}))
+
+
+def _run_engine(engine: str, args, root: Path) -> dict:
+    out = root / f"grpo-{engine}"
+    command = [sys.executable, __file__, "--engine-worker", engine, "--out", str(out), "--steps", str(args.steps),
+               "--model", args.model] + (["--init-adapter", args.init_adapter] if args.init_adapter else [])
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        raise SystemExit(f"grpo on {engine} failed:\n{result.stderr[-3000:]}")
+    log = _read_log(out)
+    steps = [e for e in log if "loss" in e and "train_runtime" not in e]
+    gaps = _step_times(out, "time")
+    begin = next(e for e in log if e.get("event") == "train_begin")
+    return {"engine": engine, "step_s": min(gaps) if gaps else float("nan"), "steps_timed": len(gaps),
+            "first_step_s": steps[0]["time"] - begin["time"],
+            "completion_tokens": statistics.mean(e["completions/mean_length"] for e in steps),
+            "invalid_rate": _invalid_rate(out),
+            "is_ratio": statistics.mean(e[k] for e in steps for k in e if k.endswith("importance_sampling_ratio/mean"))
+            if any(k.endswith("importance_sampling_ratio/mean") for k in steps[0]) else None,
+            **json.loads(result.stdout.strip().splitlines()[-1])}
+
+
+def _suite_engines(args, root: Path) -> None:
+    import torch
+
+    start = args.init_adapter or "the base model (no warm start: completions run to 64 tokens)"
+    print(f"GRPO at the cpu-reasoning grid's shape on {MODEL}: verdicts reasoning prompts, 4 prompts x 8 completions "
+          f"x <= 64 tokens, lr 1e-4, LoRA r16, float32, from {start}, {args.steps} steps per engine (first not "
+          f"timed), {args.threads or torch.get_num_threads()} torch threads")
+    rows = {}
+    for engine in ("hf", "vllm"):
+        r = rows[engine] = _run_engine(engine, args, root)
+        ratio = "" if r["is_ratio"] is None else f", mean importance-sampling ratio {r['is_ratio']:.4f}"
+        print(f"{engine:5s} step {r['step_s']:7.1f} s (fastest of {r['steps_timed']}; first step {r['first_step_s']:.1f} s), "
+              f"completions {r['completion_tokens']:.1f} tokens on average, invalid rate {r['invalid_rate']:.2f}, "
+              f"peak RSS {r['peak_rss_mb']:.0f} MB{ratio}", flush=True)
+    speed = rows["hf"]["step_s"] / rows["vllm"]["step_s"]
+    print(f"GRPO step time hf / vllm: {speed:.2f}x (target >= 2: {'ok' if speed >= 2 else 'BELOW TARGET'})")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--suite", choices=["sft", "grpo", "methods"], default="sft")
+    parser.add_argument("--suite", choices=["sft", "grpo", "methods", "engines"], default="sft")
     parser.add_argument("--threads", type=int, help="torch threads per run (OMP_NUM_THREADS); 1 avoids "
                         "thread spin-waits inflating CPU time on a busy machine")
     sft = parser.add_argument_group("suite sft")
@@ -361,8 +434,11 @@ def main(argv: list[str] | None = None) -> int:
                       help="completions per micro-batch; 32 / this is the grad-accum")
     methods = parser.add_argument_group("suite methods")
     methods.add_argument("--methods", nargs="+", default=["sft", "grpo", "cal-grpo"], choices=list(SETTINGS))
-    methods.add_argument("--steps", type=int, default=3, help="optimizer steps per method (first one is warm-up)")
+    methods.add_argument("--steps", type=int, default=3, help="optimizer steps per method or engine (first one is "
+                         "warm-up)")
     methods.add_argument("--model", default=MODEL)
+    engines = parser.add_argument_group("suite engines")
+    engines.add_argument("--init-adapter", help="start GRPO from this LoRA adapter (a warm start's)")
     methods.add_argument("--paper-lr", action="store_true",
                          help="train GRPO/cal-GRPO at lr 1e-3 (their samples then differ after step 1)")
     methods.add_argument("--compare-head", action="store_true",
@@ -372,6 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strided-head", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--method-worker", help=argparse.SUPPRESS)
+    parser.add_argument("--engine-worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -381,8 +458,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.method_worker:
         _methods_worker(args.method_worker, args.out, args.steps, args.model, args.same_samples, args.strided_head)
         return 0
+    if args.engine_worker:
+        _engine_worker(args.engine_worker, args.out, args.steps, args.model, args.init_adapter)
+        return 0
     with tempfile.TemporaryDirectory(prefix="decal-bench-train-") as root:
-        {"sft": _suite_sft, "grpo": _suite_grpo, "methods": _suite_methods}[args.suite](args, Path(root))
+        {"sft": _suite_sft, "grpo": _suite_grpo, "methods": _suite_methods,
+         "engines": _suite_engines}[args.suite](args, Path(root))
     return 0
 
 

@@ -98,26 +98,29 @@ def _sweep_table(key, title, kind, param, symbol, experiment, models, datasets, 
     # Only the swept entries (the base entry of a sweep and its variants): another entry of the same
     # kind differs in more than this parameter (say cal-grpo with the group-accuracy target at lambda 1)
     # and would sit in the table as a second, mislabelled point.
-    swept = {s["method"] for s in experiment["config"].get("sweeps") or [] if s["param"] == param}
+    # Two swept entries (say one per condition of the reasoning grid) are two sweeps, each with its own rows.
+    swept = list(dict.fromkeys(s["method"] for s in experiment["config"].get("sweeps") or [] if s["param"] == param))
     entries = [m for m in experiment["methods"] if m["method"] == kind and m["name"] in swept]
     if not any(m["variant"] for m in entries):
         return None
     rows, tips = [], []
     for model in models:
         for ds in datasets:
-            points = []
-            for m in entries:
-                acc = cell(index, model, m["name"], m["variant"], ds, "accuracy", ci=ci)
-                ece = cell(index, model, m["name"], m["variant"], ds, "ece", ci=ci)
-                if acc[0] != MISSING or ece[0] != MISSING:
-                    points.append((m.get(param), acc, ece))
-            if len(points) < 2:
-                continue  # one point is no sweep
-            points.sort(key=lambda p: (p[0] is None, p[0] or 0.0))
-            for i, (value, acc, ece) in enumerate(points):
+            for name in swept:
+                points = []
+                for m in (e for e in entries if e["name"] == name):
+                    acc = cell(index, model, m["name"], m["variant"], ds, "accuracy", ci=ci)
+                    ece = cell(index, model, m["name"], m["variant"], ds, "ece", ci=ci)
+                    if acc[0] != MISSING or ece[0] != MISSING:
+                        points.append((m.get(param), acc, ece))
+                if len(points) < 2:
+                    continue  # one point is no sweep
+                points.sort(key=lambda p: (p[0] is None, p[0] or 0.0))
                 label = ds.marked if len(models) == 1 else f"{model} {ds.marked}"
-                rows.append((label if i == 0 else "", "default" if value is None else f"{value:g}", acc[0], ece[0]))
-                tips.append(("", "", acc[1], ece[1]))
+                label += f" ({name})" if len(swept) > 1 else ""
+                for i, (value, acc, ece) in enumerate(points):
+                    rows.append((label if i == 0 else "", "default" if value is None else f"{value:g}", acc[0], ece[0]))
+                    tips.append(("", "", acc[1], ece[1]))
     if not rows:
         return None
     return Table(key, title, ("Dataset", symbol, "Acc (↑)", "ECE (↓)"), tuple(rows), tuple(tips))
