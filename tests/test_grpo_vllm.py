@@ -4,8 +4,9 @@ One trainer samples on vLLM (the LoRA adapter served each step), a second one ta
 completions on the hf path; their rewards and decisions must be equal, and the sampler's token
 log-probabilities must match the trainer's own (LoRA dropout off, so the importance-sampling
 ratio is 1 up to the kernels' float32 rounding). Then one real optimizer step runs on vLLM samples.
-Sizes: 4 prompts x 4 completions of at most 8 tokens in non-reasoning mode (the base model gives
-valid first-token decisions there; in reasoning mode it never closes </think>).
+Sizes: 4 prompts x 4 completions of at most 8 tokens of the built-in task in non-reasoning mode: the
+base model puts a label first in most completions there (on `verdicts`, in 1 of 16; in reasoning
+mode it never closes </think>), so the decisions compared are mostly valid ones.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def _trainer(out, sampler=None):
     from decal.models import load_model
 
     model, tokenizer = load_model("smollm2-135m-instruct", dtype="float32")
-    task = load_task("verdicts", "train", n=4, reasoning=False)
+    task = load_task("builtin", "train", n=4, reasoning=False)
     return build_grpo_trainer(model=model, tokenizer=tokenizer, task=task, args=_args(out), peft_config=_lora(),
                               sampler=sampler)
 
