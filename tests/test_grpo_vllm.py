@@ -74,8 +74,10 @@ def test_vllm_sampling_matches_the_hf_path_on_the_same_completions_and_trains_a_
     on_vllm = _trainer(tmp_path / "v", sampler)
     on_hf = _trainer(tmp_path / "h")
     try:
+        assert sampler.step == 0  # the engine started with the trainer, serving the initial adapter
         _nudge_lora(on_vllm.model)
         on_hf.model.load_state_dict(on_vllm.model.state_dict())
+        sampler.sync(on_vllm.model, 0)  # serve the nudged adapter
         on_vllm.model.train(), on_hf.model.train()  # as in a training step (TRL logs under "train")
         inputs = _inputs(on_vllm)
         out_v = on_vllm._generate_and_score_completions(inputs)

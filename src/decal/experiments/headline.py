@@ -100,7 +100,8 @@ def headline_tables(root: Path, experiment: dict, index: ResultIndex, models: li
     else:
         rows_of = [("", m) for m in experiment["methods"] if not m["variant"]]
         analyses, extra = {}, ()
-        key, title = "summary", "Summary (%): accuracy, ECE, TCE and overconfidence against the truth, 95% bootstrap intervals"
+        key = "summary"
+        title = "Summary (%): accuracy, ECE, TCE and overconfidence against the truth, 95% bootstrap intervals"
     lead = ["Condition"] if conditions else []
     header = [*lead, "Method", "Dataset"] + [f"{m} {label}" if len(models) > 1 else label for m in models
                                              for _, label in _METRICS] + list(extra)

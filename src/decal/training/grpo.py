@@ -10,7 +10,8 @@
   final hidden state at the B decision positions, and only those B rows go through the LM head,
   so the ``(B, T, V)`` logits are never built and no second forward runs.
 
-Per step the trainer logs, besides TRL's ``reward``: ``decision/invalid_rate``,
+Per step the trainer logs, besides TRL's ``reward``: ``timing/generate_s`` (seconds spent sampling the
+step's completions), ``decision/invalid_rate``,
 ``decision/prob_correct`` and ``decision/prob_wrong`` (the mean full-vocabulary probability of the
 emitted decision token over correct / wrong rollouts), ``decision/frac_prob_above_0.99`` (over
 rollouts with a valid decision) and, for calibration-aware GRPO, ``cal/ce``.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -174,6 +176,8 @@ class DecalGRPOTrainer(GRPOTrainer):
         self.sampler = sampler
         if sampler is not None:
             _trl_compat.sample_externally(self)
+            # start the engine now, with the initial adapter: a failure shows before any training step
+            sampler.sync(self.accelerator.unwrap_model(self.model), self.state.global_step)
         self.auto_checkpointing = (AutoCheckpointing(self.model) if auto_checkpointing
                                    and self.args.gradient_checkpointing else None)
         rewards = [f for f in self.reward_funcs if isinstance(f, DecisionReward)]
@@ -197,8 +201,15 @@ class DecalGRPOTrainer(GRPOTrainer):
         micro-batch's, like the training pass's (issue #13). vLLM and multimodal inputs keep
         TRL's single call.
         """
-        if self.sampler is not None:
-            return self._sample_on_engine(prompt_ids, num_generations)
+        started = time.perf_counter()
+        try:
+            if self.sampler is not None:
+                return self._sample_on_engine(prompt_ids, num_generations)
+            return self._generate_in_chunks(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
+        finally:  # where a step's time goes (benchmarks/bench_training.py --suite engines)
+            _trl_compat.log_metric(self, "timing/generate_s", time.perf_counter() - started)
+
+    def _generate_in_chunks(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images):
         rows = self.args.per_device_train_batch_size
         if (self.use_vllm or getattr(self, "use_transformers_continuous_batching", False) or images is not None
                 or multimodal_fields or len(prompt_ids) <= rows):
