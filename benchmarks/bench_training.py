@@ -38,12 +38,24 @@ Every suite takes ``--model`` (default SmolLM2-135M-Instruct); the sft and grpo 
 of one then includes the others'); the test suite runs each suite so, at a tiny size on a tiny
 random Qwen3 (tests/test_benchmarks.py).
 
+``--suite engines`` (issue #22 item 3): GRPO at the reasoning grid's shape (`configs/cpu-reasoning.yaml`:
+``verdicts``/``train`` reasoning prompts, 4 prompts x 8 completions of up to 64 tokens, lr 1e-4, LoRA
+r16) with TRL's transformers generation (``engine: hf``) and with decal's vLLM sampler (``engine:
+vllm``, the LoRA adapter served each step; the engine starts with the trainer, before the first
+step). Step time is TRL's ``step_time`` of the fastest of ``--steps`` steps (default 1: a step takes
+minutes here), split into sampling (``timing/generate_s``) and the rest (the training pass, and on
+vLLM the policy's own log-probabilities for the importance-sampling correction); the ratio hf / vllm
+is the speed-up (target >= 2x). ``--init-adapter DIR`` starts both from a warm start's adapter (completions that
+decide and stop, as in the grid); without it the base model, which never closes </think>, fills
+all 64 tokens.
+
 Usage:
     nice -n 5 python benchmarks/bench_training.py                      # SFT on moderation (about 40 CPU-minutes)
     python benchmarks/bench_training.py --suite sft --batches 4        # batch 4 only
     nice -n 5 python benchmarks/bench_training.py --suite grpo         # GRPO, cal-GRPO on the longest prompts
     python benchmarks/bench_training.py --suite methods --threads 1    # SFT, GRPO, cal-GRPO on the built-in task
     python benchmarks/bench_training.py --suite methods --methods sft grpo --compare-head
+    python benchmarks/bench_training.py --suite engines --steps 1       # GRPO step time, hf vs vllm sampling
 """
 
 from __future__ import annotations
@@ -368,12 +380,73 @@ def _suite_methods(args, root: Path) -> None:
               f"(target <= 1.05: {verdict}); wall-clock step time {wall_ratio:.3f}")
 
 
-_WORKERS = {"sft": _sft_worker, "grpo": _grpo_worker, "methods": _methods_worker}
+# --- suite "engines" ---------------------------------------------------------------------------
+
+# The GRPO entries of configs/cpu-reasoning.yaml (4 prompts x 8 completions of up to 64 tokens).
+GRID_GRPO = {"batch_size": 32, "num_generations": 8, "grad_accum": 1, "learning_rate": 1e-4,
+             "max_completion_length": 64, "reasoning": True}
+
+
+def _engines_worker(spec: dict) -> dict:
+    from decal.models import load_model
+    from decal.training.config import TrainConfig
+    from decal.training.runner import train
+
+    load_model(spec["model"])  # converts the GGUF once, outside the measured run
+    config = TrainConfig(method="grpo", model=spec["model"], task="verdicts", split="train", out=spec["out"], limit=64,
+                         max_steps=spec["steps"], save_steps=10_000, seed=0, engine=spec["engine"],
+                         init_adapter=spec["init_adapter"], **GRID_GRPO)
+    sampler = _PeakSampler()
+    sampler.start()
+    try:
+        train(config, progress=False)
+    finally:
+        sampler.running = False
+        sampler.join()
+    return {"peak_rss_mb": sampler.peak}
+
+
+def _run_engine(engine: str, args, root: Path) -> dict:
+    out = root / f"grpo-{engine}"
+    memory = _run_child({"suite": "engines", "name": f"grpo on {engine}", "engine": engine, "out": str(out),
+                         "steps": args.steps, "model": args.model, "init_adapter": args.init_adapter}, args)
+    steps = [e for e in _read_log(out) if "loss" in e and "train_runtime" not in e]
+    fastest = min(steps, key=lambda e: e["step_time"])
+    return {"engine": engine, "step_s": fastest["step_time"], "generate_s": fastest["timing/generate_s"],
+            "steps_timed": len(steps),
+            "completion_tokens": statistics.mean(e["completions/mean_length"] for e in steps),
+            "invalid_rate": _invalid_rate(out),
+            "is_ratio": statistics.mean(e[k] for e in steps for k in e if k.endswith("importance_sampling_ratio/mean"))
+            if any(k.endswith("importance_sampling_ratio/mean") for k in steps[0]) else None,
+            **memory}
+
+
+def _suite_engines(args, root: Path) -> None:
+    import torch
+
+    start = args.init_adapter or "the base model (no warm start: completions run to 64 tokens)"
+    print(f"GRPO at the cpu-reasoning grid's shape on {args.model}: verdicts reasoning prompts, 4 prompts x 8 completions "
+          f"x <= 64 tokens, lr 1e-4, LoRA r16, float32, from {start}, {args.steps} steps per engine (first not "
+          f"timed), {args.threads or torch.get_num_threads()} torch threads")
+    rows = {}
+    for engine in ("hf", "vllm"):
+        r = rows[engine] = _run_engine(engine, args, root)
+        ratio = "" if r["is_ratio"] is None else f", mean importance-sampling ratio {r['is_ratio']:.4f}"
+        print(f"{engine:5s} step {r['step_s']:7.1f} s (fastest of {r['steps_timed']}): sampling {r['generate_s']:.1f} s, "
+              f"the rest {r['step_s'] - r['generate_s']:.1f} s; completions {r['completion_tokens']:.1f} tokens on "
+              f"average, invalid rate {r['invalid_rate']:.2f}, peak RSS {r['peak_rss_mb']:.0f} MB{ratio}", flush=True)
+    speed = rows["hf"]["step_s"] / rows["vllm"]["step_s"]
+    sampling = rows["hf"]["generate_s"] / rows["vllm"]["generate_s"]
+    print(f"GRPO step time hf / vllm: {speed:.2f}x (target >= 2: {'ok' if speed >= 2 else 'BELOW TARGET'}); "
+          f"sampling alone {sampling:.2f}x")
+
+
+_WORKERS = {"sft": _sft_worker, "grpo": _grpo_worker, "methods": _methods_worker, "engines": _engines_worker}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--suite", choices=["sft", "grpo", "methods"], default="sft")
+    parser.add_argument("--suite", choices=["sft", "grpo", "methods", "engines"], default="sft")
     parser.add_argument("--threads", type=int, help="torch threads per run (OMP_NUM_THREADS); 1 avoids "
                         "thread spin-waits inflating CPU time on a busy machine")
     parser.add_argument("--model", default=MODEL, help="alias or local model folder (every suite)")
@@ -393,7 +466,10 @@ def main(argv: list[str] | None = None) -> int:
     grpo.add_argument("--completion-tokens", type=int, default=64, help="new tokens per completion at most")
     methods = parser.add_argument_group("suite methods")
     methods.add_argument("--methods", nargs="+", default=["sft", "grpo", "cal-grpo"], choices=list(SETTINGS))
-    methods.add_argument("--steps", type=int, default=3, help="optimizer steps per method (first one is warm-up)")
+    methods.add_argument("--steps", type=int, default=3, help="optimizer steps per method or engine (first one is "
+                         "warm-up)")
+    engines = parser.add_argument_group("suite engines")
+    engines.add_argument("--init-adapter", help="start GRPO from this LoRA adapter (a warm start's)")
     methods.add_argument("--paper-lr", action="store_true",
                          help="train GRPO/cal-GRPO at lr 1e-3 (their samples then differ after step 1)")
     methods.add_argument("--compare-head", action="store_true",
@@ -405,8 +481,12 @@ def main(argv: list[str] | None = None) -> int:
         spec = json.loads(args.worker)
         print(json.dumps(_WORKERS[spec["suite"]](spec)))
         return 0
+    if args.engine_worker:
+        _engine_worker(args.engine_worker, args.out, args.steps, args.model, args.init_adapter)
+        return 0
     with tempfile.TemporaryDirectory(prefix="decal-bench-train-") as root:
-        {"sft": _suite_sft, "grpo": _suite_grpo, "methods": _suite_methods}[args.suite](args, Path(root))
+        {"sft": _suite_sft, "grpo": _suite_grpo, "methods": _suite_methods,
+         "engines": _suite_engines}[args.suite](args, Path(root))
     return 0
 
 

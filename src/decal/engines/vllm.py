@@ -78,6 +78,7 @@ from .registry import Capabilities, EngineKind, EngineOption
 __all__ = [
     "KIND",
     "LocalServer",
+    "SampledCompletion",
     "VLLMCompletion",
     "VLLMEngine",
     "VLLMRequest",
@@ -784,6 +785,69 @@ class VLLMEngine(VLLMRequestEngine):
         if self._owner:
             self._shared.close()
 
+    def sample(
+        self,
+        sequences: Sequence[Sequence[int]],
+        *,
+        num_samples: int,
+        temperature: float = 1.0,
+        max_new_tokens: int = 256,
+        seed: int | Sequence[int] = 0,
+        stop_ids: Sequence[int] | None = None,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
+    ) -> list[list[SampledCompletion]]:
+        """Sample `num_samples` completions per prompt and return their tokens and log-probabilities.
+
+        The sampler RL training needs (GRPO on vLLM, `decal.training.vllm_sampler`): no decision is
+        parsed here (the trainer's reward parses it), so this is one vLLM request per prompt
+        (`n=num_samples`, so the prompt is prefilled once), each with its own seed as in `generate`.
+
+        Args:
+            sequences: prompt token ids.
+            num_samples: completions per prompt (>= 1).
+            temperature, top_p, top_k, min_p, repetition_penalty: vLLM's sampling settings (top_k 0:
+                the whole vocabulary).
+            max_new_tokens: the most tokens per completion.
+            seed: one int (each prompt's seed derived from it and its index) or one per prompt.
+            stop_ids: token ids that end a completion (default: the engine's stop ids).
+
+        Returns:
+            For each prompt, its completions in sample order.
+        """
+        from vllm import SamplingParams
+
+        if num_samples < 1 or temperature <= 0 or max_new_tokens < 1:
+            raise ValueError(f"`sample` needs num_samples >= 1, temperature > 0 and max_new_tokens >= 1; got "
+                             f"{num_samples!r}, {temperature!r}, {max_new_tokens!r}")
+        sequences = [list(s) for s in sequences]
+        self.check_prompt_lengths([len(s) for s in sequences], reserve=max_new_tokens)
+        stops = list(self.stop_ids if stop_ids is None else stop_ids)
+        params = [
+            SamplingParams(n=num_samples, temperature=float(temperature), top_p=float(top_p), top_k=int(top_k),
+                           min_p=float(min_p), repetition_penalty=float(repetition_penalty),
+                           max_tokens=int(max_new_tokens), stop_token_ids=stops, ignore_eos=False, seed=s,
+                           logprobs=0, detokenize=False, skip_special_tokens=False)
+            for s in prompt_seeds(seed, len(sequences))
+        ]
+        from vllm.inputs import TokensPrompt
+
+        if not sequences:
+            return []
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in sequences], params, use_tqdm=False,
+                                    lora_request=self._lora)
+        out = []
+        for result in outputs:
+            completions = sorted(result.outputs, key=lambda c: int(c.index))
+            out.append([
+                SampledCompletion(token_ids=[int(t) for t in c.token_ids],
+                                  logprobs=[float(lp[t].logprob) for lp, t in zip(c.logprobs, c.token_ids)])
+                for c in completions
+            ])
+        return out
+
     def _run(self, requests: list[VLLMRequest]) -> list[list[VLLMCompletion]]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
@@ -805,6 +869,20 @@ class VLLMEngine(VLLMRequestEngine):
                     for c in result.outputs), key=lambda c: c.index)
             for result in outputs
         ]
+
+
+@dataclass(frozen=True)
+class SampledCompletion:
+    """One sampled completion with its tokens' log-probabilities (for RL training, `VLLMEngine.sample`).
+
+    token_ids: the generated ids, a stop token included when the completion stopped at one.
+    logprobs: (len(token_ids),) log-probability of each sampled token under the sampling
+        distribution (after temperature and the other sampling settings when the engine runs with
+        `logprobs_mode="processed_logprobs"`, else of the raw logits).
+    """
+
+    token_ids: list[int]
+    logprobs: list[float]
 
 
 def _generation_config_holder(source: str | None, fallbacks: list[str] | None = None):

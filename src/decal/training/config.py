@@ -30,6 +30,7 @@ __all__ = ["TrainConfig", "METHODS", "CAL_TARGETS", "load_config_file", "merge_c
 Method = Literal["sft", "grpo", "cal-grpo"]
 CalTarget = Literal["uniform", "group-accuracy"]
 VllmMode = Literal["server", "colocate"]
+SamplerEngine = Literal["hf", "vllm"]
 Dtype = Literal["float32", "bfloat16", "float16", "auto"]
 # TRL 1.16 GRPO loss types (trl/trainer/grpo_config.py).
 LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo"]
@@ -66,6 +67,11 @@ class TrainConfig:
         "Prompt with the reasoning template; None: True for grpo/cal-grpo, False for sft. sft with reasoning is "
         "the warm start: it trains on <think>RATIONALE</think> LABEL completions, labels drawn from the "
         "task's true probabilities.", default=None)
+    warm_start_labels: Literal["sample", "commit"] = _help(
+        "Labels of the reasoning warm start (sft with reasoning): sample (each drawn from the task's true "
+        "probabilities: hedging paths) or commit (what the rationale concludes, the option with the larger true "
+        "probability, ties to the first option: committed paths, issue #22). Tasks without true probabilities "
+        "use the gold label either way.", default="sample")
     init_adapter: str | None = _help(
         "LoRA adapter folder to continue training (e.g. a warm start's adapter); its LoRA settings replace the "
         "lora_* fields. None starts a new adapter.", default=None)
@@ -103,7 +109,13 @@ class TrainConfig:
     cal_target: CalTarget = _help(
         "cal-grpo CE target for a wrong sampled decision: uniform over options, or the group's accuracy.",
         default="uniform")
-    use_vllm: bool = _help("Generate GRPO completions with vLLM (GPU; needs the vllm package).", default=False)
+    engine: SamplerEngine = _help(
+        "Where GRPO samples its completions: hf (transformers' generate in the trainer) or vllm (decal's vLLM "
+        "engine, CPU or GPU: the LoRA adapter is saved each step and served as a new LoRA request; TRL's "
+        "importance-sampling correction covers the sampler/trainer difference). Training is the same either way.",
+        default="hf")
+    use_vllm: bool = _help("Generate GRPO completions with TRL's own vLLM integration (GPU only; needs the vllm "
+                           "package). On CPUs use engine: vllm.", default=False)
     vllm_mode: VllmMode = _help(
         "vLLM mode: colocate (same process and GPUs) or server (a separate `trl vllm-serve`).", default="colocate")
     vllm_server_base_url: str | None = _help("vLLM server URL in server mode (None: TRL's default host/port).",
@@ -156,6 +168,16 @@ class TrainConfig:
         if self.method != "sft" and self.truncate_prompts:
             raise ConfigError(f"`truncate_prompts` applies to sft only; got True with {self.method}. TRL 1.16's "
                               f"GRPOConfig has no prompt truncation; `max_prompt_length` alone checks the prompts.")
+        if self.engine != "hf" and not self.is_grpo:
+            raise ConfigError(f"`engine` chooses where GRPO samples; got {self.engine!r} with {self.method}, which "
+                              "samples nothing. Drop --engine.")
+        if self.engine == "vllm" and self.use_vllm:
+            raise ConfigError("`engine: vllm` (decal's vLLM engine) and `use_vllm` (TRL's) are two routes to vLLM "
+                              "sampling; choose one (on CPUs: --engine vllm).")
+        if self.warm_start_labels != "sample" and not (self.method == "sft" and self.reasoning):
+            raise ConfigError(f"`warm_start_labels` applies to the reasoning warm start (sft with reasoning) only; got "
+                              f"{self.warm_start_labels!r} with {self.method}"
+                              f"{'' if self.method != 'sft' else ' without reasoning'}.")
         if self.method == "sft" and self.reasoning and self.max_prompt_length is not None:
             raise ConfigError(f"`max_prompt_length` applies to decision-token sft only; got {self.max_prompt_length!r} "
                               "with reasoning. The warm start trains on whole prompts, as generation sees them.")

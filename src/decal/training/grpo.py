@@ -10,7 +10,8 @@
   final hidden state at the B decision positions, and only those B rows go through the LM head,
   so the ``(B, T, V)`` logits are never built and no second forward runs.
 
-Per step the trainer logs, besides TRL's ``reward``: ``decision/invalid_rate``,
+Per step the trainer logs, besides TRL's ``reward``: ``timing/generate_s`` (seconds spent sampling the
+step's completions), ``decision/invalid_rate``,
 ``decision/prob_correct`` and ``decision/prob_wrong`` (the mean full-vocabulary probability of the
 emitted decision token over correct / wrong rollouts), ``decision/frac_prob_above_0.99`` (over
 rollouts with a valid decision) and, for calibration-aware GRPO, ``cal/ce``.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -168,12 +170,22 @@ class DecalGRPOTrainer(GRPOTrainer):
     fused LM head projecting only the completion positions on a CPU too
     (`_trl_compat.completion_positions_only`), generation without vLLM runs in chunks of one
     micro-batch (`_generate_single_turn`), and with ``auto_checkpointing`` only the micro-batches
-    that need it are checkpointed (`memory.AutoCheckpointing`).
+    that need it are checkpointed (`memory.AutoCheckpointing`). With a ``sampler``
+    (`decal.training.vllm_sampler.VLLMSampler`, ``--engine vllm``) the completions are drawn on decal's
+    vLLM engine instead of TRL's `generate`, and TRL's importance-sampling correction covers the
+    difference (`_trl_compat.sample_externally`).
     """
 
-    def __init__(self, *args, decision_tokens: DecisionTokens, auto_checkpointing: bool = False, **kwargs):
+    def __init__(self, *args, decision_tokens: DecisionTokens, auto_checkpointing: bool = False, sampler=None,
+                 **kwargs):
         _trl_compat.check_trl()
         super().__init__(*args, **kwargs)
+        # decal's vLLM sampler (`--engine vllm`) draws the completions; TRL corrects for it as for its own vLLM
+        self.sampler = sampler
+        if sampler is not None:
+            _trl_compat.sample_externally(self)
+            # start the engine now, with the initial adapter: a failure shows before any training step
+            sampler.sync(self.accelerator.unwrap_model(self.model), self.state.global_step)
         self.auto_checkpointing = (AutoCheckpointing(self.model) if auto_checkpointing
                                    and self.args.gradient_checkpointing else None)
         rewards = [f for f in self.reward_funcs if isinstance(f, DecisionReward)]
@@ -196,6 +208,15 @@ class DecalGRPOTrainer(GRPOTrainer):
         micro-batch's, like the training pass's (issue #13). vLLM and multimodal inputs keep
         TRL's single call.
         """
+        started = time.perf_counter()
+        try:
+            if self.sampler is not None:
+                return self._sample_on_engine(prompt_ids, num_generations)
+            return self._generate_in_chunks(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
+        finally:  # where a step's time goes (benchmarks/bench_training.py --suite engines)
+            _trl_compat.log_metric(self, "timing/generate_s", time.perf_counter() - started)
+
+    def _generate_in_chunks(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images):
         rows = self.args.per_device_train_batch_size
         if (self.use_vllm or getattr(self, "use_transformers_continuous_batching", False) or images is not None
                 or multimodal_fields or len(prompt_ids) <= rows):
@@ -208,6 +229,16 @@ class DecalGRPOTrainer(GRPOTrainer):
             completion_ids += ids
             logprobs = None if chunk_logprobs is None or logprobs is None else logprobs + list(chunk_logprobs)
         return completion_ids, logprobs
+
+    def _sample_on_engine(self, prompt_ids, num_generations):
+        """(completion_ids, logprobs) from decal's vLLM sampler, serving the adapter as of this optimizer step."""
+        if self.state.global_step != self.sampler.step:  # once per optimizer step, as TRL syncs its vLLM
+            self.sampler.sync(self.accelerator.unwrap_model(self.model), self.state.global_step)
+        return self.sampler.sample(
+            prompt_ids, num_generations, max_new_tokens=self.max_completion_length, stop_ids=self.eos_token_ids,
+            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty,
+        )
 
     def _add_decisions(self, output: dict) -> dict:
         """Add the decision keys to a generation batch, from the reward's parse of the same rows."""
@@ -313,7 +344,8 @@ def _check_prompts(dataset, tokenizer, model, args: DecalGRPOConfig, max_prompt_
 
 
 def build_grpo_trainer(*, model, tokenizer, task, args: DecalGRPOConfig, peft_config=None, callbacks=None,
-                       max_prompt_length: int | None = None, auto_checkpointing: bool = False) -> DecalGRPOTrainer:
+                       max_prompt_length: int | None = None, auto_checkpointing: bool = False,
+                       sampler=None) -> DecalGRPOTrainer:
     """A ready-to-train `DecalGRPOTrainer` for `task` (GRPO, or calibration-aware with ``args.calibration``).
 
     Args:
@@ -327,6 +359,8 @@ def build_grpo_trainer(*, model, tokenizer, task, args: DecalGRPOConfig, peft_co
             never cut.
         auto_checkpointing: with ``args.gradient_checkpointing``, checkpoint only the
             micro-batches whose activations would exceed a quarter of the memory.
+        sampler: a `decal.training.vllm_sampler.VLLMSampler` that draws the completions on vLLM
+            (None: TRL's own generation).
 
     Raises:
         PromptTooLongError: a prompt is over `max_prompt_length`, or a prompt and
@@ -358,4 +392,5 @@ def build_grpo_trainer(*, model, tokenizer, task, args: DecalGRPOConfig, peft_co
         callbacks=callbacks,
         decision_tokens=tokens,
         auto_checkpointing=auto_checkpointing,
+        sampler=sampler,
     )
