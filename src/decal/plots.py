@@ -194,7 +194,7 @@ def _conf_truth(data) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _draw_truth_panel(ax, conf: np.ndarray, p_star: np.ndarray, *, n_bins: int, title: str | None) -> None:
-    # equal-width bins [i/M, (i+1)/M), the last closed at 1.0 (the DESIGN.md equal-width rule)
+    # equal-width bins [i/M, (i+1)/M), the last closed at 1.0 (docs/design.md, "Metrics": the equal-width rule)
     which = np.minimum((conf * n_bins).astype(np.int64), n_bins - 1)
     count = np.bincount(which, minlength=n_bins)
     ok = count > 0
