@@ -63,6 +63,7 @@ __all__ = [
     "API_KEY_ENV",
     "KIND",
     "Fleet",
+    "ServerDownError",
     "RemoteEngine",
     "RemoteEngineError",
     "RemoteOptions",
@@ -91,6 +92,10 @@ _PROBES = (
 
 class RemoteEngineError(DecalError, RuntimeError):
     """A server cannot be used (an exactness check failed) or stopped answering; one line, never the API key."""
+
+
+class ServerDownError(RemoteEngineError):
+    """Every server a request could go to failed to answer (connection errors, 5xx, 429) after the retries."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -300,7 +305,7 @@ class Fleet:
             logger.info("%s: %s (%d of %d attempts with every server failing)", url, error, attempts,
                         self.options.server_retries + 1)
             if attempts > self.options.server_retries:
-                raise RemoteEngineError(self._give_up(pool, attempts))
+                raise ServerDownError(self._give_up(pool, attempts))
 
     @staticmethod
     def _give_up(pool: list[_Replica], attempts: int) -> str:
@@ -506,8 +511,17 @@ def connect(spec, model_config=None) -> "_Connection":
         prompt = list(spec.tokenizer(chat_prompt, add_special_tokens=False)["input_ids"])
         probe_ids = sorted({prompt[-1], prompt[len(prompt) // 2]})
         seen: ServedModel | None = None
-        for replica in fleet.replicas:
-            served = _models(fleet, replica, options.served_model_name)
+        down: list[tuple[_Replica, str]] = []
+        for replica in list(fleet.replicas):
+            try:
+                served = _models(fleet, replica, options.served_model_name)
+            except ServerDownError as e:
+                if len(fleet.replicas) == 1:
+                    raise
+                # A replica that does not answer now cannot be checked, so it is not used by this
+                # command; the others carry the run (a rerun checks it again).
+                down.append((replica, str(e)))
+                continue
             if seen is not None and (served.name, served.loras) != (seen.name, seen.loras):
                 raise RemoteEngineError(f"{replica.url} serves {served.name} with LoRA modules {sorted(served.loras)}, "
                                         f"but {fleet.replicas[0].url} serves {seen.name} with {sorted(seen.loras)}")
@@ -517,6 +531,14 @@ def connect(spec, model_config=None) -> "_Connection":
             if refusal:
                 raise RemoteEngineError(f"{replica.url} cannot be used: {refusal}")
             seen = served
+        if seen is None:
+            raise ServerDownError(f"none of the {len(fleet.replicas)} servers answered ("
+                                  + "; ".join(f"{r.url}: {r.last_error}" for r, _ in down)
+                                  + "); start them and rerun the same command")
+        for replica, _ in down:
+            warnings.warn(f"server {replica.url} did not answer ({replica.last_error}); this command runs on the other "
+                          f"{len(fleet.replicas) - len(down)} server(s) without it", stacklevel=2)
+        fleet.replicas = [r for r in fleet.replicas if all(r is not d for d, _ in down)]
         adapters = {a: _adapter_module(a, seen, fleet.replicas[0].url) for a in (spec.adapter, *spec.adapters) if a}
     except BaseException:
         fleet.close()
