@@ -27,7 +27,12 @@ How (Learn-then-Test, Angelopoulos et al. 2022, on MAPIE's pieces):
    label with targets is one family over the grid: its p-value per candidate is the largest of
    its targets', and a family-wise error control at ``delta / (number of such labels)``
    (`mapie.risk_control.control_fwer`, Bonferroni-Holm by default) gives the valid candidates;
-   the union bound over labels makes the targets hold jointly at ``delta``. A label without a
+   the union bound over labels makes the targets hold jointly at ``delta``. ``fwer="auto"``
+   (the default) tests a label whose targets are all recall targets by fixed-sequence testing
+   from the lowest threshold up (recall can only fall as the threshold rises, and the lowest
+   threshold has the most cases, so the order is known before seeing data and costs no
+   correction), and every other family by Bonferroni-Holm, which, unlike a fixed sequence from
+   the top, is not stopped by the few cases above the highest thresholds. A label without a
    target is always answered (threshold 0). With an accuracy target, which depends on every
    label's threshold, all labels share one threshold and all targets form one family at
    ``delta`` (MAPIE's ``MultiClassificationLTTController`` rule).
@@ -71,8 +76,9 @@ __all__ = [
 ]
 
 QUANTITIES = ("accuracy", "precision", "recall")
-# decal's names of MAPIE's family-wise error procedures (`mapie.risk_control.control_fwer`).
-FWER_METHODS = {"holm": "bonferroni_holm", "bonferroni": "bonferroni"}
+# decal's names of MAPIE's family-wise error procedures (`mapie.risk_control.control_fwer`);
+# "auto" picks per family (module docstring, step 3).
+FWER_METHODS = {"auto": None, "holm": "bonferroni_holm", "bonferroni": "bonferroni", "fixed_sequence": "fixed_sequence"}
 Quantity = Literal["accuracy", "precision", "recall"]
 
 
@@ -233,11 +239,16 @@ def _at_or_above(values: np.ndarray, grid: np.ndarray, weights: np.ndarray | Non
     return suffix[first]
 
 
+def _index(labels: tuple[str, ...], label: str | None) -> int | None:
+    return None if label is None else labels.index(label)
+
+
 def _counts(target: Target, conf, pred, correct, label, label_index: int | None, grid) -> tuple[np.ndarray, np.ndarray]:
     """(successes, cases) of `target` at each grid threshold, shapes (m,).
 
-    With `label_index` None every label's threshold is the grid value (shared mode); else only
-    that label's threshold varies (the target's own label; the others do not affect it).
+    `label_index` is the target's label (None for accuracy, which counts every answered case).
+    A per-class target depends only on its own label's threshold, so the same counts serve
+    per-class and shared thresholds.
     """
     if target.quantity == "accuracy":
         return _at_or_above(conf, grid, correct), _at_or_above(conf, grid)
@@ -265,10 +276,20 @@ def _p_values(successes: np.ndarray, cases: np.ndarray, level: float) -> np.ndar
     return np.where(has, p, 1.0)
 
 
-def _valid_candidates(p_values: np.ndarray, delta: float, fwer: str) -> np.ndarray:
+def _family_fwer(family: Sequence[Target], fwer: str) -> str:
+    """The MAPIE procedure for one family; "fixed_sequence" always walks the grid upwards."""
+    if fwer == "auto":
+        return "fixed_sequence" if all(t.quantity == "recall" for t in family) else "bonferroni_holm"
+    return FWER_METHODS[fwer]
+
+
+def _valid_candidates(p_values: np.ndarray, delta: float, method: str) -> np.ndarray:
+    """Indices of the grid candidates the procedure rejects (whose targets are certified)."""
     from mapie.risk_control import control_fwer
 
-    return np.asarray(control_fwer(p_values, delta, fwer_method=FWER_METHODS[fwer]), dtype=np.int64)
+    # The order of a fixed sequence is the grid's (ascending), passed as is: MAPIE's controllers
+    # would instead read the direction from the data.
+    return np.asarray(control_fwer(p_values, delta, fwer_method=method), dtype=np.int64)
 
 
 @dataclass(frozen=True)
@@ -324,7 +345,7 @@ class RiskControl:
             "kind": "decal.risk_control", "version": 1,
             "rule": "answer a prediction of label L when its confidence >= thresholds[L]; defer otherwise",
             "labels": list(self.labels), "thresholds": dict(self.thresholds), "band": self.band(),
-            "delta": self.delta, "method": f"Learn-then-Test: binomial p-values (MAPIE), {self.fwer} over {self.grid_size} thresholds",
+            "delta": self.delta, "method": f"Learn-then-Test: binomial p-values (MAPIE), {self.fwer} family-wise control over {self.grid_size} thresholds",
             "fwer": self.fwer, "mode": self.mode, "family_delta": self.family_delta, "grid_size": self.grid_size,
             "n_calibration": self.n, "deferral_rate": self.deferral_rate,
             "guarantees": [
@@ -359,7 +380,7 @@ class RiskControl:
         except (KeyError, TypeError, ValueError) as e:
             raise DataError(f"malformed guarantee or missing number ({e})", path=path, field="guarantees") from e
         return cls(tuple(labels), {lab: thresholds[lab] for lab in labels}, targets, float(numbers["delta"]),
-                   str(data.get("fwer", "holm")), str(data.get("mode", "per-class")), float(numbers["family_delta"]),
+                   str(data.get("fwer", "auto")), str(data.get("mode", "per-class")), float(numbers["family_delta"]),
                    int(numbers["n_calibration"]), float(numbers["deferral_rate"]), certified, calibration,
                    int(data.get("grid_size", 0) or 0))
 
@@ -395,7 +416,7 @@ def _check_risk_inputs(confidence, prediction, correct, label, labels) -> tuple:
 
 def control_risks(
     confidence, prediction, correct, label, *, labels: Sequence[str], targets: Sequence[Target], delta: float = 0.05,
-    fwer: str = "holm", grid: np.ndarray | None = None,
+    fwer: str = "auto", grid: np.ndarray | None = None,
 ) -> RiskControl:
     """Thresholds under which every target holds jointly with probability >= 1 - delta (module docstring).
 
@@ -407,7 +428,8 @@ def control_risks(
         labels: the option labels, in index order.
         targets: `Target`s (at least one).
         delta: the probability that some target fails, in (0, 1).
-        fwer: "holm" (Bonferroni-Holm, MAPIE's default) or "bonferroni" within each family.
+        fwer: "auto" (module docstring, step 3), "holm" (Bonferroni-Holm, MAPIE's default),
+            "bonferroni", or "fixed_sequence" (from the lowest threshold up) within each family.
         grid: candidate thresholds fixed in advance (`threshold_grid()` by default).
 
     Example:
@@ -439,9 +461,9 @@ def control_risks(
     family_delta = delta / len(families)
     chosen: dict = {lab: 0.0 for lab in labels}
     for lab, family in families.items():
-        k = None if lab is None else labels.index(lab)
-        p = np.max([_p_values(*_counts(t, conf, pred, corr, gold, k, grid), t.level) for t in family], axis=0)
-        valid = _valid_candidates(p, family_delta, fwer)
+        # A per-class target counts its own label's cases, whether its threshold is its own or shared.
+        p = np.max([_p_values(*_counts(t, conf, pred, corr, gold, _index(labels, t.label), grid), t.level) for t in family], axis=0)
+        valid = _valid_candidates(p, family_delta, _family_fwer(family, fwer))
         best = float(grid[valid.min()]) if valid.size else None
         for name in (labels if lab is None else (lab,)):
             chosen[name] = best

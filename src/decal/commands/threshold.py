@@ -34,7 +34,7 @@ def _arrays(run: Path):
     return records_to_arrays(read_records(run))
 
 
-def threshold_runs(calibration_dir: Path, *, targets: list[str], delta: float = 0.05, fwer: str = "holm",
+def threshold_runs(calibration_dir: Path, *, targets: list[str], delta: float = 0.05, fwer: str = "auto",
                    apply_dirs: list[Path] = ()) -> dict:
     """`control_risks` on one run and `apply_risk_control` on others.
 
@@ -89,7 +89,7 @@ def register(app: typer.Typer) -> None:
         target: Optional[list[str]] = typer.Option(None, "--target", metavar="TARGET", help="A promise, repeatable: 'accuracy>=A', 'precision(LABEL)>=P' or 'recall(LABEL)>=R'; all hold jointly."),
         target_accuracy: Optional[float] = typer.Option(None, "--target-accuracy", metavar="A", help="Same as --target 'accuracy>=A': accuracy promised on answered predictions."),
         delta: float = typer.Option(0.05, "--delta", metavar="D", help="Probability that some target fails (over the draw of the calibration run)."),
-        fwer: str = typer.Option("holm", "--fwer", metavar="holm|bonferroni", help="Family-wise error control over the candidate thresholds (MAPIE's)."),
+        fwer: str = typer.Option("auto", "--fwer", metavar="auto|holm|bonferroni|fixed_sequence", help="Family-wise error control over the candidate thresholds (MAPIE's); auto: a fixed sequence upwards for recall-only labels, Bonferroni-Holm otherwise."),
         apply: Optional[list[Path]] = typer.Option(None, "--apply", metavar="RUN_DIR...", help="Runs to apply the thresholds to (several may follow one --apply)."),
         more: Optional[list[Path]] = typer.Argument(None, metavar="[RUN_DIR...]", hidden=True),
         out: Optional[Path] = typer.Option(None, "--out", metavar="FILE", help="Write the threshold file (for `decal serve --threshold`)."),
