@@ -9,6 +9,15 @@ A run folder holds:
 - ``predictions.jsonl``: one prediction record per example (DESIGN.md), appended, flushed and
   fsynced per batch.
 
+Decision after leading whitespace (issue #23 item 4). Some models start their answer with
+whitespace or a header (users report "\n\n" as Llama Guard 3's first token under some chat
+templates), so the first position after the prompt is not where they decide, and its label mass
+is near 0. With ``decision_after_whitespace`` a non-reasoning run generates greedily up to
+`LEADING_WHITESPACE_BUDGET` tokens and reads the option distribution at the first one that is
+not whitespace (`decal.decision.find_decision` with an empty marker); the prediction is still
+the constrained argmax there, ``extra["decision_index"]`` says how many tokens came before it
+(``extra["forced"]``: none of the budget was anything but whitespace, read after the last).
+
 Resuming (issue #3, #9a). The examples are cut into fixed chunks in task order, and each chunk
 into batches grouped by length; both depend only on the task and the batch size, never on what
 is already done. A rerun skips batches whose ids are all written and rescores any other batch
@@ -40,7 +49,8 @@ from .scoring import encode_prompts
 from .tasks.prompts import decision_context, render_chat
 from .tasks.schema import DecisionExample, Task
 
-__all__ = ["make_record", "run_metadata", "data_checksums", "prompt_lengths", "evaluate", "PREDICTIONS", "RUN_JSON"]
+__all__ = ["make_record", "run_metadata", "data_checksums", "prompt_lengths", "evaluate", "PREDICTIONS", "RUN_JSON",
+           "LEADING_WHITESPACE_BUDGET"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +60,9 @@ RUN_JSON = "run.json"
 _CHUNK_BATCHES = 32
 # run.json fields that must match for a rerun to resume into the same folder.
 _RESUME_KEYS = ("model", "adapter", "task", "split", "mode", "seed", "temperature", "max_new_tokens", "prompt_version", "limit",
-                "engine")
+                "engine", "decision_after_whitespace")
+# Tokens generated at most to find the first non-whitespace one (module docstring).
+LEADING_WHITESPACE_BUDGET = 8
 
 
 def make_record(
@@ -269,6 +281,8 @@ def _score_batch(engine: Engine, task: Task, examples, sequences, tokens, *, set
         "seed": settings["seed"],
         "prompt_version": task.template.version,
     }
+    if not task.reasoning and settings.get("decision_after_whitespace"):
+        return _score_after_whitespace(engine, examples, sequences, tokens, common, start)
     if not task.reasoning:
         scores = engine.score(sequences, tokens, batch_size=len(sequences))
         seconds = (time.perf_counter() - start) / len(examples)
@@ -292,6 +306,22 @@ def _score_batch(engine: Engine, task: Task, examples, sequences, tokens, *, set
             emitted_token=g.emitted_token, completion=g.completion, seconds=seconds,
             extra={"decision_index": g.decision.index, "forced": g.forced, "n_completion_tokens": len(g.completion_ids)},
             **common,
+        ))
+    return records
+
+
+def _score_after_whitespace(engine: Engine, examples, sequences, tokens, common: dict, start: float):
+    """Non-reasoning records read at the first generated token that is not whitespace (module docstring)."""
+    rollouts = engine.generate(sequences, tokens, num_samples=1, temperature=0.0, max_new_tokens=LEADING_WHITESPACE_BUDGET,
+                               seed=0, batch_size=len(sequences), marker="")
+    seconds = (time.perf_counter() - start) / len(examples)
+    records = []
+    for ex, (g,) in zip(examples, rollouts):
+        # Greedy: the token emitted at the decision position is the unconstrained argmax there.
+        at = len(g.completion_ids) if g.forced else g.decision.index
+        records.append(make_record(
+            ex, option_probs=g.option_probs, emitted_token=g.emitted_token, top_token=g.emitted_token,
+            top_is_option=g.valid, seconds=seconds, extra={"decision_index": at, "forced": g.forced}, **common,
         ))
     return records
 
@@ -374,6 +404,7 @@ def evaluate(
     progress: bool = True,
     task_name: str | None = None,
     marker: str = END_OF_REASONING,
+    decision_after_whitespace: bool = False,
 ) -> Path:
     """Score a task split into `out_dir` (``predictions.jsonl`` + ``run.json``), resuming if begun.
 
@@ -390,6 +421,8 @@ def evaluate(
         progress: show a rich progress bar on stderr.
         task_name: the task spec or file the task came from (for ``run.json`` checksums).
         marker: the end-of-reasoning marker.
+        decision_after_whitespace: non-reasoning only: read the decision at the first generated
+            token that is not whitespace (module docstring), not at the first position.
 
     Returns:
         `out_dir` as a Path.
@@ -409,16 +442,21 @@ def evaluate(
         raise DataError(f"task '{task.name}' split '{task.split}' has no examples; nothing to evaluate")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if decision_after_whitespace and task.reasoning:
+        raise ValueError("`decision_after_whitespace` is for non-reasoning runs; reasoning already reads after </think>")
     meta = run_metadata(task, model_name=model_name, adapter=adapter, task_name=task_name, seed=seed,
                         temperature=temperature, max_new_tokens=max_new_tokens, batch_size=batch_size,
                         limit=limit, model=engine)
+    if decision_after_whitespace:  # only then, so runs without it keep resuming as before
+        meta["decision_after_whitespace"] = True
     _check_resumable(out_dir, meta)
     write_json_atomic(out_dir / RUN_JSON, meta)
     done = completed_ids(out_dir / PREDICTIONS)
     settings = {"model_name": model_name, "adapter": meta["adapter"], "seed": seed, "temperature": temperature,
-                "max_new_tokens": max_new_tokens, "marker": marker, "batch_size": batch_size}
+                "max_new_tokens": max_new_tokens, "marker": marker, "batch_size": batch_size,
+                "decision_after_whitespace": decision_after_whitespace}
     tokens_for = _DecisionTokenCache(engine.tokenizer, task.labels, reasoning=task.reasoning, marker=marker)
-    reserve = max_new_tokens if task.reasoning else 1
+    reserve = max_new_tokens if task.reasoning else (LEADING_WHITESPACE_BUDGET if decision_after_whitespace else 1)
     chunk_size = batch_size * _CHUNK_BATCHES
     logger.info("evaluating %d examples (%d already done) into %s", len(examples), len(done), out_dir)
     with RecordWriter(out_dir / PREDICTIONS) as writer, _progress(progress, len(examples), "") as bar:

@@ -3,8 +3,10 @@
 Endpoints:
 
 - ``POST /v1/decide`` ``{"inputs": [...]}`` -> per input the decision, ``option_probs`` (label ->
-  probability), raw and calibrated confidence, ``defer``, ``valid`` (and ``reasoning`` in reasoning
-  mode), plus the model, adapter, calibrator and threshold identities;
+  probability), the label mass, raw and calibrated confidence, ``defer`` with the reasons and the
+  guarantees that apply (`decal.serve.policy`), the option set with ``--conformal``, ``valid``
+  (and ``reasoning`` in reasoning mode), plus the model, adapter, calibrator, threshold and
+  conformal identities;
 - ``POST /v1/moderations``: OpenAI's moderation schema (`decal.serve.moderation`), for two-label
   safety tasks;
 - ``GET /health`` (alive), ``GET /ready`` (model loaded and one warm-up decision made),
@@ -232,7 +234,8 @@ async def _decide(state: ServerState, raw_inputs, *, param: str, deadline: float
 
 
 def _identities(state: ServerState) -> dict:
-    keys = ("model", "adapter", "engine", "task", "labels", "mode", "prompt_version", "calibrator", "threshold")
+    keys = ("model", "adapter", "engine", "task", "labels", "mode", "prompt_version", "calibrator", "threshold", "conformal",
+            "min_label_mass")
     return {k: state.info.get(k) for k in keys}
 
 

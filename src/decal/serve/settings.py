@@ -48,6 +48,7 @@ class ServeConfig:
     task, split, data_dir, reasoning, max_new_tokens: the task whose labels and prompt template
         turn each input into a prompt (split: which split to read it from; None picks the first).
     calibrator, threshold: `--calibrator FILE`, `--threshold FILE|VALUE` (None: not given).
+    conformal, min_label_mass: `--conformal FILE`, `--min-label-mass M` (`decal.serve.policy`).
     engine: "hf" (decal's batching queue over transformers) or "vllm".
     host, port, api_key, insecure: where to listen and who may call.
     max_batch_size, max_wait_ms: a batch starts when it is full, or after `max_wait_ms`, or when no
@@ -71,6 +72,8 @@ class ServeConfig:
     max_new_tokens: int = 256
     calibrator: str | None = None
     threshold: str | None = None
+    conformal: str | None = None
+    min_label_mass: float | None = None
     engine: Engine = "hf"
     host: str = "127.0.0.1"
     port: int = 8000
