@@ -18,7 +18,7 @@ returns ``self``, fitted attributes end in ``_``, ``transform`` before ``fit`` r
 
 On prediction records (`apply_calibrator`) the raw fields never change: ``confidence`` and
 ``option_probs`` stay the model's full-vocabulary probabilities, and the prediction, ``correct``
-and ``valid`` stay as they are. The calibrated values go beside them (DESIGN.md, "Label mass"):
+and ``valid`` stay as they are. The calibrated values go beside them (docs/design.md, "Label mass"):
 ``calibrated_probs`` (a distribution over the options) and ``calibrated_confidence`` (its value
 at the prediction), with ``extra["calibrator"]`` naming the method. Calibrators always fit on and
 transform the raw fields, so applying one to an already calibrated run replaces its calibration.

@@ -1,4 +1,4 @@
-"""Split-conformal option sets on decision-token probabilities (DESIGN.md, "Guarantees").
+"""Split-conformal option sets on decision-token probabilities (docs/design.md, "Guarantees").
 
 A set holds the options whose nonconformity score is at most a quantile of the scores of the
 gold options on a calibration run. If the calibration run and a new example are exchangeable
@@ -138,7 +138,7 @@ class ConformalSets:
         return conformal_scores(probs, score=self.score) - self.quantiles_[None, :] <= _TOLERANCE
 
     def to_dict(self, *, labels: Sequence[str], scale: str) -> dict:
-        """The conformal file (DESIGN.md, "Guarantees"); an infinite quantile is written as null."""
+        """The conformal file (docs/design.md, "Guarantees"); an infinite quantile is written as null."""
         self._check_fitted()
         q = [None if math.isinf(v) else float(v) for v in self.quantiles_]
         return {

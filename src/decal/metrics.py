@@ -35,7 +35,7 @@ target in bin ``B`` and ``conf(B)`` the mean confidence in ``B``.
   A predictor that reports the true probability of its choice has TCE 0. Unlike ECE these
   compare each example with its own right confidence, so they need no bins and are unbiased
   at small n.
-- Label mass (DESIGN.md, "Label mass"): ``label_mass_i = sum_k option_probs[i, k]``, the raw
+- Label mass (docs/design.md, "Label mass"): ``label_mass_i = sum_k option_probs[i, k]``, the raw
   full-vocabulary probability the options hold together at the decision position; the mean and
   the share of records below 0.5 (a low mass means the position read is not where the model
   decides). Always on the raw scale, whatever calibrator a run went through.

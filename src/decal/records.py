@@ -3,7 +3,7 @@
 One JSON object per example (DESIGN.md, "Prediction record"), appended to `predictions.jsonl`
 in a run folder and flushed per batch, so an interrupted run resumes where it stopped.
 
-Raw and calibrated values live side by side (DESIGN.md, "Label mass"): ``confidence`` and
+Raw and calibrated values live side by side (docs/design.md, "Label mass"): ``confidence`` and
 ``option_probs`` are always the model's full-vocabulary probabilities, and a calibrated run adds
 ``calibrated_probs`` (over the options, summing to 1) and ``calibrated_confidence``. Records that
 earlier releases calibrated in place (raw values kept in ``extra.uncalibrated_*``) are read back
@@ -129,7 +129,7 @@ class PredictionRecord:
 
     @property
     def label_mass(self) -> float:
-        """Sum of the raw full-vocabulary `option_probs` (DESIGN.md, "Label mass")."""
+        """Sum of the raw full-vocabulary `option_probs` (docs/design.md, "Label mass")."""
         return float(sum(self.option_probs))
 
     def with_calibration(self, calibrated_probs: Sequence[float], calibrated_confidence: float, *, calibrator: str) -> "PredictionRecord":
@@ -260,7 +260,7 @@ class RecordArrays:
         calibrated and `scale="calibrated"`, else the raw full-vocabulary `confidence`.
     class_probs: (n, K) rows summing to 1: `calibrated_probs`, or `option_probs` renormalised.
     option_probs: (n, K) the raw full-vocabulary option probabilities, whatever the scale.
-    label_mass: (n,) their row sums (DESIGN.md, "Label mass").
+    label_mass: (n,) their row sums (docs/design.md, "Label mass").
     calibrated: whether `confidence` and `class_probs` are a calibrator's.
     correct, valid: (n,) bool; label_index, prediction_index: (n,) int;
     true_probs: (n, K) float when every record carries `true_probs`, else None;

@@ -1,0 +1,120 @@
+"""`decal serve --threshold FILE --conformal FILE --min-label-mass M`: the deferral rules (issue #23).
+
+`decal.serve.policy` on records (which rule defers, which guarantee an answer carries, files that
+do not fit the server), then the real server as a subprocess on a loopback port, whose answers
+must be what the policy makes of the served raw values.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from decal.calibrators import apply_calibrator, load_calibrator
+from decal.cli import main
+from decal.errors import ConfigError, DataError
+from decal.records import PredictionRecord, read_records
+from decal.selective import RiskControl, Target
+from decal.serve.policy import load_policy
+
+LABELS = ("Safe", "Unsafe")
+
+
+def _record(i: int, probs, *, calibrated=None) -> PredictionRecord:
+    pred = int(np.argmax(probs))
+    r = PredictionRecord(id=str(i), task="t", split="s", label=LABELS[0], prediction=LABELS[pred], correct=pred == 0,
+                         valid=True, confidence=float(probs[pred]), option_probs=[float(p) for p in probs], labels=list(LABELS))
+    return r if calibrated is None else r.with_calibration(calibrated, calibrated[pred], calibrator="platt")
+
+
+def _risk_file(path, thresholds, *, scale="calibrated_confidence"):
+    targets = (Target("precision", "Safe", 0.99), Target("recall", "Unsafe", 0.95))
+    rc = RiskControl(LABELS, thresholds, targets, 0.05, "auto", "per-class", 0.025, 500, 0.3, (True, True),
+                     ({"value": 0.995, "n": 200}, {"value": 0.97, "n": 100}), 107)
+    path.write_text(json.dumps({**rc.to_dict(), "scale": scale}))
+    return path
+
+
+def test_threshold_band_defers_inside_and_names_the_guarantee_outside(tmp_path):
+    policy = load_policy(threshold=str(_risk_file(tmp_path / "t.json", {"Safe": 0.9, "Unsafe": 0.6})), conformal=None,
+                         min_label_mass=None, labels=LABELS, calibrated=True)
+    records = [
+        _record(0, [0.3, 0.2], calibrated=[0.95, 0.05]),  # confident Safe: answered, precision(Safe) applies
+        _record(1, [0.3, 0.2], calibrated=[0.7, 0.3]),  # Safe below 0.9: inside the band
+        _record(2, [0.1, 0.4], calibrated=[0.3, 0.7]),  # Unsafe above 0.6: answered
+    ]
+    v = policy.decide(records)
+    assert (v[0].defer, v[0].guarantees) == (False, ("precision(Safe)>=0.99",))
+    assert v[1].defer and v[1].reasons == ("confidence 0.7 below the Safe threshold 0.9",) and v[1].guarantees == ()
+    assert not v[2].defer and v[2].guarantees == ()  # recall(Unsafe) promises nothing about one answer
+    assert policy.info["threshold"]["band"] == {"score": "p(Unsafe)", "defer_above": pytest.approx(0.1), "defer_below": 0.6}
+
+
+def test_label_mass_and_option_sets_defer_too(tmp_path):
+    from decal.conformal import ConformalSets, save_conformal
+
+    sets = ConformalSets(0.2).fit(np.array([[0.9, 0.1]] * 8 + [[0.2, 0.8]] * 2), [0] * 8 + [1] * 2)
+    save_conformal(tmp_path / "c.json", sets, labels=LABELS, scale="option_probs / label mass")
+    policy = load_policy(threshold=None, conformal=str(tmp_path / "c.json"), min_label_mass=0.5, labels=LABELS, calibrated=False)
+    v = policy.decide([_record(0, [0.95, 0.04]), _record(1, [0.55, 0.4]), _record(2, [0.2, 0.1])])
+    assert not v[0].defer and v[0].option_set == ["Safe"] and v[0].guarantees == ("option set coverage>=0.8",)
+    assert v[1].defer and v[1].option_set == [] and "the option set is empty" in v[1].reasons
+    assert v[2].defer and "label mass 0.3 below 0.5" in v[2].reasons
+
+
+def test_files_that_do_not_fit_the_server_are_refused(tmp_path):
+    file = str(_risk_file(tmp_path / "t.json", {"Safe": 0.9, "Unsafe": 0.6}))
+    with pytest.raises(ConfigError, match="compare 'calibrated_confidence' but this server gives 'full-vocabulary confidence'"):
+        load_policy(threshold=file, conformal=None, min_label_mass=None, labels=LABELS, calibrated=False)
+    with pytest.raises(DataError, match="differ from the task's"):
+        load_policy(threshold=file, conformal=None, min_label_mass=None, labels=("Yes", "No"), calibrated=True)
+    with pytest.raises(ConfigError, match="--min-label-mass"):
+        load_policy(threshold=None, conformal=None, min_label_mass=1.5, labels=LABELS, calibrated=True)
+    with pytest.raises(FileNotFoundError, match="--conformal"):
+        load_policy(threshold=None, conformal=str(tmp_path / "none.json"), min_label_mass=None, labels=LABELS, calibrated=True)
+    # a value and a file of an earlier release still work
+    assert load_policy(threshold="0.7", conformal=None, min_label_mass=None, labels=LABELS, calibrated=False).threshold.value == 0.7
+
+
+@pytest.mark.slow
+def test_served_answers_follow_threshold_conformal_and_label_mass(tmp_path, tiny_qwen3_dir):
+    import httpx
+
+    from decal.serve.process import ServeProcess
+    from test_serve import _env, _evaluate, _safety_rows, _write_jsonl
+
+    rows = _safety_rows(24, seed=7)
+    task = _write_jsonl(tmp_path / "task.jsonl", rows)
+    raw = _evaluate(str(tiny_qwen3_dir), str(task), tmp_path / "eval")
+    run = tmp_path / "eval" / "run"
+    assert main(["calibrate", "--method", "temperature", "--fit", str(run), "--apply", str(run), "--out", str(tmp_path / "cal")]) == 0
+    calibrated = read_records(tmp_path / "cal" / "run")
+    conf = np.array([r.calibrated_confidence for r in calibrated])
+    thresholds = {lab: float(np.median(conf)) for lab in LABELS}  # some answered, some deferred
+    threshold = _risk_file(tmp_path / "threshold.json", thresholds)
+    assert main(["conformal", str(tmp_path / "cal" / "run"), "--alpha", "0.3", "--out", str(tmp_path / "sets")]) == 0
+    min_mass = float(np.median([r.label_mass for r in raw.values()]))
+    args = ["--dtype", "float32", "--model", str(tiny_qwen3_dir), "--task", str(task), "--threads", "1",
+            "--calibrator", str(tmp_path / "cal" / "calibrator.json"), "--threshold", str(threshold),
+            "--conformal", str(tmp_path / "sets" / "conformal.json"), "--min-label-mass", str(min_mass)]
+    with ServeProcess(args, env=_env()) as server:
+        body = httpx.post(f"{server.url}/v1/decide", json={"inputs": [{"input": r["input"], "id": r["id"]} for r in rows]},
+                          timeout=600).json()
+        metrics = httpx.get(f"{server.url}/metrics").text
+    assert server.returncode == 0
+    assert body["threshold"]["thresholds"] == thresholds and body["conformal"]["alpha"] == 0.3 and body["min_label_mass"] == min_mass
+    # What the policy makes of the served raw values, offline, with the same files.
+    served = [PredictionRecord(**{**raw[a["id"]].__dict__, "option_probs": list(a["option_probs"].values()),
+                                  "confidence": a["confidence"]}) for a in body["results"]]
+    policy = load_policy(threshold=str(threshold), conformal=str(tmp_path / "sets" / "conformal.json"),
+                         min_label_mass=min_mass, labels=LABELS, calibrated=True)
+    verdicts = policy.decide(apply_calibrator(load_calibrator(tmp_path / "cal" / "calibrator.json"), served))
+    for a, v in zip(body["results"], verdicts):
+        assert a["label_mass"] == pytest.approx(sum(a["option_probs"].values()), rel=1e-12)
+        assert (a["defer"], a["deferred_because"], a["guarantees"], a["option_set"]) == (v.defer, list(v.reasons), list(v.guarantees), v.option_set)
+    kinds = {reason.split(" ")[0] for a in body["results"] for reason in a["deferred_because"]}
+    assert {"confidence", "label"} <= kinds  # both the band and the label mass deferred some
+    assert any(not a["defer"] for a in body["results"]) or pytest.fail("every answer deferred: the test checks one branch only")
+    assert "decal_label_mass_mean" in metrics and "decal_low_label_mass_ratio" in metrics
