@@ -332,11 +332,13 @@ class RiskControl:
                 if ok and (t.quantity == "accuracy" or (t.quantity == "precision" and t.label == label))]
 
     def band(self) -> dict | None:
-        """Two labels on a scale that sums to 1: the interval of P(second label) that is deferred."""
+        """Two labels on a scale that sums to 1 (a calibrated run): the decisions whose P(second
+        label) lies strictly between ``defer_above`` and ``defer_below`` are deferred."""
         if len(self.labels) != 2:
             return None
         first, second = (self.thresholds[lab] for lab in self.labels)
-        low = 1.0 if first is None else 1.0 - max(first, 0.5)
+        # The first label is predicted (and answered at confidence >= its threshold) below 0.5.
+        low = 0.0 if first is None else 1.0 - max(first, 0.5)
         high = 1.0 if second is None else max(second, 0.5)
         return {"score": f"p({self.labels[1]})", "defer_above": low, "defer_below": high}
 

@@ -58,8 +58,11 @@ def threshold_runs(calibration_dir: Path, *, targets: list[str], delta: float = 
                        targets=parsed, delta=delta, fwer=fwer)
     applied = [{"run": str(run), **apply_risk_control(rc, a.confidence, a.prediction_index, a.correct, a.label_index)}
                for run, a in others]
-    return {**rc.to_dict(), "calibration_run": str(calibration_dir),
-            "scale": input_scales(calibrated=cal.calibrated)["confidence"], "applied": applied}
+    report = {**rc.to_dict(), "calibration_run": str(calibration_dir),
+              "scale": input_scales(calibrated=cal.calibrated)["confidence"], "applied": applied}
+    if not cal.calibrated:  # raw full-vocabulary probabilities do not sum to 1: no band on one axis
+        report["band"] = None
+    return report
 
 
 def _pct(x) -> str:
