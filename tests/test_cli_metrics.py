@@ -81,6 +81,8 @@ def test_metrics_without_bootstrap_has_null_intervals(runs):
         (["threshold", "{run}", "--target-accuracy", "1.2"], "target 'accuracy>=1.2' must be a number in (0, 1)"),
         (["threshold", "{run}", "--target", "precision(Maybe)>=0.9"], "label 'Maybe' of target"),
         (["threshold", "{run}", "--target", "precison(Safe)>=0.9"], "Did you mean: precision?"),
+        (["conformal", "{run}", "--alpha", "1.5", "--apply", "{run}", "--out", "{tmp}/o"], "`alpha` must be in (0, 1)"),
+        (["conformal", "{run}", "--apply", "{bad}", "--out", "{tmp}/o"], "predictions.jsonl:2: field 'confidence'"),
     ],
 )
 def test_errors_are_one_line(runs, tmp_path, capsys, argv, message):
@@ -94,6 +96,7 @@ def test_errors_are_one_line(runs, tmp_path, capsys, argv, message):
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err
+    assert not (tmp_path / "o").exists()  # nothing half-written
 
 
 @pytest.mark.parametrize("columns", ["40", "300"])
