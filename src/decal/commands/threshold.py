@@ -62,6 +62,7 @@ def threshold_runs(calibration_dir: Path, *, targets: list[str], delta: float = 
               "scale": input_scales(calibrated=cal.calibrated)["confidence"], "applied": applied}
     if not cal.calibrated:  # raw full-vocabulary probabilities do not sum to 1: no band on one axis
         report["band"] = None
+    report["mean_label_mass"] = float(cal.label_mass.mean())
     return report
 
 
@@ -108,6 +109,12 @@ def register(app: typer.Typer) -> None:
         report = threshold_runs(calibration_run, targets=targets, delta=delta, fwer=fwer,
                                 apply_dirs=[*(apply or []), *(more or [])])
         rich_console().print(_tables(report))
+        from ..metrics import LOW_LABEL_MASS
+
+        if report["band"] is None and report["mean_label_mass"] < LOW_LABEL_MASS:
+            typer.echo(f"warning: the options hold {100 * report['mean_label_mass']:.1f}% of the probability on average, so "
+                       "these thresholds compare small full-vocabulary confidences; calibrate the run first (decal calibrate)",
+                       err=True)
         for g in report["guarantees"]:
             if not g["certified"]:
                 typer.echo(f"warning: {g['target']} cannot be guaranteed on this calibration run: no threshold passes", err=True)
