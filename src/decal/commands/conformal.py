@@ -55,9 +55,8 @@ def conformal_runs(fit_dir: Path, *, alpha: float, score: str = "lac", mondrian:
     arrays = records_to_arrays(fit_part)
     scale = input_scales(calibrated=arrays.calibrated)["class_probs"]
     sets = ConformalSets(alpha, score=score, mondrian=mondrian).fit(arrays.class_probs, arrays.label_index)
+    # With no run to apply the sets to, only conformal.json is written (for `decal serve --conformal`).
     sources = ([(fit_dir, rest, "held-out")] if rest else []) + [(Path(p), None, "all") for p in apply_dirs]
-    if not sources:
-        raise ValueError("nothing to apply the sets to: give --apply RUN_DIR..., or --fit-fraction to use the rest of the run")
     info = {"fit_run": str(fit_dir), "fit_fraction": fit_fraction, "seed": seed, "n_fit": len(fit_part),
             "conformal": str(out / "conformal.json")}
     pending, runs = [], []
