@@ -224,6 +224,7 @@ def test_unreachable_targets_defer_and_say_so():
     assert rc.thresholds == {"Positive": None, "Negative": None}
     assert rc.certified == (True, False)  # no Positive answer keeps its precision; no recall without answers
     assert rc.deferral_rate == 1.0 and np.all(rc.defers(pred, conf))
+    assert [g["vacuous"] for g in rc.to_dict()["guarantees"]] == [True, False]
 
 
 def test_threshold_file_round_trip_and_band(population):

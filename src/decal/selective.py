@@ -331,6 +331,12 @@ class RiskControl:
         return [str(t) for t, ok in zip(self.targets, self.certified)
                 if ok and (t.quantity == "accuracy" or (t.quantity == "precision" and t.label == label))]
 
+    def _vacuous(self, target: Target) -> bool:
+        """A precision or accuracy target that holds because its cases are never answered."""
+        if target.quantity == "precision":
+            return self.thresholds[target.label] is None
+        return target.quantity == "accuracy" and all(t is None for t in self.thresholds.values())
+
     def band(self) -> dict | None:
         """Two labels on a scale that sums to 1 (a calibrated run): the decisions whose P(second
         label) lies strictly between ``defer_above`` and ``defer_below`` are deferred."""
@@ -352,7 +358,9 @@ class RiskControl:
             "n_calibration": self.n, "deferral_rate": self.deferral_rate,
             "guarantees": [
                 {"target": str(t), "quantity": t.quantity, "label": t.label, "level": t.level, "delta": self.delta,
-                 "certified": ok, "in_words": t.in_words(self.delta), "calibration": cal}
+                 "certified": ok, "vacuous": self._vacuous(t),
+                 "in_words": t.in_words(self.delta) + (" (vacuous: no such case is answered)" if self._vacuous(t) else ""),
+                 "calibration": cal}
                 for t, ok, cal in zip(self.targets, self.certified, self.calibration)
             ],
         }
