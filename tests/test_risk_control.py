@@ -225,6 +225,7 @@ def test_unreachable_targets_defer_and_say_so():
     assert rc.certified == (True, False)  # no Positive answer keeps its precision; no recall without answers
     assert rc.deferral_rate == 1.0 and np.all(rc.defers(pred, conf))
     assert [g["vacuous"] for g in rc.to_dict()["guarantees"]] == [True, False]
+    assert rc.band()["Positive"] == {"deferred_below": None, "always_deferred": True}
 
 
 def test_threshold_file_round_trip_and_band(population):
@@ -237,8 +238,7 @@ def test_threshold_file_round_trip_and_band(population):
     back = RiskControl.from_dict(rc.to_dict())
     assert back.thresholds == rc.thresholds and back.targets == rc.targets and back.deferral_rate == rc.deferral_rate
     band = rc.to_dict()["band"]
-    # two labels: p(Negative) in [1 - t_Positive, t_Negative) is deferred
-    assert band["defer_above"] == pytest.approx(1 - rc.thresholds["Positive"]) and band["defer_below"] == rc.thresholds["Negative"]
+    assert band == {lab: {"deferred_below": rc.thresholds[lab], "always_deferred": False} for lab in LABELS}
     applied = apply_risk_control(rc, c, p, ok, y)
     assert applied["deferral_rate"] == pytest.approx(rc.deferral_rate)
     assert rc.guarantees_for("Positive") == ["precision(Positive)>=0.75"] and rc.guarantees_for("Negative") == ["precision(Negative)>=0.75"]

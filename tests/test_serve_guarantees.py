@@ -49,7 +49,7 @@ def test_threshold_band_defers_inside_and_names_the_guarantee_outside(tmp_path):
     assert (v[0].defer, v[0].guarantees) == (False, ("precision(Safe)>=0.99",))
     assert v[1].defer and v[1].reasons == ("confidence 0.7 below the Safe threshold 0.9",) and v[1].guarantees == ()
     assert not v[2].defer and v[2].guarantees == ()  # recall(Unsafe) promises nothing about one answer
-    assert policy.info["threshold"]["band"] == {"score": "p(Unsafe)", "defer_above": pytest.approx(0.1), "defer_below": 0.6}
+    assert policy.info["threshold"]["band"]["Safe"] == {"deferred_below": 0.9, "always_deferred": False}
 
 
 def test_label_mass_and_option_sets_defer_too(tmp_path):

@@ -337,16 +337,14 @@ class RiskControl:
             return self.thresholds[target.label] is None
         return target.quantity == "accuracy" and all(t is None for t in self.thresholds.values())
 
-    def band(self) -> dict | None:
-        """Two labels on a scale that sums to 1 (a calibrated run): the decisions whose P(second
-        label) lies strictly between ``defer_above`` and ``defer_below`` are deferred."""
-        if len(self.labels) != 2:
-            return None
-        first, second = (self.thresholds[lab] for lab in self.labels)
-        # The first label is predicted (and answered at confidence >= its threshold) below 0.5.
-        low = 0.0 if first is None else 1.0 - max(first, 0.5)
-        high = 1.0 if second is None else max(second, 0.5)
-        return {"score": f"p({self.labels[1]})", "defer_above": low, "defer_below": high}
+    def band(self) -> dict:
+        """The abstention band, per predicted label: a decision of that label whose confidence is
+        below ``deferred_below`` is deferred (every one, when ``always_deferred``).
+
+        Per label, not on one P(label) axis: a calibrator may keep a prediction whose calibrated
+        probability is below another label's (Platt and isotonic map the confidence only).
+        """
+        return {lab: {"deferred_below": t, "always_deferred": t is None} for lab, t in self.thresholds.items()}
 
     def to_dict(self) -> dict:
         return {

@@ -60,8 +60,7 @@ def threshold_runs(calibration_dir: Path, *, targets: list[str], delta: float = 
                for run, a in others]
     report = {**rc.to_dict(), "calibration_run": str(calibration_dir),
               "scale": input_scales(calibrated=cal.calibrated)["confidence"], "applied": applied}
-    if not cal.calibrated:  # raw full-vocabulary probabilities do not sum to 1: no band on one axis
-        report["band"] = None
+    report["calibrated"] = bool(cal.calibrated)
     report["mean_label_mass"] = float(cal.label_mass.mean())
     return report
 
@@ -111,7 +110,7 @@ def register(app: typer.Typer) -> None:
         rich_console().print(_tables(report))
         from ..metrics import LOW_LABEL_MASS
 
-        if report["band"] is None and report["mean_label_mass"] < LOW_LABEL_MASS:
+        if not report["calibrated"] and report["mean_label_mass"] < LOW_LABEL_MASS:
             typer.echo(f"warning: the options hold {100 * report['mean_label_mass']:.1f}% of the probability on average, so "
                        "these thresholds compare small full-vocabulary confidences; calibrate the run first (decal calibrate)",
                        err=True)

@@ -149,7 +149,7 @@ def load_policy(*, threshold: str | None, conformal: str | None, min_label_mass:
             rc = _risk_control(path, labels, calibrated)
             parts["risk_control"] = rc
             info["threshold"] = {"source": str(path), "sha256": file_sha256(path), "thresholds": rc.thresholds,
-                                 "band": rc.band() if calibrated else None, "delta": rc.delta, "deferral_rate": rc.deferral_rate,
+                                 "band": rc.band(), "delta": rc.delta, "deferral_rate": rc.deferral_rate,
                                  "guarantees": [str(t) for t, ok in zip(rc.targets, rc.certified) if ok]}
         else:
             parts["threshold"] = load_threshold(threshold)
