@@ -16,8 +16,14 @@ the machine and its load; the ratios are measured in the same run.
 The levels run interleaved in `--rounds` rounds (each round a share of every level's requests
 and one full-batch timing), so load from other processes on a shared machine hits all alike.
 
+With `--compare-log` it measures the decision log's cost instead (issue 24): two servers, one
+with `--state-dir` (every answer committed to SQLite, fsynced, before it is sent; the monitor
+fed) and one without, the same load at one concurrency (32) in interleaved rounds, alternating
+which goes first; it prints both throughputs and their ratio (target: >= 0.9x with the log on).
+
 Usage: python benchmarks/bench_serve.py [--requests 64,128,256] [--time-cap 300] [--rounds 2] [--dtype float32]
        [--max-batch-size 32] [--max-wait-ms 50] [--threads 1] [--concurrency 1,8,32] [--server-arg=--flag ...]
+       python benchmarks/bench_serve.py --compare-log [--concurrency 32] [--requests 256] [--rounds 4]
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import asyncio
 import os
 import re
 import statistics
+import tempfile
 import time
 
 import httpx
@@ -94,6 +101,50 @@ def _full_batch_latency(client: httpx.Client, texts: list[str], size: int, repea
     return statistics.median(times)
 
 
+def _compare_log(args, texts: list[str], server_args: list[str], env: dict) -> None:
+    """The same load on a server with the decision log and one without, in interleaved rounds."""
+    concurrency = int(args.concurrency.split(",")[-1])
+    n = int(args.requests.split(",")[-1])
+    load_before = _load()
+    with tempfile.TemporaryDirectory(prefix="bench-serve-state-") as state:
+        servers = {"off": ServeProcess(server_args, env=env).start(),
+                   "on": ServeProcess([*server_args, "--state-dir", state], env=env).start()}
+        totals = {k: {"ok": 0, "errors": 0, "seconds": 0.0, "latencies": []} for k in servers}
+        try:
+            for name, server in servers.items():
+                with httpx.Client(base_url=server.url, timeout=600) as client:
+                    for text in texts[:4]:
+                        client.post("/v1/decide", json={"inputs": [text]}).raise_for_status()
+            for r in range(args.rounds):
+                share = n // args.rounds + (1 if r < n % args.rounds else 0)
+                for name in (("off", "on") if r % 2 == 0 else ("on", "off")):
+                    row = asyncio.run(_level(servers[name].url, texts, concurrency=concurrency, n_requests=share,
+                                             time_cap=args.time_cap / args.rounds))
+                    t = totals[name]
+                    t["ok"] += row["ok"]
+                    t["errors"] += sum(row["errors"].values())
+                    t["seconds"] += row["seconds"]
+                    t["latencies"] += row["latencies"]
+            with httpx.Client(base_url=servers["on"].url, timeout=60) as client:
+                logged = client.get("/v1/monitor").json()["decisions"]
+        finally:
+            status = {name: s.stop() for name, s in servers.items()}
+    print(f"decal serve decision log on vs off, SmolLM2-135M-Instruct ({args.dtype}) on XSTest, 127.0.0.1, concurrency "
+          f"{concurrency}, {n} requests each in {args.rounds} interleaved rounds, {os.cpu_count()} CPUs; "
+          f"load average before/after: {load_before} / {_load()}")
+    print("| decision log | requests ok | errors | seconds | throughput req/s | p50 ms | p99 ms |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name in ("off", "on"):
+        t = totals[name]
+        lat = sorted(t["latencies"])
+        q = (lambda p: lat[min(len(lat) - 1, int(p * len(lat)))] if lat else float("nan"))
+        print(f"| {name} | {t['ok']} | {t['errors']} | {t['seconds']:.1f} | {t['ok'] / t['seconds']:.2f} | "
+              f"{1000 * q(0.5):.0f} | {1000 * q(0.99):.0f} |")
+    ratio = (totals["on"]["ok"] / totals["on"]["seconds"]) / (totals["off"]["ok"] / totals["off"]["seconds"])
+    print(f"target: log on / off throughput {ratio:.3f}x (>= 0.9x) {'PASS' if ratio >= 0.9 else 'FAIL'}; decisions in the "
+          f"log {logged} (warm-up 4 + {totals['on']['ok']} requests); server exit status {status}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concurrency", default="1,8,32")
@@ -105,6 +156,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="server torch threads (1 leaves a core for HTTP and the clients)")
     parser.add_argument("--rounds", type=int, default=2, help="levels interleaved in this many rounds")
     parser.add_argument("--server-arg", action="append", default=[], help="extra `decal serve` argument (repeatable)")
+    parser.add_argument("--compare-log", action="store_true", help="decision log on vs off at the last concurrency level")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     counts = [int(n) for n in args.requests.split(",")]
@@ -120,6 +172,8 @@ def main() -> None:
         server_args += ["--threads", str(args.threads)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop("DECAL_API_KEY", None)
+    if args.compare_log:
+        return _compare_log(args, texts, server_args, env)
     server = ServeProcess(server_args, env=env).start()
     # Levels run in rounds, each round a share of every level's requests and one full-batch
     # timing, so load from other processes on a shared machine hits every level alike.

@@ -38,8 +38,8 @@ def _risk_file(path, thresholds, *, scale="calibrated_confidence"):
 
 
 def test_threshold_band_defers_inside_and_names_the_guarantee_outside(tmp_path):
-    policy = load_policy(threshold=str(_risk_file(tmp_path / "t.json", {"Safe": 0.9, "Unsafe": 0.6})), conformal=None,
-                         min_label_mass=None, labels=LABELS, calibrated=True)
+    policy, info = load_policy(threshold=str(_risk_file(tmp_path / "t.json", {"Safe": 0.9, "Unsafe": 0.6})), conformal=None,
+                               min_label_mass=None, labels=LABELS, calibrated=True)
     records = [
         _record(0, [0.3, 0.2], calibrated=[0.95, 0.05]),  # confident Safe: answered, precision(Safe) applies
         _record(1, [0.3, 0.2], calibrated=[0.7, 0.3]),  # Safe below 0.9: inside the band
@@ -49,7 +49,8 @@ def test_threshold_band_defers_inside_and_names_the_guarantee_outside(tmp_path):
     assert (v[0].defer, v[0].guarantees) == (False, ("precision(Safe)>=0.99",))
     assert v[1].defer and v[1].reasons == ("confidence 0.7 below the Safe threshold 0.9",) and v[1].guarantees == ()
     assert not v[2].defer and v[2].guarantees == ()  # recall(Unsafe) promises nothing about one answer
-    assert policy.info["threshold"]["band"]["Safe"] == {"deferred_below": 0.9, "always_deferred": False}
+    assert info["threshold"]["band"]["Safe"] == {"deferred_below": 0.9, "always_deferred": False}
+    assert info["threshold"]["guarantees"] == ["precision(Safe)>=0.99", "recall(Unsafe)>=0.95"]
 
 
 def test_label_mass_and_option_sets_defer_too(tmp_path):
@@ -57,7 +58,7 @@ def test_label_mass_and_option_sets_defer_too(tmp_path):
 
     sets = ConformalSets(0.2).fit(np.array([[0.9, 0.1]] * 8 + [[0.2, 0.8]] * 2), [0] * 8 + [1] * 2)
     save_conformal(tmp_path / "c.json", sets, labels=LABELS, scale="option_probs / label mass")
-    policy = load_policy(threshold=None, conformal=str(tmp_path / "c.json"), min_label_mass=0.5, labels=LABELS, calibrated=False)
+    policy, _ = load_policy(threshold=None, conformal=str(tmp_path / "c.json"), min_label_mass=0.5, labels=LABELS, calibrated=False)
     v = policy.decide([_record(0, [0.95, 0.04]), _record(1, [0.55, 0.4]), _record(2, [0.2, 0.1])])
     assert not v[0].defer and v[0].option_set == ["Safe"] and v[0].guarantees == ("option set coverage>=0.8",)
     assert v[1].defer and v[1].option_set == [] and "the option set is empty" in v[1].reasons
@@ -75,7 +76,7 @@ def test_files_that_do_not_fit_the_server_are_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="--conformal"):
         load_policy(threshold=None, conformal=str(tmp_path / "none.json"), min_label_mass=None, labels=LABELS, calibrated=True)
     # a value and a file of an earlier release still work
-    assert load_policy(threshold="0.7", conformal=None, min_label_mass=None, labels=LABELS, calibrated=False).threshold.value == 0.7
+    assert load_policy(threshold="0.7", conformal=None, min_label_mass=None, labels=LABELS, calibrated=False)[0].threshold.value == 0.7
 
 
 @pytest.mark.slow
@@ -108,8 +109,8 @@ def test_served_answers_follow_threshold_conformal_and_label_mass(tmp_path, tiny
     # What the policy makes of the served raw values, offline, with the same files.
     served = [PredictionRecord(**{**raw[a["id"]].__dict__, "option_probs": list(a["option_probs"].values()),
                                   "confidence": a["confidence"]}) for a in body["results"]]
-    policy = load_policy(threshold=str(threshold), conformal=str(tmp_path / "sets" / "conformal.json"),
-                         min_label_mass=min_mass, labels=LABELS, calibrated=True)
+    policy, _ = load_policy(threshold=str(threshold), conformal=str(tmp_path / "sets" / "conformal.json"),
+                            min_label_mass=min_mass, labels=LABELS, calibrated=True)
     verdicts = policy.decide(apply_calibrator(load_calibrator(tmp_path / "cal" / "calibrator.json"), served))
     for a, v in zip(body["results"], verdicts):
         assert a["label_mass"] == pytest.approx(sum(a["option_probs"].values()), rel=1e-12)

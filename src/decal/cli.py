@@ -45,6 +45,7 @@ COMMANDS = [
     "threshold",
     "conformal",
     "serve",
+    "monitor",
 ]
 
 app = typer.Typer(

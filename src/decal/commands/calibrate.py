@@ -1,7 +1,9 @@
 """`decal calibrate`: fit a post-hoc calibrator on one run and write calibrated copies of runs.
 
 The paper's setup (Appendix B.1): fit on part of OpenAI Moderation, evaluate on the rest and on
-XSTest. With ``--fit-fraction f`` the calibrator is fitted on a seeded random fraction ``f`` of
+XSTest. ``--fit-feedback STATE_DIR`` fits on the labelled decisions of a `decal serve` decision log
+instead (`decal.serve.decision_log.feedback_records`); they are written as the run
+``OUT/feedback`` (the held-out part with ``--fit-fraction``), which `decal threshold` takes. With ``--fit-fraction f`` the calibrator is fitted on a seeded random fraction ``f`` of
 the fit run, and the other ``1 - f`` of it is written as a calibrated run too, so "the rest" is
 evaluated like any other run. Each calibrated run goes to ``OUT/<name>/predictions.jsonl`` with a
 ``run.json`` (the source's, plus a ``calibration`` entry); the calibrator goes to
@@ -24,6 +26,9 @@ EPILOG = """Examples:
   decal calibrate --method platt --fit runs/ours/moderation --fit-fraction 0.3 --apply runs/ours/xstest runs/ours/csqa --out cal/platt
 
   decal calibrate --calibrator cal/platt/calibrator.json --apply runs/ours/obqa --out cal/platt-obqa
+
+  decal calibrate --method platt --fit-feedback state --fit-fraction 0.5 --out cal/feedback
+  decal threshold cal/feedback/feedback --target-accuracy 0.9 --out threshold-feedback.json
 """
 
 
@@ -93,12 +98,15 @@ def make_out(out: Path) -> None:
 
 def calibrate_runs(
     method: str | None, fit_dir: Path | None, *, apply_dirs: list[Path], out: Path, fit_fraction: float | None = None,
-    seed: int = 0, calibrator_file: Path | None = None,
+    seed: int = 0, calibrator_file: Path | None = None, fit_records: list | None = None, fit_meta: dict | None = None,
 ) -> dict:
     """Fit `method` on `fit_dir` (or a fraction of it), or load `calibrator_file`, and write calibrated copies to `out`.
 
     Every input is read and every run calibrated before anything is written, so a bad run or
-    calibrator file leaves no partial output (issue #9).
+    calibrator file leaves no partial output (issue #9). With `fit_records` (a decision log's
+    labelled decisions; `fit_dir` is then its state dir) the calibrator is fitted on them and
+    they are written as the run ``feedback`` (the held-out part with `fit_fraction`, else all),
+    with `fit_meta` as its run.json.
 
     Returns:
         ``{"calibrator": to_dict, "n_fit": int, "runs": [{"name", "source", "subset", "before",
@@ -115,10 +123,14 @@ def calibrate_runs(
         calibrator, fit_part, rest = load_calibrator(calibrator_file), None, []
     else:
         calibrator, fit_dir = make_calibrator(method), Path(fit_dir)
-        fit_part, rest = split_fit(read_records(fit_dir), fit_fraction, seed)
+        fit_part, rest = split_fit(read_records(fit_dir) if fit_records is None else fit_records, fit_fraction, seed)
         fit_calibrator(calibrator, fit_part)
     n_fit = None if fit_part is None else len(fit_part)
-    sources = ([(fit_dir, rest, "held-out")] if rest else []) + [(Path(p), None, "all") for p in apply_dirs]
+    if fit_records is not None:  # the labelled decisions are the run `decal threshold` picks a threshold on
+        sources = [(fit_dir / "feedback", rest or fit_part, "held-out" if rest else "fit")]
+    else:
+        sources = [(fit_dir, rest, "held-out")] if rest else []
+    sources += [(Path(p), None, "all") for p in apply_dirs]
     names = run_names([s[0] for s in sources])
     info = {"method": calibrator.name, "fit_run": None if fit_dir is None else str(fit_dir),
             "fit_fraction": fit_fraction, "seed": seed, "n_fit": n_fit, "calibrator": str(out / "calibrator.json"),
@@ -128,7 +140,8 @@ def calibrate_runs(
     for name, (source, records, subset) in zip(names, sources):
         records = read_records(source) if records is None else records
         calibrated = apply_calibrator(calibrator, records)
-        pending.append((out / name, run_meta(source), calibrated, {**info, "source_run": str(source), "subset": subset}))
+        meta = fit_meta if fit_records is not None and subset != "all" else run_meta(source)
+        pending.append((out / name, meta, calibrated, {**info, "source_run": str(source), "subset": subset}))
         summary["runs"].append({"name": name, "source": str(source), "subset": subset,
                                 "before": summarize(records), "after": summarize(calibrated)})
     make_out(out)
@@ -157,7 +170,8 @@ def register(app: typer.Typer) -> None:
     @app.command("calibrate", epilog=EPILOG)
     def calibrate_command(
         method: Optional[str] = typer.Option(None, "--method", metavar="platt|isotonic|temperature", help="Post-hoc calibrator (required unless --calibrator)."),
-        fit: Optional[Path] = typer.Option(None, "--fit", metavar="RUN_DIR", help="Run whose predictions the calibrator is fitted on (required unless --calibrator)."),
+        fit: Optional[Path] = typer.Option(None, "--fit", metavar="RUN_DIR", help="Run whose predictions the calibrator is fitted on (required unless --calibrator or --fit-feedback)."),
+        fit_feedback: Optional[Path] = typer.Option(None, "--fit-feedback", metavar="STATE_DIR", help="Fit on the labelled decisions of a decal serve decision log (its --state-dir); written as the run OUT/feedback."),
         calibrator_file: Optional[Path] = typer.Option(None, "--calibrator", metavar="FILE", help="Apply a saved calibrator.json instead of fitting one."),
         fit_fraction: Optional[float] = typer.Option(None, "--fit-fraction", metavar="F", help="Fit on this random fraction of --fit and write the rest as a calibrated run."),
         seed: int = typer.Option(0, "--seed", metavar="S", help="Seed of the --fit-fraction split."),
@@ -170,16 +184,25 @@ def register(app: typer.Typer) -> None:
 
         # `--apply a b c` puts b and c in the positional list; both spellings mean the same.
         apply_dirs = [*(apply or []), *(more or [])]
-        if calibrator_file is not None:
+        fit_records = fit_meta = None
+        if fit_feedback is not None:
+            if fit is not None or calibrator_file is not None or method is None:
+                raise typer.BadParameter("--fit-feedback takes --method, and neither --fit nor --calibrator", param_hint="--fit-feedback")
+            from ..serve.decision_log import feedback_records
+
+            fit_records, fit_meta = feedback_records(fit_feedback)
+            fit = fit_feedback
+            typer.echo(fit_meta["summary"])
+        elif calibrator_file is not None:
             if method is not None or fit is not None or fit_fraction is not None:
                 raise typer.BadParameter("give either --calibrator FILE or --method/--fit/--fit-fraction, not both", param_hint="--calibrator")
             if not apply_dirs:
                 raise typer.BadParameter("nothing to calibrate: give --apply RUN_DIR...", param_hint="--apply")
         elif method is None or fit is None:
             raise typer.BadParameter("--method and --fit are required (or --calibrator FILE to apply a saved one)", param_hint="--method/--fit")
-        elif fit_fraction is None and not apply_dirs:
+        elif fit_feedback is None and fit_fraction is None and not apply_dirs:
             raise typer.BadParameter("nothing to calibrate: give --apply RUN_DIR..., or --fit-fraction to evaluate on the rest of --fit", param_hint="--apply")
         summary = calibrate_runs(method, fit, apply_dirs=apply_dirs, out=out, fit_fraction=fit_fraction, seed=seed,
-                                 calibrator_file=calibrator_file)
+                                 calibrator_file=calibrator_file, fit_records=fit_records, fit_meta=fit_meta)
         rich_console().print(_table(summary))
         typer.echo(f"calibrator: {out / 'calibrator.json'}")

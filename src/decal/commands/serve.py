@@ -32,7 +32,13 @@ EPILOG = """Examples:
 
   curl -s localhost:8000/v1/decide -H 'Content-Type: application/json' -d '{"inputs": ["How do I kill a Python process?"]}'
 
-Stop it with SIGTERM or Ctrl+C: it answers every request it has accepted, then exits 0.
+  decal serve --model smollm2-135m-instruct --task xstest --calibrator cal/platt/calibrator.json \
+      --threshold threshold.json --state-dir state     # decision log, /v1/feedback, /v1/monitor
+
+  curl -s localhost:8000/v1/feedback -H 'Content-Type: application/json' -d '{"feedback": [{"id": "dec-...", "label": "Unsafe"}]}'
+
+Stop it with SIGTERM or Ctrl+C: it answers every request it has accepted, then exits 0. SIGHUP (or
+POST /v1/admin/reload) loads the calibrator and threshold files again without a restart.
 """
 
 
@@ -74,10 +80,14 @@ def register(app: typer.Typer) -> None:
         max_model_len: Optional[int] = max_model_len_opt(),
         engine_arg: Optional[list[str]] = engine_arg_opt(),
         prefix_cache: bool = typer.Option(True, "--prefix-cache/--no-prefix-cache", help="hf: compute the prompt prefix every request shares once (same answers to float rounding, 2-4x less work)."),
-        log_bodies: bool = typer.Option(False, "--log-bodies", help="Log request bodies (off: logs never hold them)."),
+        log_bodies: bool = typer.Option(False, "--log-bodies", help="Log request bodies, and store each input's text in the decision log (off: logs hold no bodies, the log only a hash)."),
         access_log: bool = typer.Option(True, "--access-log/--no-access-log", help="One log line per request (method, path, status; never the body)."),
+        state_dir: Optional[str] = typer.Option(None, "--state-dir", metavar="DIR", help="Decision log (SQLite, WAL): every answer stored before it is sent; enables /v1/feedback and /v1/monitor."),
+        reference: Optional[str] = typer.Option(None, "--reference", metavar="RUN_DIR", help="Monitor: the reference window's run (default: the --threshold file's calibration run, if it exists)."),
+        alarm_alpha: float = typer.Option(0.05, "--alarm-alpha", metavar="A", help="Monitor: each alarm's false-alarm probability over the whole stream."),
+        monitor_window: int = typer.Option(500, "--monitor-window", metavar="N", help="Monitor: decisions and labels in the analysis window."),
     ) -> None:
-        """Serve calibrated decisions over HTTP: /v1/decide, /v1/moderations, /health, /ready, /metrics, /v1/info."""
+        """Serve calibrated decisions over HTTP: /v1/decide, /v1/moderations, /v1/feedback, /v1/monitor, /health, /ready, /metrics, /v1/info."""
         import logging
         import os
 
@@ -96,6 +106,7 @@ def register(app: typer.Typer) -> None:
             offline=offline, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
             max_inputs=max_inputs, max_body_bytes=max_body_bytes, request_timeout_s=request_timeout,
             unsafe_label=unsafe_label, threads=threads, log_bodies=log_bodies, prefix_cache=prefix_cache,
+            state_dir=state_dir, reference=reference, alarm_alpha=alarm_alpha, monitor_window=monitor_window,
             engine_options=engine_options(engine, tensor_parallel_size=tensor_parallel_size, data_parallel_size=data_parallel_size,
                                           gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
                                           engine_args=engine_arg),

@@ -9,6 +9,13 @@ Endpoints:
   conformal identities;
 - ``POST /v1/moderations``: OpenAI's moderation schema (`decal.serve.moderation`), for two-label
   safety tasks;
+- every answer of both carries a ``decision_id``; with `--state-dir` its row is in the decision log
+  before the response is sent (`decal.serve.decision_log`);
+- ``POST /v1/feedback`` ``{"feedback": [{"id", "label"}, ...]}`` joins labels to decision ids, with a
+  status per item (200, 404 unknown id, 409 another label already given, 422 not an option);
+- ``GET /v1/monitor``: the monitor's figures and alarms (`decal.serve.monitor`);
+- ``POST /v1/admin/reload`` (and SIGHUP): load the calibrator and threshold again, or new ones,
+  without a restart; batches already running finish under the old ones;
 - ``GET /health`` (alive), ``GET /ready`` (model loaded and one warm-up decision made),
   ``GET /metrics`` (Prometheus), ``GET /v1/info`` (settings; never the API key).
 
@@ -28,6 +35,7 @@ import hashlib
 import hmac
 import json
 import logging
+import signal
 import time
 from contextlib import asynccontextmanager
 from typing import Any, Callable
@@ -36,19 +44,23 @@ from starlette.requests import Request
 
 from .batching import BatchQueue, DeadlineExceeded, QueueFull
 from .decider import Decider, InputError, json_type
+from .decision_log import DecisionLog, ServingEpoch, feedback_results, new_id, parse_feedback
 from .metrics import ServeMetrics
 from .moderation import moderation_response, parse_moderation
-from .settings import ServeConfig
+from .settings import ServeConfig, load_served_calibrator, load_threshold
+from .store import Epoch
 
 __all__ = ["ServerState", "create_app", "error_body"]
 
 logger = logging.getLogger(__name__)
 
 _OPEN_PATHS = ("/health", "/ready")  # load balancers probe these without a key
-_ENDPOINTS = ("/v1/decide", "/v1/moderations", "/v1/info", "/health", "/ready", "/metrics")
+_ENDPOINTS = ("/v1/decide", "/v1/moderations", "/v1/feedback", "/v1/monitor", "/v1/admin/reload", "/v1/info", "/health",
+              "/ready", "/metrics")
 _ERROR_TYPES = {
-    401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
-    422: "invalid_request_error", 500: "server_error", 503: "overloaded_error", 504: "timeout_error",
+    401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error", 409: "conflict_error",
+    413: "invalid_request_error", 422: "invalid_request_error", 500: "server_error", 503: "overloaded_error",
+    504: "timeout_error",
 }
 _PREPARE_INLINE = 8  # inputs tokenized on the event loop; more go to a thread
 
@@ -76,14 +88,26 @@ class ServerState:
         loader: blocking; returns a warmed-up `Decider` (run on a thread after the server starts).
         info: the static part of GET /v1/info (model, task, calibrator and threshold identities).
         unsafe_label: the label /v1/moderations flags; None disables the endpoint (404).
+        log: the open decision log (`--state-dir`), resumed after the model loads; None: no log.
+        epoch_settings: (calibrator, threshold) -> the settings an epoch records (the server's
+            reference window under that calibrator); None: model and adapter only.
     """
 
-    def __init__(self, config: ServeConfig, *, loader: Callable[[], Decider], info: dict, unsafe_label: str | None):
+    def __init__(self, config: ServeConfig, *, loader: Callable[[], Decider], info: dict, unsafe_label: str | None,
+                 log: DecisionLog | None = None, epoch_settings: Callable[[object, object], dict] | None = None):
         self.config, self.loader, self.info, self.unsafe_label = config, loader, info, unsafe_label
+        self.log, self.epoch_settings = log, epoch_settings or (lambda c, t: {"model": config.model, "adapter": config.adapter})
         self.decider: Decider | None = None
+        self.epoch: ServingEpoch | None = None  # what answers the next batch (swapped on the engine thread)
+        self.sources = {"calibrator": config.calibrator, "threshold": config.threshold}  # what a reload reads again
+        self.reload_lock = asyncio.Lock()
         self.load_error: str | None = None
         self.queue: BatchQueue | None = None
         self.metrics = ServeMetrics(queue_depth=lambda: self.queue.depth if self.queue else 0)
+        if log is not None:
+            from .monitor import MonitorCollector
+
+            self.metrics.registry.register(MonitorCollector(lambda: self.log.monitor if self.ready else None))
         self.on_fatal: Callable[[], None] | None = None  # the server sets it: stop after a failed load
         self.accepted = self.answered = 0
 
@@ -175,7 +199,7 @@ def _error_response(e: _HTTPError):
     return _json_response(e.status, error_body(e.status, e.message, e.param), e.headers)
 
 
-async def _read_json(request, state: ServerState) -> dict:
+async def _read_json(request, state: ServerState, *, allow_empty: bool = False) -> dict:
     try:
         raw = await request.body()
     except _BodyTooLarge:
@@ -183,6 +207,8 @@ async def _read_json(request, state: ServerState) -> dict:
     if state.config.log_bodies:
         logger.info("%s %s body: %s", request.method, request.url.path, raw.decode("utf-8", errors="replace"))
     if not raw.strip():
+        if allow_empty:
+            return {}
         raise _HTTPError(422, "empty body; send a JSON object", param="body")
     try:
         body = json.loads(raw)
@@ -218,7 +244,18 @@ def _decider(state: ServerState) -> Decider:
     return state.decider
 
 
-async def _decide(state: ServerState, raw_inputs, *, param: str, deadline: float):
+def _run_batch(state: ServerState, batch) -> list:
+    """The queue's batch function (engine thread): answers, each with the epoch that gave it.
+
+    A reload swaps the calibrator, threshold and epoch on this thread between batches, so one
+    batch is answered and labelled under one epoch.
+    """
+    epoch = state.epoch
+    return [(answer, epoch) for answer in state.decider.decide(batch)]
+
+
+async def _decide(state: ServerState, raw_inputs, *, param: str, deadline: float, endpoint: str):
+    """Parse, prepare, score, then log: (decider, answers, their epochs, their decision ids)."""
     decider = _decider(state)
     examples = decider.parse(raw_inputs, param=param, max_inputs=state.config.max_inputs)
     if len(examples) <= _PREPARE_INLINE:
@@ -228,19 +265,34 @@ async def _decide(state: ServerState, raw_inputs, *, param: str, deadline: float
     remaining = deadline - time.monotonic()
     if remaining <= 0:
         raise DeadlineExceeded("deadline passed before scoring")
-    answers = await state.queue.submit(prepared, timeout=remaining)
+    answered = await state.queue.submit(prepared, timeout=remaining)
+    answers, epochs = [a for a, _ in answered], [e for _, e in answered]
+    if state.log is None:
+        ids = [new_id() for _ in answers]
+    else:
+        try:
+            ids = await state.log.record(answers, epochs, examples, endpoint=endpoint)
+        except Exception as e:  # durable before answered: no row, no answer
+            raise _HTTPError(500, f"the decision log could not store the answers ({type(e).__name__}); they were not given") from e
     state.metrics.observe_answers(answers)
-    return decider, answers
+    return decider, answers, epochs, ids
 
 
-def _identities(state: ServerState) -> dict:
-    keys = ("model", "adapter", "engine", "task", "labels", "mode", "prompt_version", "calibrator", "threshold", "conformal",
-            "min_label_mass")
-    return {k: state.info.get(k) for k in keys}
+def _identities(state: ServerState, epoch: ServingEpoch | None) -> dict:
+    keys = ("model", "adapter", "engine", "task", "labels", "mode", "prompt_version")
+    out = {k: state.info.get(k) for k in keys}
+    # The conformal sets and the label-mass floor are fixed for the server's life; a reload swaps
+    # the calibrator and threshold (`decal.serve.policy`).
+    fixed = {"conformal": state.info.get("conformal"), "min_label_mass": state.info.get("min_label_mass")}
+    if epoch is None:
+        return {**out, "calibrator": state.info.get("calibrator"), "threshold": state.info.get("threshold"), **fixed, "epoch": None}
+    calibrator, threshold = epoch.calibrator, epoch.threshold
+    return {**out, "calibrator": calibrator.to_dict() if calibrator else None,
+            "threshold": threshold.to_dict() if threshold else None, **fixed, "epoch": epoch.id}
 
 
 def _route(state: ServerState, handler):
-    """Wrap a POST handler: every failure becomes one JSON error; nothing escapes to the server."""
+    """Wrap a handler: every failure becomes one JSON error; nothing escapes to the server."""
 
     async def endpoint(request: Request):
         try:
@@ -272,19 +324,24 @@ def create_app(state: ServerState):
     @asynccontextmanager
     async def lifespan(app):
         state.queue = BatchQueue(
-            lambda batch: state.decider.decide(batch), max_batch_size=config.max_batch_size,
+            lambda batch: _run_batch(state, batch), max_batch_size=config.max_batch_size,
             max_wait_s=config.max_wait_ms / 1000.0, max_queue=config.max_queue, on_batch=state.metrics.observe_batch,
         )
         state.queue.start()
         loading = asyncio.create_task(_load(state))
+        hangup = _on_sighup(state)
         try:
             yield
         finally:
             await state.queue.close()
             if not loading.done():
                 loading.cancel()
+            if hangup:
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
             if state.decider is not None:
                 state.decider.engine.close()  # vLLM: stop its engine processes
+            if state.log is not None:
+                state.log.close()  # after the queue: every answered request is logged
             logger.info("stopped: answered %d of %d requests", state.answered, state.accepted)
 
     app = FastAPI(title="decal serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
@@ -316,8 +373,11 @@ def create_app(state: ServerState):
         limits = {k: getattr(config, k) for k in ("max_batch_size", "max_wait_ms", "max_queue", "max_inputs",
                                                    "max_body_bytes", "request_timeout_s")}
         engine = _engine_info(state.decider.engine) if state.decider is not None else {}
-        return _json_response(200, {**state.info, **engine, "ready": state.ready, "limits": limits,
-                                    "moderation": state.unsafe_label is not None, "unsafe_label": state.unsafe_label})
+        current = _identities(state, state.epoch)
+        return _json_response(200, {**state.info, **engine, "calibrator": current["calibrator"], "threshold": current["threshold"],
+                                    "epoch": current["epoch"], "state_dir": config.state_dir, "ready": state.ready,
+                                    "limits": limits, "moderation": state.unsafe_label is not None,
+                                    "unsafe_label": state.unsafe_label})
 
     async def decide(request: Request, deadline: float):
         body = await _read_json(request, state)
@@ -326,21 +386,114 @@ def create_app(state: ServerState):
                 raise InputError(key, "unknown field; the request takes inputs")
         if "inputs" not in body:
             raise InputError("inputs", "missing")
-        decider, answers = await _decide(state, body["inputs"], param="inputs", deadline=deadline)
-        results = [a.to_dict(reasoning=decider.reasoning) for a in answers]
-        return _json_response(200, {**_identities(state), "results": results})
+        decider, answers, epochs, ids = await _decide(state, body["inputs"], param="inputs", deadline=deadline,
+                                                       endpoint="/v1/decide")
+        results = [{**a.to_dict(reasoning=decider.reasoning), "decision_id": i} for a, i in zip(answers, ids)]
+        return _json_response(200, {**_identities(state, epochs[0]), "results": results})
 
     async def moderations(request: Request, deadline: float):
         if state.unsafe_label is None:
             raise _HTTPError(404, "/v1/moderations needs a two-label safety task (labels such as Safe/Unsafe, or --unsafe-label)")
         body = await _read_json(request, state)
         texts = parse_moderation(body)
-        _, answers = await _decide(state, texts, param="input", deadline=deadline)
-        return _json_response(200, moderation_response(answers, model=state.info["model"], unsafe_label=state.unsafe_label))
+        _, answers, _, ids = await _decide(state, texts, param="input", deadline=deadline, endpoint="/v1/moderations")
+        return _json_response(200, moderation_response(answers, model=state.info["model"], unsafe_label=state.unsafe_label,
+                                                       decision_ids=ids))
 
     app.add_api_route("/v1/decide", _route(state, decide), methods=["POST"])
     app.add_api_route("/v1/moderations", _route(state, moderations), methods=["POST"])
+    _add_log_routes(app, state)
     return _Guard(app, state)
+
+
+def _add_log_routes(app, state: ServerState) -> None:
+    """POST /v1/feedback, GET /v1/monitor, POST /v1/admin/reload."""
+
+    async def monitor(request: Request, deadline: float):
+        return _json_response(200, {"state_dir": state.config.state_dir, **_log(state).monitor.snapshot()})
+
+    async def feedback(request: Request, deadline: float):
+        log = _log(state)
+        parsed = parse_feedback(await _read_json(request, state))
+        items = [p for p in parsed if not isinstance(p, InputError)]
+        results = feedback_results(parsed, await log.feedback(items) if items else [])
+        counts = {"added": sum(r.get("result") == "added" for r in results),
+                  "duplicate": sum(r.get("result") == "duplicate" for r in results),
+                  "errors": sum(r["status"] != 200 for r in results)}
+        return _json_response(200, {"results": results, "counts": counts})
+
+    async def reload(request: Request, deadline: float):
+        body = await _read_json(request, state, allow_empty=True)
+        changes = {}
+        for key, value in body.items():
+            if key not in ("calibrator", "threshold"):
+                raise InputError(key, "unknown field; a reload takes calibrator and threshold (paths; null for none)")
+            if value is not None and not isinstance(value, str):
+                raise InputError(key, f"must be a path (or a value, for threshold) or null; got {json_type(value)}")
+            changes[key] = value
+        return _json_response(200, await _reload(state, changes, source="POST /v1/admin/reload"))
+
+    app.add_api_route("/v1/feedback", _route(state, feedback), methods=["POST"])
+    app.add_api_route("/v1/admin/reload", _route(state, reload), methods=["POST"])
+    app.add_api_route("/v1/monitor", _route(state, monitor), methods=["GET"])
+
+
+def _log(state: ServerState) -> DecisionLog:
+    if state.log is None:
+        raise _HTTPError(404, "the decision log is off: start decal serve with --state-dir DIR for feedback and the monitor")
+    _decider(state)  # the log is resumed while the model loads: 503 until then
+    return state.log
+
+
+async def _reload(state: ServerState, changes: dict, *, source: str) -> dict:
+    """Load the calibrator and threshold (`changes` names new ones), start an epoch, swap between batches.
+
+    Raises:
+        _HTTPError: 422 for a file that cannot be loaded; the old calibrator and threshold stay.
+    """
+    decider = _decider(state)
+    async with state.reload_lock:
+        sources = {**state.sources, **changes}
+        try:
+            calibrator, threshold = await asyncio.to_thread(
+                lambda: (load_served_calibrator(sources["calibrator"]) if sources["calibrator"] else None,
+                         load_threshold(sources["threshold"]) if sources["threshold"] is not None else None))
+            decider.policy.check_fits(threshold, calibrated=calibrator is not None)  # labels and scale
+            settings = await asyncio.to_thread(state.epoch_settings, calibrator, threshold)
+        except (ValueError, FileNotFoundError, OSError) as e:
+            raise _HTTPError(422, f"reload failed, still serving epoch {state.epoch.id}: {' '.join(str(e).split())}") from e
+        if state.log is not None:
+            epoch = await state.log.call(lambda: state.log.new_epoch(settings))
+        else:
+            epoch = Epoch(state.epoch.id + 1, time.time(), settings)
+        serving = ServingEpoch(epoch, calibrator, threshold)
+
+        def swap() -> None:  # on the engine thread, between batches
+            decider.calibrator, decider.threshold, state.epoch = calibrator, threshold, serving
+
+        await state.queue.run_exclusive(swap)
+        state.sources = sources
+    identities = _identities(state, serving)
+    logger.info("reloaded (%s): epoch %d, calibrator %s, threshold %s", source, epoch.id,
+                (identities["calibrator"] or {}).get("sha256"), (identities["threshold"] or {}).get("value"))
+    return {"epoch": epoch.id, "calibrator": identities["calibrator"], "threshold": identities["threshold"]}
+
+
+def _on_sighup(state: ServerState) -> bool:
+    """SIGHUP reloads the calibrator and threshold files (main thread only; False where not installed)."""
+    loop = asyncio.get_running_loop()
+
+    async def reload() -> None:
+        try:
+            await _reload(state, {}, source="SIGHUP")
+        except _HTTPError as e:
+            logger.error("error: %s", e.message)
+
+    try:
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(reload()))
+    except (NotImplementedError, RuntimeError, ValueError, AttributeError):  # not the main thread, or no SIGHUP
+        return False
+    return True
 
 
 def _engine_info(engine) -> dict:
@@ -363,6 +516,16 @@ async def _load(state: ServerState) -> None:
         engine.name, max_batch_size=config.max_batch_size, max_wait_ms=config.max_wait_ms,
         call_size=engine.call_size(config.max_batch_size),
     )
+    settings = state.epoch_settings(decider.calibrator, decider.threshold)
+    try:
+        epoch = await asyncio.to_thread(state.log.resume, settings) if state.log else Epoch(1, time.time(), settings)
+    except Exception as e:
+        state.load_error = f"the decision log could not be resumed: {type(e).__name__}: {' '.join(str(e).split())}"
+        logger.error("error: %s", state.load_error)
+        if state.on_fatal is not None:
+            state.on_fatal()
+        return
+    state.epoch = ServingEpoch(epoch, decider.calibrator, decider.threshold)
     state.decider = decider
     state.metrics.ready.set(1)
     logger.info("ready")

@@ -12,6 +12,7 @@ Limits: more than `max_queue` waiting inputs raises `QueueFull` (with a Retry-Af
 the recent seconds per input); a request not answered within its timeout raises
 `DeadlineExceeded`, and its inputs that have not started are dropped from the queue. `close`
 stops taking requests, answers everything already queued, then stops the worker.
+`run_exclusive` runs a function on the batch thread between batches (a reload's swap).
 """
 
 from __future__ import annotations
@@ -125,6 +126,10 @@ class BatchQueue:
             if isinstance(r, BaseException):
                 raise r
         return list(results)
+
+    async def run_exclusive(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the worker thread between two batches (no batch runs meanwhile)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
     async def close(self) -> None:
         """Refuse new inputs, answer the queued ones, stop the worker and its thread."""

@@ -167,6 +167,15 @@ class Decider:
     def reasoning(self) -> bool:
         return self.task.reasoning
 
+    @property
+    def threshold(self):
+        """The policy's threshold (`settings.ThresholdInfo` or None); a reload assigns a new one."""
+        return self.policy.threshold
+
+    @threshold.setter
+    def threshold(self, threshold) -> None:
+        self.policy = self.policy.with_threshold(threshold)
+
     # 1. parse -------------------------------------------------------------------------------
 
     def parse(self, raw, *, param: str = "inputs", max_inputs: int | None = None) -> list[DecisionExample]:

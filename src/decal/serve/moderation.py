@@ -11,8 +11,8 @@ A two-label task makes one decision for all of OpenAI's categories, so every cat
 it: ``flagged`` and each ``categories[c]`` are true when the decision is the unsafe label, and
 each ``category_scores[c]`` is the calibrated probability of the unsafe label (the raw
 full-vocabulary one when no calibrator is loaded). Each result adds a ``decal`` object (the
-decision, confidences, label mass, ``defer`` and why, the guarantees, ``valid``), which OpenAI's
-clients keep as an extra field.
+decision, confidences, label mass, ``defer`` and why, the guarantees, ``valid``, and the
+``decision_id`` that `/v1/feedback` takes), which OpenAI's clients keep as an extra field.
 """
 
 from __future__ import annotations
@@ -100,10 +100,11 @@ def parse_moderation(body: dict) -> list[str]:
     return list(value)
 
 
-def moderation_response(answers: Sequence[Answer], *, model: str, unsafe_label: str) -> dict:
+def moderation_response(answers: Sequence[Answer], *, model: str, unsafe_label: str,
+                        decision_ids: Sequence[str] | None = None) -> dict:
     """OpenAI's moderation response for `answers` (module docstring)."""
     results = []
-    for a in answers:
+    for i, a in enumerate(answers):
         flagged = a.record.prediction == unsafe_label
         score = a.calibrated_probs[a.record.labels.index(unsafe_label)]
         results.append({
@@ -121,6 +122,7 @@ def moderation_response(answers: Sequence[Answer], *, model: str, unsafe_label: 
                 "deferred_because": list(a.verdict.reasons),
                 "guarantees": list(a.verdict.guarantees),
                 "valid": a.record.valid,
+                "decision_id": decision_ids[i] if decision_ids is not None else None,
             },
         })
     return {"id": f"modr-{uuid.uuid4().hex}", "model": model, "results": results}

@@ -1,10 +1,12 @@
 """Settings of `decal serve`: the frozen config, the threshold and calibrator it applies, bind rules.
 
 - `ServeConfig` holds every setting; the CLI builds it and nothing assigns to it afterwards.
-- `load_threshold` reads `--threshold`: a number in [0, 1], or the JSON that `decal threshold
-  --out` writes (its ``choice`` holds the threshold and the target accuracy and delta it was
-  chosen for; a ``null`` threshold means no threshold reached the target, so every decision is
-  deferred, as `decal.selective.apply_threshold(..., None)` accepts nothing).
+- `load_threshold` reads `--threshold`: a number in [0, 1], the JSON that `decal threshold --out`
+  writes (a threshold per label with its guarantees, `decal.selective.RiskControl`; how a server
+  defers with it is `decal.serve.policy`), or that of an earlier release (its ``choice`` holds
+  the threshold and the target accuracy and delta it was chosen for; a ``null`` threshold means
+  no threshold reached the target, so every decision is deferred, as
+  `decal.selective.apply_threshold(..., None)` accepts nothing).
 - `load_served_calibrator` reads `--calibrator` with `decal.calibrators.load_calibrator` (JSON,
   never a pickle) and keeps its identity (method, path, sha256) for responses.
 - `check_bind` refuses a non-loopback address without an API key unless `insecure`.
@@ -61,6 +63,11 @@ class ServeConfig:
     threads: torch intra-op threads (None: torch's default).
     engine_options: `decal.engines.EngineOptions` (vllm: tensor parallelism, memory, extra arguments).
     prefix_cache: hf: compute the prompt prefix all requests share once (`decal.serve.prefix`).
+    state_dir: the decision log's folder (`decal.serve.store`); None: no log, no feedback, no monitor.
+    reference: the run folder of the monitor's reference window (None: the threshold file's
+        calibration run when it exists, else the drift alarm watches the stream's own past).
+    alarm_alpha: each alarm's false-alarm probability over the whole stream (`decal.serve.alarms`).
+    monitor_window: decisions (and labels) in the monitor's analysis window.
     """
 
     model: str
@@ -95,11 +102,16 @@ class ServeConfig:
     threads: int | None = None
     engine_options: EngineOptions = field(default_factory=EngineOptions)
     prefix_cache: bool = True
+    state_dir: str | None = None
+    reference: str | None = None
+    alarm_alpha: float = 0.05
+    monitor_window: int = 500
 
     def __post_init__(self) -> None:
         positive = {
             "max_batch_size": self.max_batch_size, "max_queue": self.max_queue, "max_inputs": self.max_inputs,
             "max_body_bytes": self.max_body_bytes, "max_new_tokens": self.max_new_tokens,
+            "monitor_window": self.monitor_window,
         }
         for name, value in positive.items():
             if not isinstance(value, int) or value < 1:
@@ -120,6 +132,10 @@ class ServeConfig:
         check_engine_name(self.engine)
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"`threads` must be >= 1; got {self.threads!r}")
+        if not (isinstance(self.alarm_alpha, (int, float)) and 0.0 < self.alarm_alpha < 1.0):
+            raise ConfigError(f"`alarm_alpha` must be in (0, 1); got {self.alarm_alpha!r}")
+        if self.reference is not None and self.state_dir is None:
+            raise ConfigError("`--reference` sets the monitor's reference window; the monitor needs `--state-dir`")
         if self.api_key is not None and not self.api_key.strip():
             raise ConfigError("`api_key` must not be empty; leave it out to serve without one")
 
@@ -136,6 +152,10 @@ class ThresholdInfo:
     value: the threshold, or None when the source chose none (then every decision is deferred).
     source: "value" or the JSON file's path; sha256: the file's hash (None for a value).
     target_accuracy, delta, coverage: what the threshold was chosen for, from the JSON file.
+    calibration_run: the run it was chosen on (the file's ``calibration_run``), if recorded.
+    risk_control: a per-label threshold file (`decal.selective.RiskControl`); then `value` is
+        None, `target_accuracy` the level of its accuracy target if any, and `scale` the
+        confidence its thresholds compare.
     """
 
     value: float | None
@@ -144,13 +164,24 @@ class ThresholdInfo:
     target_accuracy: float | None = None
     delta: float | None = None
     coverage: float | None = None
+    calibration_run: str | None = None
+    risk_control: object = None
+    scale: str | None = None
 
-    def defers(self, calibrated_confidence: float) -> bool:
-        """Whether a decision with this calibrated confidence is deferred (`apply_threshold` rejects it)."""
+    def defers(self, calibrated_confidence: float, label: str | None = None) -> bool:
+        """Whether a decision (of `label`, for a per-label file) with this calibrated confidence is deferred."""
+        rc = self.risk_control
+        if rc is not None:
+            return bool(rc.defers([rc.labels.index(label)], [calibrated_confidence])[0])
         return self.value is None or not (calibrated_confidence >= self.value)
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        out = {k: v for k, v in self.__dict__.items() if k not in ("risk_control", "scale")}
+        rc = self.risk_control
+        if rc is not None:
+            out.update(scale=self.scale, thresholds=dict(rc.thresholds), band=rc.band(), deferral_rate=rc.deferral_rate,
+                       guarantees=[str(t) for t, ok in zip(rc.targets, rc.certified) if ok])
+        return out
 
 
 def _parse_value(text: str) -> float | None:
@@ -180,6 +211,8 @@ def load_threshold(spec: str) -> ThresholdInfo:
     if not path.is_file():
         raise FileNotFoundError(f"--threshold {spec}: neither a number in [0, 1] nor a file")
     data = read_json(path)
+    if isinstance(data, dict) and data.get("kind") == "decal.risk_control":
+        return _risk_control_threshold(path, data)
     choice = data.get("choice") if isinstance(data, dict) else None
     if not isinstance(choice, dict):
         raise DataError("missing; expected the JSON that `decal threshold --out` writes", path=path, field="choice")
@@ -196,6 +229,21 @@ def load_threshold(spec: str) -> ThresholdInfo:
     return ThresholdInfo(
         value=None if raw is None else float(raw), source=str(path), sha256=file_sha256(path),
         target_accuracy=number("target_accuracy"), delta=number("delta"), coverage=number("coverage"),
+        calibration_run=data.get("calibration_run") if isinstance(data.get("calibration_run"), str) else None,
+    )
+
+
+def _risk_control_threshold(path: Path, data: dict) -> ThresholdInfo:
+    """A per-label threshold file of `decal threshold --out` as a `ThresholdInfo`."""
+    from ..selective import RiskControl
+
+    rc = RiskControl.from_dict(data, path=path)
+    accuracy = [t.level for t, ok in zip(rc.targets, rc.certified) if t.quantity == "accuracy" and ok]
+    run = data.get("calibration_run")
+    return ThresholdInfo(
+        value=None, source=str(path), sha256=file_sha256(path), target_accuracy=accuracy[0] if accuracy else None,
+        delta=rc.delta, coverage=1.0 - rc.deferral_rate, calibration_run=run if isinstance(run, str) else None,
+        risk_control=rc, scale=data.get("scale") if isinstance(data.get("scale"), str) else None,
     )
 
 
