@@ -29,10 +29,14 @@ def _record(i: int, probs, *, calibrated=None) -> PredictionRecord:
     return r if calibrated is None else r.with_calibration(calibrated, calibrated[pred], calibrator="platt")
 
 
-def _risk_file(path, thresholds, *, scale="calibrated_confidence"):
-    targets = (Target("precision", "Safe", 0.99), Target("recall", "Unsafe", 0.95))
-    rc = RiskControl(LABELS, thresholds, targets, 0.05, "auto", "per-class", 0.025, 500, 0.3, (True, True),
-                     ({"value": 0.995, "n": 200}, {"value": 0.97, "n": 100}), 107)
+def _risk_file(path, thresholds, *, scale="calibrated_confidence", labels=LABELS, targets=None):
+    if targets is None:
+        targets, calibration = (Target("precision", "Safe", 0.99), Target("recall", "Unsafe", 0.95)), (
+            {"value": 0.995, "n": 200}, {"value": 0.97, "n": 100})
+    else:
+        calibration = tuple({"value": t.level, "n": 100} for t in targets)
+    rc = RiskControl(tuple(labels), thresholds, tuple(targets), 0.05, "auto", "per-class", 0.025, 500, 0.3,
+                     (True,) * len(targets), calibration, 107)
     path.write_text(json.dumps({**rc.to_dict(), "scale": scale}))
     return path
 
@@ -77,6 +81,47 @@ def test_files_that_do_not_fit_the_server_are_refused(tmp_path):
         load_policy(threshold=None, conformal=str(tmp_path / "none.json"), min_label_mass=None, labels=LABELS, calibrated=True)
     # a value and a file of an earlier release still work
     assert load_policy(threshold="0.7", conformal=None, min_label_mass=None, labels=LABELS, calibrated=False)[0].threshold.value == 0.7
+
+
+def test_reload_rereads_the_threshold_file_and_refuses_one_that_does_not_fit(qwen3_tokenizer, tmp_path):
+    """POST /v1/admin/reload (what SIGHUP runs) checks a threshold file as start-up does: labels and scale."""
+    from test_serve_app import _wait_ready
+    from test_serve_log import _app, _platt_file
+
+    answered = [Target("precision", "Unsafe", 0.9)]
+    path = _risk_file(tmp_path / "t.json", {"Safe": 0.0, "Unsafe": 0.0}, targets=answered)
+    other_labels = _risk_file(tmp_path / "yn.json", {"Yes": 0.0, "No": 0.0}, labels=("Yes", "No"),
+                              targets=[Target("precision", "No", 0.9)])
+    raw_scale = _risk_file(tmp_path / "raw.json", {"Safe": 0.0, "Unsafe": 0.0}, scale="full-vocabulary confidence",
+                           targets=answered)
+    client, _ = _app(qwen3_tokenizer, tmp_path / "s", calibrator=_platt_file(tmp_path), threshold="0.3")
+    text = "hello there friend"  # the stub engine decides Unsafe
+    with client:
+        _wait_ready(client)
+        for change, why in (({"threshold": str(other_labels)}, "differ from the task's"),
+                            ({"threshold": str(raw_scale)}, "serve with the calibrator"),
+                            ({"calibrator": None, "threshold": str(path)}, "serve with the calibrator")):
+            r = client.post("/v1/admin/reload", json=change)
+            assert r.status_code == 422 and why in r.json()["error"]["message"], r.json()
+            assert "still serving epoch 1" in r.json()["error"]["message"]
+        assert client.post("/v1/decide", json={"inputs": [text]}).json()["threshold"]["value"] == 0.3
+        assert client.post("/v1/admin/reload", json={"threshold": str(path)}).json()["epoch"] == 2
+        (first,) = client.post("/v1/decide", json={"inputs": [text]}).json()["results"]
+        # The same file, now with Unsafe never answered: a reload without a body reads it again.
+        _risk_file(path, {"Safe": 0.0, "Unsafe": None}, targets=answered)
+        assert client.post("/v1/admin/reload").json()["epoch"] == 3
+        body = client.post("/v1/decide", json={"inputs": [text]}).json()
+        # ... and one for other labels at the same path is refused; epoch 3 keeps serving.
+        other_labels.replace(path)
+        refused = client.post("/v1/admin/reload")
+        kept = client.post("/v1/decide", json={"inputs": [text]}).json()
+    assert first["decision"] == "Unsafe" and not first["defer"] and first["guarantees"] == ["precision(Unsafe)>=0.9"]
+    (second,) = body["results"]
+    assert second["defer"] and second["guarantees"] == []
+    assert second["deferred_because"] == ["Unsafe is never answered: no threshold met its targets"]
+    assert body["epoch"] == 3 and body["threshold"]["band"]["Unsafe"]["always_deferred"]
+    assert refused.status_code == 422 and "still serving epoch 3" in refused.json()["error"]["message"]
+    assert kept["epoch"] == 3 and kept["results"][0]["deferred_because"] == second["deferred_because"]
 
 
 @pytest.mark.slow
