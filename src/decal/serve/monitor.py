@@ -91,7 +91,7 @@ class ReferenceRun:
         served = apply_calibrator(calibrator, self.records) if calibrator is not None else self.records
         return {"source": self.source, "sha256": self.sha256, "n": len(self.records),
                 "confidence": [float(r.confidence if r.calibrated_confidence is None else r.calibrated_confidence) for r in served],
-                "label_mass": records_to_arrays(list(self.records)).option_probs.sum(axis=1).tolist()}
+                "label_mass": records_to_arrays(list(self.records)).label_mass.tolist()}
 
 
 def _mean(values) -> float | None:
