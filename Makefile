@@ -39,11 +39,15 @@ test-fast: venv
 demo: venv
 	$(BIN)/decal demo
 
+# The speed benchmarks at full size (tests/test_benchmarks.py runs each at a tiny size);
+# bench_builtin_task.py measures accuracy and gpu_check.py needs a CUDA GPU.
 bench: venv
 	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python benchmarks/bench_metrics.py
 	$(BIN)/python benchmarks/bench_scoring.py
 	$(BIN)/python benchmarks/bench_adapter_eval.py
+	$(BIN)/python benchmarks/bench_cal_grpo.py
+	$(BIN)/python benchmarks/bench_serve.py
 	$(BIN)/python benchmarks/bench_training.py
 	if [ "$$(uname -sm)" = "Linux x86_64" ]; then $(BIN)/python benchmarks/bench_engines.py; fi
 

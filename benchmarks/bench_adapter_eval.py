@@ -8,7 +8,8 @@ validation split (non-reasoning) times `score_prompts` for
 1. base: the model without adapter (what a merged adapter should cost);
 2. strided: the adapter attached, the head fed the strided `logits_to_keep` slice (decal before
    `decal.models.keep_head_input_contiguous`: with a frozen head PyTorch copies its weight per row);
-3. attached: the adapter attached, as `load_model` returns it (bfloat16 evaluation);
+3. attached: the adapter attached, as `load_model` returns it (bfloat16 evaluation where the CPU
+   has native bfloat16: `--dtype auto`, the default);
 4. merged: the adapter folded into the weights (`merge_adapter=True`, float32 evaluation, where
    `merges_adapter_exactly` holds),
 
@@ -16,31 +17,38 @@ batch by batch and interleaved, so load from other processes hits all of them al
 the ratios plus how far the merged and strided variants' option probabilities are from attached.
 
 Usage: python benchmarks/bench_adapter_eval.py [--n 200] [--batch-size 8] [--threads 2]
-       [--dtype bfloat16|float32] [--adapter DIR]
+       [--dtype auto|bfloat16|float32] [--adapter DIR] [--model smollm2-135m-instruct]
+
+The test suite runs it at a tiny size on a tiny random Qwen3 (tests/test_benchmarks.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
+from unittest import mock
 
 import torch
 
 import decal.models
 from decal.decision import option_token_ids
+from decal.dtypes import resolve_dtype
 from decal.models import load_model
 from decal.scoring import score_prompts
 from decal.tasks import load_task
 from decal.tasks.prompts import decision_context, render_chat
 
+__all__ = ["main"]
+
 MODEL = "smollm2-135m-instruct"
 
 
-def _random_adapter(folder: str) -> str:
+def _random_adapter(model_name: str, folder: str) -> str:
     from peft import LoraConfig, get_peft_model
 
-    model, _ = load_model(MODEL)
+    model, _ = load_model(model_name)
     torch.manual_seed(0)
     config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False,
                         task_type="CAUSAL_LM")
@@ -55,25 +63,27 @@ def _timed(model, tokenizer, prompts, tokens, batch_size):
     return time.perf_counter() - start, scores
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=MODEL, help="alias or local model folder")
     parser.add_argument("--n", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--adapter", default=None)
-    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-    args = parser.parse_args()
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                        help="auto: bfloat16 where the CPU computes it natively, else float32 (bfloat16 is ~170x slower there)")
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    args.dtype = resolve_dtype(args.dtype).dtype
 
     with tempfile.TemporaryDirectory() as tmp:
-        adapter = args.adapter or _random_adapter(tmp)
-        base, tokenizer = load_model(MODEL, dtype=args.dtype)
-        attached, _ = load_model(MODEL, adapter=adapter, merge_adapter=False, dtype=args.dtype)
-        merged, _ = load_model(MODEL, adapter=adapter, merge_adapter=True, dtype=args.dtype)
+        adapter = args.adapter or _random_adapter(args.model, tmp)
+        base, tokenizer = load_model(args.model, dtype=args.dtype)
+        attached, _ = load_model(args.model, adapter=adapter, merge_adapter=False, dtype=args.dtype)
+        merged, _ = load_model(args.model, adapter=adapter, merge_adapter=True, dtype=args.dtype)
         # as before decal.models.keep_head_input_contiguous: the head gets the strided slice
-        hook, decal.models.keep_head_input_contiguous = decal.models.keep_head_input_contiguous, lambda m: None
-        strided, _ = load_model(MODEL, adapter=adapter, merge_adapter=False, dtype=args.dtype)
-        decal.models.keep_head_input_contiguous = hook
+        with mock.patch.object(decal.models, "keep_head_input_contiguous", lambda m: None):
+            strided, _ = load_model(args.model, adapter=adapter, merge_adapter=False, dtype=args.dtype)
     task = load_task("builtin", "validation")
     examples = task.examples[: args.n]
     prompts = [render_chat(tokenizer, task.user_message(ex), reasoning=False) for ex in examples]
@@ -102,7 +112,8 @@ def main() -> None:
     print(f"max |option probability difference| merged vs attached: {(probs['merged'] - probs['attached']).abs().max():.2e}")
     print(f"identical predictions merged vs attached: {agree}/{len(prompts)}")
     print(f"max |option probability difference| strided vs contiguous head input: {strided_diff:.2e}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

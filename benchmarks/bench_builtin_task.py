@@ -1,27 +1,35 @@
 """Accuracy of SmolLM2-135M-Instruct on the built-in task at each difficulty (non-reasoning).
 
-One forward pass per prompt, constrained argmax over the two decision tokens, bf16, one thread.
+One forward pass per prompt, constrained argmax over the two decision tokens, one thread, bf16
+where the CPU computes it natively (`--dtype auto`), else float32.
 Prints one line per difficulty; the numbers are quoted in `decal/tasks/builtin.py`.
 
     .venv/bin/python benchmarks/bench_builtin_task.py --split validation --n 100
     .venv/bin/python benchmarks/bench_builtin_task.py --split test --difficulties 2,3,4
+
+The test suite runs it at a tiny size on a tiny random Qwen3 (tests/test_benchmarks.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
+__all__ = ["main"]
 
-def main() -> None:
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--split", default="validation", metavar="SPLIT")
     parser.add_argument("--n", type=int, default=None, metavar="N", help="first N examples (default: all)")
     parser.add_argument("--difficulties", default="0,1,2,3,4", metavar="LIST")
     parser.add_argument("--seed", type=int, default=0, metavar="SEED")
     parser.add_argument("--threads", type=int, default=1, metavar="T")
-    args = parser.parse_args()
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="alias or local model folder")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
+    args = parser.parse_args(argv)
 
     import torch
 
@@ -31,7 +39,7 @@ def main() -> None:
     from decal.tasks.prompts import render_chat
 
     torch.set_num_threads(args.threads)
-    model, tokenizer = load_model("smollm2-135m-instruct", dtype="bfloat16")
+    model, tokenizer = load_model(args.model, dtype=args.dtype)
     for difficulty in (int(d) for d in args.difficulties.split(",")):
         task = load_task("builtin", args.split, difficulty=difficulty, seed=args.seed, n=args.n)
         start, correct, confidence, mass = time.perf_counter(), [], [], []
@@ -52,7 +60,8 @@ def main() -> None:
             f"seconds={time.perf_counter() - start:.1f}",
             flush=True,
         )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

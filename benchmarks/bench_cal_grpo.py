@@ -15,7 +15,11 @@ time ratio: it is identical for both methods and would only dilute the differenc
 
 Usage:
     python benchmarks/bench_cal_grpo.py [--model smollm2-135m-instruct] [--prompts 2]
-        [--generations 4] [--max-completion-length 16] [--repeats 5]
+        [--generations 4] [--max-completion-length 16] [--repeats 5] [--in-process]
+
+``--in-process`` runs both methods in this process instead (seconds faster, but the second
+method's peak memory then includes the first's); the test suite runs it so, at a tiny size on a
+tiny random Qwen3 (tests/test_benchmarks.py).
 """
 
 from __future__ import annotations
@@ -27,7 +31,10 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+
+__all__ = ["main"]
 
 
 def _peak_rss_mb() -> float:
@@ -36,18 +43,26 @@ def _peak_rss_mb() -> float:
 
 def _child(opts: argparse.Namespace) -> dict:
     import torch
-    from peft import LoraConfig
 
     from decal.models import load_model
     from decal.tasks.builtin import load_builtin
-    from decal.training import _trl_compat
-    from decal.training.grpo import DecalGRPOConfig, build_grpo_trainer
 
     torch.set_num_threads(opts.threads)
     model, tokenizer = load_model(opts.model, dtype="float32")
     task = load_builtin("train", n=opts.prompts)
+    with tempfile.TemporaryDirectory(prefix="decal-bench-cal-grpo-") as out:
+        return _measure(opts, model, tokenizer, task, out)
+
+
+def _measure(opts: argparse.Namespace, model, tokenizer, task, out: str) -> dict:
+    import torch
+    from peft import LoraConfig
+
+    from decal.training import _trl_compat
+    from decal.training.grpo import DecalGRPOConfig, build_grpo_trainer
+
     args = DecalGRPOConfig(
-        output_dir="/tmp/decal-bench-cal-grpo", per_device_train_batch_size=opts.prompts * opts.generations,
+        output_dir=out, per_device_train_batch_size=opts.prompts * opts.generations,
         num_generations=opts.generations, max_completion_length=opts.max_completion_length, max_steps=1,
         bf16=False, use_cpu=True, gradient_checkpointing=opts.gradient_checkpointing, report_to="none",
         save_strategy="no", reasoning=False, seed=0, calibration=opts.method == "cal-grpo",
@@ -75,7 +90,17 @@ def _child(opts: argparse.Namespace) -> dict:
     }
 
 
-def main() -> None:
+def _run(opts: argparse.Namespace, argv: list[str], method: str) -> dict:
+    """One method's measurement: in a child process with the same arguments (its own peak
+    memory), or here."""
+    if opts.in_process:
+        return _child(argparse.Namespace(**{**vars(opts), "method": method}))
+    out = subprocess.run([sys.executable, __file__, *argv, "--method", method],
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--prompts", type=int, default=2)
@@ -84,17 +109,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--in-process", action="store_true", help="run both methods in this process (peak memory mixes)")
     parser.add_argument("--method", choices=["grpo", "cal-grpo"], help=argparse.SUPPRESS)  # child process
-    opts = parser.parse_args()
+    argv = sys.argv[1:] if argv is None else argv
+    opts = parser.parse_args(argv)
     if opts.method:
         print(json.dumps(_child(opts)))
-        return
+        return 0
     results = {}
     for method in ("grpo", "cal-grpo"):
-        out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--method", method],
-                             check=True, capture_output=True, text=True).stdout
-        results[method] = json.loads(out.strip().splitlines()[-1])
-        r = results[method]
+        r = results[method] = _run(opts, argv, method)
         print(f"{method:9s} pass {r['seconds']:.3f} s  peak RSS {r['peak_mb']:.0f} MB  "
               f"added by passes {r['added_mb']:.0f} MB  completions {r['completions']}  tokens {r['tokens']}")
     g, c = results["grpo"], results["cal-grpo"]
@@ -103,7 +127,8 @@ def main() -> None:
     print(f"step-time ratio cal-grpo/grpo: {c['seconds'] / g['seconds']:.3f}")
     print(f"peak-memory ratio cal-grpo/grpo: {c['peak_mb'] / g['peak_mb']:.3f} "
           f"(memory added by the passes: {c['added_mb'] / max(g['added_mb'], 1e-9):.3f})")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,6 +1,6 @@
 """Scoring speed of decal against lm-evaluation-harness, the bare forward pass and bare generate.
 
-SmolLM2-135M-Instruct (fp32, CPU) on the first N XSTest prompts (default 200):
+SmolLM2-135M-Instruct (fp32, CPU; `--model` for another) on the first N XSTest prompts (default 200):
 
 1. non-reasoning: decal `score_prompts` examples/s, against lm-evaluation-harness scoring the same
    rendered prompts and options through a local task file over the same data; their ratio and
@@ -15,7 +15,9 @@ Targets (issue #3): >= 1.5x lm-eval with >= 99 % identical predictions, within 1
 forward pass, reasoning within 1.10x of bare generation, peak memory under 2 GB.
 
 Usage: python benchmarks/bench_scoring.py [--n 200] [--batch-size 8] [--reasoning-n 16]
-       [--max-new-tokens 32] [--threads 2] [--skip-lm-eval]
+       [--max-new-tokens 32] [--threads 2] [--skip-lm-eval] [--model smollm2-135m-instruct]
+
+The test suite runs it at a tiny size on a tiny random Qwen3 (tests/test_benchmarks.py).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import json
 import logging
 import os
 import resource
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -43,6 +46,8 @@ from decal.scoring import (
 )
 from decal.tasks import load_task
 from decal.tasks.prompts import decision_context, render_chat
+
+__all__ = ["main"]
 
 
 def _peak_rss_gb() -> float:
@@ -118,8 +123,11 @@ def lm_eval_predictions(model, tok, prompts, labels, golds, batch_size):
         "metric_list:\n  - metric: acc\n"
     )
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size, device="cpu")
+    # Only the local task: indexing lm-eval's thousands of built-in task files takes ~40 s, which
+    # is setup, not scoring.
+    tasks = TaskManager(include_path=str(folder), include_defaults=False)
     start = time.perf_counter()
-    results = simple_evaluate(model=lm, tasks=["decal_bench_xstest"], task_manager=TaskManager(include_path=str(folder)),
+    results = simple_evaluate(model=lm, tasks=["decal_bench_xstest"], task_manager=tasks,
                               log_samples=True, bootstrap_iters=0, verbosity="ERROR")
     seconds = time.perf_counter() - start
     samples = sorted(results["samples"]["decal_bench_xstest"], key=lambda s: s["doc_id"])
@@ -136,8 +144,9 @@ def _reasoning_part(model, tok, task, args) -> None:
           f"bare generate {rb:.1f} s, decal/bare time: {rd / rb:.3f}x ({n_forced} forced decisions, {n_gen} tokens)")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="alias or local model folder")
     parser.add_argument("--n", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--reasoning-n", type=int, default=16)
@@ -150,11 +159,11 @@ def main() -> None:
                         help="lm-eval options: the label words (multi-token 'Unsafe' = Un+safe in SmolLM2, "
                              "summed log-likelihood) or the decision tokens decal reads")
     parser.add_argument("--data-dir", default=os.environ.get("DECAL_DATA_DIR") or str(Path(__file__).resolve().parents[2] / "shared" / "data"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     logging.disable(logging.WARNING)
     torch.set_num_threads(args.threads)
 
-    model, tok = load_model("smollm2-135m-instruct")
+    model, tok = load_model(args.model)
     task = load_task("xstest", "test", data_dir=args.data_dir)
     examples = task.examples[: args.n]
     prompts = [render_chat(tok, task.user_message(ex), reasoning=False) for ex in examples]
@@ -168,7 +177,7 @@ def main() -> None:
         print(f"non-reasoning  decal: {len(prompts) / t_decal:7.2f} ex/s ({t_decal:.1f} s) before lm-eval")
     else:
         scores, t_decal, t_bare, n_tokens = non_reasoning(model, tok, prompts, dt, args.batch_size)
-        print(f"SmolLM2-135M-Instruct fp32, {len(prompts)} XSTest prompts ({n_tokens} tokens), batch {args.batch_size}, "
+        print(f"{args.model} fp32, {len(prompts)} XSTest prompts ({n_tokens} tokens), batch {args.batch_size}, "
               f"{torch.get_num_threads()} threads (machine shared with other processes: ratios matter)")
         print(f"non-reasoning  decal: {len(prompts) / t_decal:7.2f} ex/s ({t_decal:.1f} s)   "
               f"bare forward: {len(prompts) / t_bare:7.2f} ex/s ({t_bare:.1f} s)   decal/bare time: {t_decal / t_bare:.3f}x")
@@ -177,7 +186,7 @@ def main() -> None:
     print(f"peak RSS after decal parts: {_peak_rss_gb():.2f} GB")
 
     if args.skip_lm_eval:
-        return
+        return 0
     golds = [ex.label_index for ex in examples]
     choices = list(task.labels) if args.lm_eval_choices == "labels" else [tok.convert_tokens_to_string([t]) for t in dt.tokens]
     lm_pred, t_lm = lm_eval_predictions(model, tok, prompts, choices, golds, args.batch_size)
@@ -192,7 +201,8 @@ def main() -> None:
           f"decal speed-up: {t_lm / t_decal:.2f}x   identical argmax predictions: {agree}/{len(prompts)} "
           f"({100 * agree / len(prompts):.1f} %)")
     print(f"peak RSS overall (incl. lm-eval): {_peak_rss_gb():.2f} GB")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

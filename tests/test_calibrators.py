@@ -181,7 +181,7 @@ def test_platt_records_keep_prediction_and_rescale_options():
     assert arrays.class_probs[0, 1] / arrays.class_probs[0, 2] == pytest.approx(3.0)
     # no mass on the other options: they share 1 - confidence evenly
     assert arrays.class_probs[2, 1] == pytest.approx(arrays.class_probs[2, 2])
-    for before, after in zip(records, out):
+    for before, after in zip(records, out, strict=True):
         assert (after.prediction, after.correct, after.valid) == (before.prediction, before.correct, before.valid)
         assert after.extra["calibrator"] == "platt"
         # the calibrated record still passes the schema's validation

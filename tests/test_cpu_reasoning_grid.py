@@ -47,14 +47,18 @@ def test_the_shipped_grid_plans_every_piece(tmp_path):
     steps = build_plan(config, tmp_path)
     ids = {s.id for s in steps}
     methods = {s.info["method"] + (f"_{s.info['variant']}" if s.info.get("variant") else "") for s in steps if s.kind == "train"}
-    assert methods == {"sft", "warm-start", "grpo", "cal-grpo", "cal-grpo-group", "cal-grpo_lambda=1"}
+    assert methods == {"sft", "warm-start", "grpo", "cal-grpo", "cal-grpo-group", "cal-grpo_lambda=1",
+                       "warm-start-commit", "grpo-commit", "cal-grpo-commit", "cal-grpo-commit-group",
+                       "cal-grpo-commit_lambda=0.1", "cal-grpo-commit_lambda=1"}  # issue #22: the committed condition
     grpo = next(s for s in steps if s.id == "runs/SmolLM2-135M/grpo/verdicts/train")
     assert grpo.deps == ("runs/SmolLM2-135M/warm-start/verdicts/select",)
     assert yaml.safe_load(grpo.files["train.yaml"])["reasoning"] is True
     assert {s.info["analysis"] + "/" + s.info["method"] for s in steps if s.kind == "analyze"} == {
-        "rollouts/warm-start", "rollouts/grpo", "swap/warm-start", "swap/grpo"}
+        f"{kind}/{method}" for kind in ("rollouts", "swap") for method in ("warm-start", "grpo", "warm-start-commit",
+                                                                              "grpo-commit")}
     assert {s.info["domain"] for s in steps if s.kind == "evaluate"} == {"in", "ood"}
-    assert sum(s.kind == "calibrate" for s in steps) == 8 and "runs/SmolLM2-135M/base/verdicts/eval/verdicts-validation" in ids
+    # 2 calibrators x 9 entries: 3 per condition and their lambda-sweep points (1 hedging, 2 committed)
+    assert sum(s.kind == "calibrate" for s in steps) == 18 and "runs/SmolLM2-135M/base/verdicts/eval/verdicts-validation" in ids
     group = yaml.safe_load(next(s for s in steps if s.id == "runs/SmolLM2-135M/cal-grpo-group/verdicts/train").files["train.yaml"])
     assert (group["cal_target"], group["cal_lambda"]) == ("group-accuracy", 1.0)
     assert main(["run", str(CONFIG), "--dry-run", "--out", str(tmp_path / "dry")]) == 0

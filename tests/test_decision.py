@@ -40,7 +40,7 @@ def test_shared_first_token_goes_to_the_first_differing_position(qwen3_tokenizer
     # "Unsure" and "Unsafe": whatever their split, the decision token is where they first differ
     dt = option_token_ids(qwen3_tokenizer, ["Unsure", "Unsafe"], context="Answer:\n")
     assert len(set(dt.token_ids)) == 2
-    for label, tid in zip(dt.labels, dt.token_ids):
+    for label, tid in zip(dt.labels, dt.token_ids, strict=True):
         assert tid in qwen3_tokenizer.encode("Answer:\n" + label)
 
 

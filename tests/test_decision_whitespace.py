@@ -60,17 +60,22 @@ def test_first_position_has_no_label_mass_and_the_option_reads_the_decision(tmp_
     after = read_records(evaluate(model, tok, task, out_dir=tmp_path / "after", model_name="scripted", progress=False,
                                   decision_after_whitespace=True))
     for r in first:  # the default reads the newline's position: the options hold nearly nothing
-        assert r.label_mass < 1e-6 and r.top_token == "Ċ" and r.top_is_option is False
+        assert r.label_mass < 1e-6 and r.top_token == "Ċ" and r.argmax_is_option is False
+        assert not r.valid  # the model's token there is not an option's (docs/design.md, "Prediction and validity")
     for r in after:  # one token of whitespace, then the decision, read with the options' full mass
-        assert r.prediction == "Safe" and r.correct and r.valid and r.emitted_token == "Safe" and r.top_is_option
+        assert r.prediction == "Safe" and r.correct and r.valid and r.emitted_token == "Safe" and r.argmax_is_option
         assert r.extra["decision_index"] == 1 and not r.extra["forced"]
         assert r.label_mass == pytest.approx(1.0, abs=1e-6) and r.confidence == pytest.approx(1.0, abs=1e-6)
     meta = json.loads((tmp_path / "after" / "run.json").read_text())
-    assert meta["decision_after_whitespace"] is True and "decision_after_whitespace" not in json.loads(
-        (tmp_path / "first" / "run.json").read_text())
+    assert meta["decision_after_whitespace"] is True
+    assert json.loads((tmp_path / "first" / "run.json").read_text())["decision_after_whitespace"] is False
     # a rerun without the option does not resume into a folder scored with it
     with pytest.raises(ValueError, match="decision_after_whitespace"):
         evaluate(model, tok, task, out_dir=tmp_path / "after", model_name="scripted", progress=False)
+    # nor one with it into a folder scored without it (`records.check_resume` compares the setting)
+    with pytest.raises(ValueError, match="decision_after_whitespace: False -> True"):
+        evaluate(model, tok, task, out_dir=tmp_path / "first", model_name="scripted", progress=False,
+                 decision_after_whitespace=True)
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ import pytest
 
 from decal.cli import main
 from decal.errors import ConfigError, DataError
-from decal.evaluation import PREDICTIONS, RUN_JSON, evaluate, make_record
+from decal.evaluation import PREDICTIONS, RUN_JSON, evaluate
 from decal.records import read_records
 from decal.tasks.schema import DecisionExample, PromptTemplate, Task
 
@@ -116,9 +116,12 @@ def test_run_folder_holds_every_example_once_and_run_json(word_model, tmp_path):
     records = read_records(folder)
     assert sorted(r.id for r in records) == [ex.id for ex in task.examples]
     for r in records:
-        assert r.valid and r.confidence == max(r.option_probs) and r.prediction == r.labels[r.option_probs.index(r.confidence)]
-        assert r.correct == (r.prediction == r.label) and r.emitted_token == r.prediction and r.seed == 3
-        assert r.top_token is not None and r.prompt_version == "1"
+        # a read at a fixed position: valid when the model's top token there is an option's (decal.recording)
+        assert r.valid == r.argmax_is_option and r.emitted_token == r.top_token is not None
+        assert r.confidence == max(r.option_probs) and r.prediction == r.labels[r.option_probs.index(r.confidence)]
+        assert r.correct == (r.valid and r.prediction == r.label) and r.seed == 3 and r.prompt_version == "1"
+        assert r.label_mass == pytest.approx(sum(r.option_probs))
+    assert any(r.valid for r in records) and not all(r.valid for r in records)
     meta = json.loads((folder / RUN_JSON).read_text())
     assert meta["seed"] == 3 and meta["mode"] == "non-reasoning" and meta["model"] == "word"
     assert set(meta["versions"]) == {"decal", "torch", "transformers", "trl", "peft"}
@@ -171,7 +174,7 @@ def test_interrupted_run_with_torn_line_resumes_to_the_uninterrupted_records(wor
     task = make_task(26, reasoning=reasoning)
     full = _rows(_evaluate(word_model, task, tmp_path / "full", temperature=1.0, seed=1, batch_size=3))
     calls = {"n": 0}
-    original = ev._score_batch
+    original = ev.score_records
 
     def crash_after_three(*args, **kwargs):
         calls["n"] += 1
@@ -179,10 +182,10 @@ def test_interrupted_run_with_torn_line_resumes_to_the_uninterrupted_records(wor
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(ev, "_score_batch", crash_after_three)
+    monkeypatch.setattr(ev, "score_records", crash_after_three)
     with pytest.raises(KeyboardInterrupt):
         _evaluate(word_model, task, tmp_path / "cut", temperature=1.0, seed=1, batch_size=3)
-    monkeypatch.setattr(ev, "_score_batch", original)
+    monkeypatch.setattr(ev, "score_records", original)
     predictions = tmp_path / "cut" / PREDICTIONS
     assert len(predictions.read_text().splitlines()) == 9
     with predictions.open("a") as f:  # a crash in the middle of a write
@@ -193,7 +196,7 @@ def test_interrupted_run_with_torn_line_resumes_to_the_uninterrupted_records(wor
 
 def test_resume_with_other_settings_is_refused(word_model, tmp_path):
     _evaluate(word_model, make_task(6), tmp_path / "run", seed=1)
-    with pytest.raises(ConfigError, match="seed=1.*seed=2"):
+    with pytest.raises(ConfigError, match="other settings \\(seed: 1 -> 2\\)"):
         _evaluate(word_model, make_task(6), tmp_path / "run", seed=2)
 
 
@@ -207,16 +210,28 @@ def test_empty_split_and_duplicate_ids_are_errors(word_model, tmp_path):
         _evaluate(word_model, dup, tmp_path / "b")
 
 
-def test_make_record_forced_decision_is_invalid_and_wrong():
+def test_forced_decision_is_invalid_and_wrong():
+    from decal.decision import Decision, DecisionTokens
+    from decal.engines.base import GeneratedDecision, OptionScores
+    from decal.recording import RunFields, record_from_generation, record_from_scores
+
     ex = DecisionExample(id="1", labels=("A", "B", "C"), label="B")
-    rec = make_record(ex, task="t", split="s", option_probs=[0.1, 0.3, 0.2], emitted_option=-1, valid=False)
+    tokens = DecisionTokens(labels=("A", "B", "C"), token_ids=(1, 2, 3), tokens=("A", "B", "C"))
+    run = RunFields(task="t", split="s")
+
+    def rollout(option):
+        return GeneratedDecision(completion_ids=[9], completion="", decision=Decision(0 if option >= 0 else -1, option),
+                                 option_probs=[0.1, 0.3, 0.2], emitted_token=None, valid=option >= 0, forced=option < 0,
+                                 top_token="B", top_token_id=2)
+
+    rec = record_from_generation(ex, rollout(-1), tokens, run=run)
     assert (rec.prediction, rec.correct, rec.valid, rec.confidence) == ("B", False, False, 0.3)
-    rec = make_record(ex, task="t", split="s", option_probs=[0.1, 0.3, 0.2], emitted_option=2, valid=True)
+    rec = record_from_generation(ex, rollout(2), tokens, run=run)
     assert (rec.prediction, rec.correct, rec.valid, rec.confidence) == ("C", False, True, 0.2)
-    rec = make_record(ex, task="t", split="s", option_probs=[0.1, 0.3, 0.2])
+    rec = record_from_scores(ex, OptionScores([0.1, 0.3, 0.2], "B", 2, True), tokens, run=run)
     assert (rec.prediction, rec.correct, rec.valid) == ("B", True, True)
     with pytest.raises(ValueError, match="3 values"):
-        make_record(ex, task="t", split="s", option_probs=[0.5, 0.5])
+        record_from_scores(ex, OptionScores([0.5, 0.5], "B", 2, True), tokens, run=run)
 
 
 # --- the command line --------------------------------------------------------------------------
@@ -259,7 +274,7 @@ def test_cli_writes_run_folder_and_prints_summary(word_model_dir, tmp_path, toy_
         (["--model", "no-such-model-anywhere/x/y", "--task", "toy3"], "unknown model"),
         (["--model", "{model}", "--adapter", "{tmp}/no-adapter", "--task", "toy3"], "adapter"),
         (["--model", "{model}", "--task", "empty"], "no examples"),
-        (["--model", "{model}", "--task", "long"], "exceeds the model's context"),
+        (["--model", "{model}", "--task", "long"], "in the model's context of"),
         (["--model", "{model}", "--task", "toy3", "--batch-size", "0"], "batch-size"),
     ],
 )
@@ -274,11 +289,6 @@ def test_cli_errors_are_one_line_and_nonzero(word_model_dir, tmp_path, toy_tasks
 
 
 def test_cli_on_the_builtin_task_with_tiny_qwen3(tiny_qwen3_dir, tmp_path, capsys):
-    pytest.importorskip("decal.tasks", reason="task layer missing")
-    from decal import tasks
-
-    if not hasattr(tasks, "load_task"):
-        pytest.skip("decal.tasks.load_task not written yet")
     code, out, err = _cli(capsys, "evaluate", "--model", str(tiny_qwen3_dir), "--task", "builtin", "--split", "test",
                           "--limit", "5", "--out", str(tmp_path), "--name", "b", "--no-progress")
     assert code == 0, err
@@ -293,11 +303,11 @@ import decal.commands.evaluate as cmd
 import decal.evaluation as ev
 from test_evaluate import make_task
 cmd._load_task = lambda task, split, *, data_dir, reasoning: make_task(24, reasoning=reasoning)
-original = ev._score_batch
+original = ev.score_records
 def slow(*args, **kwargs):
     time.sleep(0.25)  # time for the test to kill the process between batches
     return original(*args, **kwargs)
-ev._score_batch = slow
+ev.score_records = slow
 from decal.cli import main
 main(sys.argv[1:])
 """

@@ -138,7 +138,7 @@ def test_wrong_type_names_the_field_path():
 def test_bad_method_name_and_references_are_rejected():
     data = tiny_config()
     data["methods"][1]["method"] = "dpo"
-    with pytest.raises(ConfigError, match=r"methods\[1\]\.method` must be one of 'base', 'sft', 'grpo', 'cal-grpo'"):
+    with pytest.raises(ConfigError, match=r"Unknown `methods\[1\]\.method` 'dpo'\. Available: base, sft, grpo, cal-grpo"):
         experiment_config_from_dict(data)
     data = tiny_config()
     data["calibrators"][0]["methods"] = ["cal-grpoo"]
@@ -402,7 +402,7 @@ def test_configs_without_engine_plan_the_commands_they_always_did(tmp_path):
     ("evaluation", {"engine": "vllm", "engine_options": {"enforce_eagre": True}}, "did you mean enforce_eager"),
     ("evaluation", {"engine": "vllm", "engine_options": {"max_model_len": 0}}, "--max-model-len must be a positive integer"),
     ("evaluation", {"engine": "hf", "engine_options": {"max_model_len": 512}}, "applies to --engine vllm only"),
-    ("evaluation", {"engine": "tgi"}, "`evaluation.engine` must be one of 'hf', 'vllm'"),
+    ("evaluation", {"engine": "tgi"}, "`evaluation.engine`: unknown engine 'tgi'; choose one of: hf, vllm, remote"),
 ])
 def test_bad_engine_settings_in_configs_name_the_field(where, value, message):
     with pytest.raises(ConfigError, match=message):

@@ -45,7 +45,7 @@ def _args(tmp_path, **overrides) -> DecalGRPOConfig:
         max_steps=1,
         learning_rate=5e-2,  # large so one step visibly moves a rank-4 LoRA
         temperature=1.0,
-        bf16=False,  # CPU fp32 (DESIGN.md: train in fp32)
+        bf16=False,  # CPU fp32 (docs/design.md, "Measured costs": train in fp32)
         use_cpu=True,
         gradient_checkpointing=False,  # tiny model: recomputation only costs time
         report_to="none",
@@ -74,6 +74,12 @@ def _option_bias(tokenizer, value: float = 14.0) -> dict:
 @pytest.fixture()
 def tiny(qwen3_tokenizer):
     return build_tiny_qwen3(qwen3_tokenizer, seed=0), qwen3_tokenizer
+
+
+@pytest.fixture()
+def tiny64(qwen3_tokenizer):
+    """The tiny Qwen3 in float64, for the exactness test of the loss (issue #20 item 7)."""
+    return build_tiny_qwen3(qwen3_tokenizer, seed=0).to(torch.float64), qwen3_tokenizer
 
 
 # --- TRL private API, config, dataset -------------------------------------------------------
@@ -141,7 +147,8 @@ def test_config_defaults_follow_the_paper(tmp_path):
 
 def test_grpo_dataset_holds_rendered_prompts(qwen3_tokenizer):
     ds = grpo_dataset(_task(3), qwen3_tokenizer, reasoning=False)
-    assert ds.column_names == ["prompt", "id", "label", "labels"]
+    assert ds.column_names == ["prompt", "id", "label", "labels", "option_token_ids"]
+    assert ds[0]["option_token_ids"] == list(qwen3_tokenizer.convert_tokens_to_ids(list(LABELS)))
     assert ds[1]["label"] == "Unsafe" and ds[1]["labels"] == list(LABELS)
     assert ds[0]["prompt"].startswith("<|im_start|>user\nIs this safe? message number 0")
     assert ds[0]["prompt"].endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
@@ -226,7 +233,7 @@ def _independent_loss(model, batch, *, lam, eps, accum, old_shift, decisions):
     input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
     attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
     logits = model(input_ids=input_ids, attention_mask=attention).logits[:, p - 1 : -1]  # (B, T, V)
-    logps = torch.log_softmax(logits.float(), -1).gather(2, batch["completion_ids"].unsqueeze(2)).squeeze(2)  # (B, T)
+    logps = torch.log_softmax(logits, -1).gather(2, batch["completion_ids"].unsqueeze(2)).squeeze(2)  # (B, T)
     old = logps.detach() + old_shift
     ratio = torch.exp(logps - old)
     adv = torch.tensor(ADVANTAGES).unsqueeze(1).expand_as(logps).clone()
@@ -257,8 +264,17 @@ def _perturb_lora(model, seed=1):
                 param.add_(0.05 * torch.randn(param.shape, generator=g))
 
 
+# The trainer's loss against `_independent_loss`, in float64 (issue #20 item 7): the backbone, the
+# decision CE and the reference are float64 (u = 1.1e-16), so their sums in other orders agree to far
+# below the tolerances. What stays float32 is TRL's fused log-prob kernel (trl/kernels/chunked_logprob.py
+# keeps its softmax normaliser in float32 whatever the input), which the trainer uses and the reference
+# does not: each completion token's log-prob is off by about log2(V) * u32 = 18 * 6e-8 = 1e-6, so the
+# loss by a relative 1e-6 or less and the gradients likewise (measured: loss 2e-8, gradients 9e-7 in
+# norm). rel 1e-5 and rtol 1e-4 leave 10-100x; a zeroed advantage at another position or a CE at the
+# wrong token moves the loss by more than 1e-3.
 @pytest.mark.parametrize("lam, reasoning", [(0.5, False), (0.5, True), (0.0, True)])
-def test_trainer_loss_equals_grpo_with_zeroed_decision_advantage_plus_lambda_ce(tiny, tmp_path, lam, reasoning):
+def test_trainer_loss_equals_grpo_with_zeroed_decision_advantage_plus_lambda_ce(tiny64, tmp_path, lam, reasoning):
+    tiny = tiny64
     trainer = _trainer(tiny, tmp_path, calibration=True, cal_lambda=lam, reasoning=reasoning)
     model = trainer.model
     _perturb_lora(model)
@@ -286,11 +302,13 @@ def test_trainer_loss_equals_grpo_with_zeroed_decision_advantage_plus_lambda_ce(
     grads = torch.autograd.grad(loss, params)
     expected, grpo_only, ce = _independent_loss(model, batch, lam=lam, eps=0.2, accum=2.0, old_shift=shift, decisions=decisions)
     expected_grads = torch.autograd.grad(expected, params)
+    assert loss.dtype == expected.dtype == ce.dtype == torch.float64
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-7)
     assert ce.item() > 0
     if lam:
         assert abs(expected.item() - grpo_only.item()) > 1e-3  # the CE term is really there
-    for g, e in zip(grads, expected_grads):
+    assert len(grads) == len(expected_grads) > 0
+    for g, e in zip(grads, expected_grads, strict=True):
         assert torch.allclose(g, e, rtol=1e-4, atol=1e-7)
     metrics = trainer._metrics["train"]
     assert metrics["cal/ce"][-1] == pytest.approx(ce.item(), rel=1e-5)

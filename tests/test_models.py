@@ -163,6 +163,9 @@ def test_merged_adapter_is_a_plain_model_with_the_same_outputs(tmp_path, qwen3_t
     merged, _ = load_model(tiny_qwen3_dir, adapter=tmp_path / "adapter", merge_adapter=True)
     assert not any("lora_" in n for n, _ in merged.named_parameters()) and not hasattr(merged, "peft_config")
     ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    # float32 is the point (decal merges only in float32, `merges_adapter_exactly`): each merged weight
+    # W + BA is rounded once (u = 6e-8), so a 2-layer width-64 model's logits (|z| < 1) move by a few
+    # sqrt(64) * u = 5e-7; 1e-5 is 20x that, and an adapter left out moves them by 1e-1 (B ~ N(0, 0.5)).
     with torch.inference_mode():
         torch.testing.assert_close(merged(input_ids=ids).logits, attached(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
 
@@ -185,4 +188,5 @@ def test_the_head_gets_a_contiguous_input_from_a_logits_to_keep_slice(tmp_path, 
             full = model(input_ids=ids).logits
         handle.remove()
         assert seen == [True, True], kwargs
+        # the same float32 products on a contiguous copy: equal up to the matmul's blocking (a few u = 6e-8)
         torch.testing.assert_close(kept, full[:, -2:], atol=1e-6, rtol=1e-5)

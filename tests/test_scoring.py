@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import build_tiny_qwen3
+from conftest import LOGPROB_ATOL_SMOLLM2, LOGPROB_ATOL_TINY, assert_logprobs_close, build_tiny_qwen3
 from decal.decision import option_token_ids
 from decal.engines.hf import _generate_batch
 from decal.scoring import (
@@ -112,11 +112,11 @@ def test_batched_scores_equal_one_prompt_at_a_time(tiny_qwen3, qwen3_tok):
     prompts = _prompts(qwen3_tok, reasoning=False)
     dt = option_token_ids(qwen3_tok, ["Safe", "Unsafe"], context=prompts[0])
     batched = score_prompts(tiny_qwen3, qwen3_tok, prompts, dt, batch_size=3)
-    for prompt, got in zip(prompts, batched):
+    for prompt, got in zip(prompts, batched, strict=True):
         ids = encode_prompts(qwen3_tok, [prompt])[0]
         with torch.inference_mode():
             full = torch.log_softmax(tiny_qwen3(input_ids=torch.tensor([ids])).logits[0, -1].float(), -1)
-        assert got.option_probs == pytest.approx(full[list(dt.token_ids)].exp().tolist(), abs=1e-6)
+        assert_logprobs_close(got.option_probs, full[list(dt.token_ids)].exp(), atol=LOGPROB_ATOL_TINY)
         assert got.top_token_id == int(full.argmax())
         assert got.top_token == qwen3_tok.convert_ids_to_tokens(got.top_token_id)
         assert got.top_is_option == (got.top_token_id in dt.token_ids)
@@ -125,7 +125,7 @@ def test_batched_scores_equal_one_prompt_at_a_time(tiny_qwen3, qwen3_tok):
 def test_prompt_longer_than_context_is_an_error(tiny_qwen3, qwen3_tok):
     dt = option_token_ids(qwen3_tok, ["A", "B"])
     long_prompt = "word " * (tiny_qwen3.config.max_position_embeddings + 10)
-    with pytest.raises(ValueError, match="exceeds the model's context"):
+    with pytest.raises(ValueError, match="in the model's context of"):
         score_prompts(tiny_qwen3, qwen3_tok, [long_prompt], dt)
 
 
@@ -137,13 +137,13 @@ def test_probs_captured_in_generation_equal_teacher_forcing_tiny_qwen3(tiny_qwen
     option_ids = [25663, 78770, 32, 33]
     config = generation_config(tiny_qwen3, qwen3_tok, temperature=temperature, max_new_tokens=6)
     torch.manual_seed(0)
-    new_ids, captured, _ = _generate_batch(
+    new_ids, captured, _, _ = _generate_batch(
         tiny_qwen3, seqs, torch.tensor([option_ids] * len(seqs)), config, qwen3_tok.pad_token_id
     )
     assert captured.shape == (len(seqs), new_ids.shape[1], len(option_ids))
     for r, seq in enumerate(seqs):
         ref = _teacher_forced_probs(tiny_qwen3, seq, new_ids[r].tolist(), option_ids)
-        torch.testing.assert_close(captured[r].exp(), ref, atol=1e-5, rtol=0)
+        assert_logprobs_close(captured[r].exp(), ref, atol=LOGPROB_ATOL_TINY)
 
 
 @pytest.mark.slow
@@ -153,10 +153,10 @@ def test_probs_captured_in_generation_equal_teacher_forcing_smollm2(smollm2):
     option_ids = list(option_token_ids(tok, ["Safe", "Unsafe"], context="</think>\n").token_ids)
     config = generation_config(model, tok, temperature=1.0, max_new_tokens=5)
     torch.manual_seed(1)
-    new_ids, captured, _ = _generate_batch(model, seqs, torch.tensor([option_ids] * 2), config, tok.pad_token_id)
+    new_ids, captured, _, _ = _generate_batch(model, seqs, torch.tensor([option_ids] * 2), config, tok.pad_token_id)
     for r, seq in enumerate(seqs):
         ref = _teacher_forced_probs(model, seq, new_ids[r].tolist(), option_ids)
-        torch.testing.assert_close(captured[r].exp(), ref, atol=1e-5, rtol=0)
+        assert_logprobs_close(captured[r].exp(), ref, atol=LOGPROB_ATOL_SMOLLM2)
 
 
 QWEN_CHAINS = {
@@ -176,14 +176,14 @@ def test_decision_after_special_marker_in_generation_qwen3(qwen3_tok, chain):
     dt = option_token_ids(qwen3_tok, ["Safe", "Unsafe"], context=decision_context(prompts[0], reasoning=True))
     out = generate_decisions(model, qwen3_tok, prompts, dt, num_samples=4, temperature=1.0, max_new_tokens=8, seed=0)
     emitted = set()
-    for prompt, rollouts in zip(prompts, out):
+    for prompt, rollouts in zip(prompts, out, strict=True):
         for g in rollouts:
             assert g.valid and not g.forced and g.decision.index == index
             emitted.add(g.emitted_token)
             assert g.emitted_token == dt.tokens[g.decision.option]
             assert "</think>" in g.completion
             ref = _teacher_forced_probs(model, encode_prompts(qwen3_tok, [prompt])[0], g.completion_ids, dt.token_ids)
-            assert g.option_probs == pytest.approx(ref[index].tolist(), abs=1e-5)
+            assert_logprobs_close(g.option_probs, ref[index], atol=LOGPROB_ATOL_TINY)
             assert 0.1 < sum(g.option_probs) <= 1.0 + 1e-6
     assert emitted == {"Safe", "Unsafe"}  # sampling reached both labels
 
@@ -196,11 +196,11 @@ def test_decision_after_text_marker_in_generation_smollm2_tokenizer(smollm2):
     model = scripted_model(_tiny_llama(tok), tok, {**script, "Safe": ["<|im_end|>"], "safe": ["<|im_end|>"]})
     dt = option_token_ids(tok, ["Safe", "Unsafe"], context=decision_context(prompts[0], reasoning=True))
     out = generate_decisions(model, tok, prompts, dt, num_samples=3, temperature=1.0, max_new_tokens=10, seed=0)
-    for prompt, rollouts in zip(prompts, out):
+    for prompt, rollouts in zip(prompts, out, strict=True):
         for g in rollouts:
             assert g.valid and g.decision.index == 4 and g.emitted_token in ("Safe", "Un")
             ref = _teacher_forced_probs(model, encode_prompts(tok, [prompt])[0], g.completion_ids, dt.token_ids)
-            assert g.option_probs == pytest.approx(ref[4].tolist(), abs=1e-5)
+            assert_logprobs_close(g.option_probs, ref[4], atol=LOGPROB_ATOL_TINY)
 
 
 def test_completion_without_decision_is_forced_by_appending_the_marker(tiny_qwen3, qwen3_tok):
@@ -208,12 +208,12 @@ def test_completion_without_decision_is_forced_by_appending_the_marker(tiny_qwen
     dt = option_token_ids(qwen3_tok, ["Safe", "Unsafe"], context=decision_context(prompts[0], reasoning=True))
     out = generate_decisions(tiny_qwen3, qwen3_tok, prompts, dt, temperature=1.0, max_new_tokens=5, seed=0)
     suffix = qwen3_tok("</think>\n", add_special_tokens=False)["input_ids"]
-    for prompt, (g,) in zip(prompts, out):
+    for prompt, (g,) in zip(prompts, out, strict=True):
         assert g.forced and not g.valid and g.emitted_token is None and g.decision.index == -1
         ids = encode_prompts(qwen3_tok, [prompt])[0] + g.completion_ids + suffix
         with torch.inference_mode():
             ref = torch.log_softmax(tiny_qwen3(input_ids=torch.tensor([ids])).logits[0, -1].float(), -1)
-        assert g.option_probs == pytest.approx(ref[list(dt.token_ids)].exp().tolist(), abs=1e-5)
+        assert_logprobs_close(g.option_probs, ref[list(dt.token_ids)].exp(), atol=LOGPROB_ATOL_TINY)
 
 
 def test_forced_rows_that_stopped_early_and_rows_cut_by_the_budget_share_a_batch(qwen3_tok):
@@ -226,14 +226,14 @@ def test_forced_rows_that_stopped_early_and_rows_cut_by_the_budget_share_a_batch
     out = generate_decisions(model, qwen3_tok, prompts, dt, num_samples=4, temperature=1.0, max_new_tokens=5, seed=0)
     suffix = qwen3_tok("</think>\n", add_special_tokens=False)["input_ids"]
     lengths = set()
-    for prompt, rollouts in zip(prompts, out):
+    for prompt, rollouts in zip(prompts, out, strict=True):
         for g in rollouts:
             assert g.forced and not g.valid
             lengths.add(len(g.completion_ids))
             ids = encode_prompts(qwen3_tok, [prompt])[0] + g.completion_ids + suffix
             with torch.inference_mode():
                 ref = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, -1].float(), -1)
-            assert g.option_probs == pytest.approx(ref[list(dt.token_ids)].exp().tolist(), abs=1e-5)
+            assert_logprobs_close(g.option_probs, ref[list(dt.token_ids)].exp(), atol=LOGPROB_ATOL_TINY)
     assert lengths == {1, 5}  # both kinds of rows occurred
 
 
@@ -245,7 +245,7 @@ def test_truncated_right_after_the_marker_is_forced_without_a_second_marker(qwen
     (g,), = generate_decisions(model, qwen3_tok, prompts, dt, max_new_tokens=2)
     assert g.forced and g.completion.count("</think>") == 1
     ref = _teacher_forced_probs(model, encode_prompts(qwen3_tok, prompts)[0], g.completion_ids + [0], dt.token_ids)
-    assert g.option_probs == pytest.approx(ref[-1].tolist(), abs=1e-5)
+    assert_logprobs_close(g.option_probs, ref[-1], atol=LOGPROB_ATOL_TINY)
 
 
 def test_sampling_is_seeded(tiny_qwen3, qwen3_tok):

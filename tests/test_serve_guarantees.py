@@ -150,6 +150,7 @@ def test_served_answers_follow_threshold_conformal_and_label_mass(tmp_path, tiny
                           timeout=600).json()
         metrics = httpx.get(f"{server.url}/metrics").text
     assert server.returncode == 0
+    assert "results" in body, body
     assert body["threshold"]["thresholds"] == thresholds and body["conformal"]["alpha"] == 0.3 and body["min_label_mass"] == min_mass
     # What the policy makes of the served raw values, offline, with the same files.
     served = [PredictionRecord(**{**raw[a["id"]].__dict__, "option_probs": list(a["option_probs"].values()),

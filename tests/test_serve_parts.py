@@ -14,6 +14,7 @@ import time
 import numpy as np
 import pytest
 
+from conftest import LOGPROB_ATOL_TINY, assert_logprobs_close
 from decal.errors import ConfigError, DataError
 from decal.serve.batching import BatchQueue, DeadlineExceeded, QueueFull
 from decal.serve.decider import Decider, InputError
@@ -360,12 +361,12 @@ def test_decider_equals_evaluate_whatever_the_batch(tmp_path, tiny_qwen3, qwen3_
         for size in sizes:
             batch = [prepared[i] for i in order[start : start + size]]
             start += size
-            for p, a in zip(batch, decider.decide(batch)):
+            for p, a in zip(batch, decider.decide(batch), strict=True):
                 want = expected[p.example.id]
                 assert a.record.prediction == want.prediction and a.record.valid == want.valid
                 assert a.record.emitted_token == want.emitted_token and a.record.completion == want.completion
-                np.testing.assert_allclose(a.record.option_probs, want.option_probs, rtol=0, atol=1e-6)
-                assert a.record.confidence == pytest.approx(want.confidence, abs=1e-6)
+                assert_logprobs_close(a.record.option_probs, want.option_probs, atol=LOGPROB_ATOL_TINY)
+                assert_logprobs_close([a.record.confidence], [want.confidence], atol=LOGPROB_ATOL_TINY)
                 assert a.calibrated.confidence == a.record.confidence and not a.defer
 
 
@@ -387,9 +388,9 @@ def test_shared_prefix_cache_scores_as_the_plain_engine(tiny_qwen3, qwen3_tokeni
         d_cached = Decider(task, cached, model_name="tiny")
         prepared = d_plain.prepare(task.examples)
         for batch in (prepared, prepared[:1], prepared[2:5]):  # mixed lengths, padding in the middle
-            for a, b in zip(d_cached.decide(batch), d_plain.decide(batch)):
+            for a, b in zip(d_cached.decide(batch), d_plain.decide(batch), strict=True):
                 assert a.record.prediction == b.record.prediction and a.record.top_token == b.record.top_token
-                np.testing.assert_allclose(a.record.option_probs, b.record.option_probs, rtol=0, atol=1e-6)
+                assert_logprobs_close(a.record.option_probs, b.record.option_probs, atol=LOGPROB_ATOL_TINY)
         assert cached.model.hits == 4 and cached.model.misses == 0  # 1 check + 3 batches
     # a prompt without the prefix goes to the model unchanged
     foreign = encode_prompts(qwen3_tokenizer, [render_chat(qwen3_tokenizer, "Something else entirely.", reasoning=False)])

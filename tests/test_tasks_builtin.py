@@ -93,7 +93,7 @@ def test_prompts_short_and_labels_single_token_qwen3(qwen3_tokenizer):
         assert max(lengths) < 60
         prompt = render_chat(qwen3_tokenizer, task.user_message(task.examples[0]), reasoning=reasoning)
         tokens = option_token_ids(qwen3_tokenizer, task.labels, context=decision_context(prompt, reasoning=reasoning))
-        for label, tid in zip(task.labels, tokens.token_ids):
+        for label, tid in zip(task.labels, tokens.token_ids, strict=True):
             assert qwen3_tokenizer(label, add_special_tokens=False)["input_ids"] == [tid]
     assert "<think>" in task.user_message(task.examples[0]) and "</think>" in task.user_message(task.examples[0])
 
@@ -111,6 +111,6 @@ def test_labels_single_token_smollm2():
         task = load_task("builtin", "validation", reasoning=reasoning, n=5)
         prompt = render_chat(tokenizer, task.user_message(task.examples[0]), reasoning=reasoning)
         tokens = option_token_ids(tokenizer, task.labels, context=decision_context(prompt, reasoning=reasoning))
-        for label, tid in zip(task.labels, tokens.token_ids):
+        for label, tid in zip(task.labels, tokens.token_ids, strict=True):
             assert tokenizer(label, add_special_tokens=False)["input_ids"] == [tid]
         assert max(len(tokenizer(task.user_message(ex))["input_ids"]) for ex in task) < 60

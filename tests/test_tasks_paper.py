@@ -79,7 +79,7 @@ def test_drawn_training_subsets_stable_and_disjoint(data_dir, name, split, pool,
 def test_moderation_missing_flags_are_unknown(data_dir):
     task = load_task("openai_moderation", "all", data_dir=data_dir)
     rows = [json.loads(line) for line in (data_dir / "openai_moderation" / "samples-1680.jsonl").open()]
-    for ex, row in zip(task, rows):
+    for ex, row in zip(task, rows, strict=True):
         present = [row[f] for f in MODERATION_FLAGS if f in row]
         assert ex.label == ("Unsafe" if 1 in present else "Safe")
     # a row with some flags missing and the others 0 is Safe (missing means unknown, not 1)

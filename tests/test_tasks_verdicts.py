@@ -94,7 +94,7 @@ def test_rationale_names_each_sign_and_the_counts():
     for ex in load_task("verdicts", "validation", n=50):
         kinds = _kinds(ex.input, "in")
         marks, counts = ex.reasoning.split(": ")
-        assert marks == ", ".join(f"{w} {'+' if k == 1 else '-' if k == -1 else '0'}" for w, k in zip(ex.input.split(", "), kinds))
+        assert marks == ", ".join(f"{w} {'+' if k == 1 else '-' if k == -1 else '0'}" for w, k in zip(ex.input.split(", "), kinds, strict=True))
         assert counts == f"{kinds.count(1)} positive, {kinds.count(-1)} negative."
 
 
@@ -125,7 +125,7 @@ def test_labels_single_token_qwen3(qwen3_tokenizer):
         task = load_task("verdicts:variant=ood", "test", reasoning=reasoning, n=20)
         prompt = render_chat(qwen3_tokenizer, task.user_message(task.examples[0]), reasoning=reasoning)
         tokens = option_token_ids(qwen3_tokenizer, task.labels, context=decision_context(prompt, reasoning=reasoning))
-        for label, tid in zip(task.labels, tokens.token_ids):
+        for label, tid in zip(task.labels, tokens.token_ids, strict=True):
             assert qwen3_tokenizer(label, add_special_tokens=False)["input_ids"] == [tid]
         assert max(len(qwen3_tokenizer(task.user_message(ex))["input_ids"]) for ex in task) < 90
 

@@ -12,7 +12,6 @@ import pytest
 from decal import metrics as m
 from decal.cli import main
 from decal.errors import DataError
-from decal.evaluation import make_record
 from decal.records import PredictionRecord, RecordWriter, read_records, records_to_arrays
 from decal.tasks import load_task
 
@@ -114,13 +113,20 @@ def test_mixed_or_malformed_true_probs_are_errors(tmp_path):
             read_records(path)
 
 
-def test_make_record_copies_the_examples_truth():
+def test_records_copy_the_examples_truth():
+    from decal.decision import DecisionTokens
+    from decal.engines.base import OptionScores
+    from decal.recording import RunFields, record_from_scores
+
+    def record(ex):
+        tokens = DecisionTokens(labels=ex.labels, token_ids=(1, 2), tokens=tuple(ex.labels))
+        return record_from_scores(ex, OptionScores([0.3, 0.6], "x", 2, True), tokens, run=RunFields(task="t", split="test"))
+
     task = load_task("verdicts", "test", n=3)
     for ex in task:
-        rec = make_record(ex, task="verdicts", split="test", option_probs=[0.3, 0.6])
+        rec = record(ex)
         assert rec.true_probs == list(ex.true_probs) and rec.prediction == "Negative"
-    builtin = load_task("builtin", "test", n=1).examples[0]
-    assert make_record(builtin, task="builtin", split="test", option_probs=[0.3, 0.6]).true_probs is None
+    assert record(load_task("builtin", "test", n=1).examples[0]).true_probs is None
 
 
 def test_calibrated_copy_keeps_the_truth():

@@ -41,7 +41,7 @@ def test_rows_are_the_generation_prompt_then_the_whole_completion(qwen3_tokenize
     rows = warm_start_rows(task, qwen3_tokenizer, seed=0)
     labels = draw_warm_start_labels(task, seed=0)
     stops = stop_token_ids(qwen3_tokenizer)
-    for row, example, label in zip(rows, task.examples, labels):
+    for row, example, label in zip(rows, task.examples, labels, strict=True):
         prompt = render_chat(qwen3_tokenizer, task.user_message(example), reasoning=True)
         prompt_ids = encode_prompts(qwen3_tokenizer, [prompt])[0]
         n_prompt = row["completion_mask"].count(0)
@@ -59,7 +59,7 @@ def test_labels_are_drawn_from_the_true_probabilities():
     groups = collections.defaultdict(list)
     for seed in range(5):
         labels = draw_warm_start_labels(task, seed=seed)
-        for ex, label in zip(task.examples, labels):
+        for ex, label in zip(task.examples, labels, strict=True):
             groups[ex.true_probs[0]].append(label == "Positive")
     for p, drawn in groups.items():
         if len(drawn) >= 100:

@@ -47,10 +47,18 @@ def _as_float_array(x, name: str, *, ndim: int) -> np.ndarray:
     return arr
 
 
+# The bit pattern of 1.0. As unsigned integers, the bits of the floats in [+0.0, 1.0] are exactly
+# those up to this one: a negative float, inf or nan has larger bits.
+_ONE_BITS = np.float64(1.0).view(np.uint64)
+
+
 def check_probabilities(x, name: str, *, ndim: int = 1) -> np.ndarray:
     """A float array with values in [0, 1] (so finite)."""
     arr = _as_float_array(x, name, ndim=ndim)
-    # Two reductions for the common case; a nan propagates into min/max and fails the test too.
+    # One reduction for the common case (the metric suite validates 5,000,000 values); -0.0 (the
+    # sign bit alone) fails it and takes the exact test, where a nan fails min/max too.
+    if arr.view(np.uint64).max() <= _ONE_BITS:
+        return arr
     if not (arr.min() >= 0.0 and arr.max() <= 1.0):
         finite = np.isfinite(arr)
         if not finite.all():
@@ -60,13 +68,28 @@ def check_probabilities(x, name: str, *, ndim: int = 1) -> np.ndarray:
     return arr
 
 
+def _row_sums(arr: np.ndarray, rows: int = 32768) -> np.ndarray:
+    """Row sums of an (n, K) array, column by column over blocks of rows that stay in cache.
+
+    Not ``arr @ ones``: BLAS threads spin after the call and burn a second core. Not ``einsum``
+    or ``sum(axis=1)`` either: their loops over the K entries of each row are slower for few
+    columns (on 1,000,000 x 5 here, 7.5 ms against 10.7 for einsum and 25 for sum).
+    """
+    sums = np.empty(len(arr))
+    for start in range(0, len(arr), rows):
+        block, out = arr[start:start + rows], sums[start:start + rows]
+        np.copyto(out, block[:, 0])
+        for k in range(1, arr.shape[1]):
+            out += block[:, k]
+    return sums
+
+
 def check_class_probs(x, name: str = "class_probs") -> np.ndarray:
     """An (n, K) array of distributions: K >= 2, rows in [0, 1] summing to 1."""
     arr = check_probabilities(x, name, ndim=2)
     if arr.shape[1] < 2:
         raise ValueError(f"`{name}` must have at least 2 classes (columns); got shape {arr.shape}.")
-    # Row sums. Not `arr @ ones`: BLAS threads spin after the call and burn a second core.
-    sums = np.einsum("ij->i", arr)
+    sums = _row_sums(arr)
     if not (sums.min() >= 1.0 - 1e-5 and sums.max() <= 1.0 + 1e-5):
         i = int(np.argmax(np.abs(sums - 1.0) > 1e-5))
         raise ValueError(
@@ -109,10 +132,9 @@ def check_labels(x, n_classes: int, name: str = "labels") -> np.ndarray:
         if not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr)):
             i = int(np.argmax(~np.isfinite(arr) | (arr != np.round(arr))))
             raise ValueError(f"`{name}` must be integer class indices; got {arr[i].item()!r} at index {i}.")
-    out = arr.astype(np.int64)
-    bad = (out < 0) | (out >= n_classes)
-    if bad.any():
-        i = int(np.argmax(bad))
+    out = arr.astype(np.int64, copy=False)
+    if out.min() < 0 or out.max() >= n_classes:
+        i = int(np.argmax((out < 0) | (out >= n_classes)))
         raise ValueError(
             f"`{name}` must be class indices in [0, {n_classes}); got {arr[i].item()!r} at index {i} "
             f"(class_probs has {n_classes} columns)."

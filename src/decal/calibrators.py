@@ -374,7 +374,8 @@ def apply_calibrator(calibrator: _Calibrator, records: Sequence) -> list:
     from .records import records_to_arrays
 
     records = list(records)
-    arrays = records_to_arrays(records, scale="raw")
+    # raw: a calibrator maps the model's values; served decisions have no gold, and calibration reads none
+    arrays = records_to_arrays(records, scale="raw", require_gold=False)
     rows = np.arange(len(records))
     if isinstance(calibrator, TemperatureScaling):
         new_probs = calibrator.transform(_option_logprobs(arrays))

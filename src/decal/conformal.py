@@ -197,7 +197,7 @@ def apply_conformal(sets: ConformalSets, records: Sequence, *, labels: Sequence[
     from .records import records_to_arrays
 
     records = list(records)
-    arrays = records_to_arrays(records)
+    arrays = records_to_arrays(records, require_gold=False)  # a set needs no gold; served decisions have none
     if tuple(arrays.labels) != tuple(labels):
         raise DataError(f"the run's labels {list(arrays.labels)} differ from the conformal file's {list(labels)}", field="labels")
     run_scale = input_scales(calibrated=arrays.calibrated)["class_probs"]

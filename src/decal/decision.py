@@ -1,10 +1,16 @@
 """Decision tokens and decision positions: the one implementation that evaluation, training
-rewards and analysis all call (DESIGN.md, "Decision token" and "Decision position").
+rewards and analysis all call (docs/design.md, "Decision token" and "Decision position").
 
 - `option_token_ids` tokenizes each option label in context (after the text that precedes the
   decision) and takes, for every option, the token at the first position where the option
   sequences differ. Those tokens must be distinct; a collision raises an error that names the
-  options and the shared token.
+  options and the shared token. It is the one function every caller uses (evaluation, the
+  analyses, the server, training), with one cache: the result is a pure function of the
+  tokenizer, the labels and the last `CONTEXT_TAIL` characters of the context, and exactly that
+  is the key.
+- `check_decision_positions` checks, before scoring, that each prompt's decision token sits
+  where the scorer reads it: the prompt's ids are a prefix of the tokenization of its context
+  plus each label, and the label's decision token comes right after them.
 - `find_decision` locates the decision position in a generated completion: the first
   non-whitespace token after the end-of-reasoning marker, whether the marker is one special
   token (`</think>` in Qwen3) or plain text spread over several tokens (SmolLM2).
@@ -12,16 +18,20 @@ rewards and analysis all call (DESIGN.md, "Decision token" and "Decision positio
 
 from __future__ import annotations
 
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Sequence
 
-from .errors import DecisionTokenCollisionError
+from .errors import DecisionPositionError, DecisionTokenCollisionError
 
 __all__ = [
     "END_OF_REASONING",
+    "CONTEXT_TAIL",
     "DecisionTokens",
     "Decision",
     "option_token_ids",
+    "check_decision_positions",
     "find_decision",
     "marker_token_id",
     "stop_token_ids",
@@ -29,6 +39,11 @@ __all__ = [
 ]
 
 END_OF_REASONING = "</think>"
+# Characters of the context that `option_token_ids` reads: enough for any BPE merge across the
+# label boundary, few enough that the cost does not grow with the prompt.
+CONTEXT_TAIL = 256
+# Distinct (labels, context tail) entries kept per tokenizer; a task's prompts share a handful.
+_CACHE_SIZE = 1024
 
 
 @dataclass(frozen=True)
@@ -56,8 +71,14 @@ def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+# tokenizer -> LRU of (vocabulary size, labels, context tail) -> DecisionTokens. Weak keys: a
+# tokenizer's entries go with it. The vocabulary size is in the key because adding tokens to a
+# tokenizer changes how it splits text.
+_TOKENS_CACHE: "weakref.WeakKeyDictionary[object, OrderedDict]" = weakref.WeakKeyDictionary()
+
+
 def option_token_ids(tokenizer, labels: Sequence[str], *, context: str = "") -> DecisionTokens:
-    """Find each option's decision token, in context.
+    """Find each option's decision token, in context (cached, see the module docstring).
 
     Args:
         tokenizer: a Hugging Face tokenizer.
@@ -75,13 +96,27 @@ def option_token_ids(tokenizer, labels: Sequence[str], *, context: str = "") -> 
             tokens are a prefix of another's.
     """
     labels = tuple(labels)
+    tail = context[-CONTEXT_TAIL:]
+    try:
+        cache = _TOKENS_CACHE.setdefault(tokenizer, OrderedDict())
+    except TypeError:  # a tokenizer that cannot be weakly referenced: computed every time
+        return _option_token_ids(tokenizer, labels, tail)
+    key = (len(tokenizer), labels, tail)
+    found = cache.get(key)
+    if found is None:
+        found = cache[key] = _option_token_ids(tokenizer, labels, tail)
+        if len(cache) > _CACHE_SIZE:
+            cache.popitem(last=False)
+    else:
+        cache.move_to_end(key)
+    return found
+
+
+def _option_token_ids(tokenizer, labels: tuple[str, ...], tail: str) -> DecisionTokens:
     if len(labels) < 2:
         raise ValueError(f"`labels` must hold at least two options; got {list(labels)!r}")
     if len(set(labels)) != len(labels):
         raise ValueError(f"`labels` must be distinct; got {list(labels)!r}")
-    # Only the tail of a long prompt can merge with the label; keep enough characters for any
-    # BPE merge while keeping the cost independent of prompt length.
-    tail = context[-256:]
     sequences = [_encode(tokenizer, tail + label) for label in labels]
     # 1. first position at which the option sequences are not all equal
     position = 0
@@ -109,6 +144,60 @@ def option_token_ids(tokenizer, labels: Sequence[str], *, context: str = "") -> 
         )
     tokens = tuple(tokenizer.convert_ids_to_tokens(ids))
     return DecisionTokens(labels=labels, token_ids=tuple(ids), tokens=tokens)
+
+
+def check_decision_positions(
+    tokenizer,
+    prompt_ids: Sequence[Sequence[int]],
+    contexts: Sequence[str],
+    decision_tokens: Sequence[DecisionTokens],
+    *,
+    names: Sequence[str],
+) -> None:
+    """Check that each prompt's decision token sits where a scorer reads it: right after its ids.
+
+    For every prompt and label, the tokenization of `context + label` must start with the
+    prompt's ids and continue with that label's decision token. Where it does not, the label
+    merges with the end of the prompt (a template ending in a space before the label) or the
+    labels share their first token, and the option probabilities read after the prompt would be
+    those of other tokens.
+
+    Args:
+        tokenizer: the tokenizer that produced `prompt_ids`.
+        prompt_ids: (N,) the token ids after which the decision is read.
+        contexts: (N,) the text those ids encode (`decal.tasks.prompts.decision_context`).
+        decision_tokens: (N,) each prompt's `DecisionTokens` (from `option_token_ids`).
+        names: (N,) what the message calls each prompt (an example id, ``inputs[3]``).
+
+    Raises:
+        DecisionPositionError: one line naming the first prompt that fails, the label and the
+            token where the two tokenizations part.
+    """
+    if not (len(prompt_ids) == len(contexts) == len(decision_tokens) == len(names)):
+        raise ValueError("`prompt_ids`, `contexts`, `decision_tokens` and `names` must have one entry per prompt")
+    texts = [context + label for context, tokens in zip(contexts, decision_tokens) for label in tokens.labels]
+    encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else iter(())
+    for ids, tokens, name in zip(prompt_ids, decision_tokens, names):
+        ids = [int(i) for i in ids]
+        n = len(ids)
+        for label, token_id, token in zip(tokens.labels, tokens.token_ids, tokens.tokens):
+            full = list(next(encoded))
+            if full[:n] != ids:
+                at = next((j for j, (a, b) in enumerate(zip(full, ids)) if a != b), min(len(full), n))
+                got = tokenizer.convert_ids_to_tokens(full[at]) if at < len(full) else "(end)"
+                raise DecisionPositionError(
+                    f"example {name!r}: the prompt's {n} token ids are not a prefix of the tokenization of the "
+                    f"prompt + label {label!r} (they part at token {at}: {tokenizer.convert_ids_to_tokens(ids[at])!r} "
+                    f"vs {got!r}), so the decision would be read at the wrong position; end the prompt "
+                    f"template with a newline or other text that does not merge with the label", name=name
+                )
+            if len(full) <= n or full[n] != token_id:
+                after = tokenizer.convert_ids_to_tokens(full[n]) if len(full) > n else "(nothing)"
+                raise DecisionPositionError(
+                    f"example {name!r}: the first token after the prompt for label {label!r} is {after!r}, not its "
+                    f"decision token {token!r}, so the decision would be read at the wrong position; give the "
+                    f"labels different first tokens", name=name
+                )
 
 
 @dataclass(frozen=True)
@@ -145,7 +234,7 @@ def stop_token_ids(tokenizer, model=None) -> list[int]:
 
 
 def forced_decision_suffix(completion: str, marker: str | None = END_OF_REASONING) -> str:
-    """The text appended to a completion that reached no decision, to force one (DESIGN.md):
+    """The text appended to a completion that reached no decision, to force one (docs/design.md, "Forced decision"):
     the marker and the newline before the label; nothing when the completion already holds the
     marker (it stopped right after it, at the decision position) or there is no marker."""
     if marker is None or marker in completion:

@@ -8,7 +8,7 @@ float32 and scoring about 2x; with AVX2 only it ran at 0.9 GFLOP/s against 153 i
 - CUDA: bfloat16 where the device supports it, else float32.
 - CPU, inference: bfloat16 only where the CPU reports native bfloat16 (AVX512-BF16 or AMX) *and*
   a small bfloat16 matrix product measures faster than float32 here; else float32.
-- CPU, training: float32 (DESIGN.md: LoRA updates are lost to rounding in bfloat16 weights).
+- CPU, training: float32 (docs/design.md, "Measured costs": LoRA updates are lost to rounding in bfloat16 weights).
 
 An explicit dtype always wins; an explicit bfloat16 on a CPU without native support warns once,
 with the measured slowdown. The resolved dtype and the reason go into each run's metadata.

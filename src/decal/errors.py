@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
-__all__ = ["DecalError", "DataError", "ConfigError", "DecisionTokenCollisionError", "NotFittedError"]
+import difflib
+from typing import Iterable
+
+__all__ = [
+    "DecalError",
+    "DataError",
+    "ConfigError",
+    "DecisionTokenCollisionError",
+    "DecisionPositionError",
+    "PromptTooLongError",
+    "NotFittedError",
+    "did_you_mean",
+]
 
 
 class DecalError(Exception):
@@ -35,8 +47,34 @@ class ConfigError(DecalError, ValueError):
 
 
 class DecisionTokenCollisionError(DecalError, ValueError):
-    """Two options share their decision token under a tokenizer (see DESIGN.md, Decision token)."""
+    """Two options share their decision token under a tokenizer (docs/design.md, "Decision token")."""
+
+
+class DecisionPositionError(DecalError, ValueError):
+    """A prompt's decision token would not be read where it sits: the prompt's token ids are not a
+    prefix of the tokenization of the prompt plus a label, or the label's decision token is not the
+    first token after them (docs/design.md, "Decision position"). The message names the example,
+    and `name` holds it (an example id, or ``inputs[3]`` in a request)."""
+
+    def __init__(self, message: str, *, name: str | None = None):
+        super().__init__(message)
+        self.name = name
+
+
+class PromptTooLongError(DataError):
+    """A prompt, with the tokens that must follow it, does not fit a length limit (the model's
+    context, the engine's --max-model-len, or a training run's ``max_prompt_length``)."""
 
 
 class NotFittedError(DecalError, ValueError, AttributeError):
     """A calibrator was used before `fit`."""
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """The hint of an "Unknown ..." message: ' Did you mean: x?' for the choice closest to `name`, or ''.
+
+    >>> did_you_mean("lerning_rate", ["learning_rate", "seed"])
+    ' Did you mean: learning_rate?'
+    """
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1)
+    return f" Did you mean: {close[0]}?" if close else ""

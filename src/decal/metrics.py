@@ -1,4 +1,4 @@
-"""Calibration and selective-prediction metrics on plain arrays (DESIGN.md, "Metrics").
+"""Calibration and selective-prediction metrics on plain arrays (docs/design.md, "Metrics").
 
 Every function takes array-likes and returns a Python ``float`` fraction (reports multiply by
 100). Notation: ``n`` examples, ``K`` classes, ``M = n_bins`` bins, ``acc(B)`` the mean of the
@@ -35,8 +35,9 @@ target in bin ``B`` and ``conf(B)`` the mean confidence in ``B``.
   A predictor that reports the true probability of its choice has TCE 0. Unlike ECE these
   compare each example with its own right confidence, so they need no bins and are unbiased
   at small n.
-- Label mass (docs/design.md, "Label mass"): ``label_mass_i = sum_k option_probs[i, k]``, the raw
-  full-vocabulary probability the options hold together at the decision position; the mean and
+- Label mass (docs/design.md, "Label mass"): ``label_mass_i = min(1, sum_k option_probs[i, k])``,
+  the raw full-vocabulary probability the options hold together at the decision position (the
+  records' stored `label_mass`; clipped, as float32 sums can pass 1 by a few ulps); the mean and
   the share of records below 0.5 (a low mass means the position read is not where the model
   decides). Always on the raw scale, whatever calibrator a run went through.
 - Conformal option sets (records with ``option_set``): coverage ``mean_i 1[label_i in set_i]``,
@@ -67,7 +68,7 @@ from ._checks import check_n_bins as _check_n_bins
 from ._checks import check_probabilities as _check_probabilities
 from ._checks import check_probs_labels as _check_probs_labels
 from ._checks import check_same_length as _check_same_length
-from .binning import BinStats, OrderedValues, bin_stats, partition_bins
+from .binning import BUCKETED_FROM, BinStats, OrderedValues, bin_stats, bucket_columns
 
 __all__ = [
     "Binning",
@@ -191,19 +192,19 @@ def _max_ce(conf, corr, n_bins, binning, ordered=None) -> float:
     return _max_gap(bin_stats(conf, corr, n_bins, binning, ordered))
 
 
-def _sce_mce(probs, labs, n_bins, buffers=None) -> tuple[float, float]:
-    """SCE and MCE together: both bin each class column, and share its one sort.
-
-    `buffers` as for `OrderedValues`; they are overwritten.
-    """
+def _sce_mce(probs, labs, n_bins, gold=None) -> tuple[float, float]:
+    """SCE and MCE together: both bin each class column, and share its one ordering (a sort
+    below `BUCKETED_FROM` examples, else the buckets of all columns from one pass; see
+    `decal.binning`). `gold`: `_gold_probs`, if computed already."""
     n, n_classes = probs.shape
+    if n >= BUCKETED_FROM:
+        columns = bucket_columns(probs, labs, n_bins, true_values=gold)
+    else:
+        columns = [OrderedValues(probs[:, k], labs == k) for k in range(n_classes)]
     sce_total = mce_total = 0.0
-    buffers = buffers if buffers is not None else (np.empty(n, np.int64), np.empty(n, bool))
-    for k in range(n_classes):
-        column, target = probs[:, k], labs == k  # a strided view: OrderedValues copies it once into its keys
-        sv = OrderedValues(column, target, buffers, n_bins=partition_bins(n, n_bins))
-        sce_total += _weighted_abs_gap(bin_stats(column, target, n_bins, "equal_width", sv), n)
-        s = bin_stats(column, target, n_bins, "equal_mass", sv)
+    for k, sv in enumerate(columns):
+        sce_total += _weighted_abs_gap(bin_stats(None, None, n_bins, "equal_width", sv), n)
+        s = bin_stats(None, None, n_bins, "equal_mass", sv)
         ok = s.count > 0
         mce_total += float(np.sum(s.count[ok] / n * (s.acc[ok] - s.conf[ok]) ** 2))
     return sce_total / n_classes, math.sqrt(mce_total / n_classes)
@@ -269,10 +270,9 @@ def _aurc(conf, corr, ordered: OrderedValues | None = None) -> float:
     # and each run adds its width (size/n) times that risk.
     sv = ordered if ordered is not None else OrderedValues(conf, corr)
     n = len(sv.all)
-    errors_top = np.cumsum(~sv.t[::-1], dtype=np.float64)  # errors among the top k, k = 1..n
-    if sv.run_ends is None:
-        errors_top /= np.arange(1, n + 1, dtype=np.float64)
-        return float(np.sum(errors_top)) / n
+    errors_top = np.cumsum(~sv.t[::-1], dtype=np.int64)  # errors among the top k, k = 1..n
+    if sv.run_ends is None:  # sum_k errors_top[k] / k, in one pass that casts the counts as it goes
+        return float(np.einsum("i,i->", errors_top, 1.0 / np.arange(1, n + 1, dtype=np.float64))) / n
     k = (n - sv.run_ends[::-1][1:])  # runs from high to low: the top k ends at each run's lower end
     k = np.append(k, n)
     width = np.diff(k, prepend=0)
@@ -458,8 +458,7 @@ def mean_label_mass(option_probs) -> float:
         >>> mean_label_mass([[0.5, 0.25], [0.125, 0.125]])  # (0.75 + 0.25) / 2
         0.5
     """
-    probs = _check_probabilities(option_probs, "option_probs", ndim=2)
-    return float(np.mean(probs.sum(axis=1)))
+    return float(np.mean(_row_mass(option_probs)))
 
 
 def low_label_mass_share(option_probs, *, threshold: float = LOW_LABEL_MASS) -> float:
@@ -469,8 +468,14 @@ def low_label_mass_share(option_probs, *, threshold: float = LOW_LABEL_MASS) -> 
         >>> low_label_mass_share([[0.6, 0.3], [0.01, 0.02], [0.2, 0.2]])
         0.6666666666666666
     """
+    mass = _row_mass(option_probs)
+    return float(np.count_nonzero(mass < threshold) / len(mass))
+
+
+def _row_mass(option_probs) -> np.ndarray:
+    """Each row's label mass: its sum clipped at 1, as records store it (module docstring)."""
     probs = _check_probabilities(option_probs, "option_probs", ndim=2)
-    return float(np.count_nonzero(probs.sum(axis=1) < threshold) / len(probs))
+    return np.minimum(np.einsum("ij->i", probs), 1.0)
 
 
 def _check_sets(option_set, labels=None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -686,7 +691,7 @@ def _arrays_of(records) -> _Arrays:
     probs, labs = _check_probs_labels(arr.class_probs, arr.label_index)
     valid = _check_correct(arr.valid, "valid")
     _check_same_length(confidence=conf, class_probs=probs, valid=valid)
-    mass = np.einsum("ij->i", _check_probabilities(arr.option_probs, "option_probs", ndim=2))
+    mass = _row_mass(arr.option_probs) if arr.label_mass is None else np.asarray(arr.label_mass, dtype=np.float64)
     sets = None if arr.option_set is None else _check_sets(arr.option_set, labs)[0]
     common = {"label_mass": mass, "option_set": sets, "labels": tuple(arr.labels), "calibrated": bool(arr.calibrated)}
     if arr.true_probs is None:
@@ -717,9 +722,7 @@ def _summary(a: _Arrays, n_bins: int, binning: str, *, warn: bool = True) -> dic
     """Every summary metric; the confidence sort is computed once and shared."""
     conf, corr = a.confidence, a.correct
     n = len(conf)
-    # One pair of sort buffers for the confidence and then each class column (see `OrderedValues`).
-    buffers = (np.empty(n, np.int64), np.empty(n, bool))
-    sv = OrderedValues(conf, corr, buffers)
+    sv = OrderedValues(conf, corr)
     main = bin_stats(conf, corr, n_bins, binning, sv)
     out = {
         "n": n,
@@ -730,8 +733,8 @@ def _summary(a: _Arrays, n_bins: int, binning: str, *, warn: bool = True) -> dic
         "auroc": _auroc(conf, corr, sv, warn=warn),
         "aurc": _aurc(conf, corr, sv),
     }
-    out["sce"], out["mce"] = _sce_mce(a.class_probs, a.label_index, n_bins, buffers)  # overwrites `sv`
     gold = _gold_probs(a.class_probs, a.label_index)
+    out["sce"], out["mce"] = _sce_mce(a.class_probs, a.label_index, n_bins, gold)
     out.update(
         brier=_brier(a.class_probs, a.label_index, gold),
         nll=_nll(a.class_probs, a.label_index, gold),

@@ -99,7 +99,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
     # A model loaded from GGUF keeps a quantization_config and refuses to save: rebuild it from
-    # a clean config and copy the dequantised weights over (DESIGN.md, "Data and models").
+    # a clean config and copy the dequantised weights over (docs/design.md, "Data and models").
     config = AutoConfig.from_pretrained(folder, gguf_file=filename)
     if hasattr(config, "quantization_config"):
         del config.quantization_config

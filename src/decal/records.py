@@ -1,7 +1,14 @@
 """Prediction records: the one schema that scoring writes and metrics, calibrators, plots and reports read.
 
-One JSON object per example (DESIGN.md, "Prediction record"), appended to `predictions.jsonl`
-in a run folder and flushed per batch, so an interrupted run resumes where it stopped.
+One JSON object per example (docs/design.md, "Prediction record"), appended to `predictions.jsonl`
+in a run folder and flushed per batch, so an interrupted run resumes where it stopped. Records
+are built from engine outputs in one place, `decal.recording`; this module holds the schema, its
+reading and writing, and the rule a rerun must pass to resume into a run folder
+(`check_resume`).
+
+The gold label is optional in the schema: a served decision (`decal serve`) has none, so its
+`label` and `correct` are None. Everything that needs gold (metrics, `read_records`,
+`records_to_arrays` by default) refuses records without it, naming the record.
 
 Raw and calibrated values live side by side (docs/design.md, "Label mass"): ``confidence`` and
 ``option_probs`` are always the model's full-vocabulary probabilities, and a calibrated run adds
@@ -22,7 +29,7 @@ from typing import Iterable, Iterator, Literal, Sequence
 
 import numpy as np
 
-from .errors import DataError
+from .errors import ConfigError, DataError
 
 __all__ = [
     "PredictionRecord",
@@ -32,10 +39,12 @@ __all__ = [
     "iter_records",
     "records_to_arrays",
     "completed_ids",
+    "check_resume",
     "Scale",
 ]
 
-_REQUIRED = ("id", "task", "split", "label", "prediction", "correct", "valid", "confidence", "option_probs", "labels")
+_REQUIRED = ("id", "task", "split", "prediction", "valid", "confidence", "option_probs", "labels")
+_GOLD = ("label", "correct")
 # Optional fields left out of the JSON when None, so records without them are unchanged.
 _OMIT_IF_NONE = ("true_probs", "calibrated_probs", "calibrated_confidence", "option_set")
 # Calibrated probabilities are written with float rounding; a row may miss 1 by this much.
@@ -44,11 +53,15 @@ _SUM_TOLERANCE = 1e-6
 
 @dataclass(frozen=True, kw_only=True)
 class PredictionRecord:
-    """One example's decision: see DESIGN.md for each field's meaning.
+    """One example's decision: see docs/design.md, "Prediction record", for each field's meaning.
 
-    `confidence` is the full-vocabulary probability of the emitted decision token (reasoning) or
-    of the constrained argmax option (non-reasoning); `option_probs[k]` is the full-vocabulary
-    probability of option k's decision token at the decision position (not renormalised).
+    `confidence` is the full-vocabulary probability of the emitted decision token (the forced
+    decision's when `valid` is False); `option_probs[k]` is the full-vocabulary probability of
+    option k's decision token at the decision position (not renormalised). `label_mass` is their
+    sum, and `argmax_is_option` says whether the unconstrained top token there (`top_token`) is an
+    option's decision token; both are set on every record `decal.recording` builds, and
+    `label_mass` is computed from `option_probs` when a record is made without it (runs written
+    before it existed). `label` and `correct` are None for a decision without gold (serving).
     `true_probs` (optional) is the true probability of each option, aligned with `labels`, for a
     task that knows it (`decal.tasks.verdicts`); it is left out of the JSON when None, so records
     of other tasks are unchanged. `calibrated_probs` / `calibrated_confidence` (optional, both or
@@ -59,13 +72,15 @@ class PredictionRecord:
     id: str
     task: str
     split: str
-    label: str
+    label: str | None
     prediction: str
-    correct: bool
+    correct: bool | None
     valid: bool
     confidence: float
     option_probs: list[float]
     labels: list[str]
+    label_mass: float | None = None
+    argmax_is_option: bool | None = None
     true_probs: list[float] | None = None
     calibrated_probs: list[float] | None = None
     calibrated_confidence: float | None = None
@@ -77,63 +92,56 @@ class PredictionRecord:
     seed: int | None = None
     prompt_version: str | None = None
     top_token: str | None = None
-    top_is_option: bool | None = None
     seconds: float | None = None
     extra: dict = field(default_factory=dict)
 
-    def to_json(self) -> str:
+    def __post_init__(self) -> None:
+        if self.label_mass is None:
+            # Clipped: K float32 probabilities can sum past 1 by a few ulps.
+            object.__setattr__(self, "label_mass", min(1.0, float(sum(self.option_probs))))
+
+    def as_dict(self) -> dict:
+        """The record as a JSON-ready dict (the optional fields of `_OMIT_IF_NONE` left out when None)."""
         row = asdict(self)
         for key in _OMIT_IF_NONE:
             if row[key] is None:
                 del row[key]
-        return json.dumps(row, ensure_ascii=False, allow_nan=True)
+        return row
+
+    def to_json(self) -> str:
+        return json.dumps(self.as_dict(), ensure_ascii=False, allow_nan=True)
 
     @classmethod
-    def from_dict(cls, row: dict, *, path=None, line: int | None = None) -> "PredictionRecord":
-        """Validate one decoded JSON object; errors name the file, line and field."""
+    def from_dict(cls, row: dict, *, path=None, line: int | None = None, require_gold: bool = True) -> "PredictionRecord":
+        """Validate one decoded JSON object; errors name the file, line and field.
+
+        With `require_gold` (the default, for everything that scores records) `label` and
+        `correct` must be present; without it they may be null (a served decision). A record of
+        an older run that holds `top_is_option` reads it as `argmax_is_option`.
+        """
         if not isinstance(row, dict):
             raise DataError("expected a JSON object", path=path, line=line)
-        for key in _REQUIRED:
-            if key not in row:
+        for key in _REQUIRED + (_GOLD if require_gold else ()):
+            if row.get(key) is None:
                 raise DataError("missing required field", path=path, line=line, field=key)
         row = _migrate_in_place_calibration(row)
         known = {f for f in cls.__dataclass_fields__}
         kwargs = {k: v for k, v in row.items() if k in known}
-        labels, probs = row["labels"], row["option_probs"]
-        if not isinstance(labels, list) or len(labels) < 2:
-            raise DataError("must be a list of at least two labels", path=path, line=line, field="labels")
-        if not isinstance(probs, list) or len(probs) != len(labels):
-            raise DataError(f"must be a list of {len(labels)} numbers", path=path, line=line, field="option_probs")
-        for name, value in (("confidence", row["confidence"]), *(("option_probs", p) for p in probs)):
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not (0.0 <= value <= 1.0):
-                raise DataError(f"must be a probability in [0, 1]; got {value!r}", path=path, line=line, field=name)
-        truth = row.get("true_probs")
-        if truth is not None:
-            if not isinstance(truth, list) or len(truth) != len(labels) or not all(
-                isinstance(p, (int, float)) and not isinstance(p, bool) and 0.0 <= p <= 1.0 for p in truth
-            ):
-                raise DataError(
-                    f"must be a list of {len(labels)} probabilities in [0, 1] (one per label); got {truth!r}",
-                    path=path, line=line, field="true_probs",
-                )
-        for name in ("label", "prediction"):
-            if row[name] not in labels:
-                raise DataError(f"{row[name]!r} is not one of {labels}", path=path, line=line, field=name)
-        for name in ("correct", "valid"):
-            if not isinstance(row[name], bool):
-                raise DataError(f"must be true or false; got {row[name]!r}", path=path, line=line, field=name)
-        _check_calibrated(row, labels, path=path, line=line)
-        _check_option_set(row.get("option_set"), labels, path=path, line=line)
+        if "argmax_is_option" not in row and "top_is_option" in row:
+            kwargs["argmax_is_option"] = row["top_is_option"]
+        kwargs.setdefault("label", None)
+        kwargs.setdefault("correct", None)
+        _check_fields(row, path=path, line=line)
+        _check_calibrated(row, row["labels"], path=path, line=line)
+        _check_option_set(row.get("option_set"), row["labels"], path=path, line=line)
         kwargs["id"] = str(row["id"])
         return cls(**kwargs)
 
-    @property
-    def label_mass(self) -> float:
-        """Sum of the raw full-vocabulary `option_probs` (docs/design.md, "Label mass")."""
-        return float(sum(self.option_probs))
-
     def with_calibration(self, calibrated_probs: Sequence[float], calibrated_confidence: float, *, calibrator: str) -> "PredictionRecord":
-        """A copy with a post-hoc calibrator's values beside the raw ones (which stay as they are)."""
+        """A copy with a post-hoc calibrator's values beside the raw ones (which stay as they are).
+
+        `label_mass` keeps the raw value: it is the mass of the uncalibrated `option_probs`.
+        """
         return replace(
             self,
             calibrated_probs=[float(p) for p in calibrated_probs],
@@ -195,6 +203,35 @@ def _check_option_set(option_set, labels: list, *, path, line) -> None:
     if not isinstance(option_set, list) or any(lab not in labels for lab in option_set) or len(set(option_set)) != len(option_set):
         raise DataError(f"must be a list of distinct labels from {labels}; got {option_set!r}",
                         path=path, line=line, field="option_set")
+
+
+def _check_fields(row: dict, *, path, line) -> None:
+    """The value checks of `PredictionRecord.from_dict` (keys are known present)."""
+    labels, probs = row["labels"], row["option_probs"]
+    if not isinstance(labels, list) or len(labels) < 2:
+        raise DataError("must be a list of at least two labels", path=path, line=line, field="labels")
+    if not isinstance(probs, list) or len(probs) != len(labels):
+        raise DataError(f"must be a list of {len(labels)} numbers", path=path, line=line, field="option_probs")
+    mass = () if row.get("label_mass") is None else (("label_mass", row["label_mass"]),)
+    for name, value in (("confidence", row["confidence"]), *(("option_probs", p) for p in probs), *mass):
+        if not _is_probability(value):
+            raise DataError(f"must be a probability in [0, 1]; got {value!r}", path=path, line=line, field=name)
+    truth = row.get("true_probs")
+    if truth is not None and (not isinstance(truth, list) or len(truth) != len(labels)
+                              or not all(_is_probability(p) for p in truth)):
+        raise DataError(
+            f"must be a list of {len(labels)} probabilities in [0, 1] (one per label); got {truth!r}",
+            path=path, line=line, field="true_probs",
+        )
+    for name in ("label", "prediction"):
+        if row.get(name) is not None and row[name] not in labels:
+            raise DataError(f"{row[name]!r} is not one of {labels}", path=path, line=line, field=name)
+    for name in ("correct", "valid", "argmax_is_option"):
+        if row.get(name) is not None and not isinstance(row[name], bool):
+            raise DataError(f"must be true or false; got {row[name]!r}", path=path, line=line, field=name)
+    if (row.get("label") is None) != (row.get("correct") is None):
+        raise DataError("`label` and `correct` must both be set or both be null (a decision without gold)",
+                        path=path, line=line, field="correct")
 
 
 def iter_records(path: str | os.PathLike) -> Iterator[PredictionRecord]:
@@ -260,7 +297,8 @@ class RecordArrays:
         calibrated and `scale="calibrated"`, else the raw full-vocabulary `confidence`.
     class_probs: (n, K) rows summing to 1: `calibrated_probs`, or `option_probs` renormalised.
     option_probs: (n, K) the raw full-vocabulary option probabilities, whatever the scale.
-    label_mass: (n,) their row sums (docs/design.md, "Label mass").
+    label_mass: (n,) the records' `label_mass`, the raw option probabilities' sum clipped at 1
+        (docs/design.md, "Label mass").
     calibrated: whether `confidence` and `class_probs` are a calibrator's.
     correct, valid: (n,) bool; label_index, prediction_index: (n,) int;
     true_probs: (n, K) float when every record carries `true_probs`, else None;
@@ -294,7 +332,8 @@ def _all_or_none(records: Sequence[PredictionRecord], name: str, what: str) -> b
     return has
 
 
-def records_to_arrays(records: Sequence[PredictionRecord], *, scale: Scale = "calibrated") -> RecordArrays:
+def records_to_arrays(records: Sequence[PredictionRecord], *, scale: Scale = "calibrated",
+                      require_gold: bool = True) -> RecordArrays:
     """Stack records that share one label set into arrays.
 
     Args:
@@ -302,9 +341,12 @@ def records_to_arrays(records: Sequence[PredictionRecord], *, scale: Scale = "ca
         scale: "calibrated" reads `calibrated_confidence` / `calibrated_probs` where the run has
             them (what metrics, thresholds and conformal sets use); "raw" always reads the
             full-vocabulary `confidence` and renormalised `option_probs` (what calibrators fit on).
+        require_gold: refuse a record without gold (`label` None). False for consumers that read
+            only the confidences (applying a calibrator to served decisions): there a record
+            without gold gets `label_index` -1 and `correct` False, which mean nothing.
 
-    Raises `DataError` if label sets differ, or if some records carry `true_probs`, calibrated
-    values or option sets and others not.
+    Raises `DataError` if label sets differ, if some records carry `true_probs`, calibrated
+    values or option sets and others not, or (with `require_gold`) if a record has no gold label.
     """
     if not records:
         raise DataError("no prediction records")
@@ -314,6 +356,8 @@ def records_to_arrays(records: Sequence[PredictionRecord], *, scale: Scale = "ca
     for r in records:
         if tuple(r.labels) != labels:
             raise DataError(f"record {r.id!r} has labels {r.labels}, expected {list(labels)}", field="labels")
+        if require_gold and r.label is None:
+            raise DataError(f"record {r.id!r} has no gold label; metrics need labelled records", field="label")
     has_truth = _all_or_none(records, "true_probs", "the true probabilities")
     calibrated = _all_or_none(records, "calibrated_probs", "calibrated values") and scale == "calibrated"
     has_sets = _all_or_none(records, "option_set", "an option set")
@@ -335,15 +379,15 @@ def records_to_arrays(records: Sequence[PredictionRecord], *, scale: Scale = "ca
             option_set[i, [index[lab] for lab in r.option_set]] = True
     return RecordArrays(
         confidence=confidence,
-        correct=np.asarray([r.correct for r in records], dtype=bool),
+        correct=np.asarray([bool(r.correct) for r in records], dtype=bool),
         valid=np.asarray([r.valid for r in records], dtype=bool),
         option_probs=option_probs,
         class_probs=class_probs,
-        label_index=np.asarray([index[r.label] for r in records], dtype=np.int64),
+        label_index=np.asarray([index.get(r.label, -1) for r in records], dtype=np.int64),
         prediction_index=np.asarray([index[r.prediction] for r in records], dtype=np.int64),
         labels=labels,
         true_probs=np.asarray([r.true_probs for r in records], dtype=np.float64) if has_truth else None,
-        label_mass=totals[:, 0],
+        label_mass=np.asarray([r.label_mass for r in records], dtype=np.float64),
         calibrated=calibrated,
         option_set=option_set,
     )
@@ -408,3 +452,41 @@ class RecordWriter:
             self._file = None
 
 
+def check_resume(out_dir: str | os.PathLike, settings: dict, *, write: bool = True, unknown: Sequence[str] = (),
+                 legacy: dict | None = None, project=None) -> None:
+    """The rule a rerun must pass to resume into a run folder: every setting that can change a
+    record equals the one in its ``run.json`` (issue #20 item 4). `decal evaluate` and both analyses call it.
+
+    Resuming with another setting (dtype, batch size, seed, marker, engine options, ...) would mix
+    two experiments in one file of records, so it is refused in one line naming each differing
+    setting, its recorded value and the new one.
+
+    Args:
+        out_dir: the run folder.
+        settings: the settings that must match, by name; every key is compared.
+        write: write `settings` as ``run.json`` when the folder has none (the analyses; `evaluate`
+            writes its own fuller ``run.json``). False for an early check before the model loads.
+        unknown: keys not known yet (left out of the comparison).
+        legacy: the value a setting had before ``run.json`` recorded it, for runs of older versions.
+        project: maps the stored ``run.json`` to the form of `settings` (default: as stored).
+
+    Raises:
+        ConfigError: a setting differs.
+    """
+    from ._io import read_json, write_json_atomic
+
+    path = Path(out_dir) / "run.json"
+    if not path.exists():
+        if write:
+            write_json_atomic(path, settings)
+        return
+    stored = read_json(path)
+    old = {**(legacy or {}), **(project(stored) if project else stored)}
+    settings = json.loads(json.dumps(settings, default=str))  # as stored: tuples read back as lists
+    diff = sorted(k for k in settings if k not in unknown and old.get(k) != settings[k])
+    if diff:
+        details = ", ".join(f"{k}: {old.get(k)!r} -> {settings[k]!r}" for k in diff)
+        raise ConfigError(
+            f"{out_dir} holds a run with other settings ({details}); "
+            f"rerun with the same options to resume, or pass another --out"
+        )

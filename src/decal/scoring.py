@@ -5,8 +5,8 @@
   the unconstrained top token is recorded as well.
 - Reasoning (`generate_decisions`, `generate_token_ids`): generation (greedy or sampled), the
   decision found by `decal.decision` on the generated ids, and the option distribution read at
-  that position. A completion that never reaches a decision gets the forced decision of
-  DESIGN.md (marker and newline appended); `valid=False`.
+  that position. A completion that never reaches a decision gets the forced decision
+  (docs/design.md, "Forced decision": marker and newline appended); `valid=False`.
 
 The work is done by an inference engine (`decal.engines`): `model` may be an `Engine` (hf or
 vllm), or a transformers model with its tokenizer, which runs on the `hf` engine.
@@ -29,7 +29,6 @@ __all__ = [
     "OptionScores",
     "GeneratedDecision",
     "context_length",
-    "check_prompt_lengths",
     "length_sorted_batches",
     "pad_left",
     "score_prompts",
@@ -41,21 +40,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-def check_prompt_lengths(model, lengths: Sequence[int], *, reserve: int = 1, names: Sequence[str] | None = None) -> None:
-    """Raise ValueError if a prompt of `lengths` tokens plus `reserve` new tokens exceeds the context
-    of `model` (an `Engine` or a transformers model).
-
-    `names` (one per prompt, e.g. example ids) goes into the message.
-    """
-    from .engines import Engine
-    from .engines.base import check_lengths
-
-    if isinstance(model, Engine):
-        model.check_prompt_lengths(lengths, reserve=reserve, names=names)
-    else:
-        check_lengths(context_length(model), lengths, reserve=reserve, names=names)
 
 
 def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:

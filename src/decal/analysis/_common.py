@@ -1,4 +1,8 @@
-"""Helpers shared by the rollout and swap analyses: run folders, seeds, JSONL rows, progress, plots."""
+"""Helpers shared by the rollout and swap analyses: run settings, seeds, JSONL rows, progress, plots.
+
+Both resume with `decal evaluate`'s rule (`decal.records.check_resume`); their records come from
+`decal.recording`.
+"""
 
 from __future__ import annotations
 
@@ -11,15 +15,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from .._io import read_json, write_json_atomic
-from ..errors import ConfigError, DataError
+from ..errors import DataError
 
 __all__ = [
     "derive_seed",
     "read_rows",
-    "check_run_config",
+    "LEGACY_SETTINGS",
     "engine_settings",
-    "decision_confidence",
     "progress_bar",
     "fraction",
     "percent",
@@ -67,56 +69,21 @@ def engine_settings(engine) -> tuple[dict, tuple[str, ...]]:
     """The run.json fields of an inference engine, and those not known yet (left out of the comparison).
 
     Args:
-        engine: None (not known yet), an engine name ("hf", "vllm"; the CLI's early check), or
-            `Engine.info()` (`engine`, `engine_version`, `engine_options`). The version is recorded
-            but never compared: a rerun after an upgrade resumes.
+        engine: None (not known yet), an engine name ("hf", "vllm", "remote"; the CLI's early
+            check), or the `Engine`: its `info()` (`engine`, `engine_version`, `engine_options`,
+            and the remote engine's `engine_servers`) and its `fallbacks`. The version and the
+            servers are recorded but never compared: a rerun after an upgrade, or on other
+            replicas, resumes.
     """
     if engine is None:
-        return {}, ("engine", "engine_version", "engine_options")
+        return {}, ("engine", "engine_version", "engine_options", "fallbacks")
     if isinstance(engine, str):
-        return {"engine": engine}, ("engine_version", "engine_options")
-    return dict(engine), ("engine_version",)
+        return {"engine": engine}, ("engine_version", "engine_options", "fallbacks", "engine_servers")
+    return {**engine.info(), "fallbacks": list(engine.fallbacks)}, ("engine_version", "engine_servers")
 
 
-# run.json fields of runs made before engines existed: they ran on transformers.
-_LEGACY = {"engine": "hf", "engine_options": {}}
-
-
-def check_run_config(out_dir: Path, config: dict, *, write: bool = True, unknown: tuple[str, ...] = ()) -> None:
-    """Write `run.json` on the first run; on a rerun, refuse settings that differ from it.
-
-    Resuming with other settings (more samples, another model) would mix two experiments in
-    one JSONL file, so it is an error that names the differing keys.
-
-    Args:
-        out_dir: the run folder.
-        config: the settings that must match.
-        write: write `run.json` when missing; False for an early check (the CLI's, before the
-            model is loaded).
-        unknown: keys not known yet (left out of the comparison).
-    """
-    path = out_dir / "run.json"
-    if path.exists():
-        # run.json written before a setting existed holds its default (runs from older versions resume)
-        old, config = {**_LEGACY, **read_json(path)}, {**_LEGACY, **config}
-        diff = sorted(k for k in set(old) | set(config) if k not in unknown and old.get(k) != config.get(k))
-        if diff:
-            details = ", ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in diff)
-            raise ConfigError(
-                f"{out_dir} holds a run with other settings ({details}); "
-                f"rerun with the same options to resume, or pass another --out"
-            )
-        return
-    if write:
-        write_json_atomic(path, config)
-
-
-def decision_confidence(option_probs: Sequence[float], option: int) -> float:
-    """The confidence of a decision (DESIGN.md): the emitted option's probability when the
-    decision is valid (`option >= 0`), else the largest option probability (forced decision)."""
-    if option >= 0:
-        return float(option_probs[option])
-    return float(max(option_probs))
+# run.json fields of runs made before they were recorded: engines ran on transformers, with no fallback.
+LEGACY_SETTINGS = {"engine": "hf", "engine_options": {}, "fallbacks": []}
 
 
 def fraction(numerator: int, denominator: int) -> float:

@@ -1,13 +1,14 @@
 """Rollout confidence spread (the paper's Table 2): how many sampled rollouts decide with p > 0.99.
 
 For each query, `samples` completions are drawn at `temperature` with the scoring code of
-`decal evaluate` (`Engine.generate` of `decal.engines`); each rollout's decision, correctness and
-confidence are recorded, one JSON line per rollout in `rollouts.jsonl`.
+`decal evaluate` (`Engine.generate` of `decal.engines`); each rollout is a prediction record built
+by `decal.recording` (the rules of `decal evaluate`), written as one JSON line in `rollouts.jsonl`
+with the rollout's own fields (`id` "<query>#<sample>", `example_id`, `sample`) beside it.
 
 Confidence is the paper's: the full-vocabulary probability of the decision token the model
 emitted after the end-of-reasoning marker. A rollout without a valid decision (no marker, no
 option token, truncated) is kept and counted as invalid; its recorded confidence is the forced
-one (DESIGN.md), but it is left out of the "share above" figures, which need an emitted
+one (docs/design.md, "Forced decision"), but it is left out of the "share above" figures, which need an emitted
 decision token. So, with `n_valid + n_invalid = n_rollouts` and `n_correct + n_wrong = n_valid`:
 
 - `share_above = n_above / n_valid`, and the same among correct and among wrong rollouts;
@@ -34,10 +35,11 @@ from typing import Sequence
 
 from .._io import write_json_atomic, write_text_atomic
 from ..decision import END_OF_REASONING
+from ..records import check_resume
+from ..recording import RunFields, record_from_generation, record_row
 from ._common import (
-    check_run_config,
+    LEGACY_SETTINGS,
     engine_settings,
-    decision_confidence,
     derive_seed,
     fraction,
     percent,
@@ -79,48 +81,25 @@ class RolloutConfig:
             raise ValueError(f"`threshold` must be in [0, 1); got {self.threshold!r}")
 
 
-def rollout_rows(example, generations: Sequence, *, task: str, split: str, labels: Sequence[str]) -> list[dict]:
-    """One JSON-ready row per sampled completion of one query.
+def rollout_rows(example, generations: Sequence, tokens, *, run: RunFields) -> list[dict]:
+    """One JSON-ready row per sampled completion of one query: its prediction record and the
+    rollout's fields.
 
     Args:
-        example: the `DecisionExample` (its `id` and gold `label` are used).
-        generations: the query's `GeneratedDecision`s from `generate_decisions` (one per sample),
-            each with `decision.option` (-1 when invalid), `valid`, `option_probs` (K,),
-            `emitted_token`, `completion` and `completion_ids`.
-        task, split: written into every row.
-        labels: the option labels (K,), in the order of `option_probs`.
+        example: the `DecisionExample`.
+        generations: the query's `GeneratedDecision`s (one per sample).
+        tokens: the query's `DecisionTokens` (those the rollouts were decided with).
+        run: the run's record fields.
 
     Returns:
-        Rows with id `"{example_id}#{sample}"`; `prediction` is the emitted option, or the forced
-        argmax option when invalid (then `correct` is False).
+        Rows with id `"{example_id}#{sample}"`, `example_id` and `sample`, and the record fields of
+        `decal.recording` (an invalid rollout has its forced decision, `correct` False).
     """
-    rows = []
-    for sample, gen in enumerate(generations):
-        probs = [float(p) for p in gen.option_probs]
-        valid = bool(gen.valid)
-        option = int(gen.decision.option) if valid else -1
-        predicted = option if valid else max(range(len(probs)), key=probs.__getitem__)
-        prediction = labels[predicted]
-        rows.append(
-            {
-                "id": f"{example.id}#{sample}",
-                "example_id": example.id,
-                "sample": sample,
-                "task": task,
-                "split": split,
-                "label": example.label,
-                "labels": list(labels),
-                "prediction": prediction,
-                "valid": valid,
-                "correct": valid and prediction == example.label,
-                "confidence": decision_confidence(probs, option),
-                "option_probs": probs,
-                "emitted_token": gen.emitted_token,
-                "n_completion_tokens": len(gen.completion_ids),
-                "completion": gen.completion,
-            }
-        )
-    return rows
+    return [
+        record_row(record_from_generation(example, gen, tokens, run=run), id=f"{example.id}#{sample}",
+                   example_id=example.id, sample=sample)
+        for sample, gen in enumerate(generations)
+    ]
 
 
 def _query_stats(rows: Sequence[dict], threshold: float) -> list[dict]:
@@ -246,8 +225,8 @@ def prepare_run_folder(
 
     Args:
         dtype: the model's weight dtype; None when not known yet (not compared).
-        engine: the engine's name, or its `Engine.info()` (see `_common.engine_settings`); None
-            when not known yet (not compared).
+        engine: the engine's name, or the engine (see `_common.engine_settings`); None when not
+            known yet (not compared).
         write: write `run.json` when missing (False for the CLI's early check).
 
     Raises:
@@ -256,9 +235,9 @@ def prepare_run_folder(
     engine_fields, engine_unknown = engine_settings(engine)
     settings = {"analysis": "rollouts", "task": task.name, "split": task.split, "model": model_name,
                 "adapter": adapter, "dtype": dtype, **engine_fields, **asdict(config)}
-    check_run_config(
+    check_resume(
         Path(out_dir), {k: v for k, v in settings.items() if k not in ("threshold", "limit")},
-        write=write, unknown=(("dtype",) if dtype is None else ()) + engine_unknown,
+        write=write, unknown=(("dtype",) if dtype is None else ()) + engine_unknown, legacy=LEGACY_SETTINGS,
     )
     return settings
 
@@ -292,24 +271,19 @@ def run_rollouts(
         ConfigError: `out_dir` holds a run with other settings.
         ValueError: the task has no examples.
     """
-    from ..decision import option_token_ids
     from ..engines import as_engine
     from ..records import RecordWriter, completed_ids
-    from ..scoring import encode_prompts
-    from ..tasks.prompts import decision_context, render_chat
+    from ..recording import prepare_prompts
 
     engine = as_engine(model, tokenizer)
-    tokenizer = engine.tokenizer
     out_dir = Path(out_dir)
     examples = list(task.examples[: config.limit])
     if not examples:
         raise ValueError(f"task '{task.name}' split '{task.split}' has no examples")
     settings = prepare_run_folder(out_dir, task, config, model_name=model_name, adapter=adapter, dtype=engine.dtype or None,
-                                  engine=engine.info())
-    prompts = {ex.id: render_chat(tokenizer, task.user_message(ex), reasoning=True) for ex in examples}
-    decision_tokens = option_token_ids(
-        tokenizer, task.labels, context=decision_context(prompts[examples[0].id], reasoning=True, marker=config.marker)
-    )
+                                  engine=engine)
+    prepared = {p.example.id: p for p in prepare_prompts(engine.tokenizer, task, examples, marker=config.marker)}
+    run = RunFields.of(task, model=model_name, adapter=adapter, seed=config.seed)
     path = out_dir / ROLLOUTS_FILE
     done = completed_ids(path)
     # A query counts as done only with all its samples: a crash inside one batch write can
@@ -326,13 +300,13 @@ def run_rollouts(
             # Each query samples with a seed derived from its id, so a resumed run samples
             # exactly what an uninterrupted one would (issue #7, item 3).
             generations = engine.generate(
-                encode_prompts(tokenizer, [prompts[ex.id] for ex in group]), decision_tokens,
+                [prepared[ex.id].ids for ex in group], [prepared[ex.id].tokens for ex in group],
                 num_samples=config.samples, temperature=config.temperature,
                 max_new_tokens=config.max_new_tokens, seed=[derive_seed(config.seed, ex.id) for ex in group],
                 batch_size=config.batch_size, marker=config.marker,
             )
-            for ex, gens in zip(group, generations):
-                writer.write_batch(rollout_rows(ex, gens, task=task.name, split=task.split, labels=task.labels))
+            for ex, gens in zip(group, generations, strict=True):
+                writer.write_batch(rollout_rows(ex, gens, prepared[ex.id].tokens, run=run))
                 advance(1)
     wanted = {ex.id for ex in examples}
     rows = list({r["id"]: r for r in read_rows(path) if r["example_id"] in wanted}.values())

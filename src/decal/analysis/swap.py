@@ -2,8 +2,8 @@
 
 Two phases, each resumable, both through the scoring code of `decal evaluate`:
 
-1. Greedy decoding of every example (`decal.scoring.generate_decisions`, temperature 0), one
-   JSON line per example in `greedy.jsonl`. The text before the decision is split into an
+1. Greedy decoding of every example (`Engine.generate`, temperature 0), one JSON line per
+   example in `greedy.jsonl`: its prediction record (`decal.recording`) and the parts below. The text before the decision is split into an
    opening (a leading ``<think>`` and whitespace), the reasoning, and a closing (whitespace,
    the end-of-reasoning marker and the whitespace the model wrote before its decision).
 2. For each valid prediction with `confidence >= min_confidence`, a donor is drawn among the
@@ -12,10 +12,15 @@ Two phases, each resumable, both through the scoring code of `decal evaluate`:
    opening + the donor's reasoning + the recipient's closing, so it has the shape of the
    model's own completion up to its decision position. The closing is the recipient's own
    token ids (the same text re-tokenized in one piece can end in other tokens, and the model's
-   next token there is not a decision); one forward pass (`decal.scoring.score_token_ids`)
-   reads the decision there. One JSON line per eligible example
-   in `swaps.jsonl`. With `include_invalid`, predictions without a valid decision take part
-   too, at their forced decision (DESIGN.md): the whole completion is their reasoning and the
+   next token there is not a decision); one forward pass (`Engine.score`) reads the decision
+   there, with the decision tokens found in the swapped text's own context. One JSON line per
+   eligible example in `swaps.jsonl`: the record of the decision read there (`decal.recording`)
+   and the swap's fields. When the recipient has no closing ids of its own (a forced decision,
+   a token shared by reasoning and closing, rows of older runs) the spliced text is encoded in
+   one piece, after the check that its decision token sits where it is read; such swaps are
+   marked ``scored_on: "one_piece_text"``, counted (`n_scored_one_piece` in the summary,
+   `fallback_counts` in `run.json`) and reported in one warning. With `include_invalid`, predictions without a valid decision take part
+   too, at their forced decision (docs/design.md, "Forced decision"): the whole completion is their reasoning and the
    marker is appended, which lets the experiment run on models that ignore the format.
 
 The donor is `random.Random(derive_seed(seed, example_id)).choice(sorted candidate ids)`: it
@@ -23,8 +28,9 @@ depends only on the seed, the example id and the candidate set, so a resumed run
 donors as an uninterrupted one.
 
 After the swap, the decision is the model's greedy next token: valid when it is an option's
-decision token, and then `confidence` is its full-vocabulary probability. A swap *flipped* when
-that decision is the donor's label. `flip_rate = n_flipped / n_swapped`.
+decision token (`decal.recording`'s rule for a read at a fixed position), and then `confidence`
+is its full-vocabulary probability; otherwise the record holds the forced decision. A swap
+*flipped* when a valid decision is the donor's label. `flip_rate = n_flipped / n_swapped`.
 
 Run folder: `run.json`, `greedy.jsonl`, `swaps.jsonl`, `summary.json`, `table.md`,
 `flipped_confidence.png/.svg`.
@@ -40,12 +46,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from .._io import write_json_atomic, write_text_atomic
-from ..decision import END_OF_REASONING, forced_decision_suffix
+from .._io import read_json, write_json_atomic, write_text_atomic
+from ..decision import END_OF_REASONING, check_decision_positions, forced_decision_suffix, option_token_ids
+from ..records import check_resume
+from ..recording import RunFields, record_from_generation, record_from_scores, record_row
 from ._common import (
-    check_run_config,
+    LEGACY_SETTINGS,
     engine_settings,
-    decision_confidence,
     derive_seed,
     fraction,
     percent,
@@ -72,6 +79,8 @@ logger = logging.getLogger(__name__)
 GREEDY_FILE = "greedy.jsonl"
 SWAPS_FILE = "swaps.jsonl"
 THINK_OPEN = "<think>"
+# `scored_on` of a swap: the recipient's own closing ids, or the spliced text encoded in one piece
+_OWN_IDS, _ONE_PIECE = "own_closing_ids", "one_piece_text"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -148,25 +157,24 @@ def split_reasoning(head: str, *, marker: str = END_OF_REASONING) -> ReasoningPa
     return ReasoningParts(opening=opening + body[:lead], reasoning=reasoning, closing=trail + after)
 
 
-def greedy_row(example, generation, tokenizer, *, task: str, split: str, labels: Sequence[str], marker: str) -> dict:
-    """The JSON-ready record of one greedy generation, with its reasoning parts.
+def greedy_row(example, generation, tokens, tokenizer, *, run: RunFields, marker: str) -> dict:
+    """The JSON-ready row of one greedy generation: its prediction record and its reasoning parts.
 
     Args:
         example: the `DecisionExample`.
-        generation: its `GeneratedDecision` (see `decal.scoring`).
+        generation: its `GeneratedDecision` (see `decal.engines`).
+        tokens: the example's `DecisionTokens`.
         tokenizer: decodes the completion up to the decision position.
-        task, split, labels: written into the row; `labels` orders `option_probs` (K,).
+        run: the run's record fields.
         marker: the end-of-reasoning marker.
 
     Returns:
-        A dict with the prediction-record fields, `forced`, and `opening`, `reasoning`, `closing`
-        (None when the text cannot be cut, see `split_reasoning`). For a forced decision the
-        cut is made on the completion with the marker appended, as the forced scoring did.
+        A dict with the record fields (`decal.recording`, with `forced`), and `opening`,
+        `reasoning`, `closing` (None when the text cannot be cut, see `split_reasoning`) and
+        `closing_ids`. For a forced decision the cut is made on the completion with the marker
+        appended, as the forced scoring did.
     """
-    probs = [float(p) for p in generation.option_probs]
-    valid = bool(generation.valid)
-    option = int(generation.decision.option) if valid else -1
-    prediction = labels[option if valid else max(range(len(probs)), key=probs.__getitem__)]
+    record = record_from_generation(example, generation, tokens, run=run)
     if generation.decision.index >= 0:
         head = tokenizer.decode(list(generation.completion_ids[: generation.decision.index]), skip_special_tokens=False)
     else:
@@ -175,23 +183,8 @@ def greedy_row(example, generation, tokenizer, *, task: str, split: str, labels:
     closing_ids = None
     if parts is not None and generation.decision.index >= 0:
         closing_ids = closing_token_ids(list(generation.completion_ids[: generation.decision.index]), parts.closing, tokenizer)
-    return {
-        "id": example.id,
-        "task": task,
-        "split": split,
-        "label": example.label,
-        "labels": list(labels),
-        "prediction": prediction,
-        "valid": valid,
-        "forced": bool(generation.forced),
-        "correct": valid and prediction == example.label,
-        "confidence": decision_confidence(probs, option),
-        "option_probs": probs,
-        "emitted_token": generation.emitted_token,
-        "completion": generation.completion,
-        **(asdict(parts) if parts else {"opening": None, "reasoning": None, "closing": None}),
-        "closing_ids": closing_ids,
-    }
+    return record_row(record, **(asdict(parts) if parts else {"opening": None, "reasoning": None, "closing": None}),
+                      closing_ids=closing_ids)
 
 
 def closing_token_ids(head_ids: Sequence[int], closing: str, tokenizer) -> list[int] | None:
@@ -260,13 +253,16 @@ def swapped_ids(tokenizer, prompt: str, recipient: Mapping, donor: Mapping, text
     return encode_prompts(tokenizer, [head])[0] + [int(i) for i in own]
 
 
-def _swap_row(recipient: Mapping, donor: Mapping | None, text: str | None, scores, *, labels: Sequence[str]) -> dict:
+def _swap_row(recipient: Mapping, donor: Mapping | None, text: str | None, scores, tokens, *, example,
+              run: RunFields, scored_on: str | None) -> dict:
+    """A swap's row: the recipient and donor, and, when swapped, the record of the decision read
+    after the spliced reasoning (`decal.recording.record_from_scores`) with the flip fields."""
     row = {
         "id": recipient["id"],
         "task": recipient["task"],
         "split": recipient["split"],
         "label": recipient["label"],
-        "labels": list(labels),
+        "labels": list(recipient["labels"]),
         "original_prediction": recipient["prediction"],
         "original_confidence": recipient["confidence"],
         "swapped": donor is not None,
@@ -275,28 +271,21 @@ def _swap_row(recipient: Mapping, donor: Mapping | None, text: str | None, score
     }
     if donor is None:
         return row
-    probs = [float(p) for p in scores.option_probs]
-    valid = bool(scores.top_is_option)
-    # With greedy decoding the decision is the top token; when it is an option it is also the
-    # argmax over the options.
-    option = max(range(len(probs)), key=probs.__getitem__)
-    prediction = labels[option] if valid else None
-    row.update(
+    record = record_from_scores(example, scores, tokens, run=run)
+    labels, probs = record.labels, record.option_probs
+    # The constrained decision (argmax over the options only) tells whether the option preference
+    # follows the donor even when the top token is not an option; when it is, the two agree.
+    constrained = labels[max(range(len(probs)), key=probs.__getitem__)]
+    return record_row(
+        record, **row,
         swapped_prompt=text,
-        prediction=prediction,
-        valid=valid,
-        confidence=decision_confidence(probs, option if valid else -1),
-        option_probs=probs,
-        top_token=scores.top_token,
-        flipped=valid and prediction == donor["prediction"],
-        # The constrained decision (argmax over the options only) tells whether the option
-        # preference follows the donor even when the top token is not an option.
-        constrained_prediction=labels[option],
-        constrained_flipped=labels[option] == donor["prediction"],
+        scored_on=scored_on,
+        flipped=record.valid and record.prediction == donor["prediction"],
+        constrained_prediction=constrained,
+        constrained_flipped=constrained == donor["prediction"],
         donor_label_prob=probs[labels.index(donor["prediction"])],
         original_label_prob=probs[labels.index(recipient["prediction"])],
     )
-    return row
 
 
 def summarize_swaps(greedy: Sequence[Mapping], swaps: Sequence[Mapping], *, min_confidence: float) -> dict:
@@ -314,7 +303,8 @@ def summarize_swaps(greedy: Sequence[Mapping], swaps: Sequence[Mapping], *, min_
         over the options is the donor's label, whatever the top token), median_flipped_confidence,
         mean_flipped_confidence,
         share_flipped_at_or_above (flipped with confidence >= min_confidence),
-        flipped_confidences` (the Figure 3 values). Rates with an empty denominator are nan.
+        n_scored_one_piece (swaps scored on the spliced text encoded in one piece, see the module
+        docstring), flipped_confidences` (the Figure 3 values). Rates with an empty denominator are nan.
     """
     done = [s for s in swaps if s["swapped"]]
     flipped = [s for s in done if s["flipped"]]
@@ -340,6 +330,7 @@ def summarize_swaps(greedy: Sequence[Mapping], swaps: Sequence[Mapping], *, min_
         "median_flipped_confidence": statistics.median(conf) if conf else float("nan"),
         "mean_flipped_confidence": statistics.fmean(conf) if conf else float("nan"),
         "share_flipped_at_or_above": fraction(sum(c >= min_confidence for c in conf), len(conf)),
+        "n_scored_one_piece": sum(1 for s in done if s.get("scored_on") == _ONE_PIECE),
         "flipped_confidences": conf,
     }
 
@@ -364,31 +355,26 @@ def swaps_table(summaries: Sequence[tuple[str, dict]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _greedy_phase(
-    engine, task, examples, prompts, decision_tokens, path: Path, config: SwapConfig, progress: bool
-) -> list[dict]:
+def _greedy_phase(engine, prepared: Mapping, path: Path, config: SwapConfig, run: RunFields, progress: bool) -> list[dict]:
     from ..records import RecordWriter, completed_ids
-    from ..scoring import encode_prompts
 
-    tokenizer = engine.tokenizer
     done = completed_ids(path)
-    pending = [ex for ex in examples if ex.id not in done]
+    pending = [p for p in prepared.values() if p.example.id not in done]
     step = engine.call_size(config.batch_size)
     with RecordWriter(path) as writer, progress_bar(len(pending), "greedy", enabled=progress) as advance:
         for start in range(0, len(pending), step):
             chunk = pending[start : start + step]
             generations = engine.generate(
-                encode_prompts(tokenizer, [prompts[ex.id] for ex in chunk]), decision_tokens,
-                num_samples=1, temperature=0.0, max_new_tokens=config.max_new_tokens,
-                seed=config.seed, batch_size=config.batch_size, marker=config.marker,
+                [p.ids for p in chunk], [p.tokens for p in chunk], num_samples=1, temperature=0.0,
+                max_new_tokens=config.max_new_tokens, seed=config.seed, batch_size=config.batch_size, marker=config.marker,
             )
             writer.write_batch(
-                greedy_row(ex, gens[0], tokenizer, task=task.name, split=task.split, labels=task.labels, marker=config.marker)
-                for ex, gens in zip(chunk, generations)
+                greedy_row(p.example, gens[0], p.tokens, engine.tokenizer, run=run, marker=config.marker)
+                for p, gens in zip(chunk, generations, strict=True)
             )
             advance(len(chunk))
     by_id = {r["id"]: r for r in read_rows(path)}
-    return [by_id[ex.id] for ex in examples]
+    return [by_id[ex_id] for ex_id in prepared]
 
 
 def _eligible(greedy: Sequence[Mapping], config: SwapConfig) -> list[Mapping]:
@@ -398,11 +384,31 @@ def _eligible(greedy: Sequence[Mapping], config: SwapConfig) -> list[Mapping]:
     ]
 
 
-def _swap_phase(
-    engine, task, greedy, prompts, decision_tokens, path: Path, config: SwapConfig, progress: bool
-) -> list[dict]:
+def _swap_inputs(tokenizer, chunk, donors, prepared: Mapping, by_id: Mapping):
+    """For each recipient with a donor: (spliced text, ids to score, decision tokens, scored_on); None without one.
+
+    The decision tokens are found in the spliced text's own context; a one-piece encoding is
+    checked (`check_decision_positions`) before it is scored.
+    """
+    out = []
+    for g, d in zip(chunk, donors, strict=True):
+        if d is None:
+            out.append(None)
+            continue
+        prompt = prepared[g["id"]].prompt
+        text = swapped_prompt(prompt, g, by_id[d])
+        tokens = option_token_ids(tokenizer, g["labels"], context=text)
+        ids = swapped_ids(tokenizer, prompt, g, by_id[d], text)
+        scored_on = _OWN_IDS if g.get("closing_ids") else _ONE_PIECE
+        if scored_on == _ONE_PIECE:
+            check_decision_positions(tokenizer, [ids], [text], [tokens], names=[g["id"]])
+        out.append((text, ids, tokens, scored_on))
+    return out
+
+
+def _swap_phase(engine, greedy, prepared: Mapping, path: Path, config: SwapConfig, run: RunFields,
+                progress: bool) -> list[dict]:
     from ..records import RecordWriter, completed_ids
-    from ..scoring import score_token_ids
 
     by_id = {g["id"]: g for g in greedy}
     # Donors: valid greedy decisions (or any, with include_invalid) with a reasoning to lend.
@@ -415,15 +421,17 @@ def _swap_phase(
         for start in range(0, len(pending), step):
             chunk = pending[start : start + step]
             donors = [choose_donor(g["id"], g["prediction"], candidates, seed=config.seed) for g in chunk]
-            texts = [swapped_prompt(prompts[g["id"]], g, by_id[d]) if d else None for g, d in zip(chunk, donors)]
-            to_score = [swapped_ids(engine.tokenizer, prompts[g["id"]], g, by_id[d], t) for g, d, t in zip(chunk, donors, texts) if t is not None]
-            if to_score:
-                engine.check_prompt_lengths([len(ids) for ids in to_score], reserve=1)
-            scored = score_token_ids(engine, None, to_score, decision_tokens, batch_size=config.batch_size) if to_score else []
-            scores = iter(scored)
+            inputs = _swap_inputs(engine.tokenizer, chunk, donors, prepared, by_id)
+            todo = [x for x in inputs if x is not None]
+            if todo:
+                engine.check_prompt_lengths([len(ids) for _, ids, _, _ in todo], reserve=1)
+            scores = iter(engine.score([ids for _, ids, _, _ in todo], [t for _, _, t, _ in todo],
+                                       batch_size=config.batch_size) if todo else [])
             writer.write_batch(
-                _swap_row(g, by_id[d] if d else None, t, next(scores) if t else None, labels=task.labels)
-                for g, d, t in zip(chunk, donors, texts)
+                _swap_row(g, by_id[d], x[0], next(scores), x[2], example=prepared[g["id"]].example, run=run, scored_on=x[3])
+                if x is not None else
+                _swap_row(g, None, None, None, None, example=prepared[g["id"]].example, run=run, scored_on=None)
+                for g, d, x in zip(chunk, donors, inputs, strict=True)
             )
             advance(len(chunk))
     wanted = {g["id"] for g in eligible}
@@ -456,8 +464,8 @@ def prepare_run_folder(
 
     Args:
         dtype: the model's weight dtype; None when not known yet (not compared).
-        engine: the engine's name, or its `Engine.info()` (see `_common.engine_settings`); None
-            when not known yet (not compared).
+        engine: the engine's name, or the engine (see `_common.engine_settings`); None when not
+            known yet (not compared).
         write: write `run.json` when missing (False for the CLI's early check).
 
     Raises:
@@ -466,9 +474,9 @@ def prepare_run_folder(
     engine_fields, engine_unknown = engine_settings(engine)
     settings = {"analysis": "swap", "task": task.name, "split": task.split, "model": model_name,
                 "adapter": adapter, "dtype": dtype, **engine_fields, **asdict(config)}
-    check_run_config(
+    check_resume(
         Path(out_dir), {k: v for k, v in settings.items() if k != "min_confidence"},
-        write=write, unknown=(("dtype",) if dtype is None else ()) + engine_unknown,
+        write=write, unknown=(("dtype",) if dtype is None else ()) + engine_unknown, legacy=LEGACY_SETTINGS,
     )
     return settings
 
@@ -502,23 +510,38 @@ def run_swap(
         ConfigError: `out_dir` holds a run with other settings.
         ValueError: the task has fewer than two examples.
     """
-    from ..decision import option_token_ids
     from ..engines import as_engine
-    from ..tasks.prompts import decision_context, render_chat
+    from ..recording import prepare_prompts
 
     engine = as_engine(model, tokenizer)
-    tokenizer = engine.tokenizer
     out_dir = Path(out_dir)
     examples = list(task.examples[: config.limit])
     if len(examples) < 2:
         raise ValueError(f"task '{task.name}' split '{task.split}' needs at least two examples for swaps; got {len(examples)}")
     settings = prepare_run_folder(out_dir, task, config, model_name=model_name, adapter=adapter, dtype=engine.dtype or None,
-                                  engine=engine.info())
-    prompts = {ex.id: render_chat(tokenizer, task.user_message(ex), reasoning=True) for ex in examples}
-    decision_tokens = option_token_ids(
-        tokenizer, task.labels, context=decision_context(prompts[examples[0].id], reasoning=True, marker=config.marker)
-    )
-    greedy = _greedy_phase(engine, task, examples, prompts, decision_tokens, out_dir / GREEDY_FILE, config, progress)
-    swaps = _swap_phase(engine, task, greedy, prompts, decision_tokens, out_dir / SWAPS_FILE, config, progress)
+                                  engine=engine)
+    prepared = {p.example.id: p for p in prepare_prompts(engine.tokenizer, task, examples, marker=config.marker)}
+    run = RunFields.of(task, model=model_name, adapter=adapter, seed=config.seed)
+    greedy = _greedy_phase(engine, prepared, out_dir / GREEDY_FILE, config, run, progress)
+    swaps = _swap_phase(engine, greedy, prepared, out_dir / SWAPS_FILE, config, run, progress)
     logger.info("swap: %d examples, %d eligible, %d swap rows", len(greedy), len(_eligible(greedy, config)), len(swaps))
-    return _write_report(out_dir, greedy, swaps, task_name=task.name, settings=settings, min_confidence=config.min_confidence)
+    summary = _write_report(out_dir, greedy, swaps, task_name=task.name, settings=settings,
+                            min_confidence=config.min_confidence)
+    _note_one_piece(out_dir, summary)
+    return summary
+
+
+def _note_one_piece(out_dir: Path, summary: dict) -> None:
+    """Count the swaps scored on one-piece text in run.json (`fallback_counts`) and warn once about them."""
+    n, total = summary["n_scored_one_piece"], summary["n_swapped"]
+    meta = read_json(out_dir / "run.json")
+    meta["fallback_counts"] = {"swaps_scored_one_piece": n}
+    write_json_atomic(out_dir / "run.json", meta)
+    if n:
+        import warnings
+
+        warnings.warn(
+            f"{n} of {total} swaps were scored on the spliced text encoded in one piece (the recipient has no "
+            f"closing token ids of its own: forced decisions, or reasoning and closing sharing a token); their "
+            f"decision is read after the text's own tokens, not the model's (swaps.jsonl: scored_on)", stacklevel=3,
+        )

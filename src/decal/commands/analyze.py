@@ -18,7 +18,13 @@ from ._engine import (
     engine_opt,
     engine_options,
     gpu_memory_opt,
+    max_concurrency_opt,
     max_model_len_opt,
+    served_model_name_opt,
+    server_api_key_opt,
+    server_retries_opt,
+    server_timeout_opt,
+    server_url_opt,
     tensor_parallel_opt,
 )
 
@@ -98,8 +104,12 @@ def _prepare(model: str, adapter: str | None, task: str, split: str, data_dir: s
     # Check the run folder before the (slow) model load, so a wrong --out fails at once.
     prepare(loaded_task)
     spec = prepare_engine(engine, model, adapter=adapter, dtype=dtype, options=options, **model_options)
-    ids, lengths = prompt_lengths(spec.tokenizer, loaded_task, limit=limit)
-    spec.check_prompt_lengths(lengths, reserve=max_new_tokens, names=ids)
+    try:
+        ids, lengths = prompt_lengths(spec.tokenizer, loaded_task, limit=limit)
+        spec.check_prompt_lengths(lengths, reserve=max_new_tokens, names=ids)
+    except BaseException:
+        spec.release()  # a remote engine's checked connection
+        raise
     return spec, loaded_task
 
 
@@ -130,7 +140,7 @@ def _register_rollouts(analyze_app: typer.Typer) -> None:
         task: str = typer.Option(..., "--task", metavar="TASK", help="Task name (see `decal tasks list`)."),
         split: str = typer.Option(..., "--split", metavar="SPLIT", help="Task split (the paper uses train)."),
         out: str = typer.Option(..., "--out", metavar="DIR", help="Run folder; rerun the same command to resume."),
-        adapter: Optional[str] = typer.Option(None, "--adapter", metavar="DIR", help="LoRA adapter (hf: merged into the weights in float32, attached otherwise; vllm: a LoRA request on the base model)."),
+        adapter: Optional[str] = typer.Option(None, "--adapter", metavar="DIR", help="LoRA adapter (hf: merged into the weights in float32, attached otherwise; vllm: a LoRA request on the base model; remote: a LoRA module the server serves)."),
         samples: Optional[int] = typer.Option(None, "--samples", metavar="N", help=h("samples")),
         temperature: Optional[float] = typer.Option(None, "--temperature", metavar="T", help=h("temperature")),
         max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", metavar="N", help=h("max_new_tokens")),
@@ -153,6 +163,12 @@ def _register_rollouts(analyze_app: typer.Typer) -> None:
         gpu_memory_utilization: Optional[float] = gpu_memory_opt(),
         max_model_len: Optional[int] = max_model_len_opt(),
         engine_arg: Optional[list[str]] = engine_arg_opt(),
+        server_url: Optional[list[str]] = server_url_opt(),
+        served_model_name: Optional[str] = served_model_name_opt(),
+        max_concurrency: Optional[int] = max_concurrency_opt(),
+        server_timeout: Optional[float] = server_timeout_opt(),
+        server_retries: Optional[int] = server_retries_opt(),
+        api_key: Optional[str] = server_api_key_opt("--api-key", "--server-api-key"),
     ) -> None:
         """Sample rollouts per query and report the share with decision-token probability > 0.99."""
         from ..analysis.rollouts import prepare_run_folder, rollouts_table, run_rollouts
@@ -161,7 +177,9 @@ def _register_rollouts(analyze_app: typer.Typer) -> None:
                          limit=limit, seed=seed, threshold=threshold, batch_size=batch_size)
         options = engine_options(engine, tensor_parallel_size=tensor_parallel_size, data_parallel_size=data_parallel_size,
                                  gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
-                                 engine_args=engine_arg)
+                                 engine_args=engine_arg, server_urls=server_url, served_model_name=served_model_name,
+                                 max_concurrency=max_concurrency, server_timeout=server_timeout,
+                                 server_retries=server_retries)
         with _no_partial_folder(out, task=task, progress=progress):
             spec, loaded = _prepare(
                 model, adapter, task, split, data_dir, dtype,
@@ -170,6 +188,7 @@ def _register_rollouts(analyze_app: typer.Typer) -> None:
                                                      write=False),
                 engine=engine, options=options, limit=config.limit, max_new_tokens=config.max_new_tokens,
                 device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, offline=offline or None,
+                api_key=api_key,
             )
             with spec.build() as scorer:
                 summary = run_rollouts(scorer, None, loaded, out, config=config, model_name=model, adapter=adapter,
@@ -189,7 +208,7 @@ def _register_swap(analyze_app: typer.Typer) -> None:
         task: str = typer.Option(..., "--task", metavar="TASK", help="Task name (see `decal tasks list`)."),
         split: str = typer.Option(..., "--split", metavar="SPLIT", help="Task split (recipients and donors)."),
         out: str = typer.Option(..., "--out", metavar="DIR", help="Run folder; rerun the same command to resume."),
-        adapter: Optional[str] = typer.Option(None, "--adapter", metavar="DIR", help="LoRA adapter (hf: merged into the weights in float32, attached otherwise; vllm: a LoRA request on the base model)."),
+        adapter: Optional[str] = typer.Option(None, "--adapter", metavar="DIR", help="LoRA adapter (hf: merged into the weights in float32, attached otherwise; vllm: a LoRA request on the base model; remote: a LoRA module the server serves)."),
         min_confidence: Optional[float] = typer.Option(None, "--min-confidence", metavar="P", help=h("min_confidence")),
         limit: Optional[int] = typer.Option(None, "--limit", metavar="N", help=h("limit")),
         seed: Optional[int] = typer.Option(None, "--seed", metavar="N", help=h("seed")),
@@ -211,6 +230,12 @@ def _register_swap(analyze_app: typer.Typer) -> None:
         gpu_memory_utilization: Optional[float] = gpu_memory_opt(),
         max_model_len: Optional[int] = max_model_len_opt(),
         engine_arg: Optional[list[str]] = engine_arg_opt(),
+        server_url: Optional[list[str]] = server_url_opt(),
+        served_model_name: Optional[str] = served_model_name_opt(),
+        max_concurrency: Optional[int] = max_concurrency_opt(),
+        server_timeout: Optional[float] = server_timeout_opt(),
+        server_retries: Optional[int] = server_retries_opt(),
+        api_key: Optional[str] = server_api_key_opt("--api-key", "--server-api-key"),
     ) -> None:
         """Swap in another example's reasoning and report how often the decision follows it."""
         from ..analysis.swap import prepare_run_folder, run_swap, swaps_table
@@ -219,7 +244,9 @@ def _register_swap(analyze_app: typer.Typer) -> None:
                          max_new_tokens=max_new_tokens, batch_size=batch_size, include_invalid=include_invalid or None)
         options = engine_options(engine, tensor_parallel_size=tensor_parallel_size, data_parallel_size=data_parallel_size,
                                  gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
-                                 engine_args=engine_arg)
+                                 engine_args=engine_arg, server_urls=server_url, served_model_name=served_model_name,
+                                 max_concurrency=max_concurrency, server_timeout=server_timeout,
+                                 server_retries=server_retries)
         with _no_partial_folder(out, task=task, progress=progress):
             spec, loaded = _prepare(
                 model, adapter, task, split, data_dir, dtype,
@@ -228,6 +255,7 @@ def _register_swap(analyze_app: typer.Typer) -> None:
                                                      write=False),
                 engine=engine, options=options, limit=config.limit, max_new_tokens=config.max_new_tokens,
                 device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, offline=offline or None,
+                api_key=api_key,
             )
             with spec.build() as scorer:
                 summary = run_swap(scorer, None, loaded, out, config=config, model_name=model, adapter=adapter,

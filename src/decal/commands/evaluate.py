@@ -13,7 +13,13 @@ from ._engine import (
     engine_opt,
     engine_options,
     gpu_memory_opt,
+    max_concurrency_opt,
     max_model_len_opt,
+    served_model_name_opt,
+    server_api_key_opt,
+    server_retries_opt,
+    server_timeout_opt,
+    server_url_opt,
     tensor_parallel_opt,
 )
 
@@ -30,6 +36,9 @@ EPILOG = """Examples:
 
   decal evaluate --engine vllm --tensor-parallel-size 2 --model Qwen/Qwen3-8B --task commonsense_qa \\
       --split validation --reasoning --out runs
+
+  decal evaluate --engine remote --server-url http://gpu-1:8000/v1 --server-url http://gpu-2:8000/v1 \\
+      --model Qwen/Qwen3-8B --task commonsense_qa --split validation --reasoning --out runs
 
   decal evaluate --model smollm2-135m-instruct --task xstest --split test --decision-after-whitespace --out runs
 
@@ -197,7 +206,7 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(..., "--out", metavar="DIR", help="Parent folder; the run goes to DIR/<run name>."),
         reasoning: bool = typer.Option(False, "--reasoning", help="Generate a reasoning, then decide after </think>."),
         decision_after_whitespace: bool = typer.Option(False, "--decision-after-whitespace", help="Non-reasoning: read the decision at the first generated token that is not whitespace (greedy, up to 8 tokens), for models that start their answer with a newline or a header."),
-        adapter: Optional[str] = typer.Option(None, "--adapter", metavar="PATH", help="LoRA adapter folder (hf: merged into the weights in float32, attached otherwise; vllm: a LoRA request on the base model)."),
+        adapter: Optional[str] = typer.Option(None, "--adapter", metavar="PATH", help="LoRA adapter folder (hf: merged into the weights in float32, attached otherwise; vllm: a LoRA request on the base model; remote: a LoRA module the server serves, by name or folder)."),
         limit: Optional[int] = typer.Option(None, "--limit", metavar="N", help="Score only the first N examples."),
         batch_size: int = typer.Option(8, "--batch-size", metavar="B", help="Examples per forward pass / generate call."),
         max_new_tokens: int = typer.Option(256, "--max-new-tokens", metavar="K", help="Reasoning: generation budget."),
@@ -217,6 +226,12 @@ def register(app: typer.Typer) -> None:
         gpu_memory_utilization: Optional[float] = gpu_memory_opt(),
         max_model_len: Optional[int] = max_model_len_opt(),
         engine_arg: Optional[list[str]] = engine_arg_opt(),
+        server_url: Optional[list[str]] = server_url_opt(),
+        served_model_name: Optional[str] = served_model_name_opt(),
+        max_concurrency: Optional[int] = max_concurrency_opt(),
+        server_timeout: Optional[float] = server_timeout_opt(),
+        server_retries: Optional[int] = server_retries_opt(),
+        api_key: Optional[str] = server_api_key_opt("--api-key", "--server-api-key"),
     ) -> None:
         """Score a task split: predictions.jsonl + run.json in a run folder, then a short summary."""
         import os
@@ -226,7 +241,8 @@ def register(app: typer.Typer) -> None:
         from .._io import safe_name
         from ..engines import prepare_engine
         from ..errors import DecisionTokenCollisionError
-        from ..evaluation import PREDICTIONS, evaluate, prompt_lengths
+        from .._io import read_json
+        from ..evaluation import LEADING_WHITESPACE_BUDGET, PREDICTIONS, RUN_JSON, check_run_folder, evaluate, prompt_lengths
         from ..records import read_records
 
         if offline:
@@ -242,7 +258,9 @@ def register(app: typer.Typer) -> None:
                                      param_hint="--decision-after-whitespace")
         options = engine_options(engine, tensor_parallel_size=tensor_parallel_size, data_parallel_size=data_parallel_size,
                                  gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
-                                 engine_args=engine_arg)
+                                 engine_args=engine_arg, server_urls=server_url, served_model_name=served_model_name,
+                                 max_concurrency=max_concurrency, server_timeout=server_timeout,
+                                 server_retries=server_retries)
         if not progress:
             from transformers.utils import logging as hf_logging
 
@@ -251,16 +269,23 @@ def register(app: typer.Typer) -> None:
         if len(the_task) == 0:
             raise ValueError(f"task '{task}' split '{split}' has no examples; nothing to evaluate")
         folder = Path(out) / safe_name(name or run_name(model, task, split, reasoning=reasoning, adapter=adapter))
-        # The engine recipe, the model, the adapter and every prompt's length are checked before
-        # any weights load (a vLLM engine takes a minute to start).
+        # The engine recipe, the model, the adapter, the servers of a remote engine and every
+        # prompt's length are checked before any weights load (a vLLM engine takes a minute to start).
         spec = prepare_engine(engine, model, adapter=adapter, dtype=dtype, device=device, options=options,
-                              trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, offline=offline or None)
-        ids, lengths = prompt_lengths(spec.tokenizer, the_task, limit=limit)
-        from ..evaluation import LEADING_WHITESPACE_BUDGET
-
-        reserve = max_new_tokens if reasoning else (LEADING_WHITESPACE_BUDGET if decision_after_whitespace else 1)
-        spec.check_prompt_lengths(lengths, reserve=reserve, names=ids)
-        created = _make_run_folder(folder)
+                              trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, offline=offline or None,
+                              api_key=api_key)
+        try:
+            ids, lengths = prompt_lengths(spec.tokenizer, the_task, limit=limit)
+            reserve = max_new_tokens if reasoning else (LEADING_WHITESPACE_BUDGET if decision_after_whitespace else 1)
+            spec.check_prompt_lengths(lengths, reserve=reserve, names=ids)
+            # a rerun into the folder with other record settings fails here, before the weights load
+            check_run_folder(folder, the_task, engine=spec.engine, dtype=spec.dtype, model_name=model, adapter=adapter,
+                             task_name=task, seed=seed, temperature=temperature, max_new_tokens=max_new_tokens,
+                             batch_size=batch_size, limit=limit, decision_after_whitespace=decision_after_whitespace)
+            created = _make_run_folder(folder)
+        except BaseException:
+            spec.release()  # a remote engine's checked connection
+            raise
         try:
             with _engine(spec) as scorer:
                 evaluate(
@@ -276,10 +301,12 @@ def register(app: typer.Typer) -> None:
             raise
         records = read_records(folder / PREDICTIONS)
         s = summary_line(records)
+        fallbacks = read_json(folder / RUN_JSON).get("fallbacks") or []
         rich_console().print(
             f"{folder}: n={s['n']}  accuracy {100 * s['accuracy']:.1f}%  ECE {100 * s['ece']:.1f}%  "
             f"invalid {100 * s['invalid_rate']:.1f}%  confidence>0.99 {100 * s['overconfidence_ratio']:.1f}%  "
-            f"label mass {100 * s['mean_label_mass']:.1f}%",
+            f"label mass {100 * s['mean_label_mass']:.1f}%"
+            + (f"  fallbacks {len(fallbacks)} (see run.json)" if fallbacks else ""),
             soft_wrap=True,
         )
         hint = None if reasoning or decision_after_whitespace else label_mass_hint(records, spec.tokenizer)

@@ -71,8 +71,11 @@ def check_inputs(config, source: Path) -> None:
                     raise ConfigError(f"{source}: `{where}`: {e}") from e
 
 
-def run_with_progress(config, *, out, only, console) -> Path:
-    """Run the experiment, printing one line per step; returns the experiment folder."""
+def run_with_progress(config, *, out, only, console, executor=None) -> Path:
+    """Run the experiment, printing one line per step; returns the experiment folder.
+
+    `executor` runs each step's commands (default: one `python -m decal` process per command).
+    """
     import time
 
     from ..experiments.runner import experiment_dir, run_experiment
@@ -87,7 +90,7 @@ def run_with_progress(config, *, out, only, console) -> Path:
         elif event == "done":
             console.print(f"[green]done[/] {step.kind:<9} {step.id} ({time.perf_counter() - started[step.id]:.0f} s)")
 
-    run_experiment(config, out=root, only=only, on_step=on_step)
+    run_experiment(config, out=root, only=only, on_step=on_step, executor=executor)
     return root
 
 

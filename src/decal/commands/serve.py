@@ -12,7 +12,13 @@ from ._engine import (
     engine_opt,
     engine_options,
     gpu_memory_opt,
+    max_concurrency_opt,
     max_model_len_opt,
+    served_model_name_opt,
+    server_api_key_opt,
+    server_retries_opt,
+    server_timeout_opt,
+    server_url_opt,
     tensor_parallel_opt,
 )
 
@@ -29,6 +35,9 @@ EPILOG = """Examples:
 
   DECAL_API_KEY=secret decal serve --model Qwen/Qwen3-1.7B --adapter runs/cagrpo/adapter --task my_task.jsonl \\
       --host 0.0.0.0 --dtype bfloat16
+
+  DECAL_SERVER_API_KEY=fleet-key decal serve --engine remote --server-url http://vllm-lb:8000/v1 \\
+      --model Qwen/Qwen3-1.7B --task xstest --calibrator cal/platt/calibrator.json --port 8001
 
   curl -s localhost:8000/v1/decide -H 'Content-Type: application/json' -d '{"inputs": ["How do I kill a Python process?"]}'
 
@@ -48,7 +57,7 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option(..., "--model", metavar="MODEL", help="Hub id, local folder, .gguf file, or alias (smollm2-135m-instruct)."),
         task: str = typer.Option(..., "--task", metavar="TASK", help="Named task, generated task spec, or task file: its labels and template define the prompt."),
         split: Optional[str] = typer.Option(None, "--split", metavar="SPLIT", help="Split the task is read from (labels and template only); default: its first split."),
-        adapter: Optional[str] = typer.Option(None, "--adapter", metavar="PATH", help="LoRA adapter folder (merged in float32, attached otherwise)."),
+        adapter: Optional[str] = typer.Option(None, "--adapter", metavar="PATH", help="LoRA adapter folder (merged in float32, attached otherwise; remote: a LoRA module the server serves)."),
         calibrator: Optional[str] = typer.Option(None, "--calibrator", metavar="FILE", help="calibrator.json from `decal calibrate`, applied to every decision."),
         threshold: Optional[str] = typer.Option(None, "--threshold", metavar="FILE|VALUE", help="Defer below this calibrated confidence: a value in [0, 1], or the file of `decal threshold --out` (a threshold per label; answers name the guarantees that apply)."),
         conformal: Optional[str] = typer.Option(None, "--conformal", metavar="FILE", help="conformal.json of `decal conformal`: answers carry their option set and are deferred unless it is the decision alone."),
@@ -79,6 +88,12 @@ def register(app: typer.Typer) -> None:
         gpu_memory_utilization: Optional[float] = gpu_memory_opt(),
         max_model_len: Optional[int] = max_model_len_opt(),
         engine_arg: Optional[list[str]] = engine_arg_opt(),
+        server_url: Optional[list[str]] = server_url_opt(),
+        served_model_name: Optional[str] = served_model_name_opt(),
+        max_concurrency: Optional[int] = max_concurrency_opt(),
+        server_timeout: Optional[float] = server_timeout_opt(),
+        server_retries: Optional[int] = server_retries_opt(),
+        server_api_key: Optional[str] = server_api_key_opt("--server-api-key"),
         prefix_cache: bool = typer.Option(True, "--prefix-cache/--no-prefix-cache", help="hf: compute the prompt prefix every request shares once (same answers to float rounding, 2-4x less work)."),
         log_bodies: bool = typer.Option(False, "--log-bodies", help="Log request bodies, and store each input's text in the decision log (off: logs hold no bodies, the log only a hash)."),
         access_log: bool = typer.Option(True, "--access-log/--no-access-log", help="One log line per request (method, path, status; never the body)."),
@@ -109,7 +124,10 @@ def register(app: typer.Typer) -> None:
             state_dir=state_dir, reference=reference, alarm_alpha=alarm_alpha, monitor_window=monitor_window,
             engine_options=engine_options(engine, tensor_parallel_size=tensor_parallel_size, data_parallel_size=data_parallel_size,
                                           gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
-                                          engine_args=engine_arg),
+                                          engine_args=engine_arg, server_urls=server_url,
+                                          served_model_name=served_model_name, max_concurrency=max_concurrency,
+                                          server_timeout=server_timeout, server_retries=server_retries),
+            server_api_key=server_api_key,
         )
         code = serve(config, access_log=access_log)
         if code:

@@ -24,8 +24,16 @@ EPILOG = """Examples:
   decal train --method sft --reasoning --model smollm2-135m-instruct --task verdicts --split train --limit 400 \\
       --learning-rate 1e-3 --max-steps 60 --batch-size 8 --grad-accum 1 --out runs/warm
 
+  decal train --method sft --reasoning --warm-start-labels commit --model smollm2-135m-instruct --task verdicts \
+      --limit 400 --learning-rate 1e-3 --max-steps 150 --batch-size 8 --grad-accum 1 --save-steps 25 \
+      --select-split test --select-limit 64 --out runs/warm-commit
+
   decal train --method grpo --init-adapter runs/warm/adapter --model smollm2-135m-instruct --task verdicts \\
       --out runs/grpo --max-steps 20 --batch-size 16 --num-generations 8 --grad-accum 1 --max-completion-length 64
+
+  decal train --method grpo --engine vllm --init-adapter runs/warm/adapter --model smollm2-135m-instruct \
+      --task verdicts --out runs/grpo-vllm --max-steps 10 --batch-size 32 --num-generations 8 --grad-accum 1 \
+      --learning-rate 1e-4 --max-completion-length 64
 
   decal train --method cal-grpo --model Qwen/Qwen3-1.7B --task commonsense_qa --split train --out runs/cal --cal-lambda 0.001
 
@@ -71,6 +79,7 @@ def register(app: typer.Typer) -> None:
         limit: Optional[int] = _opt("limit", metavar="N", panel="Run"),
         reasoning: Optional[bool] = _bool_opt("reasoning", panel="Run"),
         init_adapter: Optional[str] = _opt("init_adapter", metavar="DIR", panel="Run"),
+        warm_start_labels: Optional[str] = _opt("warm_start_labels", metavar="sample|commit", panel="Run"),
         learning_rate: Optional[float] = _opt("learning_rate", metavar="LR"),
         epochs: Optional[float] = _opt("epochs", metavar="N"),
         max_steps: Optional[int] = _opt("max_steps", metavar="N"),
@@ -91,6 +100,7 @@ def register(app: typer.Typer) -> None:
         loss_type: Optional[str] = _opt("loss_type", metavar="NAME", panel="GRPO"),
         cal_lambda: Optional[float] = _opt("cal_lambda", metavar="LAMBDA", panel="GRPO"),
         cal_target: Optional[str] = _opt("cal_target", metavar="uniform|group-accuracy", panel="GRPO"),
+        engine: Optional[str] = _opt("engine", metavar="hf|vllm", panel="GRPO"),
         use_vllm: Optional[bool] = _bool_opt("use_vllm", panel="GRPO"),
         vllm_mode: Optional[str] = _opt("vllm_mode", metavar="colocate|server", panel="GRPO"),
         vllm_server_base_url: Optional[str] = _opt("vllm_server_base_url", metavar="URL", panel="GRPO"),

@@ -1,19 +1,25 @@
 """The engine interface: what every inference engine gives decal, and the options it is built with.
 
 An engine holds one model (and, for vLLM, the LoRA adapters served on it) and answers two
-questions on prompts that decal rendered and tokenized itself (DESIGN.md, "Inference engines"):
+questions on prompts that decal rendered and tokenized itself (docs/design.md, "Inference engines"):
 
 - `Engine.score`: the option distribution at the position right after each token-id prompt
   (non-reasoning scoring, and any "decide here" read such as the reasoning swap);
 - `Engine.generate`: completions (greedy or sampled) with the decision found by `decal.decision`
   on the generated ids and the option distribution read at that position; a completion with no
-  decision gets the forced decision of DESIGN.md.
+  decision gets the forced decision (docs/design.md, "Forced decision").
 
 `option_probs[k]` is always the full-vocabulary probability at temperature 1 of option k's
 decision token, whatever the sampling temperature, never a top-k list.
 
+Both also give the unconstrained top token at the decision position (`top_token_id`), which
+`decal.recording` turns into the record's `argmax_is_option`, and list in `Engine.fallbacks`
+anything they fell back on (one line each; `run.json` records them).
+
 The pieces both engines share (cutting a completion at its stop token and finding its
-decision, the forced-decision suffix ids, the prompt-length check) live here, once.
+decision, the forced-decision suffix ids, the prompt-length check) live here, once. The
+prompt-length check, `check_lengths`, is the only one in decal: engines, engine recipes and the
+training runs all call it.
 """
 
 from __future__ import annotations
@@ -23,16 +29,14 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from ..decision import END_OF_REASONING, Decision, DecisionTokens, find_decision, forced_decision_suffix
-from ..errors import ConfigError
+from ..errors import ConfigError, PromptTooLongError
 
 __all__ = [
-    "ENGINES",
     "Engine",
     "EngineOptions",
     "OptionScores",
     "GeneratedDecision",
     "parse_engine_args",
-    "check_engine_name",
     "tokens_per_prompt",
     "prompt_seeds",
     "length_sorted_batches",
@@ -42,9 +46,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-ENGINES = ("hf", "vllm")
-
 
 @dataclass(frozen=True)
 class OptionScores:
@@ -72,6 +73,8 @@ class GeneratedDecision:
     emitted_token: the token emitted at the decision position, None when forced.
     valid: a decision position exists and its token is an option's decision token.
     forced: no decision position; `option_probs` come from appending the marker.
+    top_token, top_token_id: the unconstrained argmax token (temperature 1, full vocabulary) at the
+        position `option_probs` were read at; with sampling it can differ from `emitted_token`.
     """
 
     completion_ids: list[int]
@@ -81,6 +84,11 @@ class GeneratedDecision:
     emitted_token: str | None
     valid: bool
     forced: bool
+    top_token: str
+    top_token_id: int
+
+
+_NAMED = ("tensor_parallel_size", "data_parallel_size", "gpu_memory_utilization", "max_model_len")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -91,7 +99,9 @@ class EngineOptions:
     data_parallel_size: model copies; each serves part of the requests (across nodes too).
     gpu_memory_utilization: vLLM's share of device memory (on the CPU build: of RAM) it may claim.
     max_model_len: the longest prompt + completion the engine accepts (vLLM sizes its KV cache by it).
-    extra: any other vLLM engine argument (`--engine-arg KEY=VALUE`), passed through as is.
+    extra: the engine's other options, as the registry names them (`decal.engines.registry`): any
+        vLLM engine argument (`--engine-arg KEY=VALUE`, passed through as is), or the remote
+        engine's `server_urls`, `served_model_name`, `max_concurrency`, ...
     """
 
     tensor_parallel_size: int | None = None
@@ -110,10 +120,16 @@ class EngineOptions:
         if u is not None and (isinstance(u, bool) or not isinstance(u, (int, float)) or not 0.0 < u <= 1.0):
             raise ConfigError(f"--gpu-memory-utilization must be in (0, 1]; got {u!r}")
 
+    @classmethod
+    def from_mapping(cls, options: Mapping[str, Any] | None) -> "EngineOptions":
+        """Options from one flat mapping (a config's `engine_options`): named fields, the rest in `extra`."""
+        options = dict(options or {})
+        named = {k: options.pop(k) for k in _NAMED if k in options}
+        return cls(**named, extra=options)
+
     def as_dict(self) -> dict[str, Any]:
         """The options that were set, flat (`extra` merged in), for run.json and the engine's kwargs."""
-        named = {k: getattr(self, k) for k in ("tensor_parallel_size", "data_parallel_size",
-                                               "gpu_memory_utilization", "max_model_len")}
+        named = {k: getattr(self, k) for k in _NAMED}
         return {**{k: v for k, v in named.items() if v is not None}, **dict(self.extra)}
 
     @property
@@ -140,13 +156,6 @@ def parse_engine_args(items: Sequence[str]) -> dict[str, Any]:
         except yaml.YAMLError:
             out[key] = value
     return out
-
-
-def check_engine_name(name: str) -> str:
-    """`name` if it is a known engine, else a ConfigError naming the choices."""
-    if name not in ENGINES:
-        raise ConfigError(f"unknown engine {name!r}; choose one of: {', '.join(ENGINES)}")
-    return name
 
 
 def tokens_per_prompt(decision_tokens, n: int) -> list[DecisionTokens]:
@@ -186,17 +195,41 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[
 
 
 def check_lengths(limit: int | None, lengths: Sequence[int], *, reserve: int = 1, names: Sequence[str] | None = None,
-                  what: str = "the model's context") -> None:
-    """Raise ValueError if a prompt of `lengths` tokens plus `reserve` new tokens exceeds `limit` tokens."""
-    if limit is None:
-        return
-    for i, n in enumerate(lengths):
-        if n + reserve > limit:
-            who = f"example {names[i]!r}" if names is not None else f"prompt {i}"
-            raise ValueError(
-                f"{who} has {n} tokens, plus {reserve} to generate, which exceeds {what} of "
-                f"{limit} tokens; shorten the prompt or lower --max-new-tokens"
-            )
+                  what: str = "the model's context", reserve_name: str | None = None,
+                  max_prompt_length: int | None = None, fix: str = "") -> None:
+    """The prompt-length check: raise `PromptTooLongError` naming the longest prompt over a limit.
+
+    Args:
+        limit: the longest prompt + following tokens allowed (the context); None: no stated limit.
+        lengths: prompt lengths in tokens.
+        reserve: tokens that follow each prompt and must fit in `limit` too.
+        names: one per prompt (example ids, ``inputs[3]``); default "prompt <index>".
+        what: names `limit` in the message ("the model's context", "--max-model-len").
+        reserve_name: names the `reserve` tokens ("the decision token"); default "N new tokens".
+        max_prompt_length: a limit on the prompt alone (training's ``--max-prompt-length``).
+        fix: the advice after a `max_prompt_length` message.
+
+    Raises:
+        PromptTooLongError: one line: the longest offending prompt, its length, the limit, and how
+            many prompts are over it.
+    """
+    who = [f"prompt {i}" for i in range(len(lengths))] if names is None else [f"example {n!r}" for n in names]
+    if len(who) != len(lengths):
+        raise ValueError(f"`names` must have one entry per prompt ({len(lengths)}); got {len(who)}")
+    checks = []
+    if max_prompt_length is not None:
+        checks.append((max_prompt_length, f"over `max_prompt_length` ({max_prompt_length} tokens)", fix))
+    if limit is not None:
+        following = reserve_name or f"{reserve} new token{'s' if reserve != 1 else ''}"
+        checks.append((limit - reserve, f"too long to fit with {following} in {what} of {limit} tokens",
+                       "Shorten the prompt, or use a model with a longer context"
+                       + ("" if reserve_name else " or fewer new tokens (--max-new-tokens)") + "."))
+    for bound, rule, advice in checks:
+        over = [(n, who[i], i) for i, n in enumerate(lengths) if n > bound]
+        if over:
+            n, _, i = max(over)  # the longest; among equals, the last name
+            others = f" ({len(over)} of {len(lengths)} prompts are)" if len(over) > 1 else ""
+            raise PromptTooLongError(f"{who[i]} has a prompt of {n} tokens, {rule}{others}. {advice}".rstrip())
 
 
 def decide(tokenizer, new_ids: Sequence[int], decision_tokens: DecisionTokens, marker: str | None, stops):
@@ -224,6 +257,7 @@ class Engine:
         dtype: the weights' dtype as the CLI spells it ("float32", "bfloat16", ...).
         dtype_reason: why that dtype (`decal.dtypes.ResolvedDtype.reason`), recorded in run.json.
         stop_ids: the ids that end a completion (`decal.decision.stop_token_ids`).
+        fallbacks: what the engine fell back on when built (one line each), or ().
 
     Engines are context managers; `close()` frees the model (and vLLM's engine processes).
     """
@@ -235,6 +269,9 @@ class Engine:
     dtype: str = ""
     dtype_reason: str | None = None
     stop_ids: list[int]
+    #: what the engine fell back on while being built, one line each (issue #20 item 5); `run.json`
+    #: and the analyses' summaries record them, and each was logged as a warning when it happened
+    fallbacks: tuple[str, ...] = ()
 
     # -- what every engine implements --------------------------------------------------------
 
@@ -315,7 +352,8 @@ class Engine:
         return batch_size
 
     def check_prompt_lengths(self, lengths: Sequence[int], *, reserve: int = 1, names: Sequence[str] | None = None) -> None:
-        """Raise ValueError if a prompt of `lengths` tokens plus `reserve` new tokens exceeds the context.
+        """`check_lengths` against this engine's context: `PromptTooLongError` (a ValueError) if a
+        prompt of `lengths` tokens plus `reserve` new tokens does not fit.
 
         `names` (one per prompt, e.g. example ids) goes into the message.
         """

@@ -7,7 +7,7 @@
   keeps, at every generation step, the full-vocabulary temperature-1 log-probability of each
   option's decision token, so the distribution at the decision position comes from the
   generation itself, with no second forward pass. A completion that never reaches a decision
-  gets the forced decision of DESIGN.md: the marker and a newline are appended and one batched
+  gets the forced decision (docs/design.md, "Forced decision"): the marker and a newline are appended and one batched
   forward pass over just those completions, reusing the generation's KV cache, reads the option
   distribution; `valid=False`.
 
@@ -31,8 +31,9 @@ from .base import (
     length_sorted_batches,
     tokens_per_prompt,
 )
+from .registry import Capabilities, EngineKind
 
-__all__ = ["HFEngine", "load_hf_engine", "context_length", "pad_left", "generation_config"]
+__all__ = ["KIND", "HFEngine", "load_hf_engine", "context_length", "pad_left", "generation_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +78,8 @@ def _forward_last(model, sequences: Sequence[Sequence[int]], pad_id: int):
 
 
 class _OptionCapture:
-    """Forward hook on the output head: per call, option log-probs (B, K) at the last position.
+    """Forward hook on the output head: per call, option log-probs (B, K) and the argmax token (B,)
+    at the last position.
 
     The log-softmax runs on the raw head output in float32, at temperature 1 over the full
     vocabulary, so sampling settings (temperature, top-k) do not change what is captured.
@@ -86,6 +88,7 @@ class _OptionCapture:
     def __init__(self, option_ids):
         self.option_ids = option_ids  # (B, K) long tensor, one row per generated sequence
         self.steps: list = []
+        self.top_ids: list = []
 
     def __call__(self, module, inputs, output):
         import torch
@@ -94,6 +97,7 @@ class _OptionCapture:
         # log p(option) = logit(option) - logsumexp(logits): gather first, no full softmax copy.
         picked = logits.gather(1, self.option_ids.to(logits.device))  # (B, K)
         self.steps.append((picked - torch.logsumexp(logits, dim=-1, keepdim=True)).cpu())
+        self.top_ids.append(logits.argmax(dim=-1).cpu())  # (B,)
         return None
 
 
@@ -134,8 +138,9 @@ def generation_config(model, tokenizer, *, temperature: float, max_new_tokens: i
 def _generate_batch(model, sequences, option_ids, config, pad_id, *, keep_cache: bool = False):
     """Generate for one batch.
 
-    Returns new ids (R, S), captured option log-probs (R, S, K), and, with `keep_cache`, the
-    state a forced decision needs: (past key values, prompt attention mask (R, P)).
+    Returns new ids (R, S), captured option log-probs (R, S, K), the argmax token at every step
+    (R, S), and, with `keep_cache`, the state a forced decision needs: (past key values, prompt
+    attention mask (R, P)).
     """
     import torch
 
@@ -154,7 +159,7 @@ def _generate_batch(model, sequences, option_ids, config, pad_id, *, keep_cache:
         )
     cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
     state = (cache, attention_mask) if keep_cache else None
-    return new_ids, torch.stack(capture.steps, dim=1), state  # (R, S), (R, S, K)
+    return new_ids, torch.stack(capture.steps, dim=1), torch.stack(capture.top_ids, dim=1), state  # (R, S), (R, S, K), (R, S)
 
 
 def _cache_keyword(model) -> str:
@@ -166,8 +171,9 @@ def _cache_keyword(model) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def _forced_from_cache(model, state, new_ids, lengths, suffixes, option_ids, captured, pad_id):
-    """Option log-probs (R, K) after each forced row's completion + suffix, reusing the generation cache.
+def _forced_from_cache(model, state, new_ids, lengths, suffixes, option_ids, captured, captured_top, pad_id):
+    """Option log-probs (R, K) and the argmax token (R,) after each forced row's completion + suffix,
+    reusing the generation cache.
 
     The cache holds the prompt and all generated tokens but the last. Each row feeds what is
     missing (its last token if it was cut by the budget, then the suffix); positions after a
@@ -186,9 +192,11 @@ def _forced_from_cache(model, state, new_ids, lengths, suffixes, option_ids, cap
         else:
             feeds.append(new_ids[r, width_new - 1 : lengths[r]].tolist() + list(suffixes[r]))
         starts.append(int(prompt_mask[r].sum()) + min(lengths[r], width_new - 1))
-    result = captured[torch.arange(n_rows), torch.as_tensor(lengths).clamp(max=width_new - 1)].clone()  # (R, K)
+    at = torch.as_tensor(lengths).clamp(max=width_new - 1)
+    result = captured[torch.arange(n_rows), at].clone()  # (R, K)
+    top = captured_top[torch.arange(n_rows), at].clone()  # (R,)
     if not any(feeds):
-        return result  # every forced row stopped right after its marker: step L is its decision
+        return result, top  # every forced row stopped right after its marker: step L is its decision
     width = max(len(f) for f in feeds)
     device = prompt_mask.device
     feed_ids, feed_mask = pad_left([f if f else [pad_id] for f in feeds], pad_id, device=device)
@@ -209,7 +217,8 @@ def _forced_from_cache(model, state, new_ids, lengths, suffixes, option_ids, cap
     logprobs = torch.log_softmax(logits, dim=-1).gather(1, option_ids.to(logits.device)).cpu()  # (R, K)
     fed = torch.as_tensor([bool(f) for f in feeds])
     result[fed] = logprobs[fed]
-    return result
+    top[fed] = logits.argmax(dim=-1).cpu()[fed]
+    return result, top
 
 def _dtype_name(model) -> str:
     try:
@@ -326,21 +335,22 @@ class HFEngine(Engine):
         for batch in length_sorted_batches(lengths, max(1, batch_size // num_samples)):
             rows = [(i, s) for i in batch for s in range(num_samples)]
             option_ids = torch.as_tensor([per_prompt[i].token_ids for i, _ in rows], dtype=torch.long)  # (R, K)
-            new_ids, option_logprobs, state = _generate_batch(
+            new_ids, option_logprobs, top_ids, state = _generate_batch(
                 model, [sequences[i] for i in batch for _ in range(num_samples)], option_ids, config, pad_id,
                 keep_cache=True,
             )
             decided = [decide(tokenizer, new_ids[r].tolist(), per_prompt[i], marker, stops) for r, (i, _) in enumerate(rows)]
             suffixes = [None if d.index >= 0 else forced_suffix_ids(tokenizer, text, marker) for ids, text, d in decided]
             if any(x is not None for x in suffixes):
-                forced_logprobs = _forced_from_cache(
+                forced_logprobs, forced_top = _forced_from_cache(
                     model, state, new_ids, [len(ids) for ids, _, _ in decided], suffixes, option_ids, option_logprobs,
-                    pad_id,
+                    top_ids, pad_id,
                 )
             del state  # the KV cache: free it before the next batch
             for r, ((i, s), (ids, text, decision)) in enumerate(zip(rows, decided)):
                 forced = decision.index < 0
                 logprobs = forced_logprobs[r] if forced else option_logprobs[r, decision.index]
+                top = int(forced_top[r] if forced else top_ids[r, decision.index])
                 results[i][s] = GeneratedDecision(
                     completion_ids=ids,
                     completion=text,
@@ -349,6 +359,8 @@ class HFEngine(Engine):
                     emitted_token=None if forced else tokenizer.convert_ids_to_tokens(ids[decision.index]),
                     valid=decision.valid,
                     forced=forced,
+                    top_token=tokenizer.convert_ids_to_tokens(top),
+                    top_token_id=top,
                 )
         return results  # type: ignore[return-value]
 
@@ -377,3 +389,16 @@ def load_hf_engine(
     options = {"dtype": dtype, "device": device, "trust_remote_code": trust_remote_code,
                "allow_pickle": allow_pickle, "offline": offline}
     return HFEngine(net, tokenizer, model_name=str(model), adapter=adapter, load_options=options)
+
+
+def _build(spec) -> HFEngine:
+    return load_hf_engine(spec.model, adapter=spec.adapter, dtype=spec.dtype, device=spec.device,
+                          trust_remote_code=spec.trust_remote_code, allow_pickle=spec.allow_pickle, offline=spec.offline)
+
+
+KIND = EngineKind(
+    name="hf",
+    summary="transformers in this process (default)",
+    capabilities=Capabilities(local_forward=True),
+    build=_build,
+)

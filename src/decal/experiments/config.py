@@ -4,8 +4,10 @@ An experiment config names the models, the methods (`base`, `sft`, `grpo`, `cal-
 their training settings, the training tasks with their in-domain and out-of-domain evaluations,
 the post-hoc calibrators and where they are fitted, the seeds, the sensitivity sweeps (lambda,
 KL beta) and the optional analyses (rollouts, reasoning swap). `load_experiment_config` reads
-it with `yaml.safe_load`; an unknown key or a wrong type raises `ConfigError` naming the field
-path (`methods[2].train.cal_lambda`), with a "Did you mean" suggestion for misspelt keys.
+it with `yaml.safe_load` and validates it with pydantic (`decal._config`): an unknown key, a
+wrong type or a broken rule raises `ConfigError` naming the file and the field path
+(`methods[2].train.cal_lambda`), with a "Did you mean" suggestion for misspelt keys and names.
+A method's `train` settings are checked against the training config's fields and types.
 
 Example (the smallest useful grid):
 
@@ -25,19 +27,13 @@ Example (the smallest useful grid):
 
 from __future__ import annotations
 
-import collections.abc
 import dataclasses
-import difflib
-import types
-import typing
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
-import yaml
-
-from .._io import read_text
-from ..errors import ConfigError
+from .._config import config_dataclass, load_yaml, validate_config
+from ..errors import ConfigError, did_you_mean
 
 __all__ = [
     "ModelSpec",
@@ -60,7 +56,7 @@ METHODS = ("base", "sft", "grpo", "cal-grpo")
 CALIBRATORS = ("platt", "isotonic", "temperature")
 
 
-@dataclass(frozen=True, kw_only=True)
+@config_dataclass
 class ModelSpec:
     name: str = field(metadata={"help": "Name used in folders and tables, e.g. Qwen3-1.7B."})
     path: str = field(metadata={"help": "What `decal evaluate/train --model` receives: hub id, local folder, GGUF or alias."})
@@ -70,7 +66,7 @@ class ModelSpec:
     )
 
 
-@dataclass(frozen=True, kw_only=True)
+@config_dataclass
 class EvalSpec:
     task: str = field(metadata={"help": "Task name or file, as `decal evaluate --task` takes it."})
     split: str = field(metadata={"help": "Split to evaluate."})
@@ -82,7 +78,7 @@ class EvalSpec:
         return self.label or self.task
 
 
-@dataclass(frozen=True, kw_only=True)
+@config_dataclass
 class TrainTaskSpec:
     task: str = field(metadata={"help": "Training task."})
     split: str = field(metadata={"help": "Training split (e.g. commonsense_qa train500)."})
@@ -107,7 +103,7 @@ class TrainTaskSpec:
             seen[key] = ev.task
 
 
-@dataclass(frozen=True, kw_only=True)
+@config_dataclass
 class EvalSettings:
     limit: int | None = field(default=None, metadata={"help": "Evaluate the first N examples only."})
     batch_size: int | None = field(default=None, metadata={"help": "`decal evaluate --batch-size`."})
@@ -115,13 +111,16 @@ class EvalSettings:
     temperature: float | None = field(default=None, metadata={"help": "Sampling temperature; unset = the evaluator's default."})
     dtype: str | None = field(default=None, metadata={"help": "`--dtype`; None leaves the commands' `auto` (bfloat16 on GPUs and on CPUs with native bfloat16, else float32)."})
     device: str | None = field(default=None, metadata={"help": "`--device` of `decal evaluate` (e.g. cuda)."})
-    engine: Literal["hf", "vllm"] | None = field(
-        default=None, metadata={"help": "Inference engine of evaluations and analyses (`--engine`; default hf)."}
+    engine: str | None = field(
+        default=None, metadata={"help": "Inference engine of evaluations and analyses (`--engine`: hf, vllm or remote; "
+                                        "default hf)."}
     )
     engine_options: Mapping[str, Any] | None = field(
         default=None,
-        metadata={"help": "vLLM options: tensor_parallel_size, data_parallel_size, gpu_memory_utilization, "
-                          "max_model_len, or any vLLM engine argument (`--engine-arg`)."},
+        metadata={"help": "Engine options. vllm: tensor_parallel_size, data_parallel_size, gpu_memory_utilization, "
+                          "max_model_len, or any vLLM engine argument (`--engine-arg`). remote: server_urls (a list), "
+                          "served_model_name, max_concurrency, server_timeout, server_retries (the API key comes from "
+                          "$DECAL_SERVER_API_KEY, never from a config)."},
     )
 
     def merged(self, other: "EvalSettings | None") -> "EvalSettings":
@@ -133,7 +132,7 @@ class EvalSettings:
         )
 
 
-@dataclass(frozen=True, kw_only=True)
+@config_dataclass
 class MetricsSettings:
     n_bins: int = field(default=10, metadata={"help": "Bins for ECE and the reliability diagrams."})
     binning: Literal["equal_mass", "equal_width"] = field(default="equal_mass", metadata={"help": "The paper uses equal-mass bins."})
@@ -141,12 +140,12 @@ class MetricsSettings:
 
     def __post_init__(self) -> None:
         if self.n_bins < 1:
-            raise ConfigError(f"`metrics.n_bins` must be >= 1; got {self.n_bins!r}")
+            raise ConfigError(f"`n_bins` must be >= 1; got {self.n_bins!r}")
         if self.bootstrap < 0:
-            raise ConfigError(f"`metrics.bootstrap` must be >= 0; got {self.bootstrap!r}")
+            raise ConfigError(f"`bootstrap` must be >= 0; got {self.bootstrap!r}")
 
 
-@dataclass(frozen=True, kw_only=True)
+@config_dataclass
 class MethodSpec:
     name: str = field(metadata={"help": "Unique name of this method entry (folders, tables), e.g. cal-grpo."})
     method: Literal["base", "sft", "grpo", "cal-grpo"] = field(metadata={"help": "What to run."})
@@ -181,7 +180,7 @@ class MethodSpec:
         return self.method != "sft"
 
 
-@dataclass(frozen=True, kw_only=True)
+@config_dataclass
 class CalibratorSpec:
     method: Literal["platt", "isotonic", "temperature"] = field(metadata={"help": "Post-hoc calibrator."})
     fit_task: str = field(metadata={"help": "Evaluation (task) whose predictions the calibrator is fitted on."})
@@ -195,7 +194,7 @@ class CalibratorSpec:
             raise ConfigError(f"`fit_fraction` must be in (0, 1]; got {self.fit_fraction!r}")
 
 
-@dataclass(frozen=True, kw_only=True)
+@config_dataclass
 class SweepSpec:
     method: str = field(metadata={"help": "Name of the method entry to copy."})
     param: str = field(metadata={"help": "Training setting to vary, e.g. cal_lambda or beta."})
@@ -209,7 +208,7 @@ class SweepSpec:
         return self.label or {"cal_lambda": "lambda"}.get(self.param, self.param)
 
 
-@dataclass(frozen=True, kw_only=True)
+@config_dataclass
 class AnalysisSpec:
     kind: Literal["rollouts", "swap"] = field(metadata={"help": "`decal analyze rollouts` (Table 2) or `swap` (Table 3)."})
     task: str = field(metadata={"help": "Task analysed."})
@@ -221,7 +220,7 @@ class AnalysisSpec:
     )
 
 
-@dataclass(frozen=True, kw_only=True)
+@config_dataclass
 class ExperimentConfig:
     name: str = field(metadata={"help": "Experiment name (first column of results.csv)."})
     output_dir: str = field(metadata={"help": "Experiment folder, relative to the working directory."})
@@ -301,91 +300,13 @@ def _check_unique(name: str, values: list) -> None:
 
 
 def _unknown(kind: str, name: str, available: list[str]) -> str:
-    close = difflib.get_close_matches(str(name), [str(a) for a in available], n=1)
-    hint = f" Did you mean: {close[0]}?" if close else ""
-    return f"Unknown {kind} {name!r}.{hint} Available: {', '.join(map(str, available)) or '(none)'}"
+    return f"Unknown {kind} {name!r}.{did_you_mean(name, available)} Available: {', '.join(map(str, available)) or '(none)'}"
 
 
 def _check_refs(where: str, refs, available: list[str]) -> None:
     for r in refs or ():
         if r not in available:
             raise ConfigError(f"`{where}`: " + _unknown("name", r, available))
-
-
-# --- generic YAML -> frozen dataclass conversion, with field paths in every error ---
-
-
-def _convert(value: Any, tp: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _convert(value, arg, where)
-            except ConfigError as e:
-                errors.append(e)
-        raise errors[0]
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"`{where}` must be one of {', '.join(map(repr, args))}; got {value!r}")
-        return value
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, where)
-    if origin is tuple:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            value = [value]  # a single value where a list is expected
-        if not isinstance(value, list):
-            raise ConfigError(f"`{where}` must be a list; got {value!r}")
-        return tuple(_convert(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
-    if origin in (collections.abc.Mapping, dict) or tp is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"`{where}` must be a mapping of settings; got {value!r}")
-        return dict(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"`{where}` must be true or false; got {value!r}")
-        return value
-    if tp is int:
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise ConfigError(f"`{where}` must be an integer; got {value!r}")
-        return value
-    if tp is float:
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise ConfigError(f"`{where}` must be a number; got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str) or not value:
-            raise ConfigError(f"`{where}` must be a non-empty string; got {value!r}")
-        return value
-    raise TypeError(f"unsupported config field type {tp!r} at {where}")  # a bug in decal, not in the YAML
-
-
-def _build(cls: type, data: Any, where: str) -> Any:
-    label = where or "config"
-    if not isinstance(data, dict):
-        raise ConfigError(f"`{label}` must be a mapping; got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        path = f"{where}.{key}" if where else str(key)
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f" Did you mean: {close[0]}?" if close else ""
-            raise ConfigError(f"Unknown key `{path}`.{hint} Allowed keys: {', '.join(fields)}")
-        kwargs[key] = _convert(value, hints[key], path)
-    for name, f in fields.items():
-        if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"`{where + '.' if where else ''}{name}` is required ({f.metadata.get('help', '')})")
-    try:
-        return cls(**kwargs)
-    except ConfigError as e:
-        raise ConfigError(f"{label}: {e}") from e
 
 
 def _normalise_models(data: dict) -> dict:
@@ -404,18 +325,15 @@ def experiment_config_from_dict(data: Any, *, source: str = "config") -> Experim
     """
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: an experiment config must be a YAML mapping; got {type(data).__name__}")
-    try:
-        config = _build(ExperimentConfig, _normalise_models(data), "")
-    except ConfigError as e:
-        raise ConfigError(f"{source}: {e}") from e
-    _check_train_keys(config, source)
+    config = validate_config(ExperimentConfig, _normalise_models(data), source=source)
+    _check_train_settings(config, source)
     _check_engine_options(config, source)
     return config
 
 
 def _check_engine_options(config: ExperimentConfig, source: str) -> None:
     """Check engine options' names and values (not the devices: a plan may be made on another machine)."""
-    from ..engines import EngineOptions, check_engine_options
+    from ..engines import EngineOptions, check_engine_name, check_engine_options
 
     places = [("evaluation", config.evaluation)] + [
         (f"methods[{i}].evaluation", config.evaluation.merged(m.evaluation))
@@ -423,42 +341,35 @@ def _check_engine_options(config: ExperimentConfig, source: str) -> None:
     ]
     for where, settings in places:
         engine = settings.engine or "hf"
+        try:
+            check_engine_name(engine)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: `{where}.engine`: {e}") from e
         for i, model in enumerate(config.models):
             merged = {**(settings.engine_options or {}), **model.engine_options}
-            if not merged:
-                continue
-            fields = ("tensor_parallel_size", "data_parallel_size", "gpu_memory_utilization", "max_model_len")
-            try:
-                options = EngineOptions(**{k: v for k, v in merged.items() if k in fields},
-                                        extra={k: v for k, v in merged.items() if k not in fields})
-                check_engine_options(engine, options, devices=False)
+            try:  # also with no options: the engine name, and what an engine cannot do without (remote: its URLs)
+                check_engine_options(engine, EngineOptions.from_mapping(merged), devices=False)
             except ConfigError as e:
                 raise ConfigError(
                     f"{source}: `{where}.engine_options` / `models[{i}].engine_options` (engine {engine}): {e}"
                 ) from e
 
 
-def _check_train_keys(config: ExperimentConfig, source: str) -> None:
-    """Check `methods[i].train` keys against the training config, when that module is installed."""
-    try:
-        from ..training.config import TrainConfig
-    except ImportError:  # the training extra is optional for planning and reporting
-        return
+def _check_train_settings(config: ExperimentConfig, source: str) -> None:
+    """Check `methods[i].train` keys and types, and the swept settings, against the training config."""
+    from ..training.config import TrainConfig
+
     known = [f.name for f in dataclasses.fields(TrainConfig)]
     fixed = {"method", "model", "task", "split", "out"}  # set by the runner for every step
     for i, m in enumerate(config.methods):
         for key in m.train:
             if key in fixed:
                 raise ConfigError(f"{source}: `methods[{i}].train.{key}` is set by the experiment grid; remove it")
-            if key not in known:
-                close = difflib.get_close_matches(key, known, n=1)
-                hint = f" Did you mean: {close[0]}?" if close else ""
-                raise ConfigError(f"{source}: Unknown key `methods[{i}].train.{key}`.{hint}")
+        validate_config(TrainConfig, dict(m.train), source=source, where=f"methods[{i}].train", partial=True)
     for i, s in enumerate(config.sweeps):
         if s.param not in known:
-            close = difflib.get_close_matches(s.param, known, n=1)
-            hint = f" Did you mean: {close[0]}?" if close else ""
-            raise ConfigError(f"{source}: Unknown training setting `sweeps[{i}].param` = {s.param!r}.{hint}")
+            raise ConfigError(f"{source}: Unknown training setting `sweeps[{i}].param` = {s.param!r}."
+                              f"{did_you_mean(s.param, known)}")
 
 
 def load_experiment_config(path: str | Path) -> ExperimentConfig:
@@ -474,13 +385,4 @@ def load_experiment_config(path: str | Path) -> ExperimentConfig:
         FileNotFoundError: no such file.
         ConfigError: invalid YAML, unknown key or wrong type (the message names the file and field).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such experiment config")
-    try:
-        data = yaml.safe_load(read_text(path))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from e
-    return experiment_config_from_dict(data, source=str(path))
+    return experiment_config_from_dict(load_yaml(path, what="experiment config"), source=str(path))

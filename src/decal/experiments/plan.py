@@ -20,7 +20,7 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 import yaml
 
@@ -65,37 +65,27 @@ def _applies(restrict: tuple[str, ...] | None, name: str) -> bool:
     return restrict is None or name in restrict
 
 
-_ENGINE_FLAGS = {
-    "tensor_parallel_size": "--tensor-parallel-size",
-    "data_parallel_size": "--data-parallel-size",
-    "gpu_memory_utilization": "--gpu-memory-utilization",
-    "max_model_len": "--max-model-len",
-}
-
-
-def _engine_value(value: Any) -> str:
-    """A value as `--engine-arg KEY=VALUE` reads it back (a YAML scalar)."""
-    import json
-
-    if isinstance(value, str) and yaml.safe_load(value) == value:
-        return value
-    return json.dumps(value)
-
-
 def engine_args(settings, model: ModelSpec) -> list[str]:
     """`--engine` and the engine-option flags of an evaluation or analysis of `model`.
 
-    The model's `engine_options` win over the evaluation's. Nothing is added when neither sets
+    The model's `engine_options` win over the evaluation's; the registry turns them into the
+    engine's own flags (`decal.engines.registry.option_args`: `--server-url` once per URL,
+    `--tensor-parallel-size`, else `--engine-arg KEY=VALUE`). Nothing is added when neither sets
     anything, so configs without engines plan the commands they always did.
     """
+    from ..engines.registry import option_args
+
     options = {**(settings.engine_options or {}), **model.engine_options}
     args = ["--engine", settings.engine] if settings.engine else []
-    for key, value in options.items():
-        if key in _ENGINE_FLAGS:
-            args += [_ENGINE_FLAGS[key], str(value)]
-        else:
-            args += ["--engine-arg", f"{key}={_engine_value(value)}"]
-    return args
+    return args + option_args(settings.engine or "hf", options)
+
+
+def _engine_flags(settings: Mapping[str, Any]) -> bool:
+    """Whether an analysis's own settings choose its engine or engine options (then the evaluation's are not added)."""
+    from ..engines.registry import engine_kinds
+
+    flags = {o.key for kind in engine_kinds() for o in kind.options}
+    return any(k in ("engine", "engine_arg") or k in flags for k in settings)
 
 
 def _eval_args(config: ExperimentConfig, method: MethodSpec, ev: EvalSpec, seed: int, model: ModelSpec) -> list[str]:
@@ -203,11 +193,14 @@ def _model_steps(config, model, method, task, seed, root: Path) -> list[Step]:
 
 
 def _engine_info(config: ExperimentConfig, method: MethodSpec, model: ModelSpec) -> dict:
-    """Step info of an evaluation's engine; vLLM evaluations of one model (and engine options) share
-    an `engine_group`, which the runner scores in one process with one engine start."""
+    """Step info of an evaluation's engine; on an engine that serves adapters from one running
+    engine (vllm, remote), the evaluations of one model (and engine options) share an
+    `engine_group`, which the runner scores in one process with one engine start."""
+    from ..engines import engine_kind
+
     settings = config.evaluation.merged(method.evaluation)
     engine = settings.engine or "hf"
-    if engine != "vllm":
+    if not engine_kind(engine).capabilities.shared_adapters:
         return {}
     import json
 
@@ -272,7 +265,7 @@ def _analysis_steps(config: ExperimentConfig, root: Path, model_steps: dict) -> 
                     command += ["--adapter", str(root / prefix / "select" / "adapter")]
                     deps = (f"{prefix}/select",)
                 command += ["--task", a.task, "--split", a.split]
-                if not any(k == "engine" or k in _ENGINE_FLAGS or k == "engine_arg" for k in a.settings):
+                if not _engine_flags(a.settings):
                     command += engine_args(config.evaluation.merged(method.evaluation), model)
                 for key_, value in a.settings.items():
                     flag = f"--{key_.replace('_', '-')}"

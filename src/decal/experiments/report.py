@@ -1,6 +1,9 @@
 """Paper-style reports of an experiment folder: Markdown and a single offline HTML file.
 
-Tables follow the paper's layouts (values in percent with two decimals; † in-domain, * OOD):
+Against a known truth the report opens with the comparison that matters (accuracy, ECE, TCE and
+overconfidence with intervals; the hedging and committed conditions side by side when the grid has
+both) and the reliability diagrams against the truth (`decal.experiments.headline`). Then the
+tables follow the paper's layouts (values in percent with two decimals; † in-domain, * OOD):
 Table 1 (accuracy and ECE of base, SFT, GRPO), Tables 2 and 3 (rollout and reasoning-swap
 analyses, when the config runs them), Table 4 (the same with the calibration-aware
 method, "Ours"), Table 5 (ECE after post-hoc calibrators), Table 6 (SCE and MCE), Table 7
@@ -20,96 +23,30 @@ from __future__ import annotations
 import base64
 import html
 import logging
-import math
 import os
-import statistics
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from .._io import read_json, safe_name, write_text_atomic
+from .headline import headline_tables, truth_figures
 from .results import HELD_OUT_UNCALIBRATED, RESULTS_FILE, read_results
 from .runner import EXPERIMENT_FILE
+from .tables import (
+    CALIBRATOR_LABELS,
+    METHOD_LABELS,
+    MISSING,
+    UNDEFINED,
+    ResultIndex,
+    Table,
+    cell,
+    datasets_of,
+    method_label,
+    percent,
+)
 
-__all__ = ["Table", "build_tables", "make_figures", "write_report", "METHOD_LABELS"]
+__all__ = ["Table", "build_tables", "make_figures", "write_report", "METHOD_LABELS", "MISSING", "UNDEFINED"]
 
 logger = logging.getLogger(__name__)
-
-METHOD_LABELS = {"base": "Base", "sft": "SFT", "grpo": "GRPO", "cal-grpo": "Ours"}
-CALIBRATOR_LABELS = {"none": "None", "isotonic": "Isotonic", "platt": "Platt", "temperature": "Temperature"}
-MISSING = "–"  # not run
-UNDEFINED = "n/a"  # run, but the metric has no value (AUROC with one outcome only)
-
-
-@dataclass(frozen=True)
-class Table:
-    """A rendered-agnostic table: header row, body rows of cells, and per-cell tooltips."""
-
-    key: str
-    title: str
-    header: tuple[str, ...]
-    rows: tuple[tuple[str, ...], ...]
-    tips: tuple[tuple[str, ...], ...]
-
-
-@dataclass(frozen=True)
-class _Dataset:
-    train_task: str
-    task: str
-    split: str
-    domain: str
-    label: str
-
-    @property
-    def marked(self) -> str:
-        return f"{self.label} {'†' if self.domain == 'in' else '*'}"
-
-
-class _Index:
-    """Lookup of result rows by cell, averaging over seeds."""
-
-    def __init__(self, rows: list[dict]):
-        self._cells: dict[tuple, list[dict]] = {}
-        for r in rows:
-            key = (r["model"], r["method"], r["variant"], r["train_task"], r["eval_task"], r["eval_split"], r["calibrator"], r["metric"])
-            self._cells.setdefault(key, []).append(r)
-
-    def get(self, model, method, variant, ds: _Dataset, metric, calibrator="none") -> tuple[float | None, str]:
-        rows = self._cells.get((model, method, variant, ds.train_task, ds.task, ds.split, calibrator, metric))
-        if not rows:
-            return None, ""
-        values = [r["value"] for r in rows if r["value"] is not None and not math.isnan(r["value"])]
-        if not values:
-            return float("nan"), ""
-        tip = f"n={rows[0]['n']}"
-        if len(rows) == 1 and rows[0]["ci_low"] is not None:
-            tip += f", 95% CI [{100 * rows[0]['ci_low']:.2f}, {100 * rows[0]['ci_high']:.2f}]"
-        elif len(rows) > 1:
-            tip += f", mean of {len(rows)} seeds"
-        return statistics.fmean(values), tip
-
-
-def _pct(value: float | None) -> str:
-    if value is None:
-        return MISSING
-    return UNDEFINED if math.isnan(value) else f"{100 * value:.2f}"
-
-
-def _cell(index: _Index, *args, ci: bool, **kwargs) -> tuple[str, str]:
-    value, tip = index.get(*args, **kwargs)
-    text = _pct(value)
-    if ci and "CI" in tip:
-        text += " " + tip[tip.index("[") :]
-    return text, tip
-
-
-def _datasets(experiment: dict) -> list[_Dataset]:
-    out = []
-    for t in experiment["config"]["train_tasks"]:
-        for e in t["evaluations"]:
-            out.append(_Dataset(t["task"], e["task"], e["split"], e["domain"], e.get("label") or e["task"]))
-    return out
-
 
 def _metric_table(key, title, metrics, models, methods, datasets, index, *, ci) -> Table | None:
     """Rows: dataset x method; columns: model x metric (the layout of Tables 1, 4, 6, 7)."""
@@ -117,10 +54,10 @@ def _metric_table(key, title, metrics, models, methods, datasets, index, *, ci) 
     rows, tips, filled = [], [], False
     for ds in datasets:
         for i, meth in enumerate(methods):
-            row, tip = [ds.marked if i == 0 else "", _method_label(meth)], ["", ""]
+            row, tip = [ds.marked if i == 0 else "", method_label(meth)], ["", ""]
             for model in models:
                 for metric, _ in metrics:
-                    text, t = _cell(index, model, meth["name"], meth.get("variant", ""), ds, metric, ci=ci)
+                    text, t = cell(index, model, meth["name"], meth.get("variant", ""), ds, metric, ci=ci)
                     filled |= text != MISSING
                     row.append(text)
                     tip.append(t)
@@ -131,21 +68,15 @@ def _metric_table(key, title, metrics, models, methods, datasets, index, *, ci) 
     return Table(key, title, tuple(header), tuple(rows), tuple(tips))
 
 
-def _method_label(meth: dict) -> str:
-    label = METHOD_LABELS.get(meth["method"], meth["name"])
-    label = label if meth["name"] in (meth["method"], label.lower()) else f"{label} ({meth['name']})"
-    return f"{label} [{meth['variant']}]" if meth.get("variant") else label
-
-
 def _posthoc_table(models, methods, datasets, index, *, ci, metric: str = "ece", key: str = "table5",
                    title: str = "Table 5: ECE after post-hoc calibration") -> Table | None:
     """Table 5: rows model x calibrator; columns dataset x (GRPO, Ours); ECE (or another `metric`)."""
     rl = [m for m in methods if m["method"] in ("grpo", "cal-grpo")]
-    cals = sorted({c for (_, _, _, _, _, _, c, _) in index._cells if c in CALIBRATOR_LABELS and c != "none"}, key=list(CALIBRATOR_LABELS).index)
+    cals = sorted({c for (_, _, _, _, _, _, c, _) in index.keys() if c in CALIBRATOR_LABELS and c != "none"}, key=list(CALIBRATOR_LABELS).index)
     if not cals or not rl:
         return None
     used = [ds for ds in datasets if any(index.get(mo, m["name"], "", ds, metric, calibrator=c)[0] is not None for mo in models for m in rl for c in cals)]
-    header = ["Model", "Post-hoc"] + [f"{ds.marked} {_method_label(m)}" for ds in used for m in rl]
+    header = ["Model", "Post-hoc"] + [f"{ds.marked} {method_label(m)}" for ds in used for m in rl]
     rows, tips = [], []
     for model in models:
         for i, cal in enumerate(["none", *cals]):
@@ -154,7 +85,7 @@ def _posthoc_table(models, methods, datasets, index, *, ci, metric: str = "ece",
                 for m in rl:
                     # "None" on the examples the calibrators were scored on, where they held part out.
                     held_out = cal == "none" and index.get(model, m["name"], "", ds, metric, calibrator=HELD_OUT_UNCALIBRATED)[0] is not None
-                    text, t = _cell(index, model, m["name"], "", ds, metric, calibrator=HELD_OUT_UNCALIBRATED if held_out else cal, ci=ci)
+                    text, t = cell(index, model, m["name"], "", ds, metric, calibrator=HELD_OUT_UNCALIBRATED if held_out else cal, ci=ci)
                     row.append(text)
                     tip.append(t)
             rows.append(tuple(row))
@@ -169,26 +100,29 @@ def _sweep_table(key, title, kind, param, symbol, experiment, models, datasets, 
     # Only the swept entries (the base entry of a sweep and its variants): another entry of the same
     # kind differs in more than this parameter (say cal-grpo with the group-accuracy target at lambda 1)
     # and would sit in the table as a second, mislabelled point.
-    swept = {s["method"] for s in experiment["config"].get("sweeps") or [] if s["param"] == param}
+    # Two swept entries (say one per condition of the reasoning grid) are two sweeps, each with its own rows.
+    swept = list(dict.fromkeys(s["method"] for s in experiment["config"].get("sweeps") or [] if s["param"] == param))
     entries = [m for m in experiment["methods"] if m["method"] == kind and m["name"] in swept]
     if not any(m["variant"] for m in entries):
         return None
     rows, tips = [], []
     for model in models:
         for ds in datasets:
-            points = []
-            for m in entries:
-                acc = _cell(index, model, m["name"], m["variant"], ds, "accuracy", ci=ci)
-                ece = _cell(index, model, m["name"], m["variant"], ds, "ece", ci=ci)
-                if acc[0] != MISSING or ece[0] != MISSING:
-                    points.append((m.get(param), acc, ece))
-            if len(points) < 2:
-                continue  # one point is no sweep
-            points.sort(key=lambda p: (p[0] is None, p[0] or 0.0))
-            for i, (value, acc, ece) in enumerate(points):
+            for name in swept:
+                points = []
+                for m in (e for e in entries if e["name"] == name):
+                    acc = cell(index, model, m["name"], m["variant"], ds, "accuracy", ci=ci)
+                    ece = cell(index, model, m["name"], m["variant"], ds, "ece", ci=ci)
+                    if acc[0] != MISSING or ece[0] != MISSING:
+                        points.append((m.get(param), acc, ece))
+                if len(points) < 2:
+                    continue  # one point is no sweep
+                points.sort(key=lambda p: (p[0] is None, p[0] or 0.0))
                 label = ds.marked if len(models) == 1 else f"{model} {ds.marked}"
-                rows.append((label if i == 0 else "", "default" if value is None else f"{value:g}", acc[0], ece[0]))
-                tips.append(("", "", acc[1], ece[1]))
+                label += f" ({name})" if len(swept) > 1 else ""
+                for i, (value, acc, ece) in enumerate(points):
+                    rows.append((label if i == 0 else "", "default" if value is None else f"{value:g}", acc[0], ece[0]))
+                    tips.append(("", "", acc[1], ece[1]))
     if not rows:
         return None
     return Table(key, title, ("Dataset", symbol, "Acc (↑)", "ECE (↓)"), tuple(rows), tuple(tips))
@@ -211,7 +145,7 @@ def _analysis_table(root: Path, experiment: dict, models: list[str], kind: str) 
         return None
     threshold = next(iter(cells.values())).get("threshold", 0.99)
     row_names = list(dict.fromkeys(r for r, _ in cells))
-    rows = tuple((r, *(_pct(cells[(r, m)].get(key)) if (r, m) in cells else MISSING for m in models)) for r in row_names)
+    rows = tuple((r, *(percent(cells[(r, m)].get(key)) if (r, m) in cells else MISSING for m in models)) for r in row_names)
     tips = tuple(("", *(f"n={cells[(r, m)].get('n_rollouts', cells[(r, m)].get('n_swapped', ''))}" if (r, m) in cells else "" for m in models)) for r in row_names)
     return Table(f"table{2 if kind == 'rollouts' else 3}", title.format(t=threshold), ("Dataset", *models), rows, tips)
 
@@ -228,9 +162,9 @@ def build_tables(experiment_dir: str | Path, *, ci: bool = False) -> tuple[list[
     """
     root = Path(experiment_dir)
     experiment = read_json(root / EXPERIMENT_FILE)
-    index = _Index(read_results(root / RESULTS_FILE))
+    index = ResultIndex(read_results(root / RESULTS_FILE))
     models = [m["name"] for m in experiment["config"]["models"]]
-    datasets = _datasets(experiment)
+    datasets = datasets_of(experiment)
     main = [m for m in experiment["methods"] if not m["variant"]]
     acc_ece = (("accuracy", "Acc (↑)"), ("ece", "ECE (↓)"))
     table1_methods = [m for m in main if m["method"] != "cal-grpo"]
@@ -260,12 +194,12 @@ def build_tables(experiment_dir: str | Path, *, ci: bool = False) -> tuple[list[
         else:
             tables.append(table)
     tables += _truth_tables(models, experiment, datasets, index, ci=ci)
-    return tables, notes
+    return headline_tables(root, experiment, index, models, datasets) + tables, notes
 
 
 def _truth_tables(models, experiment, datasets, index, *, ci) -> list[Table]:
     """T1 and T2, only when some run's records carry the true probabilities (a `tce` result)."""
-    if not any(key[-1] == "tce" for key in index._cells):
+    if not any(key[-1] == "tce" for key in index.keys()):
         return []
     truth = (("accuracy", "Acc (↑)"), ("ece", "ECE (↓)"), ("tce", "TCE (↓)"), ("mean_overconfidence", "Over"),
              ("mean_confidence", "Conf"), ("bayes_accuracy", "Bayes acc"))
@@ -284,9 +218,9 @@ def _truth_tables(models, experiment, datasets, index, *, ci) -> list[Table]:
 def _figure_runs(root: Path, experiment: dict, model: str) -> dict[tuple[str, str], Path]:
     """(method label, dataset label) -> run folder of the model's main evaluations."""
     rows = read_results(root / RESULTS_FILE)
-    labels = {m["name"]: _method_label(m) for m in experiment["methods"] if not m["variant"]}
+    labels = {m["name"]: method_label(m) for m in experiment["methods"] if not m["variant"]}
     runs = {}
-    for ds in _datasets(experiment):
+    for ds in datasets_of(experiment):
         for name, label in labels.items():
             for r in rows:
                 if (r["model"], r["method"], r["variant"], r["train_task"], r["eval_task"], r["eval_split"], r["calibrator"]) == (
@@ -298,7 +232,8 @@ def _figure_runs(root: Path, experiment: dict, model: str) -> dict[tuple[str, st
 
 
 def make_figures(experiment_dir: str | Path, *, n_bins: int | None = None) -> tuple[list[tuple[str, Path]], list[str]]:
-    """Figure 1/4: one grid of reliability diagrams (rows: methods, columns: datasets) per model.
+    """Figure 1/4: one grid of reliability diagrams (rows: methods, columns: datasets) per model; first, where
+    the records carry the truth, the reliability diagrams against it (`decal.experiments.headline`).
 
     Returns:
         ([(caption, png path)], notes); the PNG and SVG files go to `<experiment>/figures/`.
@@ -324,10 +259,23 @@ def make_figures(experiment_dir: str | Path, *, n_bins: int | None = None) -> tu
         plot_grid(records, path, n_bins=n_bins, title=f"Reliability diagrams and confidence histograms: {model}")
         caption = f"Figure {'1' if i == 0 else '4'}: reliability diagrams and confidence distributions of {model}"
         figures.append((caption, path.with_suffix(".png")))
-    return figures, notes
+    index = ResultIndex(read_results(root / RESULTS_FILE))
+    models = [m["name"] for m in experiment["config"]["models"]]
+    return truth_figures(root, experiment, index, models, datasets_of(experiment), n_bins=n_bins) + figures, notes
 
 
 # --- rendering -----------------------------------------------------------------------------
+
+
+_OPENING = ("summary", "conditions")  # headline table keys: the report opens with them, then the truth figures
+
+
+def _blocks(tables: list[Table], figures) -> list:
+    """Tables and (caption, png) figures in report order: the opening table, the truth figures, the rest."""
+    opening = [t for t in tables if t.key in _OPENING]
+    truth = [f for f in figures if Path(f[1]).name.startswith("truth-")] if opening else []
+    rest = [t for t in tables if t.key not in _OPENING] + [f for f in figures if f not in truth]
+    return opening + truth + rest
 
 
 def _markdown(title: str, description: str, tables: list[Table], figures, notes: list[str], folder: Path) -> str:
@@ -336,12 +284,15 @@ def _markdown(title: str, description: str, tables: list[Table], figures, notes:
         lines += [description, ""]
     lines += ["Values in %. † in-domain, * out-of-domain; – not run; n/a undefined (AUROC when every "
               "prediction is right, or every one wrong).", ""]
-    for t in tables:
-        lines += [f"## {t.title}", "", "| " + " | ".join(t.header) + " |", "|" + "|".join(" --- " for _ in t.header) + "|"]
-        lines += ["| " + " | ".join(row) + " |" for row in t.rows]
-        lines.append("")
-    for caption, png in figures:
-        lines += [f"## {caption}", "", f"![{caption}]({Path(os.path.relpath(png, folder)).as_posix()})", ""]
+    for block in _blocks(tables, figures):
+        if isinstance(block, Table):
+            t = block
+            lines += [f"## {t.title}", "", "| " + " | ".join(t.header) + " |", "|" + "|".join(" --- " for _ in t.header) + "|"]
+            lines += ["| " + " | ".join(row) + " |" for row in t.rows]
+            lines.append("")
+        else:
+            caption, png = block
+            lines += [f"## {caption}", "", f"![{caption}]({Path(os.path.relpath(png, folder)).as_posix()})", ""]
     if notes:
         lines += ["## Not in this report", ""] + [f"- {n}" for n in notes] + [""]
     return "\n".join(lines)
@@ -362,15 +313,18 @@ def _html(title: str, description: str, tables: list[Table], figures, notes: lis
     if description:
         parts.append(f"<p>{esc(description)}</p>")
     parts.append("<p class='note'>Values in %. † in-domain, * out-of-domain; – not run; n/a undefined (AUROC when every prediction is right, or every one wrong). Hover a cell for n and its 95% bootstrap interval.</p>")
-    for t in tables:
+    for block in _blocks(tables, figures):
+        if not isinstance(block, Table):
+            caption, png = block
+            data = base64.b64encode(png.read_bytes()).decode("ascii")
+            parts.append(f"<h2>{esc(caption)}</h2><img alt='{esc(caption)}' src='data:image/png;base64,{data}'>")
+            continue
+        t = block
         parts.append(f"<h2>{esc(t.title)}</h2><table><thead><tr>{''.join(f'<th>{esc(h)}</th>' for h in t.header)}</tr></thead><tbody>")
         for row, tips in zip(t.rows, t.tips):
             cells = "".join(f"<td title='{esc(tip)}'>{esc(c)}</td>" if tip else f"<td>{esc(c)}</td>" for c, tip in zip(row, tips))
             parts.append(f"<tr>{cells}</tr>")
         parts.append("</tbody></table>")
-    for caption, png in figures:
-        data = base64.b64encode(png.read_bytes()).decode("ascii")
-        parts.append(f"<h2>{esc(caption)}</h2><img alt='{esc(caption)}' src='data:image/png;base64,{data}'>")
     if notes:
         parts.append("<h2>Not in this report</h2><ul>" + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul>")
     parts.append("</body></html>")

@@ -1,7 +1,7 @@
 """`decal serve`: the calibrated decision as an HTTP service, with deferral, under load.
 
 request -> prompt -> engine -> option distribution -> calibrator -> decision, confidence, defer
-(DESIGN.md, "The pipeline"). Modules:
+(docs/design.md, "The pipeline"). Modules:
 
 - `settings`: `ServeConfig`, the threshold and calibrator a server applies, bind rules;
 - `decider`: request inputs -> examples -> prompts -> engine -> calibrated answers;

@@ -9,16 +9,15 @@ anything is queued:
    ``question``) or an object with exactly the template's fields (``question``, ``options``,
    ``fact``, ``input``) and an optional ``id``. Errors name the field and index
    (``inputs[3].options``).
-2. `prepare` renders each prompt with `decal.tasks.prompts.render_chat`, tokenizes it with
-   `decal.scoring.encode_prompts`, checks it against the model's context and finds its decision
-   tokens with `decal.decision.option_token_ids`, exactly as `decal evaluate` does.
+2. `prepare` renders, tokenizes and checks each prompt with `decal.recording.prepare_prompts`
+   (its decision tokens in its own context, cached, and their position), then checks it against
+   the model's context, exactly as `decal evaluate` does.
 3. `decide` (blocking; the server runs it on its worker thread) scores a batch through the
-   engine, which returns `decal evaluate`'s prediction records, applies the calibrator with
-   `decal.calibrators.apply_calibrator` and the deferral rules (`decal.serve.policy`: threshold,
-   option set, label mass) to the calibrated records.
+   engine and builds its records with `decal.recording.score_records`, `decal evaluate`'s own
+   path, applies the calibrator with `decal.calibrators.apply_calibrator` and the deferral rules
+   (`decal.serve.policy`: threshold, option set, label mass) to the calibrated records.
 
-Served examples carry no gold label; `make_record` needs one, so the first label stands in,
-and the answer leaves out ``label`` and ``correct``.
+Served examples carry no gold label: their records have ``label`` and ``correct`` None.
 """
 
 from __future__ import annotations
@@ -27,13 +26,15 @@ import string
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from ..decision import END_OF_REASONING, DecisionTokens, option_token_ids
+from ..decision import END_OF_REASONING
+from ..errors import DecisionPositionError
 from ..records import PredictionRecord
+from ..recording import PreparedPrompt, RunFields, prepare_prompts, score_records
 from ..tasks.schema import DecisionExample, Task
 from .policy import DeferralPolicy, Verdict
 from .settings import CalibratorInfo, ThresholdInfo
 
-__all__ = ["InputError", "Prepared", "Answer", "Decider", "template_fields", "json_type"]
+__all__ = ["InputError", "Answer", "Decider", "template_fields", "json_type"]
 
 _TEXT_FIELDS = ("question", "input", "fact")
 _ID_MAX = 256
@@ -45,15 +46,6 @@ class InputError(ValueError):
     def __init__(self, param: str, message: str):
         super().__init__(f"{param}: {message}")
         self.param, self.message = param, message
-
-
-@dataclass(frozen=True)
-class Prepared:
-    """One input ready for the engine: its example, prompt token ids and decision tokens."""
-
-    example: DecisionExample
-    sequence: list[int]
-    tokens: DecisionTokens
 
 
 @dataclass(frozen=True)
@@ -95,6 +87,7 @@ class Answer:
             "guarantees": list(self.verdict.guarantees),
             "valid": self.record.valid,
             "emitted_token": self.record.emitted_token,
+            "argmax_is_option": self.record.argmax_is_option,
         }
         if self.verdict.option_set is not None:
             out["option_set"] = self.verdict.option_set
@@ -150,11 +143,9 @@ class Decider:
         self.calibrator = calibrator
         self.policy = policy or DeferralPolicy(threshold=threshold, labels=self.labels)
         self.marker = marker
+        self.max_new_tokens = int(max_new_tokens)
         self.reserve = max_new_tokens if task.reasoning else 1
-        self.settings = {
-            "model_name": model_name, "adapter": None if adapter is None else str(adapter), "seed": 0,
-            "temperature": 0.0, "max_new_tokens": int(max_new_tokens), "marker": marker, "batch_size": 1,
-        }
+        self.run = RunFields.of(task, model=model_name, adapter=adapter, seed=0)
         text = task.template.reasoning if task.reasoning else task.template.non_reasoning
         fields = template_fields(text)
         self.needs_options = "options" in fields or any(f.startswith("option") and f[6:].isdigit() for f in fields)
@@ -228,42 +219,35 @@ class Decider:
         return text
 
     def _make(self, ex_id: str, values: dict) -> DecisionExample:
-        # No gold label in serving: the first label stands in (the answer leaves out label and correct).
-        return DecisionExample(id=ex_id, labels=self.labels, label=self.labels[0], **values)
+        return DecisionExample(id=ex_id, labels=self.labels, label=None, **values)  # no gold in serving
 
     # 2. prepare -----------------------------------------------------------------------------
 
-    def prepare(self, examples: Sequence[DecisionExample], *, param: str = "inputs") -> list[Prepared]:
-        """Render, tokenize and check each example as `decal evaluate` does; `InputError` past the context."""
-        from ..scoring import encode_prompts
-        from ..tasks.prompts import decision_context, render_chat
-
-        tokenizer = self.engine.tokenizer
-        prompts = [render_chat(tokenizer, self.task.user_message(ex), reasoning=self.reasoning) for ex in examples]
-        sequences = encode_prompts(tokenizer, prompts)
-        for i, seq in enumerate(sequences):
+    def prepare(self, examples: Sequence[DecisionExample], *, param: str = "inputs") -> list[PreparedPrompt]:
+        """Render, tokenize and check each example as `decal evaluate` does; `InputError` naming the
+        input past the context or with a decision token that would not be read where it sits."""
+        names = [f"{param}[{i}]" for i in range(len(examples))]
+        try:
+            prepared = prepare_prompts(self.engine.tokenizer, self.task, examples, marker=self.marker, names=names)
+        except DecisionPositionError as e:
+            raise InputError(e.name or param, str(e)) from e
+        for name, p in zip(names, prepared, strict=True):
             try:
-                self.engine.check_prompt_lengths([len(seq)], reserve=self.reserve, names=[f"{param}[{i}]"])
+                self.engine.check_prompt_lengths([len(p.ids)], reserve=self.reserve, names=[name])
             except ValueError as e:
-                raise InputError(f"{param}[{i}]", str(e)) from e
-        tokens = [
-            option_token_ids(tokenizer, self.labels, context=decision_context(p, reasoning=self.reasoning, marker=self.marker))
-            for p in prompts
-        ]
-        return [Prepared(ex, seq, dt) for ex, seq, dt in zip(examples, sequences, tokens)]
+                raise InputError(name, str(e)) from e
+        return prepared
 
     # 3. decide ------------------------------------------------------------------------------
 
-    def decide(self, batch: Sequence[Prepared]) -> list[Answer]:
-        """Score one batch through the engine, then calibrate and threshold each answer (blocking)."""
-        # decal evaluate's per-batch scorer: one engine call over the whole batch, then
-        # `make_record` per example. Greedy decoding, so the seed does not change the result.
-        from ..evaluation import _score_batch
+    def decide(self, batch: Sequence[PreparedPrompt]) -> list[Answer]:
+        """Score one batch through the engine, then calibrate and threshold each answer (blocking).
 
-        records = _score_batch(
-            self.engine, self.task, [p.example for p in batch], [p.sequence for p in batch], [p.tokens for p in batch],
-            settings=self.settings, batch_seed=self.settings["seed"],
-        )
+        One engine call over the whole batch and its records from `decal.recording`, as `decal
+        evaluate` builds them; greedy decoding, so the seed does not change the result.
+        """
+        records = score_records(self.engine, batch, run=self.run, reasoning=self.reasoning, temperature=0.0,
+                                max_new_tokens=self.max_new_tokens, seed=0, marker=self.marker)
         return self.finish(records)
 
     def finish(self, records: Sequence[PredictionRecord]) -> list[Answer]:

@@ -11,9 +11,9 @@ scorer calls ``model(input_ids, attention_mask, position_ids, logits_to_keep=1, 
 on left-padded prompts: when every row starts with the shared prefix, the call runs on the
 suffixes (left-padded after the prefix) with the prefix cache expanded to the batch (a view, no
 copy) and returns the same last-position logits; any other call (other rows, generation, the
-forced decision's cached forward) goes to the model unchanged. The engine's scorer, the decision
-tokens and `make_record` are `decal evaluate`'s own, so only the forward pass differs, by float
-rounding (max 2e-7 on SmolLM2's option probabilities). `with_shared_prefix` checks this on the
+forced decision's cached forward) goes to the model unchanged. The engine's scorer, the prepared
+prompts and the records (`decal.recording`) are `decal evaluate`'s own, so only the forward pass
+differs, by float rounding (max 2e-7 on SmolLM2's option probabilities). `with_shared_prefix` checks this on the
 task's first prompts and leaves the engine as it is when it does not hold.
 """
 
@@ -159,19 +159,16 @@ def with_shared_prefix(engine, task, *, tolerance: float = 1e-5):
     `tolerance`; otherwise, or when the prefix is short or the cache cannot be shared, `engine`
     is returned unchanged.
     """
-    from ..decision import option_token_ids
     from ..engines.hf import HFEngine
-    from ..scoring import encode_prompts
-    from ..tasks.prompts import decision_context, render_chat
+    from ..recording import prepare_prompts
 
     prefix = SharedPrefix.for_task(engine.model, engine.tokenizer, task)
     if prefix is None:
         return engine
     wrapped = PrefixCachedModel(engine.model, prefix)
     cached = HFEngine(wrapped, engine.tokenizer, model_name=engine.model_name, adapter=engine.adapter)
-    prompts = [render_chat(engine.tokenizer, task.user_message(ex), reasoning=False) for ex in task.examples[:4]]
-    sequences = encode_prompts(engine.tokenizer, prompts)
-    tokens = [option_token_ids(engine.tokenizer, task.labels, context=decision_context(p, reasoning=False)) for p in prompts]
+    prepared = prepare_prompts(engine.tokenizer, replace(task, reasoning=False), task.examples[:4])
+    sequences, tokens = [p.ids for p in prepared], [p.tokens for p in prepared]
     plain = engine.score(sequences, tokens, batch_size=len(sequences))
     fast = cached.score(sequences, tokens, batch_size=len(sequences))
     diff = max(abs(a - b) for x, y in zip(plain, fast) for a, b in zip(x.option_probs, y.option_probs))

@@ -44,14 +44,13 @@ def _load_task(config: ServeConfig):
 
 
 def _check_decision_tokens(config: ServeConfig, task, tokenizer) -> None:
-    """Find one prompt's decision tokens: a label collision fails before the server starts."""
-    from ..decision import option_token_ids
+    """Prepare one prompt as a request's would be: a label collision, or a decision token that
+    would not be read where it sits, fails before the server starts."""
     from ..errors import DecisionTokenCollisionError
-    from ..tasks.prompts import decision_context, render_chat
+    from ..recording import prepare_prompts
 
-    prompt = render_chat(tokenizer, task.user_message(task.examples[0]), reasoning=task.reasoning)
     try:
-        option_token_ids(tokenizer, task.labels, context=decision_context(prompt, reasoning=task.reasoning))
+        prepare_prompts(tokenizer, task, task.examples[:1])
     except DecisionTokenCollisionError as e:
         raise DecisionTokenCollisionError(f"{config.task}: field 'labels': {e}") from e
 

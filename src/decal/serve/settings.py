@@ -20,8 +20,6 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
-
 from ..engines import EngineOptions
 from ..errors import ConfigError, DataError
 
@@ -39,9 +37,6 @@ __all__ = [
 
 API_KEY_ENV = "DECAL_API_KEY"
 
-Engine = Literal["hf", "vllm"]
-
-
 @dataclass(frozen=True, kw_only=True)
 class ServeConfig:
     """Everything `decal serve` runs with (see `decal serve --help` for each flag).
@@ -51,7 +46,8 @@ class ServeConfig:
         turn each input into a prompt (split: which split to read it from; None picks the first).
     calibrator, threshold: `--calibrator FILE`, `--threshold FILE|VALUE` (None: not given).
     conformal, min_label_mass: `--conformal FILE`, `--min-label-mass M` (`decal.serve.policy`).
-    engine: "hf" (decal's batching queue over transformers) or "vllm".
+    engine: a registered engine (`decal.engines.engine_names()`: hf, decal's batching queue over
+        transformers; vllm; remote, vLLM servers at `engine_options.extra["server_urls"]`).
     host, port, api_key, insecure: where to listen and who may call.
     max_batch_size, max_wait_ms: a batch starts when it is full, or after `max_wait_ms`, or when no
         input came for a tenth of that (`decal.serve.batching`).
@@ -61,7 +57,10 @@ class ServeConfig:
     unsafe_label: the label `/v1/moderations` flags (default: the one spelled "unsafe").
     log_bodies: log request bodies (off: logs never hold them).
     threads: torch intra-op threads (None: torch's default).
-    engine_options: `decal.engines.EngineOptions` (vllm: tensor parallelism, memory, extra arguments).
+    engine_options: `decal.engines.EngineOptions` (vllm: tensor parallelism, memory, extra arguments;
+        remote: server URLs and limits).
+    server_api_key: the remote engine's bearer token for its servers (not decal's own `api_key`);
+        never in a repr, /v1/info or a log.
     prefix_cache: hf: compute the prompt prefix all requests share once (`decal.serve.prefix`).
     state_dir: the decision log's folder (`decal.serve.store`); None: no log, no feedback, no monitor.
     reference: the run folder of the monitor's reference window (None: the threshold file's
@@ -81,7 +80,7 @@ class ServeConfig:
     threshold: str | None = None
     conformal: str | None = None
     min_label_mass: float | None = None
-    engine: Engine = "hf"
+    engine: str = "hf"
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
@@ -106,6 +105,7 @@ class ServeConfig:
     reference: str | None = None
     alarm_alpha: float = 0.05
     monitor_window: int = 500
+    server_api_key: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         positive = {
@@ -127,7 +127,7 @@ class ServeConfig:
             raise ConfigError(f"`request_timeout_s` must be > 0; got {self.request_timeout_s!r}")
         if not (isinstance(self.port, int) and 0 <= self.port <= 65535):
             raise ConfigError(f"`port` must be in [0, 65535]; got {self.port!r}")
-        from ..engines.base import check_engine_name
+        from ..engines import check_engine_name
 
         check_engine_name(self.engine)
         if self.threads is not None and self.threads < 1:

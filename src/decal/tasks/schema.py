@@ -10,21 +10,22 @@ __all__ = ["DecisionExample", "PromptTemplate", "Task"]
 
 @dataclass(frozen=True, kw_only=True)
 class DecisionExample:
-    """One decision to make (DESIGN.md, "Decision example").
+    """One decision to make (docs/design.md, "Decision example").
 
     id: unique within its task and split.
     labels: the option labels, e.g. ("A", "B", "C", "D", "E") or ("Safe", "Unsafe").
-    label: the gold label, one of `labels`.
+    label: the gold label, one of `labels`; None for an input to decide without gold (a request
+        to `decal serve`), whose record then has no `label` and no `correct`.
     question, options, fact, input: the prompt fields a template may use; `options` holds the
         option texts in the order of `labels` (multiple choice), `input` the text to classify.
     true_probs: the true probability of each option, aligned with `labels`, for a task whose gold
-        label is drawn from a known distribution (DESIGN.md, "Prediction record"); else None.
+        label is drawn from a known distribution (docs/design.md, "Prediction record"); else None.
     reasoning: a rationale that leads to the decision, for the reasoning warm start; else None.
     """
 
     id: str
     labels: tuple[str, ...]
-    label: str
+    label: str | None
     question: str | None = None
     options: tuple[str, ...] | None = None
     fact: str | None = None
@@ -35,6 +36,8 @@ class DecisionExample:
 
     @property
     def label_index(self) -> int:
+        if self.label is None:
+            raise ValueError(f"example {self.id!r} has no gold label")
         return self.labels.index(self.label)
 
 

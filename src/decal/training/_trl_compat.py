@@ -21,6 +21,13 @@ What decal relies on, as read in TRL 1.16.0 `trl/trainer/grpo_trainer.py`:
   None on the transformers path), and generates all its rows in one ``generate`` call there.
 - ``_metrics[mode][name]`` lists are averaged by ``log``; ``num_generations`` and
   ``num_generations_eval`` give the group size.
+- ``self.use_vllm`` is read, besides ``__init__`` (which builds TRL's vLLM client when it is set),
+  only by ``_generate_single_turn`` and ``_generate`` (TRL's own vLLM sampling, which decal's
+  override bypasses), ``_tool_call_loop`` (tools; with ``vllm_mode == "colocate"`` only),
+  ``_generate_and_score_completions`` (the old log-probabilities and the importance-sampling
+  ratio against the sampler's log-probabilities) and ``_compute_loss`` (applying that ratio).
+  `sample_externally` sets it after construction for decal's own vLLM sampler
+  (`decal.training.vllm_sampler`), so TRL corrects for the sampler exactly as it does for its own.
 - ``trl.trainer.utils.add_fused_lm_head``'s forward decides ``compact = _use_triton(device)``:
   compact, it projects only the positions whose label is scored (the completion tokens); else
   every position of prompt + completion (so tile shapes stay fixed for graph compilers such as
@@ -47,6 +54,8 @@ __all__ = [
     "log_metric",
     "group_size",
     "completion_positions_only",
+    "USE_VLLM_READERS",
+    "sample_externally",
 ]
 
 TRL_VERSION = "1.16.0"
@@ -88,6 +97,56 @@ def check_trl() -> None:
     if _COMPACT_SOURCE not in inspect.getsource(utils.add_fused_lm_head) or not callable(getattr(utils, "_use_triton", None)):
         raise RuntimeError("trl.trainer.utils.add_fused_lm_head no longer chooses its compact projection with "
                            f"`{_COMPACT_SOURCE}`; pin trl=={TRL_VERSION}.")
+
+
+#: The GRPOTrainer methods whose source reads `self.use_vllm` (see the module docstring).
+USE_VLLM_READERS: tuple[str, ...] = ("__init__", "_compute_loss", "_generate", "_generate_and_score_completions",
+                                     "_generate_single_turn", "_tool_call_loop")
+#: What `_generate_and_score_completions` must test before computing the importance-sampling ratio.
+_IS_SOURCE = "self.use_vllm and self.vllm_importance_sampling_correction"
+
+
+def _use_vllm_readers() -> tuple[str, ...]:
+    from trl import GRPOTrainer
+
+    names = []
+    for name, fn in inspect.getmembers(GRPOTrainer, inspect.isfunction):
+        try:
+            source = inspect.getsource(fn)
+        except (OSError, TypeError):
+            continue
+        if "self.use_vllm" in source:
+            names.append(name)
+    return tuple(sorted(names))
+
+
+def sample_externally(trainer) -> None:
+    """Run TRL's vLLM bookkeeping for completions that decal's own sampler draws (`training.vllm_sampler`).
+
+    Sets the trainer's ``use_vllm`` after construction (TRL built no vLLM client, as ``args.use_vllm``
+    is False): TRL then computes the policy's log-probabilities of the sampled tokens and, with
+    ``vllm_importance_sampling_correction``, reweights the loss by their ratio to the sampler's. The
+    trainer's `_generate_single_turn` must sample itself and never reach TRL's vLLM branch.
+    ``vllm_mode`` gets a value no TRL branch tests for, so TRL's colocate-only code stays off.
+
+    Raises:
+        RuntimeError: TRL reads ``use_vllm`` elsewhere than this module knows, or no longer gates
+            the importance-sampling correction on it (pin trl==1.16.0).
+        ValueError: the trainer was built with TRL's own vLLM (``args.use_vllm``).
+    """
+    from trl import GRPOTrainer
+
+    if trainer.args.use_vllm:
+        raise ValueError("decal's vLLM sampler and TRL's use_vllm are two routes to one thing; choose one")
+    readers = _use_vllm_readers()
+    if readers != tuple(sorted(USE_VLLM_READERS)):
+        raise RuntimeError(f"trl.GRPOTrainer reads `use_vllm` in {readers}, decal expects {USE_VLLM_READERS}; "
+                           f"pin trl=={TRL_VERSION}.")
+    if _IS_SOURCE not in inspect.getsource(GRPOTrainer._generate_and_score_completions):
+        raise RuntimeError(f"trl.GRPOTrainer no longer gates its importance-sampling correction on `{_IS_SOURCE}`; "
+                           f"pin trl=={TRL_VERSION}.")
+    trainer.use_vllm = True
+    trainer.vllm_mode = "decal-engine"
 
 
 #: The line of TRL's fused LM head that `completion_positions_only` acts on.

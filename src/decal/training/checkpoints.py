@@ -7,7 +7,8 @@ continues from the newest whole checkpoint (issue #9).
 
 Checkpoint selection evaluates every complete checkpoint's adapter on one split with
 `decal.evaluation.evaluate` and records accuracy and ECE (equal-mass, 10 bins) in
-`OUT/selection.json`: `{"checkpoints": [{"step", "accuracy", "ece", "n_examples"}], "best": step,
+`OUT/selection.json`: `{"checkpoints": [{"step", "accuracy", "ece", "mean_confidence", "valid_rate",
+"n_examples"}, plus "tce" and "mean_overconfidence" when the records carry the truth], "best": step,
 "criterion": "accuracy", "split": ...}`. The best one (highest accuracy; ties go to the lower
 ECE, then the earlier step) is copied to `OUT/best_adapter/`. The paper selected on its test set;
 pass a validation split to keep the test set unseen.
@@ -94,17 +95,25 @@ def copy_adapter(source: str | os.PathLike, target: str | os.PathLike) -> Path:
 
 
 def _score(predictions: Path) -> dict[str, Any]:
-    from ..metrics import expected_calibration_error
+    from ..metrics import expected_calibration_error, mean_overconfidence, true_calibration_error
     from ..records import read_records, records_to_arrays
 
     if predictions.is_dir():
         predictions = predictions / "predictions.jsonl"
     arrays = records_to_arrays(read_records(predictions))
-    return {
+    row = {
         "accuracy": float(arrays.correct.mean()),
         "ece": float(expected_calibration_error(arrays.confidence, arrays.correct, n_bins=10, binning="equal_mass")),
+        # the decision-token confidence curve over checkpoints (issue #22: train a committed warm start
+        # until it stops rising)
+        "mean_confidence": float(arrays.confidence.mean()),
+        "valid_rate": float(arrays.valid.mean()),
         "n_examples": int(arrays.correct.size),
     }
+    if arrays.true_probs is not None:
+        truth = (arrays.confidence, arrays.true_probs, arrays.prediction_index)
+        row.update(tce=true_calibration_error(*truth), mean_overconfidence=mean_overconfidence(*truth))
+    return row
 
 
 def _best(rows: list[dict[str, Any]]) -> int:

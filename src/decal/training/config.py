@@ -1,10 +1,12 @@
 """The training configuration of `decal train`: one frozen dataclass, its YAML loader and merge.
 
 Precedence is CLI flags > YAML file (`--config FILE`) > dataclass defaults, merged with
-`is not None`. Fields left at None take the method's paper default (DESIGN.md, "Paper
+`is not None`. Fields left at None take the method's paper default (docs/design.md, "Paper
 settings"), which `TrainConfig.resolve()` fills in; each default is written exactly once, either
-as a field default or in `_METHOD_DEFAULTS`. Every check runs in `__post_init__`, so a bad
-config fails with one line before any model or dataset is loaded.
+as a field default or in `_METHOD_DEFAULTS`. Keys and types are validated by pydantic
+(`decal._config`: the YAML keys are the field names, an unknown key gets a "Did you mean"), value
+rules in `__post_init__`, so a bad config fails with one line before any model or dataset is
+loaded.
 
 Effective batch sizes of the paper: SFT 32 examples = 8 per device x 4 accumulation steps; GRPO
 256 completions = 32 completions per device x 8 accumulation steps (with 32 generations per
@@ -15,24 +17,29 @@ batch is N times larger; divide `grad_accum` by N to keep the paper's.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import typing
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
+from .._config import config_dataclass, load_yaml, validate_config
 from ..errors import ConfigError
 
 __all__ = ["TrainConfig", "METHODS", "CAL_TARGETS", "load_config_file", "merge_config", "config_to_dict"]
 
-METHODS = ("sft", "grpo", "cal-grpo")
-CAL_TARGETS = ("uniform", "group-accuracy")
-_VLLM_MODES = ("server", "colocate")
-_DTYPES = ("float32", "bfloat16", "float16", "auto")
+Method = Literal["sft", "grpo", "cal-grpo"]
+CalTarget = Literal["uniform", "group-accuracy"]
+VllmMode = Literal["server", "colocate"]
+SamplerEngine = Literal["hf", "vllm"]
+Dtype = Literal["float32", "bfloat16", "float16", "auto"]
 # TRL 1.16 GRPO loss types (trl/trainer/grpo_config.py).
-_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
+LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo"]
+METHODS = typing.get_args(Method)
+CAL_TARGETS = typing.get_args(CalTarget)
+_DTYPES = typing.get_args(Dtype)
+_LOSS_TYPES = typing.get_args(LossType)
 
-# Paper defaults that differ by method (DESIGN.md, "Paper settings"); None fields take these.
+# Paper defaults that differ by method (docs/design.md, "Paper settings"); None fields take these.
 _METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "sft": {"learning_rate": 2e-4, "epochs": 5.0, "batch_size": 8, "grad_accum": 4, "reasoning": False},
     "grpo": {"learning_rate": 1e-3, "epochs": 20.0, "batch_size": 32, "grad_accum": 8, "reasoning": True},
@@ -44,11 +51,11 @@ def _help(text: str, **kwargs) -> Any:
     return field(metadata={"help": text}, **kwargs)
 
 
-@dataclass(frozen=True, kw_only=True)
+@config_dataclass
 class TrainConfig:
     """What `decal train` runs. YAML keys are exactly these field names."""
 
-    method: Literal["sft", "grpo", "cal-grpo"] = _help(
+    method: Method = _help(
         "Training method: sft (cross-entropy on the decision token; with reasoning: the reasoning warm start, "
         "SFT on whole <think> completions), grpo, or cal-grpo (GRPO with the decision-token advantage zeroed "
         "plus cal_lambda * CE).", default="sft")
@@ -60,6 +67,11 @@ class TrainConfig:
         "Prompt with the reasoning template; None: True for grpo/cal-grpo, False for sft. sft with reasoning is "
         "the warm start: it trains on <think>RATIONALE</think> LABEL completions, labels drawn from the "
         "task's true probabilities.", default=None)
+    warm_start_labels: Literal["sample", "commit"] = _help(
+        "Labels of the reasoning warm start (sft with reasoning): sample (each drawn from the task's true "
+        "probabilities: hedging paths) or commit (what the rationale concludes, the option with the larger true "
+        "probability, ties to the first option: committed paths, issue #22). Tasks without true probabilities "
+        "use the gold label either way.", default="sample")
     init_adapter: str | None = _help(
         "LoRA adapter folder to continue training (e.g. a warm start's adapter); its LoRA settings replace the "
         "lora_* fields. None starts a new adapter.", default=None)
@@ -79,12 +91,13 @@ class TrainConfig:
         default=None)
     truncate_prompts: bool = _help(
         "SFT: cut prompts longer than max_prompt_length to their last max_prompt_length tokens (the end holds "
-        "the generation prompt, next to the decision) instead of failing. DESIGN.md: 128 made CPU runs ~2x faster.",
+        "the generation prompt, next to the decision) instead of failing. 128 tokens made CPU runs ~2x faster "
+        '(docs/design.md, "Measured costs").',
         default=False)
     temperature: float = _help("GRPO sampling temperature.", default=1.0)
     beta: float = _help("GRPO KL coefficient (0 loads no reference model).", default=0.0)
     epsilon: float = _help("GRPO clipping epsilon.", default=0.2)
-    loss_type: str = _help(f"TRL GRPO loss type, one of {', '.join(_LOSS_TYPES)}.", default="bnpo")
+    loss_type: LossType = _help(f"TRL GRPO loss type, one of {', '.join(_LOSS_TYPES)}.", default="bnpo")
     save_steps: int = _help("Save a checkpoint-N folder every N optimizer steps.", default=50)
     seed: int = _help("Random seed (data order, LoRA init, sampling).", default=0)
     lora_r: int = _help("LoRA rank.", default=16)
@@ -93,11 +106,17 @@ class TrainConfig:
     lora_target_modules: list[str] | str = _help(
         "LoRA target modules: a list of module names or 'all-linear'.", default="all-linear")
     cal_lambda: float = _help("cal-grpo weight of the decision-token CE term (>= 0).", default=0.001)
-    cal_target: Literal["uniform", "group-accuracy"] = _help(
+    cal_target: CalTarget = _help(
         "cal-grpo CE target for a wrong sampled decision: uniform over options, or the group's accuracy.",
         default="uniform")
-    use_vllm: bool = _help("Generate GRPO completions with vLLM (GPU; needs the vllm package).", default=False)
-    vllm_mode: Literal["server", "colocate"] = _help(
+    engine: SamplerEngine = _help(
+        "Where GRPO samples its completions: hf (transformers' generate in the trainer) or vllm (decal's vLLM "
+        "engine, CPU or GPU: the LoRA adapter is saved each step and served as a new LoRA request; TRL's "
+        "importance-sampling correction covers the sampler/trainer difference). Training is the same either way.",
+        default="hf")
+    use_vllm: bool = _help("Generate GRPO completions with TRL's own vLLM integration (GPU only; needs the vllm "
+                           "package). On CPUs use engine: vllm.", default=False)
+    vllm_mode: VllmMode = _help(
         "vLLM mode: colocate (same process and GPUs) or server (a separate `trl vllm-serve`).", default="colocate")
     vllm_server_base_url: str | None = _help("vLLM server URL in server mode (None: TRL's default host/port).",
                                              default=None)
@@ -111,8 +130,9 @@ class TrainConfig:
         "for about 30% more time. None (auto): only for micro-batches whose activations would take more than a "
         "quarter of the memory (GPU, else RAM), estimated from the model's shape. Issue #13: SmolLM2 SFT at "
         "4 x 2,102 tokens needs ~18 GB without it.", default=None)
-    dtype: str = _help(f"Weights dtype, one of {', '.join(_DTYPES)}. auto: float32 on CPUs (DESIGN.md: bf16 LoRA "
-                       "updates were lost to rounding), bfloat16 on GPUs that support it.", default="auto")
+    dtype: Dtype = _help(f"Weights dtype, one of {', '.join(_DTYPES)}. auto: float32 on CPUs (bf16 LoRA updates were "
+                         'lost to rounding: docs/design.md, "Measured costs"), bfloat16 on GPUs that support it.',
+                         default="auto")
     limit: int | None = _help("Train on the first N examples of the split only.", default=None)
     select_split: str | None = _help(
         "After training, evaluate every checkpoint on this split and record the best in selection.json.",
@@ -122,12 +142,6 @@ class TrainConfig:
     trust_remote_code: bool = _help("Allow model code from the model folder or hub.", default=False)
 
     def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            _check_type(f.name, getattr(self, f.name), hints[f.name])
-        self._check_values()
-
-    def _check_values(self) -> None:
         positive = {"learning_rate": self.learning_rate, "epochs": self.epochs, "batch_size": self.batch_size,
                     "grad_accum": self.grad_accum, "max_completion_length": self.max_completion_length,
                     "max_prompt_length": self.max_prompt_length, "temperature": self.temperature,
@@ -146,10 +160,6 @@ class TrainConfig:
                 raise ConfigError(f"`{name}` must be >= 0; got {getattr(self, name)!r}.")
         if not 0 <= self.lora_dropout < 1:
             raise ConfigError(f"`lora_dropout` must be in [0, 1); got {self.lora_dropout!r}.")
-        if self.loss_type not in _LOSS_TYPES:
-            raise ConfigError(_unknown("loss_type", self.loss_type, _LOSS_TYPES))
-        if self.dtype not in _DTYPES:
-            raise ConfigError(_unknown("dtype", self.dtype, _DTYPES))
         if self.seed < 0:
             raise ConfigError(f"`seed` must be >= 0; got {self.seed!r}.")
         if self.truncate_prompts and self.max_prompt_length is None:
@@ -158,6 +168,16 @@ class TrainConfig:
         if self.method != "sft" and self.truncate_prompts:
             raise ConfigError(f"`truncate_prompts` applies to sft only; got True with {self.method}. TRL 1.16's "
                               f"GRPOConfig has no prompt truncation; `max_prompt_length` alone checks the prompts.")
+        if self.engine != "hf" and not self.is_grpo:
+            raise ConfigError(f"`engine` chooses where GRPO samples; got {self.engine!r} with {self.method}, which "
+                              "samples nothing. Drop --engine.")
+        if self.engine == "vllm" and self.use_vllm:
+            raise ConfigError("`engine: vllm` (decal's vLLM engine) and `use_vllm` (TRL's) are two routes to vLLM "
+                              "sampling; choose one (on CPUs: --engine vllm).")
+        if self.warm_start_labels != "sample" and not (self.method == "sft" and self.reasoning):
+            raise ConfigError(f"`warm_start_labels` applies to the reasoning warm start (sft with reasoning) only; got "
+                              f"{self.warm_start_labels!r} with {self.method}"
+                              f"{'' if self.method != 'sft' else ' without reasoning'}.")
         if self.method == "sft" and self.reasoning and self.max_prompt_length is not None:
             raise ConfigError(f"`max_prompt_length` applies to decision-token sft only; got {self.max_prompt_length!r} "
                               "with reasoning. The warm start trains on whole prompts, as generation sees them.")
@@ -179,103 +199,27 @@ class TrainConfig:
         return self.method in ("grpo", "cal-grpo")
 
 
-def _unknown(name: str, value: Any, choices) -> str:
-    close = difflib.get_close_matches(str(value), list(choices), n=1)
-    hint = f" Did you mean: {close[0]}?" if close else ""
-    return f"Unknown {name} {value!r}.{hint} Available: {', '.join(choices)}."
-
-
-def _type_name(hint) -> str:
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
-
-
-def _matches(value: Any, hint) -> bool:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is type(None):
-        return value is None
-    if origin is Literal:
-        return value in args
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        return any(_matches(value, a) for a in args)
-    if origin is list:
-        return isinstance(value, list) and all(_matches(v, args[0]) for v in value)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, hint)
-
-
-def _check_type(name: str, value: Any, hint) -> None:
-    if _matches(value, hint):
-        return
-    if typing.get_origin(hint) is Literal or (
-        typing.get_origin(hint) is not None and any(typing.get_origin(a) is Literal for a in typing.get_args(hint))
-    ):
-        choices = [c for a in (hint,) for c in typing.get_args(a)]
-        raise ConfigError(_unknown(f"`{name}`", value, choices))
-    raise ConfigError(f"`{name}` must be {_type_name(hint)}; got {value!r} ({type(value).__name__}).")
-
-
-def _field_names() -> list[str]:
-    return [f.name for f in dataclasses.fields(TrainConfig)]
-
-
-def _check_keys(values: Mapping[str, Any], source: str) -> None:
-    names = _field_names()
-    for key in values:
-        if key not in names:
-            close = difflib.get_close_matches(str(key).replace("-", "_"), names, n=1)
-            hint = f" Did you mean: {close[0]}?" if close else ""
-            raise ConfigError(f"{source}: unknown training config key {key!r}.{hint} "
-                              f"Available: {', '.join(names)}.")
-
-
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML training config into a dict of field values (checked keys, raw values).
+    """Read a YAML training config into a dict of field values (checked keys and types).
 
     Args:
         path: a YAML mapping whose keys are `TrainConfig` field names.
 
     Returns:
-        The mapping; float fields written like `1e-3` (a string to YAML 1.1) become floats.
+        The mapping, values converted to the fields' types (`1e-3`, a string to YAML 1.1, is a
+        float); rules between fields are checked by `merge_config`, once the flags are merged in.
 
     Raises:
         FileNotFoundError: no such file.
-        ConfigError: not a mapping, invalid YAML, or an unknown key.
+        ConfigError: not a mapping, invalid YAML, an unknown key or a wrong type, naming the file.
     """
-    import yaml
-
-    from .._io import read_text
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"training config not found: {path}")
-    try:
-        values = yaml.safe_load(read_text(path))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else f"{path}"
-        raise ConfigError(f"{where}: invalid YAML ({getattr(e, 'problem', None) or e})".replace("\n", " ")) from e
+    values = load_yaml(path, what="training config")
     if values is None:
         return {}
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: a training config must be a YAML mapping of field: value; "
                           f"got {type(values).__name__}.")
-    _check_keys(values, str(path))
-    hints = typing.get_type_hints(TrainConfig)
-    for key, value in list(values.items()):
-        # YAML 1.1 reads `1e-3` (no dot) as a string; accept it for float fields only.
-        if isinstance(value, str) and float in typing.get_args(hints[key]) + (hints[key],):
-            try:
-                values[key] = float(value)
-            except ValueError:
-                pass
-        try:
-            _check_type(key, values[key], hints[key])
-        except ConfigError as e:  # name the file: the value came from it, not from a flag
-            raise ConfigError(f"{path}: {e}") from e
-    return values
+    return validate_config(TrainConfig, values, source=str(path), partial=True)
 
 
 def merge_config(*, file_values: Mapping[str, Any] | None = None,
@@ -294,11 +238,9 @@ def merge_config(*, file_values: Mapping[str, Any] | None = None,
     """
     file_values = dict(file_values or {})
     cli = {k: v for k, v in (cli_values or {}).items() if v is not None}
-    _check_keys(file_values, "config file")
-    _check_keys(cli, "command line")
     merged = {**{k: v for k, v in file_values.items() if v is not None}, **cli}
     overridden = sorted(k for k in cli if k in file_values and file_values[k] != cli[k])
-    return TrainConfig(**merged), overridden
+    return validate_config(TrainConfig, merged), overridden
 
 
 def config_to_dict(config: TrainConfig) -> dict[str, Any]:

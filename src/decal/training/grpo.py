@@ -3,14 +3,15 @@
 - GRPO (issue #5 item 3): reward 1 when the decision parsed by `decal.decision` equals the gold
   label, else 0 (`decal.training.rewards`); TRL's clipped objective with ``loss_type="bnpo"`` and
   no KL by default (``beta=0``, no reference model).
-- Calibration-aware GRPO (issue #6, DESIGN.md): the same, with the advantage of the decision
+- Calibration-aware GRPO (issue #6, docs/design.md, "Calibration-aware GRPO"): the same, with the advantage of the decision
   token set to 0 and ``cal_lambda * CE`` added, where CE is the decision-token cross-entropy of
   `decal.training.losses` (targets: the paper's "uniform" rule, or decal's "group-accuracy"
   extension). The CE reuses the training forward pass: a forward hook on the backbone keeps the
   final hidden state at the B decision positions, and only those B rows go through the LM head,
   so the ``(B, T, V)`` logits are never built and no second forward runs.
 
-Per step the trainer logs, besides TRL's ``reward``: ``decision/invalid_rate``,
+Per step the trainer logs, besides TRL's ``reward``: ``timing/generate_s`` (seconds spent sampling the
+step's completions), ``decision/invalid_rate``,
 ``decision/prob_correct`` and ``decision/prob_wrong`` (the mean full-vocabulary probability of the
 emitted decision token over correct / wrong rollouts), ``decision/frac_prob_above_0.99`` (over
 rollouts with a valid decision) and, for calibration-aware GRPO, ``cal/ce``.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -31,14 +33,15 @@ from ..scoring import context_length
 from ..tasks.prompts import decision_context, render_chat
 from . import _trl_compat
 from .losses import CAL_TARGETS, decision_ce, decision_targets
-from .memory import AutoCheckpointing, check_prompt_lengths
+from ..engines.base import check_lengths
+from .memory import AutoCheckpointing
 from .rewards import DecisionReward
 
 __all__ = ["DecalGRPOConfig", "DecalGRPOTrainer", "grpo_dataset", "build_grpo_trainer"]
 
 logger = logging.getLogger(__name__)
 
-# Confidence above which a decision counts as overconfident (DESIGN.md, overconfidence ratio).
+# Confidence above which a decision counts as overconfident (docs/design.md, "Metrics": overconfidence ratio).
 _OVERCONFIDENT = 0.99
 
 
@@ -88,7 +91,10 @@ def grpo_dataset(task, tokenizer, *, reasoning: bool | None = None):
 
     Returns:
         A Dataset with columns ``prompt`` (the fully rendered chat prompt string, so TRL does not
-        apply a template again), ``id``, ``label`` and ``labels``.
+        apply a template again), ``id``, ``label``, ``labels`` and ``option_token_ids`` (each
+        example's decision token ids, found in its own context by `decal.decision.option_token_ids`;
+        TRL hands them to the reward, so examples whose contexts tokenize differently are parsed
+        and trained on their own tokens).
 
     Raises:
         ValueError: the task is empty or its examples have different label sets.
@@ -106,11 +112,15 @@ def grpo_dataset(task, tokenizer, *, reasoning: bool | None = None):
                 f"task {task.name!r}: example {ex.id!r} has labels {list(ex.labels)} but {examples[0].id!r} has "
                 f"{list(labels)}; GRPO needs one label set per task"
             )
+    prompts = [render_chat(tokenizer, task.template.user_message(ex, reasoning=reasoning), reasoning=reasoning)
+               for ex in examples]
     rows = {
-        "prompt": [render_chat(tokenizer, task.template.user_message(ex, reasoning=reasoning), reasoning=reasoning) for ex in examples],
+        "prompt": prompts,
         "id": [ex.id for ex in examples],
         "label": [ex.label for ex in examples],
         "labels": [list(ex.labels) for ex in examples],
+        "option_token_ids": [list(option_token_ids(tokenizer, ex.labels, context=decision_context(p, reasoning=reasoning)).token_ids)
+                             for ex, p in zip(examples, prompts, strict=True)],
     }
     return Dataset.from_dict(rows)
 
@@ -160,20 +170,29 @@ class DecalGRPOTrainer(GRPOTrainer):
     fused LM head projecting only the completion positions on a CPU too
     (`_trl_compat.completion_positions_only`), generation without vLLM runs in chunks of one
     micro-batch (`_generate_single_turn`), and with ``auto_checkpointing`` only the micro-batches
-    that need it are checkpointed (`memory.AutoCheckpointing`).
+    that need it are checkpointed (`memory.AutoCheckpointing`). With a ``sampler``
+    (`decal.training.vllm_sampler.VLLMSampler`, ``--engine vllm``) the completions are drawn on decal's
+    vLLM engine instead of TRL's `generate`, and TRL's importance-sampling correction covers the
+    difference (`_trl_compat.sample_externally`).
     """
 
-    def __init__(self, *args, decision_tokens: DecisionTokens, auto_checkpointing: bool = False, **kwargs):
+    def __init__(self, *args, decision_tokens: DecisionTokens, auto_checkpointing: bool = False, sampler=None,
+                 **kwargs):
         _trl_compat.check_trl()
         super().__init__(*args, **kwargs)
+        # decal's vLLM sampler (`--engine vllm`) draws the completions; TRL corrects for it as for its own vLLM
+        self.sampler = sampler
+        if sampler is not None:
+            _trl_compat.sample_externally(self)
+            # start the engine now, with the initial adapter: a failure shows before any training step
+            sampler.sync(self.accelerator.unwrap_model(self.model), self.state.global_step)
         self.auto_checkpointing = (AutoCheckpointing(self.model) if auto_checkpointing
                                    and self.args.gradient_checkpointing else None)
         rewards = [f for f in self.reward_funcs if isinstance(f, DecisionReward)]
         if len(rewards) != 1:
             raise ValueError("DecalGRPOTrainer needs exactly one DecisionReward among `reward_funcs`")
         self.decision_reward = rewards[0]
-        self.decision_tokens = decision_tokens
-        self._option_ids = torch.tensor(decision_tokens.token_ids, dtype=torch.long)  # (K,)
+        self.decision_tokens = decision_tokens  # the labels and K; each row's ids come from the reward
 
     # 1. generation: parse decisions once, build targets, zero the decision advantage
     def _generate_and_score_completions(self, inputs):
@@ -189,6 +208,15 @@ class DecalGRPOTrainer(GRPOTrainer):
         micro-batch's, like the training pass's (issue #13). vLLM and multimodal inputs keep
         TRL's single call.
         """
+        started = time.perf_counter()
+        try:
+            if self.sampler is not None:
+                return self._sample_on_engine(prompt_ids, num_generations)
+            return self._generate_in_chunks(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
+        finally:  # where a step's time goes (benchmarks/bench_training.py --suite engines)
+            _trl_compat.log_metric(self, "timing/generate_s", time.perf_counter() - started)
+
+    def _generate_in_chunks(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images):
         rows = self.args.per_device_train_batch_size
         if (self.use_vllm or getattr(self, "use_transformers_continuous_batching", False) or images is not None
                 or multimodal_fields or len(prompt_ids) <= rows):
@@ -201,6 +229,16 @@ class DecalGRPOTrainer(GRPOTrainer):
             completion_ids += ids
             logprobs = None if chunk_logprobs is None or logprobs is None else logprobs + list(chunk_logprobs)
         return completion_ids, logprobs
+
+    def _sample_on_engine(self, prompt_ids, num_generations):
+        """(completion_ids, logprobs) from decal's vLLM sampler, serving the adapter as of this optimizer step."""
+        if self.state.global_step != self.sampler.step:  # once per optimizer step, as TRL syncs its vLLM
+            self.sampler.sync(self.accelerator.unwrap_model(self.model), self.state.global_step)
+        return self.sampler.sample(
+            prompt_ids, num_generations, max_new_tokens=self.max_completion_length, stop_ids=self.eos_token_ids,
+            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty,
+        )
 
     def _add_decisions(self, output: dict) -> dict:
         """Add the decision keys to a generation batch, from the reward's parse of the same rows."""
@@ -216,8 +254,9 @@ class DecalGRPOTrainer(GRPOTrainer):
         output["decision_index"] = index  # (B,)
         output["decision_option"] = option  # (B,)
         output["decision_gold"] = gold_t  # (B,)
-        # (B, K) rather than (K,): TRL shuffles and splits every tensor of the dict along dim 0
-        output["option_token_ids"] = self._option_ids.to(device).expand(b, -1).clone()
+        # (B, K) rather than (K,): each row's own decision tokens, and TRL shuffles and splits every
+        # tensor of the dict along dim 0
+        output["option_token_ids"] = torch.tensor(self.decision_reward.last_option_ids, dtype=torch.long, device=device)
         invalid = self.accelerator.gather((index < 0).float())
         _trl_compat.log_metric(self, "decision/invalid_rate", invalid.mean().item())
         if self.args.calibration:
@@ -299,14 +338,14 @@ def _check_prompts(dataset, tokenizer, model, args: DecalGRPOConfig, max_prompt_
     lengths = [len(ids) for ids in tokenizer(text=list(dataset["prompt"]))["input_ids"]]  # as TRL tokenizes them
     logger.info("GRPO on %d prompts, mean length %.0f tokens, longest %d", len(lengths), sum(lengths) / len(lengths),
                 max(lengths))
-    check_prompt_lengths(list(dataset["id"]), lengths, max_prompt_length=max_prompt_length,
-                         context=context_length(model), reserved=args.max_completion_length,
-                         what=f"{args.max_completion_length} completion tokens",
-                         fix="Raise --max-prompt-length; GRPO prompts are never cut.")
+    check_lengths(context_length(model), lengths, names=list(dataset["id"]), reserve=args.max_completion_length,
+                  reserve_name=f"{args.max_completion_length} completion tokens", max_prompt_length=max_prompt_length,
+                  fix="Raise --max-prompt-length; GRPO prompts are never cut.")
 
 
 def build_grpo_trainer(*, model, tokenizer, task, args: DecalGRPOConfig, peft_config=None, callbacks=None,
-                       max_prompt_length: int | None = None, auto_checkpointing: bool = False) -> DecalGRPOTrainer:
+                       max_prompt_length: int | None = None, auto_checkpointing: bool = False,
+                       sampler=None) -> DecalGRPOTrainer:
     """A ready-to-train `DecalGRPOTrainer` for `task` (GRPO, or calibration-aware with ``args.calibration``).
 
     Args:
@@ -320,6 +359,8 @@ def build_grpo_trainer(*, model, tokenizer, task, args: DecalGRPOConfig, peft_co
             never cut.
         auto_checkpointing: with ``args.gradient_checkpointing``, checkpoint only the
             micro-batches whose activations would exceed a quarter of the memory.
+        sampler: a `decal.training.vllm_sampler.VLLMSampler` that draws the completions on vLLM
+            (None: TRL's own generation).
 
     Raises:
         PromptTooLongError: a prompt is over `max_prompt_length`, or a prompt and
@@ -336,10 +377,10 @@ def build_grpo_trainer(*, model, tokenizer, task, args: DecalGRPOConfig, peft_co
         logger.warning("model config sets %s; decision probabilities and the CE ignore it", ", ".join(scaled))
     dataset = grpo_dataset(task, tokenizer, reasoning=args.reasoning)
     _check_prompts(dataset, tokenizer, model, args, max_prompt_length)
+    # each example's decision tokens are in the dataset; the first example's name the options in logs
     first = dataset[0]
-    context = decision_context(first["prompt"], reasoning=args.reasoning)
-    tokens = option_token_ids(tokenizer, first["labels"], context=context)
-    logger.info("decision tokens %s for options %s", tokens.tokens, tokens.labels)
+    tokens = option_token_ids(tokenizer, first["labels"], context=decision_context(first["prompt"], reasoning=args.reasoning))
+    logger.info("decision tokens %s for options %s (first example)", tokens.tokens, tokens.labels)
     reward = DecisionReward(tokenizer, tokens, reasoning=args.reasoning, stop_ids=stop_token_ids(tokenizer, model))
     return DecalGRPOTrainer(
         model=model,
@@ -351,4 +392,5 @@ def build_grpo_trainer(*, model, tokenizer, task, args: DecalGRPOConfig, peft_co
         callbacks=callbacks,
         decision_tokens=tokens,
         auto_checkpointing=auto_checkpointing,
+        sampler=sampler,
     )

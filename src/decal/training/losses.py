@@ -1,6 +1,6 @@
 """The calibration term of calibration-aware GRPO: CE targets over the options and the CE itself.
 
-Calibration-aware GRPO (DESIGN.md, "Calibration-aware GRPO"; issue #6) keeps the GRPO loss on
+Calibration-aware GRPO (docs/design.md, "Calibration-aware GRPO"; issue #6) keeps the GRPO loss on
 every completion token except the decision token d, whose advantage is set to 0, and adds
 ``lambda * CE_d`` with
 
@@ -166,7 +166,10 @@ def decision_ce(decision_logits: torch.Tensor, option_token_ids, targets: torch.
         )
     if ids.numel() and (ids.min() < 0 or ids.max() >= v):
         raise ValueError(f"`option_token_ids` must be in [0, {v}); got {ids.unique().tolist()!r}.")
-    logprobs = torch.log_softmax(decision_logits.float(), dim=-1)  # (B, V), full vocabulary
+    # At least float32 (bfloat16 logits lose the small option probabilities); float64 stays float64, for
+    # the exactness tests (tests/test_grpo.py).
+    compute_dtype = torch.promote_types(decision_logits.dtype, torch.float32)
+    logprobs = torch.log_softmax(decision_logits.to(compute_dtype), dim=-1)  # (B, V), full vocabulary
     option_logprobs = logprobs.gather(1, ids)  # (B, K)
     has_target = (targets != 0).any(dim=1)  # (B,)
     row_ce = -(targets.to(option_logprobs.dtype) * option_logprobs).sum(dim=1)  # (B,)

