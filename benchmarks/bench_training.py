@@ -481,9 +481,6 @@ def main(argv: list[str] | None = None) -> int:
         spec = json.loads(args.worker)
         print(json.dumps(_WORKERS[spec["suite"]](spec)))
         return 0
-    if args.engine_worker:
-        _engine_worker(args.engine_worker, args.out, args.steps, args.model, args.init_adapter)
-        return 0
     with tempfile.TemporaryDirectory(prefix="decal-bench-train-") as root:
         {"sft": _suite_sft, "grpo": _suite_grpo, "methods": _suite_methods,
          "engines": _suite_engines}[args.suite](args, Path(root))

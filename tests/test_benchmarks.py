@@ -61,6 +61,20 @@ def test_every_benchmark_script_has_a_smoke_test():
     assert set(SCRIPTS) == tested, f"benchmarks without a smoke test: {sorted(set(SCRIPTS) - tested)}"
 
 
+def test_bench_monitor_runs_tiny(run_benchmark, data_dir, monkeypatch):
+    # simulated streams of the verdicts generator's records: the no-drift rows and one row per
+    # shifted pool and alarm, then the speed line
+    monkeypatch.setenv("DECAL_DATA_DIR", str(data_dir))
+    out = run_benchmark("bench_monitor", "--streams", 20, "--reference", 60, "--before", 60, "--after", 120,
+                        "--speed-decisions", 200)
+    for alarm in ("guarantee", "drift"):
+        assert re.search(rf"^\| no drift, 180 decisions \| {alarm} \| \d+ \(\S+ %\) \| – \| – \| – \|$", out, re.M), alarm
+    shifted = re.findall(r"^\| (.+?): accuracy of answered \S+, label-free estimate \S+ \| (guarantee|drift) \| \d+ \| \S+ % \|",
+                         out, re.M)
+    assert shifted and len(shifted) % 2 == 0 and {a for _, a in shifted} == {"guarantee", "drift"}
+    assert re.search(r"^speed: vectorised simulation \S+ decisions/s vs the server's streaming alarms \S+ decisions/s", out, re.M)
+
+
 def test_bench_metrics_runs_tiny(run_benchmark):
     # 30,000 examples: decal.binning.BUCKETED_FROM, so the class columns take the bucketed path.
     out = run_benchmark("bench_metrics", "--n", 30_000, "--classes", 3, "--repeats", 1, "--resamples", 5)

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import LOGPROB_ATOL_ENGINES, LOGPROB_ATOL_SMOLLM2, LOGPROB_ATOL_TINY, assert_logprobs_close
+from conftest import LOGPROB_ATOL_SMOLLM2, LOGPROB_ATOL_TINY, assert_logprobs_close
 from decal.cli import main
 from decal.records import read_records
 from decal.serve.process import ServeProcess
@@ -554,4 +554,4 @@ def test_vllm_engine_serves_decal_evaluate_answers(tmp_path, data_dir, monkeypat
     for a in alone + together:
         _assert_same(a, on_vllm[a["id"]], atol=LOGPROB_ATOL_SMOLLM2)  # decal evaluate on the same engine
         assert a["decision"] == on_hf[a["id"]].prediction  # and the hf engine, to the engines' parity
-        assert_logprobs_close(list(a["option_probs"].values()), on_hf[a["id"]].option_probs, atol=LOGPROB_ATOL_ENGINES)
+        assert_logprobs_close(list(a["option_probs"].values()), on_hf[a["id"]].option_probs, atol=LOGPROB_ATOL_SMOLLM2)

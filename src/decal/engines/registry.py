@@ -64,6 +64,9 @@ class Capabilities:
         `--allow-pickle` apply); False for an engine that calls a server.
     local_forward: the forward pass is transformers' in this process, so torch's thread count and
         decal's shared prompt-prefix cache (`decal.serve.prefix`) apply.
+    rl_sampler: the engine samples GRPO's completions for `decal train` (`training.engine`,
+        `decal.training.vllm_sampler`: the LoRA adapter served each step); without it TRL's own
+        generation in the trainer samples.
     """
 
     exact_probabilities: bool = True
@@ -74,6 +77,7 @@ class Capabilities:
     continuous_batching: bool = False
     loads_weights: bool = True
     local_forward: bool = False
+    rl_sampler: bool = False
 
 
 @dataclass(frozen=True)

@@ -978,7 +978,7 @@ KIND = EngineKind(
     summary="vLLM in this process: paged KV cache, continuous batching, tensor/data parallel (GPUs: the `vllm` "
             "extra of decal)",
     capabilities=Capabilities(per_request_seeds=True, shared_adapters=True, data_parallel=True,
-                              continuous_batching=True),
+                              continuous_batching=True, rl_sampler=True),
     options=_OPTIONS,
     open_options=True,
     open_options_hint="any vLLM engine argument",

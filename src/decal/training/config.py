@@ -168,10 +168,10 @@ class TrainConfig:
         if self.method != "sft" and self.truncate_prompts:
             raise ConfigError(f"`truncate_prompts` applies to sft only; got True with {self.method}. TRL 1.16's "
                               f"GRPOConfig has no prompt truncation; `max_prompt_length` alone checks the prompts.")
-        if self.engine != "hf" and not self.is_grpo:
+        if self.samples_on_engine and not self.is_grpo:
             raise ConfigError(f"`engine` chooses where GRPO samples; got {self.engine!r} with {self.method}, which "
                               "samples nothing. Drop --engine.")
-        if self.engine == "vllm" and self.use_vllm:
+        if self.samples_on_engine and self.use_vllm:
             raise ConfigError("`engine: vllm` (decal's vLLM engine) and `use_vllm` (TRL's) are two routes to vLLM "
                               "sampling; choose one (on CPUs: --engine vllm).")
         if self.warm_start_labels != "sample" and not (self.method == "sft" and self.reasoning):
@@ -197,6 +197,13 @@ class TrainConfig:
     @property
     def is_grpo(self) -> bool:
         return self.method in ("grpo", "cal-grpo")
+
+    @property
+    def samples_on_engine(self) -> bool:
+        """GRPO samples on a decal engine (`engine` has the registry's `rl_sampler` capability), not in TRL."""
+        from ..engines.registry import engine_kind
+
+        return engine_kind(self.engine).capabilities.rl_sampler
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

