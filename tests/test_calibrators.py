@@ -171,21 +171,54 @@ def test_platt_records_keep_prediction_and_rescale_options():
     cal = PlattScaling()
     cal.a_, cal.b_ = 0.5, 0.3
     out = apply_calibrator(cal, records)
-    arrays = records_to_arrays(out)
+    arrays = records_to_arrays(out)  # the calibrated scale, which metrics read
     expected_conf = cal.transform([r.confidence for r in records])
+    assert arrays.calibrated
     np.testing.assert_allclose(arrays.confidence, expected_conf)
-    np.testing.assert_allclose(arrays.option_probs.sum(1), 1.0)
+    np.testing.assert_allclose(arrays.class_probs.sum(1), 1.0)
     # predicted option holds the confidence; the others keep their ratio (0.3 : 0.1 -> 3 : 1)
-    np.testing.assert_allclose(arrays.option_probs[0, 0], expected_conf[0])
-    assert arrays.option_probs[0, 1] / arrays.option_probs[0, 2] == pytest.approx(3.0)
+    np.testing.assert_allclose(arrays.class_probs[0, 0], expected_conf[0])
+    assert arrays.class_probs[0, 1] / arrays.class_probs[0, 2] == pytest.approx(3.0)
     # no mass on the other options: they share 1 - confidence evenly
-    assert arrays.option_probs[2, 1] == pytest.approx(arrays.option_probs[2, 2])
+    assert arrays.class_probs[2, 1] == pytest.approx(arrays.class_probs[2, 2])
     for before, after in zip(records, out, strict=True):
         assert (after.prediction, after.correct, after.valid) == (before.prediction, before.correct, before.valid)
         assert after.extra["calibrator"] == "platt"
-        assert after.extra["uncalibrated_confidence"] == before.confidence
         # the calibrated record still passes the schema's validation
         PredictionRecord.from_dict(json.loads(after.to_json()))
+
+
+def test_calibration_keeps_the_raw_full_vocabulary_fields():
+    """Issue #23 item 3: calibrated values go beside `option_probs` and `confidence`, never over them."""
+    probs = np.array([[0.7, 0.3], [0.4, 0.6], [0.9, 0.1]])
+    records = _records(probs, [0, 1, 1], vocab_share=0.05)  # label mass 0.05: far from summing to 1
+    for cal in (PlattScaling(), IsotonicCalibration(), TemperatureScaling()):
+        fit_calibrator(cal, records)
+        out = apply_calibrator(cal, records)
+        # twice: a calibrator reads the raw fields, so recalibrating a calibrated run replaces it
+        again = apply_calibrator(cal, out)
+        for before, after, twice in zip(records, out, again):
+            assert after.option_probs == before.option_probs and after.confidence == before.confidence
+            assert twice.calibrated_probs == after.calibrated_probs
+            assert sum(after.calibrated_probs) == pytest.approx(1.0)
+            assert after.calibrated_confidence == pytest.approx(after.calibrated_probs[after.labels.index(after.prediction)])
+            back = PredictionRecord.from_dict(json.loads(after.to_json()))
+            assert back.option_probs == before.option_probs and back.label_mass == pytest.approx(0.05)
+        raw = records_to_arrays(out, scale="raw")
+        np.testing.assert_allclose(raw.label_mass, 0.05)
+        assert not raw.calibrated and records_to_arrays(out).calibrated
+
+
+def test_records_calibrated_in_place_by_an_earlier_release_read_back_with_raw_fields():
+    legacy = {
+        "id": "1", "task": "t", "split": "s", "label": "A", "prediction": "A", "correct": True, "valid": True,
+        "confidence": 0.8, "option_probs": [0.8, 0.2], "labels": ["A", "B"],
+        "extra": {"calibrator": "platt", "uncalibrated_confidence": 0.04, "uncalibrated_option_probs": [0.04, 0.01]},
+    }
+    r = PredictionRecord.from_dict(legacy)
+    assert (r.option_probs, r.confidence) == ([0.04, 0.01], 0.04)
+    assert (r.calibrated_probs, r.calibrated_confidence) == ([0.8, 0.2], 0.8)
+    assert r.extra == {"calibrator": "platt"}
 
 
 def test_temperature_records_use_tempered_distribution_at_the_prediction():
@@ -195,5 +228,5 @@ def test_temperature_records_use_tempered_distribution_at_the_prediction():
     ts.temperature_ = 2.0
     out = apply_calibrator(ts, records)
     tempered = np.sqrt(probs) / np.sqrt(probs).sum(1, keepdims=True)  # p^(1/2), renormalised
-    np.testing.assert_allclose([r.option_probs for r in out], tempered)
-    np.testing.assert_allclose([r.confidence for r in out], [tempered[0, 0], tempered[1, 1]])
+    np.testing.assert_allclose([r.calibrated_probs for r in out], tempered)
+    np.testing.assert_allclose([r.calibrated_confidence for r in out], [tempered[0, 0], tempered[1, 1]])

@@ -78,7 +78,11 @@ def test_metrics_without_bootstrap_has_null_intervals(runs):
         (["metrics", "{bad}", "--bootstrap", "0"], "predictions.jsonl:2: field 'confidence'"),
         (["calibrate", "--method", "histogram", "--fit", "{run}", "--apply", "{run}", "--out", "{tmp}/o"], "Unknown calibrator 'histogram'"),
         (["calibrate", "--method", "platt", "--fit", "{run}", "--fit-fraction", "1.5", "--out", "{tmp}/o"], "--fit-fraction"),
-        (["threshold", "{run}", "--target-accuracy", "1.2"], "`target_accuracy` must be in (0, 1)"),
+        (["threshold", "{run}", "--target-accuracy", "1.2"], "target 'accuracy>=1.2' must be a number in (0, 1)"),
+        (["threshold", "{run}", "--target", "precision(Maybe)>=0.9"], "label 'Maybe' of target"),
+        (["threshold", "{run}", "--target", "precison(Safe)>=0.9"], "Did you mean: precision?"),
+        (["conformal", "{run}", "--alpha", "1.5", "--apply", "{run}", "--out", "{tmp}/o"], "`alpha` must be in (0, 1)"),
+        (["conformal", "{run}", "--apply", "{bad}", "--out", "{tmp}/o"], "predictions.jsonl:2: field 'confidence'"),
     ],
 )
 def test_errors_are_one_line(runs, tmp_path, capsys, argv, message):
@@ -92,6 +96,7 @@ def test_errors_are_one_line(runs, tmp_path, capsys, argv, message):
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err
+    assert not (tmp_path / "o").exists()  # nothing half-written
 
 
 @pytest.mark.parametrize("columns", ["40", "300"])
@@ -157,11 +162,13 @@ def test_threshold_reports_coverage_on_other_runs(runs, tmp_path, capsys):
                  "--out", str(result)]) == 0
     assert "threshold" in capsys.readouterr().out
     report = json.loads(result.read_text())
-    choice = report["choice"]
-    assert choice["threshold"] is not None and choice["lower_bound"] >= 0.6
+    (guarantee,) = report["guarantees"]
+    assert guarantee["target"] == "accuracy>=0.6" and guarantee["certified"] and guarantee["delta"] == 0.05
+    assert guarantee["calibration"]["value"] >= 0.6 and report["n_calibration"] == 300
+    assert report["mode"] == "shared" and len(set(report["thresholds"].values())) == 1
     assert [a["run"] for a in report["applied"]] == [str(xstest), str(out / "xstest")]
     for a in report["applied"]:
-        assert 0 < a["coverage"] <= 1 and a["n"] == 150
+        assert 0 <= a["deferral_rate"] < 1 and a["n"] == 150
 
 
 def _all_right_run(folder, n: int):

@@ -374,7 +374,9 @@ def test_evaluation_rollouts_swap_and_serve_build_records_in_the_one_module(tmp_
                                                                                want.argmax_is_option, want.emitted_token)
         np.testing.assert_allclose(r.option_probs, want.option_probs, rtol=0, atol=1e-6)
     # analysis rows hold every record field
-    fields = set(PredictionRecord.__dataclass_fields__) - {"extra", "true_probs"}
+    # (the optional fields left out of the JSON when None: no truth, no calibration, no option set here)
+    fields = set(PredictionRecord.__dataclass_fields__) - {"extra", "true_probs", "calibrated_probs", "calibrated_confidence",
+                                                           "option_set"}
     for name in ("roll/rollouts.jsonl", "swap/greedy.jsonl"):
         for line in (tmp_path / name).read_text().splitlines():
             assert fields <= set(json.loads(line))

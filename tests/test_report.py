@@ -161,3 +161,27 @@ def test_lambda_table_holds_only_the_swept_entry_and_its_variants(tmp_path):
     # Per dataset: the main run (lambda 0.001) and its 0.005 variant; no third row at lambda 1.
     assert [r[1] for r in by_key["table8"].rows] == ["0.001", "0.005", "0.001", "0.005"]
     assert "Ours (cal-grpo-group)" in [r[1] for r in by_key["table4"].rows]
+
+
+class _MassFake(FakeDecal):
+    """As FakeDecal, with the label-mass metrics `decal metrics` writes since issue #23."""
+
+    def __call__(self, argv, log_path):
+        code = super().__call__(argv, log_path)
+        if argv[0] == "metrics":
+            path = __import__("pathlib").Path(argv[1]) / "metrics.json"
+            report = __import__("json").loads(path.read_text())
+            for key, value in (("mean_label_mass", 0.04), ("low_label_mass_share", 0.97)):
+                report["metrics"][key] = {"value": value, "ci_low": value - 0.01, "ci_high": value + 0.01}
+            path.write_text(__import__("json").dumps(report))
+        return code
+
+
+def test_label_mass_table_when_the_runs_have_it(tmp_path, experiment):
+    assert any("Table L omitted" in n for n in build_tables(experiment)[1])
+    root = tmp_path / "mass"
+    run_experiment(experiment_config_from_dict(tiny_config()), out=root, executor=_MassFake())
+    by_key = {t.key: t for t in build_tables(root)[0]}
+    table = by_key["tableL"]
+    assert table.header == ("Dataset", "Method", "m1 Label mass", "m1 < 50 %")
+    assert table.rows[0][2:] == ("4.00", "97.00")

@@ -321,14 +321,15 @@ def test_calibrator_and_threshold_as_decal_calibrate_and_threshold(tmp_path, tin
     cal_run = tmp_path / "cal" / "run"
     calibrated = {r.id: r for r in read_records(cal_run)}
     # a target whose threshold accepts some decisions and defers others, so both branches are checked
-    choice = None
+    report = None
     for target in (0.3, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7):
         assert main(["threshold", str(cal_run), "--target-accuracy", str(target), "--out", str(tmp_path / "thr.json")]) == 0
-        choice = json.loads((tmp_path / "thr.json").read_text())["choice"]
-        if choice["threshold"] is not None and 0 < choice["n_accepted"] < choice["n"]:
+        report = json.loads((tmp_path / "thr.json").read_text())
+        threshold = next(iter(report["thresholds"].values()))  # an accuracy target: one threshold for all labels
+        if threshold is not None and 0 < report["deferral_rate"] < 1:
             break
     else:
-        pytest.fail(f"no target gave a threshold with 0 < coverage < 1; last choice {choice}")
+        pytest.fail(f"no target gave a threshold with 0 < deferral < 1; last report {report}")
     args = ["--dtype", "float32", "--model", str(tiny_qwen3_dir), "--task", str(task),
             "--calibrator", str(tmp_path / "cal" / "calibrator.json"), "--threshold", str(tmp_path / "thr.json"),
             "--threads", "1", "--max-wait-ms", "50"]
@@ -340,7 +341,7 @@ def test_calibrator_and_threshold_as_decal_calibrate_and_threshold(tmp_path, tin
         body = httpx.post(f"{server.url}/v1/decide", json={"inputs": ["a"]}).json()
     assert server.returncode == 0
     assert body["calibrator"]["method"] == "platt" and len(body["calibrator"]["sha256"]) == 64
-    assert body["threshold"]["value"] == choice["threshold"] and body["threshold"]["target_accuracy"] == choice["target_accuracy"]
+    assert body["threshold"]["thresholds"] == report["thresholds"] and body["threshold"]["guarantees"] == [f"accuracy>={target:g}"]
     # The served raw values equal decal evaluate's to 1e-6; the calibrated ones equal what decal
     # calibrate makes of those served values, exactly, and the deferrals what decal threshold
     # accepts of them. (Against decal calibrate on evaluate's values they agree to the raw
@@ -355,18 +356,19 @@ def test_calibrator_and_threshold_as_decal_calibrate_and_threshold(tmp_path, tin
     assert main(["calibrate", "--calibrator", str(tmp_path / "cal" / "calibrator.json"), "--apply", str(served),
                  "--out", str(tmp_path / "cal-served")]) == 0
     recalibrated = {r.id: r for r in read_records(tmp_path / "cal-served" / "served")}
-    assert main(["threshold", str(cal_run), "--target-accuracy", str(choice["target_accuracy"]), "--apply",
+    assert main(["threshold", str(cal_run), "--target-accuracy", str(target), "--apply",
                  str(tmp_path / "cal-served" / "served"), "--out", str(tmp_path / "thr-served.json")]) == 0
     applied = json.loads((tmp_path / "thr-served.json").read_text())["applied"][0]
     for a in answers:
         _assert_same(a, raw[a["id"]])
         mine = recalibrated[a["id"]]
-        assert list(a["calibrated_option_probs"].values()) == pytest.approx(mine.option_probs, abs=1e-12)
-        assert a["calibrated_confidence"] == pytest.approx(mine.confidence, abs=1e-12)
-        assert a["calibrated_confidence"] == pytest.approx(calibrated[a["id"]].confidence, abs=1e-4)
-        assert a["defer"] == (a["calibrated_confidence"] < choice["threshold"])
-    assert sum(not a["defer"] for a in answers) == applied["n_accepted"]
-    assert 0 < applied["n_accepted"] < len(answers)  # both branches were exercised
+        assert list(a["calibrated_option_probs"].values()) == pytest.approx(mine.calibrated_probs, abs=1e-12)
+        assert a["calibrated_confidence"] == pytest.approx(mine.calibrated_confidence, abs=1e-12)
+        assert a["calibrated_confidence"] == pytest.approx(calibrated[a["id"]].calibrated_confidence, abs=1e-4)
+        assert a["defer"] == (a["calibrated_confidence"] < threshold)
+        assert a["guarantees"] == ([] if a["defer"] else [f"accuracy>={target:g}"])
+    assert sum(a["defer"] for a in answers) == round(applied["deferral_rate"] * applied["n"])
+    assert 0 < applied["deferral_rate"] < 1  # both branches were exercised
 
 
 # --- reasoning mode, multiple choice -----------------------------------------------------------

@@ -22,7 +22,9 @@ MARKER = "quokka-marker-9127"
 class StubEngine(Engine):
     """Option probabilities from the prompt length; an input holding "FAIL" makes the batch raise."""
 
-    name = "stub"
+    # The server asks the engine registry for the capabilities of `name` (its queue's batching:
+    # `decal.serve.engine.batching_defaults`); the stub batches as the hf engine does.
+    name = "hf"
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -34,8 +36,15 @@ class StubEngine(Engine):
     def score(self, sequences, decision_tokens, *, batch_size=8):
         if any(self.fail_token in s for s in sequences):
             raise RuntimeError("stub engine failure")
-        return [OptionScores(option_probs=[0.5 / len(s), 0.25], top_token="x", top_token_id=0, top_is_option=False)
-                for s in sequences]
+        # The top token is the likelier option's decision token, so each decision is valid (a model
+        # that answers with a label; `decal.recording`'s validity rule).
+        out = []
+        for s, dt in zip(sequences, decision_tokens, strict=True):
+            probs = [0.5 / len(s), 0.25]
+            top = dt.token_ids[max(range(2), key=probs.__getitem__)]
+            out.append(OptionScores(option_probs=probs, top_token=dt.tokens[dt.token_ids.index(top)], top_token_id=top,
+                                    top_is_option=True))
+        return out
 
     def info(self):
         return {"engine": "stub", "engine_version": None, "engine_options": {}}

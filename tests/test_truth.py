@@ -130,7 +130,7 @@ def test_records_copy_the_examples_truth():
 
 
 def test_calibrated_copy_keeps_the_truth():
-    assert _record(0).with_confidence(0.6).true_probs == [0.7, 0.3]
+    assert _record(0).with_calibration([0.6, 0.4], 0.6, calibrator="platt").true_probs == [0.7, 0.3]
 
 
 # --- summaries, metrics.json and the CLI ----------------------------------------------------------

@@ -16,16 +16,18 @@ returns ``self``, fitted attributes end in ``_``, ``transform`` before ``fit`` r
   exactly as scikit-learn does. With fewer than about 1000 fitting examples isotonic regression
   overfits (a staircase of few steps); prefer Platt scaling there.
 
-On prediction records (`apply_calibrator`) the prediction and ``correct`` never change; the
-original confidence and option probabilities are kept in ``extra`` (``uncalibrated_confidence``,
-``uncalibrated_option_probs``) and ``extra["calibrator"]`` names the method.
-- Temperature scaling replaces ``option_probs`` by the tempered distribution over the options
-  and sets ``confidence`` to its value at the predicted option. Note the change of scale: the
-  calibrated confidence is a probability among the options, not a full-vocabulary one.
+On prediction records (`apply_calibrator`) the raw fields never change: ``confidence`` and
+``option_probs`` stay the model's full-vocabulary probabilities, and the prediction, ``correct``
+and ``valid`` stay as they are. The calibrated values go beside them (docs/design.md, "Label mass"):
+``calibrated_probs`` (a distribution over the options) and ``calibrated_confidence`` (its value
+at the prediction), with ``extra["calibrator"]`` naming the method. Calibrators always fit on and
+transform the raw fields, so applying one to an already calibrated run replaces its calibration.
+- Temperature scaling gives ``calibrated_probs`` the tempered distribution over the options.
+  Note the change of scale: a probability among the options, not a full-vocabulary one.
 - Platt and isotonic map the confidence only. To keep SCE, MCE, Brier and NLL consistent with
-  it, ``option_probs`` is rescaled: the predicted option gets the calibrated confidence and the
-  other options share ``1 - confidence`` in proportion to their original probabilities
-  (uniformly if those were all 0). For two options this is exactly ``(c, 1 - c)``.
+  it, ``calibrated_probs`` gives the predicted option the calibrated confidence and shares
+  ``1 - confidence`` among the others in proportion to their raw probabilities (uniformly if
+  those were all 0). For two options this is exactly ``(c, 1 - c)``.
 """
 
 from __future__ import annotations
@@ -336,12 +338,13 @@ def fit_calibrator(calibrator: str | _Calibrator, records: Sequence) -> _Calibra
     """Fit a calibrator (or a name from `CALIBRATORS`) on prediction records.
 
     Temperature scaling fits on the options' log-probabilities and gold options; Platt and
-    isotonic fit on ``confidence`` and ``correct``. Invalid predictions are kept (they are wrong).
+    isotonic fit on the raw ``confidence`` and ``correct`` (a calibrated run's calibrated values
+    are ignored). Invalid predictions are kept (they are wrong).
     """
     from .records import records_to_arrays
 
     cal = make_calibrator(calibrator) if isinstance(calibrator, str) else calibrator
-    arrays = records_to_arrays(list(records))
+    arrays = records_to_arrays(list(records), scale="raw")
     if isinstance(cal, TemperatureScaling):
         return cal.fit(_option_logprobs(arrays), arrays.label_index)
     return cal.fit(arrays.confidence, arrays.correct)
@@ -363,15 +366,16 @@ def _rescale_options(class_probs: np.ndarray, pred: np.ndarray, conf: np.ndarray
 
 
 def apply_calibrator(calibrator: _Calibrator, records: Sequence) -> list:
-    """New prediction records with calibrated confidence and option probabilities.
+    """New prediction records with ``calibrated_probs`` and ``calibrated_confidence`` (module docstring).
 
-    See the module docstring for what happens to ``option_probs``; prediction, ``correct`` and
-    ``valid`` are unchanged, and ``extra`` keeps the uncalibrated values.
+    The raw ``confidence`` and ``option_probs``, the prediction, ``correct`` and ``valid`` are
+    unchanged.
     """
     from .records import records_to_arrays
 
     records = list(records)
-    arrays = records_to_arrays(records, require_gold=False)  # served decisions have none; calibration reads no gold
+    # raw: a calibrator maps the model's values; served decisions have no gold, and calibration reads none
+    arrays = records_to_arrays(records, scale="raw", require_gold=False)
     rows = np.arange(len(records))
     if isinstance(calibrator, TemperatureScaling):
         new_probs = calibrator.transform(_option_logprobs(arrays))
@@ -380,13 +384,6 @@ def apply_calibrator(calibrator: _Calibrator, records: Sequence) -> list:
         new_conf = calibrator.transform(arrays.confidence)
         new_probs = _rescale_options(arrays.class_probs, arrays.prediction_index, new_conf)
     return [
-        r.with_confidence(
-            float(c),
-            [float(v) for v in p],
-            calibrator=calibrator.name,
-            uncalibrated_confidence=r.confidence,
-            uncalibrated_option_probs=list(r.option_probs),
-        )
+        r.with_calibration([float(v) for v in p], float(c), calibrator=calibrator.name)
         for r, c, p in zip(records, new_conf, new_probs)
     ]
-

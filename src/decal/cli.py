@@ -43,6 +43,7 @@ COMMANDS = [
     "metrics",
     "calibrate",
     "threshold",
+    "conformal",
     "serve",
     "monitor",
 ]

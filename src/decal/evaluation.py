@@ -13,7 +13,13 @@ A rerun resumes only when every setting that can change a record is the one in `
 (`records.check_resume`, the analyses' rule too): model, adapter, task and its data checksums,
 split, mode, seed, temperature, max new tokens, batch size (the per-batch seeds and the padding
 depend on it), limit (it cuts the last chunk), prompt version, dtype, engine, engine options, the
-end-of-reasoning marker, and what the engine fell back on (`fallbacks`).
+end-of-reasoning marker, what the engine fell back on (`fallbacks`), and
+`decision_after_whitespace`.
+
+Decision after leading whitespace (issue #23 item 4). With ``decision_after_whitespace`` a
+non-reasoning run reads each decision at the first generated token that is not whitespace
+(`decal.recording`, greedy, at most `LEADING_WHITESPACE_BUDGET` tokens); ``run.json`` records the
+setting, and it is one of the record settings a rerun must match.
 
 Resuming (issue #3, #9a). The examples are cut into fixed chunks in task order, and each chunk
 into batches grouped by length; both depend only on the task and the batch size, never on what
@@ -40,13 +46,13 @@ from .errors import DataError
 from .records import RecordWriter, check_resume, completed_ids
 from .engines import Engine, as_engine
 from .engines.base import length_sorted_batches, prompt_seeds
-from .recording import RunFields, prepare_prompts, score_records
+from .recording import LEADING_WHITESPACE_BUDGET, RunFields, prepare_prompts, score_records
 from .scoring import encode_prompts
 from .tasks.prompts import render_chat
 from .tasks.schema import Task
 
 __all__ = ["run_metadata", "resume_settings", "check_run_folder", "data_checksums", "prompt_lengths", "evaluate",
-           "PREDICTIONS", "RUN_JSON"]
+           "PREDICTIONS", "RUN_JSON", "LEADING_WHITESPACE_BUDGET"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +62,8 @@ RUN_JSON = "run.json"
 _CHUNK_BATCHES = 32
 # run.json fields that can change a record: a rerun must match them all to resume (module docstring).
 _RECORD_SETTINGS = ("model", "adapter", "task", "task_spec", "split", "mode", "seed", "temperature", "max_new_tokens",
-                    "batch_size", "limit", "prompt_version", "dtype", "engine", "engine_options", "marker", "fallbacks")
+                    "batch_size", "limit", "prompt_version", "dtype", "engine", "engine_options", "marker", "fallbacks",
+                    "decision_after_whitespace")
 
 
 def _sha256(path: Path) -> str:
@@ -111,7 +118,7 @@ def _git_revision() -> str | None:
 
 def run_metadata(task: Task, *, model_name: str, adapter: str | None, task_name: str | None, seed: int,
                  temperature: float, max_new_tokens: int, batch_size: int, limit: int | None,
-                 model=None, marker: str = END_OF_REASONING) -> dict:
+                 model=None, marker: str = END_OF_REASONING, decision_after_whitespace: bool = False) -> dict:
     """The contents of ``run.json`` (see the module docstring); `model` is the `Engine` (or a
     transformers model) that scores, whose engine name, version, options and fallbacks are recorded."""
     if isinstance(model, Engine):
@@ -130,6 +137,7 @@ def run_metadata(task: Task, *, model_name: str, adapter: str | None, task_name:
         "temperature": float(temperature) if task.reasoning else None,
         "max_new_tokens": int(max_new_tokens) if task.reasoning else None,
         "marker": marker if task.reasoning else None,
+        "decision_after_whitespace": bool(decision_after_whitespace),
         "batch_size": int(batch_size),
         "limit": limit,
         "prompt_version": task.template.version,
@@ -160,14 +168,15 @@ def resume_settings(meta: dict) -> dict:
 def _check_settings(out_dir: Path, meta: dict, *, unknown: tuple[str, ...] = ()) -> None:
     """Refuse a rerun with other record settings (`records.check_resume`, one line)."""
     # what runs written before a setting was recorded used
-    legacy = {"engine": "hf", "engine_options": {}, "fallbacks": [],
+    legacy = {"engine": "hf", "engine_options": {}, "fallbacks": [], "decision_after_whitespace": False,
               "marker": END_OF_REASONING if meta["mode"] == "reasoning" else None}
     check_resume(out_dir, resume_settings(meta), write=False, unknown=unknown, legacy=legacy, project=resume_settings)
 
 
 def check_run_folder(out_dir: str | os.PathLike, task: Task, *, engine: str, dtype: str, model_name: str,
                      adapter: str | None, task_name: str | None, seed: int, temperature: float, max_new_tokens: int,
-                     batch_size: int, limit: int | None, marker: str = END_OF_REASONING) -> None:
+                     batch_size: int, limit: int | None, marker: str = END_OF_REASONING,
+                     decision_after_whitespace: bool = False) -> None:
     """`decal evaluate`'s early resume check, before any weights load: every record setting the
     engine recipe already fixes (`engine` name, resolved `dtype`); the engine options and
     fallbacks are compared once the engine is built (`evaluate`).
@@ -177,7 +186,7 @@ def check_run_folder(out_dir: str | os.PathLike, task: Task, *, engine: str, dty
     """
     meta = run_metadata(task, model_name=model_name, adapter=adapter, task_name=task_name, seed=seed,
                         temperature=temperature, max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit,
-                        marker=marker)
+                        marker=marker, decision_after_whitespace=decision_after_whitespace)
     meta.update(engine=engine, dtype=dtype)
     _check_settings(Path(out_dir), meta, unknown=("engine_options", "fallbacks"))
 
@@ -254,6 +263,7 @@ def _score_chunk(engine: Engine, task: Task, chunk, chunk_index: int, *, done: s
         records = score_records(
             engine, [prepared[i] for i in rows], run=run, reasoning=task.reasoning, temperature=settings["temperature"],
             max_new_tokens=settings["max_new_tokens"], seed=batch_seed, marker=settings["marker"],
+            decision_after_whitespace=settings["decision_after_whitespace"],
         )
         at = 0
         for b in group:
@@ -279,6 +289,7 @@ def evaluate(
     progress: bool = True,
     task_name: str | None = None,
     marker: str = END_OF_REASONING,
+    decision_after_whitespace: bool = False,
 ) -> Path:
     """Score a task split into `out_dir` (``predictions.jsonl`` + ``run.json``), resuming if begun.
 
@@ -295,6 +306,8 @@ def evaluate(
         progress: show a rich progress bar on stderr.
         task_name: the task spec or file the task came from (for ``run.json`` checksums).
         marker: the end-of-reasoning marker.
+        decision_after_whitespace: non-reasoning only: read the decision at the first generated
+            token that is not whitespace (module docstring), not at the first position.
 
     Returns:
         `out_dir` as a Path.
@@ -316,16 +329,18 @@ def evaluate(
         raise DataError(f"task '{task.name}' split '{task.split}' has no examples; nothing to evaluate")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if decision_after_whitespace and task.reasoning:
+        raise ValueError("`decision_after_whitespace` is for non-reasoning runs; reasoning already reads after </think>")
     meta = run_metadata(task, model_name=model_name, adapter=adapter, task_name=task_name, seed=seed,
                         temperature=temperature, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                        limit=limit, model=engine, marker=marker)
+                        limit=limit, model=engine, marker=marker, decision_after_whitespace=decision_after_whitespace)
     _check_resumable(out_dir, meta)
     write_json_atomic(out_dir / RUN_JSON, meta)
     done = completed_ids(out_dir / PREDICTIONS)
     settings = {"seed": seed, "temperature": temperature, "max_new_tokens": max_new_tokens, "marker": marker,
-                "batch_size": batch_size}
+                "batch_size": batch_size, "decision_after_whitespace": decision_after_whitespace}
     run = RunFields.of(task, model=model_name, adapter=meta["adapter"], seed=seed)
-    reserve = max_new_tokens if task.reasoning else 1
+    reserve = max_new_tokens if task.reasoning else (LEADING_WHITESPACE_BUDGET if decision_after_whitespace else 1)
     chunk_size = batch_size * _CHUNK_BATCHES
     logger.info("evaluating %d examples (%d already done) into %s", len(examples), len(done), out_dir)
     with RecordWriter(out_dir / PREDICTIONS) as writer, _progress(progress, len(examples), "") as bar:

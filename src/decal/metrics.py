@@ -35,6 +35,19 @@ target in bin ``B`` and ``conf(B)`` the mean confidence in ``B``.
   A predictor that reports the true probability of its choice has TCE 0. Unlike ECE these
   compare each example with its own right confidence, so they need no bins and are unbiased
   at small n.
+- Label mass (docs/design.md, "Label mass"): ``label_mass_i = min(1, sum_k option_probs[i, k])``,
+  the raw full-vocabulary probability the options hold together at the decision position (the
+  records' stored `label_mass`; clipped, as float32 sums can pass 1 by a few ulps); the mean and
+  the share of records below 0.5 (a low mass means the position read is not where the model
+  decides). Always on the raw scale, whatever calibrator a run went through.
+- Conformal option sets (records with ``option_set``): coverage ``mean_i 1[label_i in set_i]``,
+  mean set size, the share of sets with exactly one label (answered alone), and coverage and
+  mean size per true class (what a class-conditional, Mondrian, set promises).
+
+Scales. A calibrated run's records keep the raw values beside the calibrated ones
+(`decal.records`); `records_to_arrays` gives the calibrated ones to every metric that reads
+``confidence`` or ``class_probs``. `METRIC_INPUTS` says which input each metric reads, and
+`metrics_report` states the resolved scale of each (``"scale"`` per metric).
 """
 
 from __future__ import annotations
@@ -78,12 +91,20 @@ __all__ = [
     "true_calibration_error_rms",
     "mean_overconfidence",
     "bayes_accuracy",
+    "mean_label_mass",
+    "low_label_mass_share",
+    "set_coverage",
+    "mean_set_size",
     "bootstrap_ci",
     "binned_stats",
     "summarize",
     "metrics_report",
     "SUMMARY_KEYS",
     "TRUTH_KEYS",
+    "SET_KEYS",
+    "METRIC_INPUTS",
+    "LOW_LABEL_MASS",
+    "input_scales",
 ]
 
 Binning = Literal["equal_mass", "equal_width"]
@@ -105,9 +126,27 @@ SUMMARY_KEYS = (
     "invalid_rate",
     "aurc",
     "mean_confidence",
+    "mean_label_mass",
+    "low_label_mass_share",
 )
 # Added to `summarize` and `metrics_report` when the records carry `true_probs`.
 TRUTH_KEYS = ("tce", "tce_rms", "mean_overconfidence", "bayes_accuracy")
+# Added when the records carry conformal option sets, followed by `set_coverage[<label>]` and
+# `mean_set_size[<label>]` for each class (over the examples whose gold label it is).
+SET_KEYS = ("set_coverage", "mean_set_size", "singleton_share")
+# The label mass below which a record counts in `low_label_mass_share`.
+LOW_LABEL_MASS = 0.5
+# Which input of the records each metric reads (module docstring, "Scales"); per-class set keys
+# read "option_set" too.
+METRIC_INPUTS = {
+    **{k: "prediction" for k in ("accuracy", "invalid_rate")},
+    **{k: "confidence" for k in ("ece", "ece_equal_width", "max_calibration_error", "auroc", "aurc",
+                                 "overconfidence_ratio", "mean_confidence", "tce", "tce_rms", "mean_overconfidence")},
+    **{k: "class_probs" for k in ("sce", "mce", "brier", "nll")},
+    **{k: "option_probs" for k in ("mean_label_mass", "low_label_mass_share")},
+    **{k: "option_set" for k in SET_KEYS},
+    "bayes_accuracy": "true_probs",
+}
 
 
 def binned_stats(confidence, correct, *, n_bins: int = 10, binning: Binning = "equal_mass") -> BinStats:
@@ -406,6 +445,77 @@ def aurc(confidence, correct) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
+# Label mass and option sets (module docstring).
+
+
+def mean_label_mass(option_probs) -> float:
+    """Mean over examples of the options' summed full-vocabulary probability.
+
+    Args:
+        option_probs: Array of shape (n, K), the raw full-vocabulary `option_probs` (not renormalised).
+
+    Example:
+        >>> mean_label_mass([[0.5, 0.25], [0.125, 0.125]])  # (0.75 + 0.25) / 2
+        0.5
+    """
+    return float(np.mean(_row_mass(option_probs)))
+
+
+def low_label_mass_share(option_probs, *, threshold: float = LOW_LABEL_MASS) -> float:
+    """Share of examples whose options hold less than `threshold` of the probability together.
+
+    Example:
+        >>> low_label_mass_share([[0.6, 0.3], [0.01, 0.02], [0.2, 0.2]])
+        0.6666666666666666
+    """
+    mass = _row_mass(option_probs)
+    return float(np.count_nonzero(mass < threshold) / len(mass))
+
+
+def _row_mass(option_probs) -> np.ndarray:
+    """Each row's label mass: its sum clipped at 1, as records store it (module docstring)."""
+    probs = _check_probabilities(option_probs, "option_probs", ndim=2)
+    return np.minimum(np.einsum("ij->i", probs), 1.0)
+
+
+def _check_sets(option_set, labels=None) -> tuple[np.ndarray, np.ndarray | None]:
+    sets = np.asarray(option_set)
+    if sets.ndim != 2 or sets.shape[0] == 0 or sets.dtype != bool:
+        raise ValueError(f"`option_set` must be a boolean array of shape (n, K); got dtype {sets.dtype}, shape {sets.shape}.")
+    if labels is None:
+        return sets, None
+    labs = _check_labels(labels, sets.shape[1])
+    _check_same_length(option_set=sets, labels=labs)
+    return sets, labs
+
+
+def set_coverage(option_set, labels) -> float:
+    """Share of examples whose option set holds the gold label.
+
+    Args:
+        option_set: Boolean array of shape (n, K), membership of each option in each set.
+        labels: Array of shape (n,), gold option indices.
+
+    Example:
+        >>> set_coverage([[True, False], [True, True], [False, True]], [0, 1, 0])
+        0.6666666666666666
+    """
+    sets, labs = _check_sets(option_set, labels)
+    return float(np.count_nonzero(sets[np.arange(len(labs)), labs]) / len(labs))
+
+
+def mean_set_size(option_set) -> float:
+    """Mean number of options per set.
+
+    Example:
+        >>> mean_set_size([[True, False], [True, True], [False, False]])
+        1.0
+    """
+    sets, _ = _check_sets(option_set)
+    return float(np.count_nonzero(sets) / len(sets))
+
+
+# ---------------------------------------------------------------------------------------------
 # Metrics against a known truth (module docstring).
 
 
@@ -560,9 +670,16 @@ class _Arrays:
     label_index: np.ndarray
     true_prob: np.ndarray | None = None  # (n,) true probability of each prediction, p*
     bayes_prob: np.ndarray | None = None  # (n,) max_k true_probs[:, k]
+    label_mass: np.ndarray | None = None  # (n,) sum of the raw option_probs
+    option_set: np.ndarray | None = None  # (n, K) bool, conformal set membership
+    labels: tuple[str, ...] | None = None  # the option labels (names of the per-class keys)
+    calibrated: bool = False  # confidence and class_probs are a calibrator's
 
     def take(self, idx: np.ndarray) -> "_Arrays":
-        return _Arrays(*(None if (v := getattr(self, f)) is None else v[idx] for f in self.__dataclass_fields__))
+        def pick(v):
+            return v[idx] if isinstance(v, np.ndarray) else v
+
+        return _Arrays(*(pick(getattr(self, f)) for f in self.__dataclass_fields__))
 
 
 def _arrays_of(records) -> _Arrays:
@@ -574,10 +691,31 @@ def _arrays_of(records) -> _Arrays:
     probs, labs = _check_probs_labels(arr.class_probs, arr.label_index)
     valid = _check_correct(arr.valid, "valid")
     _check_same_length(confidence=conf, class_probs=probs, valid=valid)
+    mass = _row_mass(arr.option_probs) if arr.label_mass is None else np.asarray(arr.label_mass, dtype=np.float64)
+    sets = None if arr.option_set is None else _check_sets(arr.option_set, labs)[0]
+    common = {"label_mass": mass, "option_set": sets, "labels": tuple(arr.labels), "calibrated": bool(arr.calibrated)}
     if arr.true_probs is None:
-        return _Arrays(conf, corr, valid, probs, labs)
+        return _Arrays(conf, corr, valid, probs, labs, **common)
     _, p_star = _check_truth(conf, arr.true_probs, arr.prediction_index)
-    return _Arrays(conf, corr, valid, probs, labs, p_star, np.max(arr.true_probs, axis=1))
+    return _Arrays(conf, corr, valid, probs, labs, p_star, np.max(arr.true_probs, axis=1), **common)
+
+
+def _set_summary(sets: np.ndarray, labs: np.ndarray, labels: tuple[str, ...] | None) -> dict[str, float]:
+    """`SET_KEYS`, then coverage and mean size per gold class (nan for a class with no example)."""
+    n = len(labs)
+    covered = sets[np.arange(n), labs]
+    sizes = np.count_nonzero(sets, axis=1)
+    out = {"set_coverage": np.count_nonzero(covered) / n, "mean_set_size": float(np.mean(sizes)),
+           "singleton_share": np.count_nonzero(sizes == 1) / n}
+    names = labels or tuple(str(k) for k in range(sets.shape[1]))
+    counts = np.bincount(labs, minlength=len(names))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        coverage = np.bincount(labs, weights=covered, minlength=len(names)) / counts
+        size = np.bincount(labs, weights=sizes, minlength=len(names)) / counts
+    for k, name in enumerate(names):
+        out[f"set_coverage[{name}]"] = float(coverage[k])
+        out[f"mean_set_size[{name}]"] = float(size[k])
+    return out
 
 
 def _summary(a: _Arrays, n_bins: int, binning: str, *, warn: bool = True) -> dict[str, float]:
@@ -603,22 +741,28 @@ def _summary(a: _Arrays, n_bins: int, binning: str, *, warn: bool = True) -> dic
         overconfidence_ratio=np.count_nonzero(conf > 0.99) / n,
         invalid_rate=1.0 - np.count_nonzero(a.valid) / n,
         mean_confidence=float(np.mean(conf)),
+        mean_label_mass=float(np.mean(a.label_mass)),
+        low_label_mass_share=np.count_nonzero(a.label_mass < LOW_LABEL_MASS) / n,
     )
+    ordered = {k: out[k] for k in SUMMARY_KEYS}
+    if a.option_set is not None:
+        ordered.update(_set_summary(a.option_set, a.label_index, a.labels))
     if a.true_prob is None:
-        return {k: out[k] for k in SUMMARY_KEYS}
+        return ordered
     gap = _truth_gap(conf, a.true_prob)
-    out.update(
+    ordered.update(
         tce=float(np.mean(np.abs(gap))),
         tce_rms=math.sqrt(float(np.mean(gap**2))),
         mean_overconfidence=float(np.mean(gap)),
         bayes_accuracy=float(np.mean(a.bayes_prob)),
     )
-    return {k: out[k] for k in SUMMARY_KEYS + TRUTH_KEYS}
+    return ordered
 
 
 def summarize(records, *, n_bins: int = 10, binning: Binning = "equal_mass") -> dict[str, float]:
     """All metrics of one run as a flat dict with the keys `SUMMARY_KEYS` (fractions), followed by
-    `TRUTH_KEYS` when the records carry `true_probs`.
+    `SET_KEYS` and the per-class set keys when the records carry option sets, then `TRUTH_KEYS`
+    when they carry `true_probs`.
 
     ``ece`` uses `binning`; ``ece_equal_width`` always uses equal-width bins. Invalid
     predictions stay in every metric (they are wrong, with their forced-decision confidence).
@@ -647,8 +791,9 @@ def metrics_report(
     metrics come from the same resamples. With ``n_resamples=0`` the intervals are ``None``.
 
     Returns:
-        ``{"n", "n_bins", "binning", "bootstrap", "level", "seed", "metrics": {key: {"value",
-        "ci_low", "ci_high"}}}`` with every `SUMMARY_KEYS` entry except ``n`` under metrics.
+        ``{"n", "n_bins", "binning", "bootstrap", "level", "seed", "scales", "metrics": {key:
+        {"value", "ci_low", "ci_high", "scale"}}}`` with every `summarize` key except ``n`` under
+        metrics; ``scales`` maps each input (`METRIC_INPUTS`) to the scale this run gives it.
     """
     n_bins, binning = _check_n_bins(n_bins), _check_binning(binning)
     if n_resamples != 0:
@@ -674,10 +819,33 @@ def metrics_report(
         "bootstrap": int(n_resamples),
         "level": float(level),
         "seed": int(seed),
+        "scales": (scales := input_scales(calibrated=a.calibrated)),
         "metrics": {
-            k: {"value": _json_float(point[k]), "ci_low": _json_float(intervals[k][0]), "ci_high": _json_float(intervals[k][1])}
+            k: {"value": _json_float(point[k]), "ci_low": _json_float(intervals[k][0]), "ci_high": _json_float(intervals[k][1]),
+                "scale": scales[_metric_input(k)]}
             for k in keys
         },
+    }
+
+
+def _metric_input(key: str) -> str:
+    return METRIC_INPUTS.get(key.split("[")[0], "option_set")
+
+
+def input_scales(*, calibrated: bool) -> dict[str, str]:
+    """The scale each metric input has in a run (module docstring, "Scales").
+
+    Example:
+        >>> input_scales(calibrated=True)["confidence"], input_scales(calibrated=False)["confidence"]
+        ('calibrated_confidence', 'full-vocabulary confidence')
+    """
+    return {
+        "prediction": "decision",
+        "confidence": "calibrated_confidence" if calibrated else "full-vocabulary confidence",
+        "class_probs": "calibrated_probs" if calibrated else "option_probs / label mass",
+        "option_probs": "full-vocabulary option_probs",
+        "option_set": "option_set",
+        "true_probs": "true_probs",
     }
 
 

@@ -11,6 +11,16 @@ so a decision means the same everywhere (docs/design.md, "Prediction and validit
   `GeneratedDecision` into a `PredictionRecord`; `score_records` runs the engine on prepared
   prompts and does both.
 
+Decision after leading whitespace (issue #23 item 4). Some models start their answer with
+whitespace or a header (users report "\n\n" as Llama Guard 3's first token under some chat
+templates), so the first position after the prompt is not where they decide, and its label mass
+is near 0. With ``decision_after_whitespace`` a non-reasoning read generates greedily up to
+`LEADING_WHITESPACE_BUDGET` tokens and reads the option distribution at the first one that is
+not whitespace (`decal.decision.find_decision` with an empty marker): the record is that
+generation's (`record_from_generation`), so valid means the token there is an option's, and
+``extra["decision_index"]`` says how many tokens came before it (``extra["forced"]``: the whole
+budget was whitespace, read after the last).
+
 The rules, each written once, in `_record`:
 
 - valid: the token the model emits at the decision position is an option's decision token. In a
@@ -48,7 +58,11 @@ __all__ = [
     "record_from_generation",
     "score_records",
     "record_row",
+    "LEADING_WHITESPACE_BUDGET",
 ]
+
+# Tokens generated at most to find the first non-whitespace one (module docstring).
+LEADING_WHITESPACE_BUDGET = 8
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -189,7 +203,7 @@ def record_from_generation(example: DecisionExample, generation: GeneratedDecisi
 
 def score_records(engine, prepared: Sequence[PreparedPrompt], *, run: RunFields, reasoning: bool,
                   temperature: float = 0.0, max_new_tokens: int = 256, seed: int | Sequence[int] = 0,
-                  marker: str = END_OF_REASONING) -> list[PredictionRecord]:
+                  marker: str = END_OF_REASONING, decision_after_whitespace: bool = False) -> list[PredictionRecord]:
     """Score prepared prompts in one engine call and build one record each, in order.
 
     Args:
@@ -199,9 +213,13 @@ def score_records(engine, prepared: Sequence[PreparedPrompt], *, run: RunFields,
         reasoning: generate and decide after the marker; else read the position after the prompt.
         temperature, max_new_tokens, marker: reasoning mode's generation settings.
         seed: the call's seed, or one per prompt (`Engine.generate`).
+        decision_after_whitespace: non-reasoning only: read at the first generated token that is
+            not whitespace (module docstring).
     """
     start = time.perf_counter()
     sequences, tokens = [p.ids for p in prepared], [p.tokens for p in prepared]
+    if not reasoning and decision_after_whitespace:
+        return _records_after_whitespace(engine, prepared, run=run, start=start)
     if not reasoning:
         scores = engine.score(sequences, tokens, batch_size=len(sequences))
         seconds = (time.perf_counter() - start) / max(1, len(prepared))
@@ -211,6 +229,18 @@ def score_records(engine, prepared: Sequence[PreparedPrompt], *, run: RunFields,
                                seed=seed, batch_size=len(sequences), marker=marker)
     seconds = (time.perf_counter() - start) / max(1, len(prepared))
     return [record_from_generation(p.example, g, p.tokens, run=run, seconds=seconds)
+            for p, (g,) in zip(prepared, rollouts, strict=True)]
+
+
+def _records_after_whitespace(engine, prepared: Sequence[PreparedPrompt], *, run: RunFields,
+                              start: float) -> list[PredictionRecord]:
+    """Non-reasoning records read at the first generated token that is not whitespace (module docstring)."""
+    rollouts = engine.generate([p.ids for p in prepared], [p.tokens for p in prepared], num_samples=1, temperature=0.0,
+                               max_new_tokens=LEADING_WHITESPACE_BUDGET, seed=0, batch_size=len(prepared), marker="")
+    seconds = (time.perf_counter() - start) / max(1, len(prepared))
+    # A forced read sits after the whole budget (`Decision.index` is -1 there).
+    return [record_from_generation(p.example, g, p.tokens, run=run, seconds=seconds,
+                                   extra={"decision_index": len(g.completion_ids) if g.forced else g.decision.index})
             for p, (g,) in zip(prepared, rollouts, strict=True)]
 
 

@@ -9,6 +9,13 @@ reading and writing, and the rule a rerun must pass to resume into a run folder
 The gold label is optional in the schema: a served decision (`decal serve`) has none, so its
 `label` and `correct` are None. Everything that needs gold (metrics, `read_records`,
 `records_to_arrays` by default) refuses records without it, naming the record.
+
+Raw and calibrated values live side by side (docs/design.md, "Label mass"): ``confidence`` and
+``option_probs`` are always the model's full-vocabulary probabilities, and a calibrated run adds
+``calibrated_probs`` (over the options, summing to 1) and ``calibrated_confidence``. Records that
+earlier releases calibrated in place (raw values kept in ``extra.uncalibrated_*``) are read back
+into this shape. An applied conformal run adds ``option_set`` (labels, in option order).
+`records_to_arrays` stacks the scale metrics use: calibrated where the run is calibrated.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Literal, Sequence
 
 import numpy as np
 
@@ -33,10 +40,15 @@ __all__ = [
     "records_to_arrays",
     "completed_ids",
     "check_resume",
+    "Scale",
 ]
 
 _REQUIRED = ("id", "task", "split", "prediction", "valid", "confidence", "option_probs", "labels")
 _GOLD = ("label", "correct")
+# Optional fields left out of the JSON when None, so records without them are unchanged.
+_OMIT_IF_NONE = ("true_probs", "calibrated_probs", "calibrated_confidence", "option_set")
+# Calibrated probabilities are written with float rounding; a row may miss 1 by this much.
+_SUM_TOLERANCE = 1e-6
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,7 +64,9 @@ class PredictionRecord:
     before it existed). `label` and `correct` are None for a decision without gold (serving).
     `true_probs` (optional) is the true probability of each option, aligned with `labels`, for a
     task that knows it (`decal.tasks.verdicts`); it is left out of the JSON when None, so records
-    of other tasks are unchanged.
+    of other tasks are unchanged. `calibrated_probs` / `calibrated_confidence` (optional, both or
+    neither) are a post-hoc calibrator's distribution over the options and its value at the
+    prediction; `option_set` (optional) is a conformal prediction set (module docstring).
     """
 
     id: str
@@ -68,6 +82,9 @@ class PredictionRecord:
     label_mass: float | None = None
     argmax_is_option: bool | None = None
     true_probs: list[float] | None = None
+    calibrated_probs: list[float] | None = None
+    calibrated_confidence: float | None = None
+    option_set: list[str] | None = None
     emitted_token: str | None = None
     completion: str | None = None
     model: str | None = None
@@ -84,10 +101,11 @@ class PredictionRecord:
             object.__setattr__(self, "label_mass", min(1.0, float(sum(self.option_probs))))
 
     def as_dict(self) -> dict:
-        """The record as a JSON-ready dict (`true_probs` left out when None)."""
+        """The record as a JSON-ready dict (the optional fields of `_OMIT_IF_NONE` left out when None)."""
         row = asdict(self)
-        if row["true_probs"] is None:
-            del row["true_probs"]
+        for key in _OMIT_IF_NONE:
+            if row[key] is None:
+                del row[key]
         return row
 
     def to_json(self) -> str:
@@ -106,6 +124,7 @@ class PredictionRecord:
         for key in _REQUIRED + (_GOLD if require_gold else ()):
             if row.get(key) is None:
                 raise DataError("missing required field", path=path, line=line, field=key)
+        row = _migrate_in_place_calibration(row)
         known = {f for f in cls.__dataclass_fields__}
         kwargs = {k: v for k, v in row.items() if k in known}
         if "argmax_is_option" not in row and "top_is_option" in row:
@@ -113,25 +132,77 @@ class PredictionRecord:
         kwargs.setdefault("label", None)
         kwargs.setdefault("correct", None)
         _check_fields(row, path=path, line=line)
+        _check_calibrated(row, row["labels"], path=path, line=line)
+        _check_option_set(row.get("option_set"), row["labels"], path=path, line=line)
         kwargs["id"] = str(row["id"])
         return cls(**kwargs)
 
-    def with_confidence(self, confidence: float, option_probs: Sequence[float] | None = None, **extra) -> "PredictionRecord":
-        """A copy with calibrated confidence (and option probabilities), for post-hoc calibrators.
+    def with_calibration(self, calibrated_probs: Sequence[float], calibrated_confidence: float, *, calibrator: str) -> "PredictionRecord":
+        """A copy with a post-hoc calibrator's values beside the raw ones (which stay as they are).
 
         `label_mass` keeps the raw value: it is the mass of the uncalibrated `option_probs`.
         """
-        new_extra = {**self.extra, **extra}
         return replace(
             self,
-            confidence=float(confidence),
-            option_probs=list(map(float, option_probs)) if option_probs is not None else self.option_probs,
-            extra=new_extra,
+            calibrated_probs=[float(p) for p in calibrated_probs],
+            calibrated_confidence=float(calibrated_confidence),
+            extra={**self.extra, "calibrator": calibrator},
         )
+
+    def with_option_set(self, option_set: Sequence[str]) -> "PredictionRecord":
+        """A copy carrying a conformal option set (labels, kept in option order)."""
+        chosen = set(option_set)
+        return replace(self, option_set=[lab for lab in self.labels if lab in chosen])
+
+
+def _migrate_in_place_calibration(row: dict) -> dict:
+    """A record calibrated in place by an earlier release, in today's shape (module docstring).
+
+    Those records overwrote `confidence` and `option_probs` and kept the raw values in
+    ``extra.uncalibrated_confidence`` / ``extra.uncalibrated_option_probs``.
+    """
+    extra = row.get("extra")
+    if "calibrated_probs" in row or not isinstance(extra, dict) or "uncalibrated_option_probs" not in extra:
+        return row
+    rest = {k: v for k, v in extra.items() if k not in ("uncalibrated_option_probs", "uncalibrated_confidence")}
+    return {
+        **row,
+        "calibrated_probs": row["option_probs"],
+        "calibrated_confidence": row["confidence"],
+        "option_probs": extra["uncalibrated_option_probs"],
+        "confidence": extra.get("uncalibrated_confidence", row["confidence"]),
+        "extra": rest,
+    }
 
 
 def _is_probability(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
+
+
+def _check_calibrated(row: dict, labels: list, *, path, line) -> None:
+    probs, conf = row.get("calibrated_probs"), row.get("calibrated_confidence")
+    if probs is None and conf is None:
+        return
+    if probs is None or conf is None:
+        missing = "calibrated_probs" if probs is None else "calibrated_confidence"
+        raise DataError("missing; a calibrated record carries calibrated_probs and calibrated_confidence",
+                        path=path, line=line, field=missing)
+    if not isinstance(probs, list) or len(probs) != len(labels) or not all(_is_probability(p) for p in probs):
+        raise DataError(f"must be a list of {len(labels)} probabilities in [0, 1]; got {probs!r}",
+                        path=path, line=line, field="calibrated_probs")
+    if abs(sum(probs) - 1.0) > _SUM_TOLERANCE:
+        raise DataError(f"must sum to 1 (a distribution over the options); sums to {sum(probs)!r}",
+                        path=path, line=line, field="calibrated_probs")
+    if not _is_probability(conf):
+        raise DataError(f"must be a probability in [0, 1]; got {conf!r}", path=path, line=line, field="calibrated_confidence")
+
+
+def _check_option_set(option_set, labels: list, *, path, line) -> None:
+    if option_set is None:
+        return
+    if not isinstance(option_set, list) or any(lab not in labels for lab in option_set) or len(set(option_set)) != len(option_set):
+        raise DataError(f"must be a list of distinct labels from {labels}; got {option_set!r}",
+                        path=path, line=line, field="option_set")
 
 
 def _check_fields(row: dict, *, path, line) -> None:
@@ -215,13 +286,23 @@ def read_records(path: str | os.PathLike) -> list[PredictionRecord]:
     return records
 
 
+Scale = Literal["calibrated", "raw"]
+
+
 @dataclass(frozen=True)
 class RecordArrays:
     """Records as plain arrays for the metric functions.
 
-    confidence: (n,) float; correct: (n,) bool; valid: (n,) bool; class_probs: (n, K) rows summing
-    to 1 (option_probs renormalised); label_index: (n,) int; prediction_index: (n,) int;
-    true_probs: (n, K) float when every record carries `true_probs`, else None.
+    confidence: (n,) float, the confidence metrics read: `calibrated_confidence` when the run is
+        calibrated and `scale="calibrated"`, else the raw full-vocabulary `confidence`.
+    class_probs: (n, K) rows summing to 1: `calibrated_probs`, or `option_probs` renormalised.
+    option_probs: (n, K) the raw full-vocabulary option probabilities, whatever the scale.
+    label_mass: (n,) the records' `label_mass`, the raw option probabilities' sum clipped at 1
+        (docs/design.md, "Label mass").
+    calibrated: whether `confidence` and `class_probs` are a calibrator's.
+    correct, valid: (n,) bool; label_index, prediction_index: (n,) int;
+    true_probs: (n, K) float when every record carries `true_probs`, else None;
+    option_set: (n, K) bool membership when every record carries an `option_set`, else None.
     """
 
     confidence: np.ndarray
@@ -233,43 +314,71 @@ class RecordArrays:
     prediction_index: np.ndarray
     labels: tuple[str, ...]
     true_probs: np.ndarray | None = None
+    label_mass: np.ndarray | None = None
+    calibrated: bool = False
+    option_set: np.ndarray | None = None
 
 
-def records_to_arrays(records: Sequence[PredictionRecord], *, require_gold: bool = True) -> RecordArrays:
+def _all_or_none(records: Sequence[PredictionRecord], name: str, what: str) -> bool:
+    """Whether every record has field `name` set; a DataError when only some have it."""
+    has = getattr(records[0], name) is not None
+    for r in records:
+        if (getattr(r, name) is not None) != has:
+            raise DataError(
+                f"record {r.id!r} {'lacks' if has else 'has'} `{name}` unlike record {records[0].id!r}; "
+                f"a run's records all carry {what} or none does",
+                field=name,
+            )
+    return has
+
+
+def records_to_arrays(records: Sequence[PredictionRecord], *, scale: Scale = "calibrated",
+                      require_gold: bool = True) -> RecordArrays:
     """Stack records that share one label set into arrays.
 
     Args:
-        records: records of one task.
+        records: prediction records of one run.
+        scale: "calibrated" reads `calibrated_confidence` / `calibrated_probs` where the run has
+            them (what metrics, thresholds and conformal sets use); "raw" always reads the
+            full-vocabulary `confidence` and renormalised `option_probs` (what calibrators fit on).
         require_gold: refuse a record without gold (`label` None). False for consumers that read
             only the confidences (applying a calibrator to served decisions): there a record
             without gold gets `label_index` -1 and `correct` False, which mean nothing.
 
-    Raises `DataError` if label sets differ, if some records carry `true_probs` and others not,
-    or (with `require_gold`) if a record has no gold label.
+    Raises `DataError` if label sets differ, if some records carry `true_probs`, calibrated
+    values or option sets and others not, or (with `require_gold`) if a record has no gold label.
     """
     if not records:
         raise DataError("no prediction records")
+    if scale not in ("calibrated", "raw"):
+        raise ValueError(f"`scale` must be 'calibrated' or 'raw'; got {scale!r}")
     labels = tuple(records[0].labels)
-    has_truth = records[0].true_probs is not None
     for r in records:
         if tuple(r.labels) != labels:
             raise DataError(f"record {r.id!r} has labels {r.labels}, expected {list(labels)}", field="labels")
         if require_gold and r.label is None:
             raise DataError(f"record {r.id!r} has no gold label; metrics need labelled records", field="label")
-        if (r.true_probs is not None) != has_truth:
-            raise DataError(
-                f"record {r.id!r} {'lacks' if has_truth else 'has'} `true_probs` unlike record {records[0].id!r}; "
-                "a run's records all carry the true probabilities or none does",
-                field="true_probs",
-            )
+    has_truth = _all_or_none(records, "true_probs", "the true probabilities")
+    calibrated = _all_or_none(records, "calibrated_probs", "calibrated values") and scale == "calibrated"
+    has_sets = _all_or_none(records, "option_set", "an option set")
     index = {lab: i for i, lab in enumerate(labels)}
     option_probs = np.asarray([r.option_probs for r in records], dtype=np.float64)
     totals = option_probs.sum(axis=1, keepdims=True)
-    # A row with no mass on any option (possible in float underflow) becomes uniform over options.
-    safe = np.where(totals > 0, totals, 1.0)
-    class_probs = np.where(totals > 0, option_probs / safe, 1.0 / len(labels))
+    if calibrated:
+        class_probs = np.asarray([r.calibrated_probs for r in records], dtype=np.float64)
+        confidence = np.asarray([r.calibrated_confidence for r in records], dtype=np.float64)
+    else:
+        # A row with no mass on any option (possible in float underflow) becomes uniform over options.
+        safe = np.where(totals > 0, totals, 1.0)
+        class_probs = np.where(totals > 0, option_probs / safe, 1.0 / len(labels))
+        confidence = np.asarray([r.confidence for r in records], dtype=np.float64)
+    option_set = None
+    if has_sets:
+        option_set = np.zeros((len(records), len(labels)), dtype=bool)
+        for i, r in enumerate(records):
+            option_set[i, [index[lab] for lab in r.option_set]] = True
     return RecordArrays(
-        confidence=np.asarray([r.confidence for r in records], dtype=np.float64),
+        confidence=confidence,
         correct=np.asarray([bool(r.correct) for r in records], dtype=bool),
         valid=np.asarray([r.valid for r in records], dtype=bool),
         option_probs=option_probs,
@@ -278,6 +387,9 @@ def records_to_arrays(records: Sequence[PredictionRecord], *, require_gold: bool
         prediction_index=np.asarray([index[r.prediction] for r in records], dtype=np.int64),
         labels=labels,
         true_probs=np.asarray([r.true_probs for r in records], dtype=np.float64) if has_truth else None,
+        label_mass=np.asarray([r.label_mass for r in records], dtype=np.float64),
+        calibrated=calibrated,
+        option_set=option_set,
     )
 
 

@@ -17,7 +17,7 @@ from typing import Optional
 
 import typer
 
-__all__ = ["register", "calibrate_runs", "run_names"]
+__all__ = ["register", "calibrate_runs", "run_names", "split_fit", "run_meta", "write_run", "make_out"]
 
 EPILOG = """Examples:
 
@@ -57,7 +57,7 @@ def run_names(paths: list[Path]) -> list[str]:
     return names
 
 
-def _split(records: list, fraction: float | None, seed: int) -> tuple[list, list]:
+def split_fit(records: list, fraction: float | None, seed: int) -> tuple[list, list]:
     """(fit part, held-out rest) of a run; the rest keeps the file order."""
     import numpy as np
 
@@ -74,21 +74,22 @@ def _split(records: list, fraction: float | None, seed: int) -> tuple[list, list
     return [r for r, c in zip(records, chosen) if c], [r for r, c in zip(records, chosen) if not c]
 
 
-def _run_meta(source: Path) -> dict:
+def run_meta(source: Path) -> dict:
     from .._io import read_json
 
     meta = read_json(source / "run.json") if (source / "run.json").is_file() else {}
     return meta if isinstance(meta, dict) else {"source_run_json": meta}
 
 
-def _write_run(out_dir: Path, meta: dict, records: list, calibration: dict) -> None:
+def write_run(out_dir: Path, meta: dict, records: list, entry: dict, *, key: str = "calibration") -> None:
+    """A derived run folder: its records and the source's run.json plus an entry saying how it was derived."""
     from .._io import write_json_atomic, write_text_atomic
 
     write_text_atomic(out_dir / "predictions.jsonl", "".join(r.to_json() + "\n" for r in records))
-    write_json_atomic(out_dir / "run.json", {**meta, "calibration": calibration})
+    write_json_atomic(out_dir / "run.json", {**meta, key: entry})
 
 
-def _make_out(out: Path) -> None:
+def make_out(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # e.g. a parent is a file, or a read-only file system
@@ -122,7 +123,7 @@ def calibrate_runs(
         calibrator, fit_part, rest = load_calibrator(calibrator_file), None, []
     else:
         calibrator, fit_dir = make_calibrator(method), Path(fit_dir)
-        fit_part, rest = _split(read_records(fit_dir) if fit_records is None else fit_records, fit_fraction, seed)
+        fit_part, rest = split_fit(read_records(fit_dir) if fit_records is None else fit_records, fit_fraction, seed)
         fit_calibrator(calibrator, fit_part)
     n_fit = None if fit_part is None else len(fit_part)
     if fit_records is not None:  # the labelled decisions are the run `decal threshold` picks a threshold on
@@ -139,13 +140,13 @@ def calibrate_runs(
     for name, (source, records, subset) in zip(names, sources):
         records = read_records(source) if records is None else records
         calibrated = apply_calibrator(calibrator, records)
-        meta = fit_meta if fit_records is not None and subset != "all" else _run_meta(source)
+        meta = fit_meta if fit_records is not None and subset != "all" else run_meta(source)
         pending.append((out / name, meta, calibrated, {**info, "source_run": str(source), "subset": subset}))
         summary["runs"].append({"name": name, "source": str(source), "subset": subset,
                                 "before": summarize(records), "after": summarize(calibrated)})
-    _make_out(out)
+    make_out(out)
     for args in pending:
-        _write_run(*args)
+        write_run(*args)
     calibrator.save(out / "calibrator.json")
     write_json_atomic(out / "summary.json", summary)
     return summary

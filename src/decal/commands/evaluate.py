@@ -23,7 +23,7 @@ from ._engine import (
     tensor_parallel_opt,
 )
 
-__all__ = ["register", "run_name", "summary_line", "run_many"]
+__all__ = ["register", "run_name", "summary_line", "run_many", "label_mass_hint"]
 
 EPILOG = """Examples:
 
@@ -39,6 +39,8 @@ EPILOG = """Examples:
 
   decal evaluate --engine remote --server-url http://gpu-1:8000/v1 --server-url http://gpu-2:8000/v1 \\
       --model Qwen/Qwen3-8B --task commonsense_qa --split validation --reasoning --out runs
+
+  decal evaluate --model smollm2-135m-instruct --task xstest --split test --decision-after-whitespace --out runs
 
 Rerunning the same command resumes where it stopped, with no id lost or doubled.
 """
@@ -66,7 +68,23 @@ def summary_line(records) -> dict[str, float]:
         "ece": s["ece"],
         "invalid_rate": s["invalid_rate"],
         "overconfidence_ratio": s["overconfidence_ratio"],
+        "mean_label_mass": s["mean_label_mass"],
     }
+
+
+def label_mass_hint(records, tokenizer) -> str | None:
+    """A one-line hint when the options hold little probability at the first answer position
+    (issue #23 item 4), naming how often the top token there is whitespace; None otherwise."""
+    from ..metrics import LOW_LABEL_MASS
+
+    mass = sum(r.label_mass for r in records) / len(records)
+    if mass >= LOW_LABEL_MASS:
+        return None
+    tops = [r.top_token for r in records if r.top_token is not None]
+    blank = sum(1 for t in tops if not tokenizer.convert_tokens_to_string([t]).strip())
+    share = f"; the top token there is whitespace in {100 * blank / len(tops):.0f}% of records" if tops else ""
+    return (f"the options hold {100 * mass:.1f}% of the probability at the first answer position on average{share}; "
+            "if the model starts its answer with whitespace or a header, rerun with --decision-after-whitespace")
 
 
 def _load_task(task: str, split: str, *, data_dir: Optional[Path], reasoning: bool):
@@ -187,6 +205,7 @@ def register(app: typer.Typer) -> None:
         split: str = typer.Option(..., "--split", metavar="SPLIT", help="Split to score."),
         out: Path = typer.Option(..., "--out", metavar="DIR", help="Parent folder; the run goes to DIR/<run name>."),
         reasoning: bool = typer.Option(False, "--reasoning", help="Generate a reasoning, then decide after </think>."),
+        decision_after_whitespace: bool = typer.Option(False, "--decision-after-whitespace", help="Non-reasoning: read the decision at the first generated token that is not whitespace (greedy, up to 8 tokens), for models that start their answer with a newline or a header."),
         adapter: Optional[str] = typer.Option(None, "--adapter", metavar="PATH", help="LoRA adapter folder (hf: merged into the weights in float32, attached otherwise; vllm: a LoRA request on the base model; remote: a LoRA module the server serves, by name or folder)."),
         limit: Optional[int] = typer.Option(None, "--limit", metavar="N", help="Score only the first N examples."),
         batch_size: int = typer.Option(8, "--batch-size", metavar="B", help="Examples per forward pass / generate call."),
@@ -223,7 +242,7 @@ def register(app: typer.Typer) -> None:
         from ..engines import prepare_engine
         from ..errors import DecisionTokenCollisionError
         from .._io import read_json
-        from ..evaluation import PREDICTIONS, RUN_JSON, check_run_folder, evaluate, prompt_lengths
+        from ..evaluation import LEADING_WHITESPACE_BUDGET, PREDICTIONS, RUN_JSON, check_run_folder, evaluate, prompt_lengths
         from ..records import read_records
 
         if offline:
@@ -234,6 +253,9 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter(f"must be at least 1; got {batch_size}", param_hint="--batch-size")
         if limit is not None and limit < 1:
             raise typer.BadParameter(f"must be at least 1; got {limit}", param_hint="--limit")
+        if decision_after_whitespace and reasoning:
+            raise typer.BadParameter("is for non-reasoning runs; --reasoning already reads after </think>",
+                                     param_hint="--decision-after-whitespace")
         options = engine_options(engine, tensor_parallel_size=tensor_parallel_size, data_parallel_size=data_parallel_size,
                                  gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
                                  engine_args=engine_arg, server_urls=server_url, served_model_name=served_model_name,
@@ -254,11 +276,12 @@ def register(app: typer.Typer) -> None:
                               api_key=api_key)
         try:
             ids, lengths = prompt_lengths(spec.tokenizer, the_task, limit=limit)
-            spec.check_prompt_lengths(lengths, reserve=max_new_tokens if reasoning else 1, names=ids)
+            reserve = max_new_tokens if reasoning else (LEADING_WHITESPACE_BUDGET if decision_after_whitespace else 1)
+            spec.check_prompt_lengths(lengths, reserve=reserve, names=ids)
             # a rerun into the folder with other record settings fails here, before the weights load
             check_run_folder(folder, the_task, engine=spec.engine, dtype=spec.dtype, model_name=model, adapter=adapter,
                              task_name=task, seed=seed, temperature=temperature, max_new_tokens=max_new_tokens,
-                             batch_size=batch_size, limit=limit)
+                             batch_size=batch_size, limit=limit, decision_after_whitespace=decision_after_whitespace)
             created = _make_run_folder(folder)
         except BaseException:
             spec.release()  # a remote engine's checked connection
@@ -268,7 +291,7 @@ def register(app: typer.Typer) -> None:
                 evaluate(
                     scorer, None, the_task, out_dir=folder, model_name=model, adapter=adapter, batch_size=batch_size,
                     max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, limit=limit, progress=progress,
-                    task_name=task,
+                    task_name=task, decision_after_whitespace=decision_after_whitespace,
                 )
         except DecisionTokenCollisionError as e:  # name the task file too (issue #9)
             _discard_if_empty(folder, created)
@@ -276,11 +299,16 @@ def register(app: typer.Typer) -> None:
         except BaseException:
             _discard_if_empty(folder, created)
             raise
-        s = summary_line(read_records(folder / PREDICTIONS))
+        records = read_records(folder / PREDICTIONS)
+        s = summary_line(records)
         fallbacks = read_json(folder / RUN_JSON).get("fallbacks") or []
         rich_console().print(
             f"{folder}: n={s['n']}  accuracy {100 * s['accuracy']:.1f}%  ECE {100 * s['ece']:.1f}%  "
-            f"invalid {100 * s['invalid_rate']:.1f}%  confidence>0.99 {100 * s['overconfidence_ratio']:.1f}%"
+            f"invalid {100 * s['invalid_rate']:.1f}%  confidence>0.99 {100 * s['overconfidence_ratio']:.1f}%  "
+            f"label mass {100 * s['mean_label_mass']:.1f}%"
             + (f"  fallbacks {len(fallbacks)} (see run.json)" if fallbacks else ""),
             soft_wrap=True,
         )
+        hint = None if reasoning or decision_after_whitespace else label_mass_hint(records, spec.tokenizer)
+        if hint:
+            typer.echo(f"warning: {hint}", err=True)

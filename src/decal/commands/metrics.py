@@ -17,8 +17,14 @@ EPILOG = """Examples:
 """
 
 
+def _unit(key: str) -> float:
+    """Percent like the paper, except NLL (nats) and set sizes (labels)."""
+    return 1.0 if key == "nll" or key.startswith("mean_set_size") else 100.0
+
+
 def metrics_table(report: dict, *, title: str):
-    """A rich table of a `metrics_report` (percent, like the paper; NLL in nats)."""
+    """A rich table of a `metrics_report` (percent, like the paper; NLL in nats, set sizes in
+    labels), with the scale each metric reads (calibrated or raw; `decal.metrics`, "Scales")."""
     from rich.table import Table
 
     from ..experiments.report import UNDEFINED
@@ -29,12 +35,14 @@ def metrics_table(report: dict, *, title: str):
     with_ci = report["bootstrap"] > 0
     if with_ci:
         table.add_column(f"{100 * report['level']:.0f}% CI", justify="right")
+    table.add_column("scale")
     for key, m in report["metrics"].items():
-        scale = 1.0 if key == "nll" else 100.0  # NLL is in nats, not a fraction
-        value = UNDEFINED if m["value"] is None or math.isnan(m["value"]) else f"{scale * m['value']:.2f}"
+        unit = _unit(key)
+        value = UNDEFINED if m["value"] is None or math.isnan(m["value"]) else f"{unit * m['value']:.2f}"
         row = [key, value]
         if with_ci:
-            row.append("–" if m["ci_low"] is None else f"[{scale * m['ci_low']:.2f}, {scale * m['ci_high']:.2f}]")
+            row.append("–" if m["ci_low"] is None else f"[{unit * m['ci_low']:.2f}, {unit * m['ci_high']:.2f}]")
+        row.append(m.get("scale") or "")
         table.add_row(*row)
     return table
 

@@ -29,7 +29,9 @@ EPILOG = """Examples:
   decal serve --model smollm2-135m-instruct --task xstest
 
   decal serve --model smollm2-135m-instruct --task openai_moderation --calibrator cal/platt/calibrator.json \\
-      --threshold threshold.json --port 8000
+      --threshold threshold.json --min-label-mass 0.5 --port 8000
+
+  decal serve --model Qwen/Qwen3-1.7B --task commonsense_qa --conformal sets/lac/conformal.json
 
   DECAL_API_KEY=secret decal serve --model Qwen/Qwen3-1.7B --adapter runs/cagrpo/adapter --task my_task.jsonl \\
       --host 0.0.0.0 --dtype bfloat16
@@ -57,7 +59,9 @@ def register(app: typer.Typer) -> None:
         split: Optional[str] = typer.Option(None, "--split", metavar="SPLIT", help="Split the task is read from (labels and template only); default: its first split."),
         adapter: Optional[str] = typer.Option(None, "--adapter", metavar="PATH", help="LoRA adapter folder (merged in float32, attached otherwise; remote: a LoRA module the server serves)."),
         calibrator: Optional[str] = typer.Option(None, "--calibrator", metavar="FILE", help="calibrator.json from `decal calibrate`, applied to every decision."),
-        threshold: Optional[str] = typer.Option(None, "--threshold", metavar="FILE|VALUE", help="Defer below this calibrated confidence: a value in [0, 1] or the JSON of `decal threshold --out`."),
+        threshold: Optional[str] = typer.Option(None, "--threshold", metavar="FILE|VALUE", help="Defer below this calibrated confidence: a value in [0, 1], or the file of `decal threshold --out` (a threshold per label; answers name the guarantees that apply)."),
+        conformal: Optional[str] = typer.Option(None, "--conformal", metavar="FILE", help="conformal.json of `decal conformal`: answers carry their option set and are deferred unless it is the decision alone."),
+        min_label_mass: Optional[float] = typer.Option(None, "--min-label-mass", metavar="M", help="Defer when the options hold less than M of the full-vocabulary probability together."),
         engine: str = engine_opt(),
         host: str = typer.Option("127.0.0.1", "--host", metavar="HOST", help="Address to listen on; beyond loopback it needs --api-key or --insecure."),
         port: int = typer.Option(8000, "--port", metavar="PORT", help="Port to listen on (0 picks a free one and logs it)."),
@@ -111,6 +115,7 @@ def register(app: typer.Typer) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         config = ServeConfig(
             model=model, task=task, split=split, adapter=adapter, calibrator=calibrator, threshold=threshold, engine=engine,
+            conformal=conformal, min_label_mass=min_label_mass,
             host=host, port=port, api_key=api_key, insecure=insecure, reasoning=reasoning, max_new_tokens=max_new_tokens,
             dtype=dtype, device=device, data_dir=data_dir, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
             offline=offline, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,

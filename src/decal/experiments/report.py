@@ -10,7 +10,9 @@ method, "Ours"), Table 5 (ECE after post-hoc calibrators), Table 6 (SCE and MCE)
 (AUROC), Table 8 (lambda sweep) and Table 9 (KL beta sweep); when the records carry the true
 answer probabilities (the `verdicts` task), the truth tables T1 (accuracy, ECE, true
 calibration error, mean overconfidence, mean confidence and Bayes accuracy of every method and
-sweep point) and T2 (true calibration error after post-hoc calibrators); the Figure 1/4 grids of
+sweep point) and T2 (true calibration error after post-hoc calibrators); Table L (the label
+mass: the options' summed full-vocabulary probability at the decision position, its mean and
+the share of records below 0.5, on the raw scale whatever the calibrator); the Figure 1/4 grids of
 reliability diagrams with confidence histograms come from `decal.plots.plot_grid`. A table
 with no runs behind it is left out, and the report says what was not run. Intervals (bootstrap)
 appear in the HTML as cell tooltips and, with `ci=True`, in the Markdown cells.
@@ -176,11 +178,13 @@ def build_tables(experiment_dir: str | Path, *, ci: bool = False) -> tuple[list[
         ("table3", lambda: _analysis_table(root, experiment, models, "swap")),
         ("table8", lambda: _sweep_table("table8", "Table 8: sensitivity to the calibration weight λ", "cal-grpo", "cal_lambda", "λ", experiment, models, datasets, index, ci=ci)),
         ("table9", lambda: _sweep_table("table9", "Table 9: effect of the KL coefficient β in GRPO", "grpo", "beta", "β", experiment, models, datasets, index, ci=ci)),
+        ("tableL", lambda: _metric_table("tableL", "Table L: label mass (%): the options' summed full-vocabulary probability at the decision position (mean; share of records below 50 %)", (("mean_label_mass", "Label mass"), ("low_label_mass_share", "< 50 %")), models, experiment["methods"], datasets, index, ci=ci)),
     ]
     why = {
         "table1": "no base/SFT/GRPO evaluations", "table4": "no calibration-aware GRPO evaluations",
         "table5": "no post-hoc calibrators were run", "table6": "no SCE/MCE metrics", "table7": "no AUROC metrics",
         "table2": "no rollout analysis was run", "table3": "no reasoning-swap analysis was run", "table8": "no λ sweep", "table9": "no β sweep",
+        "tableL": "no label-mass metrics (the runs' metrics.json predate them; rerun `decal metrics`)",
     }
     tables, notes = [], []
     for key, make in candidates:

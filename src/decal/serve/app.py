@@ -3,8 +3,10 @@
 Endpoints:
 
 - ``POST /v1/decide`` ``{"inputs": [...]}`` -> per input the decision, ``option_probs`` (label ->
-  probability), raw and calibrated confidence, ``defer``, ``valid`` (and ``reasoning`` in reasoning
-  mode), plus the model, adapter, calibrator and threshold identities;
+  probability), the label mass, raw and calibrated confidence, ``defer`` with the reasons and the
+  guarantees that apply (`decal.serve.policy`), the option set with ``--conformal``, ``valid``
+  (and ``reasoning`` in reasoning mode), plus the model, adapter, calibrator, threshold and
+  conformal identities;
 - ``POST /v1/moderations``: OpenAI's moderation schema (`decal.serve.moderation`), for two-label
   safety tasks;
 - every answer of both carries a ``decision_id``; with `--state-dir` its row is in the decision log
@@ -279,11 +281,14 @@ async def _decide(state: ServerState, raw_inputs, *, param: str, deadline: float
 def _identities(state: ServerState, epoch: ServingEpoch | None) -> dict:
     keys = ("model", "adapter", "engine", "task", "labels", "mode", "prompt_version")
     out = {k: state.info.get(k) for k in keys}
+    # The conformal sets and the label-mass floor are fixed for the server's life; a reload swaps
+    # the calibrator and threshold (`decal.serve.policy`).
+    fixed = {"conformal": state.info.get("conformal"), "min_label_mass": state.info.get("min_label_mass")}
     if epoch is None:
-        return {**out, "calibrator": state.info.get("calibrator"), "threshold": state.info.get("threshold"), "epoch": None}
+        return {**out, "calibrator": state.info.get("calibrator"), "threshold": state.info.get("threshold"), **fixed, "epoch": None}
     calibrator, threshold = epoch.calibrator, epoch.threshold
     return {**out, "calibrator": calibrator.to_dict() if calibrator else None,
-            "threshold": threshold.to_dict() if threshold else None, "epoch": epoch.id}
+            "threshold": threshold.to_dict() if threshold else None, **fixed, "epoch": epoch.id}
 
 
 def _route(state: ServerState, handler):
@@ -453,6 +458,7 @@ async def _reload(state: ServerState, changes: dict, *, source: str) -> dict:
             calibrator, threshold = await asyncio.to_thread(
                 lambda: (load_served_calibrator(sources["calibrator"]) if sources["calibrator"] else None,
                          load_threshold(sources["threshold"]) if sources["threshold"] is not None else None))
+            decider.policy.check_fits(threshold, calibrated=calibrator is not None)  # labels and scale
             settings = await asyncio.to_thread(state.epoch_settings, calibrator, threshold)
         except (ValueError, FileNotFoundError, OSError) as e:
             raise _HTTPError(422, f"reload failed, still serving epoch {state.epoch.id}: {' '.join(str(e).split())}") from e

@@ -14,8 +14,8 @@ anything is queued:
    the model's context, exactly as `decal evaluate` does.
 3. `decide` (blocking; the server runs it on its worker thread) scores a batch through the
    engine and builds its records with `decal.recording.score_records`, `decal evaluate`'s own
-   path, applies the calibrator with `decal.calibrators.apply_calibrator` and the threshold to
-   the calibrated confidence.
+   path, applies the calibrator with `decal.calibrators.apply_calibrator` and the deferral rules
+   (`decal.serve.policy`: threshold, option set, label mass) to the calibrated records.
 
 Served examples carry no gold label: their records have ``label`` and ``correct`` None.
 """
@@ -31,6 +31,7 @@ from ..errors import DecisionPositionError
 from ..records import PredictionRecord
 from ..recording import PreparedPrompt, RunFields, prepare_prompts, score_records
 from ..tasks.schema import DecisionExample, Task
+from .policy import DeferralPolicy, Verdict
 from .settings import CalibratorInfo, ThresholdInfo
 
 __all__ = ["InputError", "Answer", "Decider", "template_fields", "json_type"]
@@ -49,11 +50,27 @@ class InputError(ValueError):
 
 @dataclass(frozen=True)
 class Answer:
-    """One decision: the raw record (as `decal evaluate` writes it), the calibrated one, and `defer`."""
+    """One decision: the raw record (as `decal evaluate` writes it), the calibrated one, and the
+    policy's verdict (`defer`, why, the guarantees that apply, the option set)."""
 
     record: PredictionRecord
     calibrated: PredictionRecord
-    defer: bool
+    verdict: Verdict
+
+    @property
+    def defer(self) -> bool:
+        return self.verdict.defer
+
+    @property
+    def calibrated_probs(self) -> list[float]:
+        """After the calibrator; the raw option probabilities when the server has none."""
+        c = self.calibrated
+        return c.option_probs if c.calibrated_probs is None else c.calibrated_probs
+
+    @property
+    def calibrated_confidence(self) -> float:
+        c = self.calibrated
+        return c.confidence if c.calibrated_confidence is None else c.calibrated_confidence
 
     def to_dict(self, *, reasoning: bool) -> dict[str, Any]:
         labels = self.record.labels
@@ -62,14 +79,18 @@ class Answer:
             "decision": self.record.prediction,
             "option_probs": dict(zip(labels, self.record.option_probs)),
             "confidence": self.record.confidence,
-            "calibrated_option_probs": dict(zip(labels, self.calibrated.option_probs)),
-            "calibrated_confidence": self.calibrated.confidence,
+            "label_mass": self.record.label_mass,
+            "calibrated_option_probs": dict(zip(labels, self.calibrated_probs)),
+            "calibrated_confidence": self.calibrated_confidence,
             "defer": self.defer,
+            "deferred_because": list(self.verdict.reasons),
+            "guarantees": list(self.verdict.guarantees),
             "valid": self.record.valid,
             "emitted_token": self.record.emitted_token,
-            "label_mass": self.record.label_mass,
             "argmax_is_option": self.record.argmax_is_option,
         }
+        if self.verdict.option_set is not None:
+            out["option_set"] = self.verdict.option_set
         if reasoning:
             out["reasoning"] = self.record.completion
         return out
@@ -106,18 +127,21 @@ class Decider:
         engine: a `decal.engines.Engine` (hf or vllm).
         model_name, adapter: recorded in every record, as `decal evaluate` records them.
         calibrator: applied to every record (None: calibrated values equal the raw ones).
-        threshold: defer when the calibrated confidence is below it (None: never defer).
+        threshold: defer when the calibrated confidence is below it (None: never defer); the
+            shorthand for a `policy` with a threshold only.
+        policy: the deferral rules (`decal.serve.policy.DeferralPolicy`); overrides `threshold`.
         max_new_tokens: reasoning mode's generation budget (greedy decoding).
     """
 
     def __init__(
         self, task: Task, engine, *, model_name: str, adapter: str | None = None,
         calibrator: CalibratorInfo | None = None, threshold: ThresholdInfo | None = None,
-        max_new_tokens: int = 256, marker: str = END_OF_REASONING,
+        max_new_tokens: int = 256, marker: str = END_OF_REASONING, policy: DeferralPolicy | None = None,
     ):
         self.task, self.engine = task, engine
         self.labels = tuple(task.labels)
-        self.calibrator, self.threshold = calibrator, threshold
+        self.calibrator = calibrator
+        self.policy = policy or DeferralPolicy(threshold=threshold, labels=self.labels)
         self.marker = marker
         self.max_new_tokens = int(max_new_tokens)
         self.reserve = max_new_tokens if task.reasoning else 1
@@ -133,6 +157,15 @@ class Decider:
     @property
     def reasoning(self) -> bool:
         return self.task.reasoning
+
+    @property
+    def threshold(self):
+        """The policy's threshold (`settings.ThresholdInfo` or None); a reload assigns a new one."""
+        return self.policy.threshold
+
+    @threshold.setter
+    def threshold(self, threshold) -> None:
+        self.policy = self.policy.with_threshold(threshold)
 
     # 1. parse -------------------------------------------------------------------------------
 
@@ -218,13 +251,10 @@ class Decider:
         return self.finish(records)
 
     def finish(self, records: Sequence[PredictionRecord]) -> list[Answer]:
-        """Calibrator and threshold on records, row by row (`apply_calibrator` is per row)."""
+        """Calibrator and deferral rules on records, row by row (both are per row)."""
         from ..calibrators import apply_calibrator
 
         records = list(records)
         calibrated = apply_calibrator(self.calibrator.calibrator, records) if self.calibrator else records
-        threshold = self.threshold
-        return [
-            Answer(record=r, calibrated=c, defer=threshold.defers(c.confidence) if threshold else False)
-            for r, c in zip(records, calibrated)
-        ]
+        verdicts = self.policy.decide(calibrated)
+        return [Answer(record=r, calibrated=c, verdict=v) for r, c, v in zip(records, calibrated, verdicts)]

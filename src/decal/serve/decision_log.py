@@ -100,23 +100,17 @@ def input_fields(example) -> dict:
     return out
 
 
-def _label_mass(record) -> float:
-    # docs/design.md, "Label mass": the raw option probabilities' sum (a record field once it exists).
-    mass = getattr(record, "label_mass", None)
-    return float(mass) if mass is not None else float(sum(record.option_probs))
-
-
 def decision_row(answer, epoch: ServingEpoch, example, *, decision_id: str, endpoint: str, now: float,
                  log_bodies: bool) -> DecisionRow:
     """The store row of one answer (`decal.serve.decider.Answer`)."""
     text = json.dumps(input_fields(example), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    record, calibrated, settings = answer.record, answer.calibrated, epoch.epoch.settings
+    record, settings = answer.record, epoch.epoch.settings
     return DecisionRow(
         id=decision_id, time=now, epoch=epoch.id, endpoint=endpoint,
         input_sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(), input=text if log_bodies else None,
         labels=list(record.labels), decision=record.prediction, option_probs=[float(p) for p in record.option_probs],
-        confidence=float(record.confidence), calibrated_probs=[float(p) for p in calibrated.option_probs],
-        calibrated_confidence=float(calibrated.confidence), label_mass=_label_mass(record), defer=bool(answer.defer),
+        confidence=float(record.confidence), calibrated_probs=[float(p) for p in answer.calibrated_probs],
+        calibrated_confidence=float(answer.calibrated_confidence), label_mass=record.label_mass, defer=bool(answer.defer),
         valid=bool(record.valid), model=settings["model"], adapter=settings["adapter"],
         calibrator=epoch.calibrator_id, threshold=epoch.threshold_id,
     )

@@ -11,8 +11,8 @@ A two-label task makes one decision for all of OpenAI's categories, so every cat
 it: ``flagged`` and each ``categories[c]`` are true when the decision is the unsafe label, and
 each ``category_scores[c]`` is the calibrated probability of the unsafe label (the raw
 full-vocabulary one when no calibrator is loaded). Each result adds a ``decal`` object (the
-decision, confidences, ``defer``, ``valid``, and the ``decision_id`` that `/v1/feedback` takes),
-which OpenAI's clients keep as an extra field.
+decision, confidences, label mass, ``defer`` and why, the guarantees, ``valid``, and the
+``decision_id`` that `/v1/feedback` takes), which OpenAI's clients keep as an extra field.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def moderation_response(answers: Sequence[Answer], *, model: str, unsafe_label: 
     results = []
     for i, a in enumerate(answers):
         flagged = a.record.prediction == unsafe_label
-        score = a.calibrated.option_probs[a.calibrated.labels.index(unsafe_label)]
+        score = a.calibrated_probs[a.record.labels.index(unsafe_label)]
         results.append({
             "flagged": flagged,
             "categories": {c: flagged for c in OPENAI_CATEGORIES},
@@ -116,8 +116,11 @@ def moderation_response(answers: Sequence[Answer], *, model: str, unsafe_label: 
                 "decision": a.record.prediction,
                 "unsafe_label": unsafe_label,
                 "confidence": a.record.confidence,
-                "calibrated_confidence": a.calibrated.confidence,
+                "calibrated_confidence": a.calibrated_confidence,
+                "label_mass": a.record.label_mass,
                 "defer": a.defer,
+                "deferred_because": list(a.verdict.reasons),
+                "guarantees": list(a.verdict.guarantees),
                 "valid": a.record.valid,
                 "decision_id": decision_ids[i] if decision_ids is not None else None,
             },

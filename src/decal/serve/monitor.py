@@ -51,12 +51,12 @@ def theta(decision_id: str, score: str) -> float:
 
 
 def _raw(record):
-    """The record before any post-hoc calibration (`decal.calibrators.apply_calibrator` keeps it in `extra`)."""
-    extra = record.extra or {}
-    if "uncalibrated_option_probs" not in extra:
+    """The record before any post-hoc calibration (a calibrated record keeps its raw fields beside
+    the calibrated ones, `decal.records`; those of earlier releases are read back that way)."""
+    if record.calibrated_probs is None:
         return record
-    return replace(record, confidence=float(extra["uncalibrated_confidence"]),
-                   option_probs=[float(p) for p in extra["uncalibrated_option_probs"]], extra={})
+    return replace(record, calibrated_probs=None, calibrated_confidence=None,
+                   extra={k: v for k, v in (record.extra or {}).items() if k != "calibrator"})
 
 
 @dataclass(frozen=True)
@@ -90,8 +90,8 @@ class ReferenceRun:
 
         served = apply_calibrator(calibrator, self.records) if calibrator is not None else self.records
         return {"source": self.source, "sha256": self.sha256, "n": len(self.records),
-                "confidence": [float(r.confidence) for r in served],
-                "label_mass": records_to_arrays(list(self.records)).option_probs.sum(axis=1).tolist()}
+                "confidence": [float(r.confidence if r.calibrated_confidence is None else r.calibrated_confidence) for r in served],
+                "label_mass": records_to_arrays(list(self.records)).label_mass.tolist()}
 
 
 def _mean(values) -> float | None:

@@ -25,7 +25,7 @@ import signal
 import socket
 
 from .app import ServerState, create_app
-from .settings import ServeConfig, check_bind, load_served_calibrator, load_threshold
+from .settings import ServeConfig, check_bind, load_served_calibrator
 
 __all__ = ["build_state", "bind_socket", "serve"]
 
@@ -62,10 +62,13 @@ def build_state(config: ServeConfig) -> ServerState:
     from .decision_log import DecisionLog, epoch_settings
     from .engine import build_serving_engine, prepare_serving_engine
     from .moderation import unsafe_label_of
+    from .policy import load_policy
 
     task = _load_task(config)
     calibrator = load_served_calibrator(config.calibrator) if config.calibrator else None
-    threshold = load_threshold(config.threshold) if config.threshold is not None else None
+    policy, policy_info = load_policy(threshold=config.threshold, conformal=config.conformal,
+                                      min_label_mass=config.min_label_mass, labels=task.labels, calibrated=calibrator is not None)
+    threshold = policy.threshold
     unsafe_label = unsafe_label_of(task.labels, config.unsafe_label)
     spec = prepare_serving_engine(config)  # engine, options, model, adapter, tokenizer: no weights yet
     _check_decision_tokens(config, task, spec.tokenizer)
@@ -75,14 +78,13 @@ def build_state(config: ServeConfig) -> ServerState:
         "dtype_reason": spec.dtype_reason,
         "task": config.task, "labels": list(task.labels), "mode": "reasoning" if task.reasoning else "non-reasoning",
         "prompt_version": task.template.version, "max_new_tokens": config.max_new_tokens if task.reasoning else None,
-        "calibrator": calibrator.to_dict() if calibrator else None,
-        "threshold": threshold.to_dict() if threshold else None, "decal_version": __version__,
+        "calibrator": calibrator.to_dict() if calibrator else None, **policy_info, "decal_version": __version__,
     }
 
     def loader() -> Decider:
         engine = build_serving_engine(spec, task, prefix_cache=config.prefix_cache, threads=config.threads)
         decider = Decider(task, engine, model_name=config.model, adapter=config.adapter, calibrator=calibrator,
-                          threshold=threshold, max_new_tokens=config.max_new_tokens)
+                          policy=policy, max_new_tokens=config.max_new_tokens)
         decider.decide(decider.prepare(task.examples[:1]))  # warm-up: the first request pays no lazy setup
         return decider
 

@@ -1,10 +1,12 @@
 """Settings of `decal serve`: the frozen config, the threshold and calibrator it applies, bind rules.
 
 - `ServeConfig` holds every setting; the CLI builds it and nothing assigns to it afterwards.
-- `load_threshold` reads `--threshold`: a number in [0, 1], or the JSON that `decal threshold
-  --out` writes (its ``choice`` holds the threshold and the target accuracy and delta it was
-  chosen for; a ``null`` threshold means no threshold reached the target, so every decision is
-  deferred, as `decal.selective.apply_threshold(..., None)` accepts nothing).
+- `load_threshold` reads `--threshold`: a number in [0, 1], the JSON that `decal threshold --out`
+  writes (a threshold per label with its guarantees, `decal.selective.RiskControl`; how a server
+  defers with it is `decal.serve.policy`), or that of an earlier release (its ``choice`` holds
+  the threshold and the target accuracy and delta it was chosen for; a ``null`` threshold means
+  no threshold reached the target, so every decision is deferred, as
+  `decal.selective.apply_threshold(..., None)` accepts nothing).
 - `load_served_calibrator` reads `--calibrator` with `decal.calibrators.load_calibrator` (JSON,
   never a pickle) and keeps its identity (method, path, sha256) for responses.
 - `check_bind` refuses a non-loopback address without an API key unless `insecure`.
@@ -43,6 +45,7 @@ class ServeConfig:
     task, split, data_dir, reasoning, max_new_tokens: the task whose labels and prompt template
         turn each input into a prompt (split: which split to read it from; None picks the first).
     calibrator, threshold: `--calibrator FILE`, `--threshold FILE|VALUE` (None: not given).
+    conformal, min_label_mass: `--conformal FILE`, `--min-label-mass M` (`decal.serve.policy`).
     engine: a registered engine (`decal.engines.engine_names()`: hf, decal's batching queue over
         transformers; vllm; remote, vLLM servers at `engine_options.extra["server_urls"]`).
     host, port, api_key, insecure: where to listen and who may call.
@@ -75,6 +78,8 @@ class ServeConfig:
     max_new_tokens: int = 256
     calibrator: str | None = None
     threshold: str | None = None
+    conformal: str | None = None
+    min_label_mass: float | None = None
     engine: str = "hf"
     host: str = "127.0.0.1"
     port: int = 8000
@@ -148,6 +153,9 @@ class ThresholdInfo:
     source: "value" or the JSON file's path; sha256: the file's hash (None for a value).
     target_accuracy, delta, coverage: what the threshold was chosen for, from the JSON file.
     calibration_run: the run it was chosen on (the file's ``calibration_run``), if recorded.
+    risk_control: a per-label threshold file (`decal.selective.RiskControl`); then `value` is
+        None, `target_accuracy` the level of its accuracy target if any, and `scale` the
+        confidence its thresholds compare.
     """
 
     value: float | None
@@ -157,13 +165,23 @@ class ThresholdInfo:
     delta: float | None = None
     coverage: float | None = None
     calibration_run: str | None = None
+    risk_control: object = None
+    scale: str | None = None
 
-    def defers(self, calibrated_confidence: float) -> bool:
-        """Whether a decision with this calibrated confidence is deferred (`apply_threshold` rejects it)."""
+    def defers(self, calibrated_confidence: float, label: str | None = None) -> bool:
+        """Whether a decision (of `label`, for a per-label file) with this calibrated confidence is deferred."""
+        rc = self.risk_control
+        if rc is not None:
+            return bool(rc.defers([rc.labels.index(label)], [calibrated_confidence])[0])
         return self.value is None or not (calibrated_confidence >= self.value)
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        out = {k: v for k, v in self.__dict__.items() if k not in ("risk_control", "scale")}
+        rc = self.risk_control
+        if rc is not None:
+            out.update(scale=self.scale, thresholds=dict(rc.thresholds), band=rc.band(), deferral_rate=rc.deferral_rate,
+                       guarantees=[str(t) for t, ok in zip(rc.targets, rc.certified) if ok])
+        return out
 
 
 def _parse_value(text: str) -> float | None:
@@ -193,6 +211,8 @@ def load_threshold(spec: str) -> ThresholdInfo:
     if not path.is_file():
         raise FileNotFoundError(f"--threshold {spec}: neither a number in [0, 1] nor a file")
     data = read_json(path)
+    if isinstance(data, dict) and data.get("kind") == "decal.risk_control":
+        return _risk_control_threshold(path, data)
     choice = data.get("choice") if isinstance(data, dict) else None
     if not isinstance(choice, dict):
         raise DataError("missing; expected the JSON that `decal threshold --out` writes", path=path, field="choice")
@@ -210,6 +230,20 @@ def load_threshold(spec: str) -> ThresholdInfo:
         value=None if raw is None else float(raw), source=str(path), sha256=file_sha256(path),
         target_accuracy=number("target_accuracy"), delta=number("delta"), coverage=number("coverage"),
         calibration_run=data.get("calibration_run") if isinstance(data.get("calibration_run"), str) else None,
+    )
+
+
+def _risk_control_threshold(path: Path, data: dict) -> ThresholdInfo:
+    """A per-label threshold file of `decal threshold --out` as a `ThresholdInfo`."""
+    from ..selective import RiskControl
+
+    rc = RiskControl.from_dict(data, path=path)
+    accuracy = [t.level for t, ok in zip(rc.targets, rc.certified) if t.quantity == "accuracy" and ok]
+    run = data.get("calibration_run")
+    return ThresholdInfo(
+        value=None, source=str(path), sha256=file_sha256(path), target_accuracy=accuracy[0] if accuracy else None,
+        delta=rc.delta, coverage=1.0 - rc.deferral_rate, calibration_run=run if isinstance(run, str) else None,
+        risk_control=rc, scale=data.get("scale") if isinstance(data.get("scale"), str) else None,
     )
 
 

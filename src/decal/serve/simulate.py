@@ -126,7 +126,7 @@ def stream_pool(records: Sequence, *, calibrator=None, threshold: float | None =
     served = records_to_arrays(apply_calibrator(calibrator, records)) if calibrator is not None else raw
     rows = np.arange(len(raw.confidence))
     answered = np.ones(len(rows), dtype=bool) if threshold is None else served.confidence >= threshold
-    return StreamPool(confidence=served.confidence, label_mass=raw.option_probs.sum(axis=1), answered=answered,
+    return StreamPool(confidence=served.confidence, label_mass=raw.label_mass, answered=answered,
                       p_correct=raw.true_probs[rows, raw.prediction_index])
 
 
