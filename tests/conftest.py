@@ -194,3 +194,43 @@ def vllm_tiny_qwen3(tiny_qwen3_32_dir):
     spec = prepare_engine("vllm", str(tiny_qwen3_32_dir), dtype="float32", options=EngineOptions(extra=VLLM_TEST_OPTIONS))
     with spec.build() as engine:
         yield engine
+
+
+def peaked_qwen3_model(tokenizer, prompts: list[str], path: Path, *, distractor: bool = True) -> Path:
+    """A tiny random Qwen3 whose head gives the two labels most of the mass after these prompts.
+
+    The labels' rows of the (untied) head are `a * m + b * r` and `a * m - b * r`, with m the mean
+    direction of the final hidden states after the prompts and r a direction orthogonal to it, so
+    the label logits sit near 16 (151,669 others near 0: label mass about 0.99) and the choice
+    between them follows each prompt. With `distractor`, "You" gets a row a little below, so the
+    top token after some prompts is not an option; without it every read there is valid.
+    """
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
+                         tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tokenizer.pad_token_id)
+    model = Qwen3ForCausalLM(config).eval()
+    with torch.no_grad():
+        hidden = torch.stack([
+            model(input_ids=torch.tensor([tokenizer(p, add_special_tokens=False)["input_ids"]]),
+                  output_hidden_states=True).hidden_states[-1][0, -1] for p in prompts])  # (N, H)
+        m = hidden.mean(0) / hidden.mean(0).norm()
+        r = torch.randn(64)
+        r = r - (r @ m) * m
+        r = r / r.norm()
+        q = torch.randn(64)
+        q = q - (q @ m) * m - (q @ r) * r
+        q = q / q.norm()
+        a, b = 16 / float((hidden @ m).mean()), 3 / float((hidden @ r).std())
+        safe, unsafe, you = tokenizer.convert_tokens_to_ids(["Safe", "Unsafe", "You"])
+        model.lm_head.weight[safe] = a * m + b * r
+        model.lm_head.weight[unsafe] = a * m - b * r
+        if distractor:
+            model.lm_head.weight[you] = a * 0.97 * m + 6 / float((hidden @ q).std()) * q
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import peaked_qwen3_model
+
 from decal.cli import main
 from decal.decision import CONTEXT_TAIL, Decision, DecisionTokens, check_decision_positions, option_token_ids
 from decal.engines.base import Engine, GeneratedDecision, OptionScores, check_lengths
@@ -211,45 +213,6 @@ def test_one_length_check_names_the_longest_prompt_for_engines_and_training():
 # --- every path builds its records in decal.recording -------------------------------------------
 
 
-def _peaked_model(tokenizer, prompts: list[str], path: Path) -> Path:
-    """A tiny random Qwen3 whose head gives the two labels most of the mass after these prompts.
-
-    The labels' rows of the (untied) head are `a * m + b * r` and `a * m - b * r`, with m the mean
-    direction of the final hidden states after the prompts and r a direction orthogonal to it, so
-    the label logits sit near 16 (151,669 others near 0: label mass about 0.99) and the choice
-    between them follows each prompt. "You" gets a row a little below, so the top token after
-    some prompts is not an option.
-    """
-    import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    torch.manual_seed(0)
-    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
-                         tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tokenizer.pad_token_id)
-    model = Qwen3ForCausalLM(config).eval()
-    with torch.no_grad():
-        hidden = torch.stack([
-            model(input_ids=torch.tensor([tokenizer(p, add_special_tokens=False)["input_ids"]]),
-                  output_hidden_states=True).hidden_states[-1][0, -1] for p in prompts])  # (N, H)
-        m = hidden.mean(0) / hidden.mean(0).norm()
-        r = torch.randn(64)
-        r = r - (r @ m) * m
-        r = r / r.norm()
-        q = torch.randn(64)
-        q = q - (q @ m) * m - (q @ r) * r
-        q = q / q.norm()
-        a, b = 16 / float((hidden @ m).mean()), 3 / float((hidden @ r).std())
-        safe, unsafe, you = tokenizer.convert_tokens_to_ids(["Safe", "Unsafe", "You"])
-        model.lm_head.weight[safe] = a * m + b * r
-        model.lm_head.weight[unsafe] = a * m - b * r
-        model.lm_head.weight[you] = a * 0.97 * m + 6 / float((hidden @ q).std()) * q
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def safety_task_file(tmp_path_factory) -> Path:
     rng = np.random.default_rng(1)
@@ -267,7 +230,7 @@ def peaked_dir(tmp_path_factory, qwen3_tokenizer, safety_task_file) -> Path:
 
     task = load_task(str(safety_task_file), "all")
     prompts = [render_chat(qwen3_tokenizer, task.user_message(ex), reasoning=False) for ex in task.examples]
-    return _peaked_model(qwen3_tokenizer, prompts, tmp_path_factory.mktemp("peaked-qwen3"))
+    return peaked_qwen3_model(qwen3_tokenizer, prompts, tmp_path_factory.mktemp("peaked-qwen3"))
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import LOGPROB_ATOL_SMOLLM2, LOGPROB_ATOL_TINY, assert_logprobs_close
+from conftest import LOGPROB_ATOL_SMOLLM2, LOGPROB_ATOL_TINY, assert_logprobs_close, peaked_qwen3_model
 from decal.cli import main
 from decal.records import read_records
 from decal.serve.process import ServeProcess
@@ -302,20 +302,28 @@ def test_moderation_matches_openai_schema(tiny_server, client, tiny_records, saf
 # --- calibrator and threshold as decal calibrate / decal threshold apply them -------------------
 
 
-def test_calibrator_and_threshold_as_decal_calibrate_and_threshold(tmp_path, tiny_qwen3_dir):
-    # A random model's confidence says nothing, so the gold labels are made to agree with it: two
-    # thirds of its 20 most confident predictions are right, two thirds of the others wrong. Platt
-    # scaling then learns a real map (not a separating one, whose steep slope would magnify float
-    # rounding), and a threshold can accept some decisions and defer others.
+def test_calibrator_and_threshold_as_decal_calibrate_and_threshold(tmp_path, qwen3_tokenizer):
+    # A tiny random Qwen3 whose head puts the two labels on top after these prompts (conftest.py:
+    # every read is valid, as a guard model's; a random model's top token is no option, so all its
+    # records would be invalid and wrong). Its confidence says nothing, so the gold labels are made
+    # to agree with it: two thirds of its 20 most confident predictions are right, two thirds of
+    # the others wrong. Platt scaling then learns a real map, and a threshold can accept some
+    # decisions and defer others.
+    from decal.tasks import load_task
+    from decal.tasks.prompts import render_chat
+
     rows = _safety_rows(40, seed=5)
-    first = _evaluate(str(tiny_qwen3_dir), str(_write_jsonl(tmp_path / "raw.jsonl", rows)), tmp_path / "first")
+    shown = load_task(str(_write_jsonl(tmp_path / "rows.jsonl", rows)), "all")
+    prompts = [render_chat(qwen3_tokenizer, shown.user_message(ex), reasoning=False) for ex in shown.examples]
+    model_dir = peaked_qwen3_model(qwen3_tokenizer, prompts, tmp_path / "peaked", distractor=False)
+    first = _evaluate(str(model_dir), str(_write_jsonl(tmp_path / "raw.jsonl", rows)), tmp_path / "first")
     ranked = sorted(rows, key=lambda r: -first[r["id"]].confidence)
     for k, row in enumerate(ranked):
         prediction = first[row["id"]].prediction
         right = (k < 20) != (k % 3 == 2)
         row["label"] = prediction if right else next(lab for lab in row["labels"] if lab != prediction)
     task = _write_jsonl(tmp_path / "fit.jsonl", rows)
-    raw = _evaluate(str(tiny_qwen3_dir), str(task), tmp_path / "eval")
+    raw = _evaluate(str(model_dir), str(task), tmp_path / "eval")
     assert main(["calibrate", "--method", "platt", "--fit", str(tmp_path / "eval" / "run"), "--apply",
                  str(tmp_path / "eval" / "run"), "--out", str(tmp_path / "cal")]) == 0
     cal_run = tmp_path / "cal" / "run"
@@ -330,7 +338,7 @@ def test_calibrator_and_threshold_as_decal_calibrate_and_threshold(tmp_path, tin
             break
     else:
         pytest.fail(f"no target gave a threshold with 0 < deferral < 1; last report {report}")
-    args = ["--dtype", "float32", "--model", str(tiny_qwen3_dir), "--task", str(task),
+    args = ["--dtype", "float32", "--model", str(model_dir), "--task", str(task),
             "--calibrator", str(tmp_path / "cal" / "calibrator.json"), "--threshold", str(tmp_path / "thr.json"),
             "--threads", "1", "--max-wait-ms", "50"]
     with ServeProcess(args, env=_env()) as server:
@@ -345,8 +353,7 @@ def test_calibrator_and_threshold_as_decal_calibrate_and_threshold(tmp_path, tin
     # The served raw values equal decal evaluate's to 1e-6; the calibrated ones equal what decal
     # calibrate makes of those served values, exactly, and the deferrals what decal threshold
     # accepts of them. (Against decal calibrate on evaluate's values they agree to the raw
-    # difference times the calibrator's slope: Platt's a p (1 - p) / c, about 6e5 on this random
-    # model's confidences of 7e-6, so to a few 1e-6.)
+    # difference times the calibrator's slope, Platt's a p (1 - p) / c: well inside 1e-4 here.)
     served = tmp_path / "served"
     served.mkdir()
     (served / "predictions.jsonl").write_text("".join(
