@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 from .._config import config_dataclass, load_yaml, validate_config
-from ..errors import ConfigError
+from ..errors import ConfigError, did_you_mean
 
 __all__ = ["TrainConfig", "METHODS", "CAL_TARGETS", "load_config_file", "merge_config", "config_to_dict"]
 
@@ -168,6 +168,10 @@ class TrainConfig:
         if self.method != "sft" and self.truncate_prompts:
             raise ConfigError(f"`truncate_prompts` applies to sft only; got True with {self.method}. TRL 1.16's "
                               f"GRPOConfig has no prompt truncation; `max_prompt_length` alone checks the prompts.")
+        engines = typing.get_args(SamplerEngine)
+        if self.engine not in engines:  # also when built in code, not only from a config file
+            raise ConfigError(f"Unknown `engine` {self.engine!r}.{did_you_mean(str(self.engine), engines)} "
+                              f"Available: {', '.join(engines)}.")
         if self.samples_on_engine and not self.is_grpo:
             raise ConfigError(f"`engine` chooses where GRPO samples; got {self.engine!r} with {self.method}, which "
                               "samples nothing. Drop --engine.")
