@@ -161,7 +161,7 @@ def warm_start_rule(rule: str) -> str:
     """The label rule in words, as `env.json` records it.
 
     Example:
-        >>> warm_start_rule("commit")[:45]
+        >>> warm_start_rule("commit")[:44]
         'the option with the larger true probability,'
     """
     if rule not in _RULES:
