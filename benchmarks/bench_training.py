@@ -318,13 +318,20 @@ def _methods_worker(spec: dict) -> dict:
         if spec["strided_head"]:  # as before decal.models.keep_head_input_contiguous existed
             for module in (decal.models, decal.training.sft):
                 patches.enter_context(mock.patch.object(module, "keep_head_input_contiguous", lambda m: None))
-        sampler = _PeakSampler()
-        sampler.start()
-        try:
-            train(config, progress=False)
-        finally:
-            sampler.running = False
-            sampler.join()
+        return _train_measured(config)
+
+
+def _train_measured(config) -> dict:
+    """`train(config)` with its peak RSS sampled every 20 ms (`_PeakSampler`)."""
+    from decal.training.runner import train
+
+    sampler = _PeakSampler()
+    sampler.start()
+    try:
+        train(config, progress=False)
+    finally:
+        sampler.running = False
+        sampler.join()
     return {"peak_rss_mb": sampler.peak}
 
 
@@ -396,14 +403,7 @@ def _engines_worker(spec: dict) -> dict:
     config = TrainConfig(method="grpo", model=spec["model"], task="verdicts", split="train", out=spec["out"], limit=64,
                          max_steps=spec["steps"], save_steps=10_000, seed=0, engine=spec["engine"],
                          init_adapter=spec["init_adapter"], **GRID_GRPO)
-    sampler = _PeakSampler()
-    sampler.start()
-    try:
-        train(config, progress=False)
-    finally:
-        sampler.running = False
-        sampler.join()
-    return {"peak_rss_mb": sampler.peak}
+    return _train_measured(config)
 
 
 def _run_engine(engine: str, args, root: Path) -> dict:
