@@ -305,7 +305,6 @@ def _methods_worker(spec: dict) -> dict:
     import decal.training.sft
     from decal.models import load_model
     from decal.training.config import TrainConfig
-    from decal.training.runner import train
 
     method = spec["method"]
     load_model(spec["model"])  # converts the GGUF once, outside the measured run
@@ -397,7 +396,6 @@ GRID_GRPO = {"batch_size": 32, "num_generations": 8, "grad_accum": 1, "learning_
 def _engines_worker(spec: dict) -> dict:
     from decal.models import load_model
     from decal.training.config import TrainConfig
-    from decal.training.runner import train
 
     load_model(spec["model"])  # converts the GGUF once, outside the measured run
     config = TrainConfig(method="grpo", model=spec["model"], task="verdicts", split="train", out=spec["out"], limit=64,
