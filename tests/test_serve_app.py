@@ -155,3 +155,13 @@ def test_moderation_needs_a_safety_task(qwen3_tokenizer):
         _wait_ready(client)
         r = client.post("/v1/moderations", json={"input": "hi"})
         assert r.status_code == 404 and "two-label safety task" in r.json()["error"]["message"]
+
+
+def test_serve_help_names_every_endpoint(capsys):
+    from decal.cli import main
+    from decal.serve.app import _ENDPOINTS
+
+    assert main(["serve", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # rich wraps the help text
+    missing = [path for path in _ENDPOINTS if path not in out]
+    assert not missing, f"`decal serve --help` does not name {missing}"

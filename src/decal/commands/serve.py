@@ -102,7 +102,7 @@ def register(app: typer.Typer) -> None:
         alarm_alpha: float = typer.Option(0.05, "--alarm-alpha", metavar="A", help="Monitor: each alarm's false-alarm probability over the whole stream."),
         monitor_window: int = typer.Option(500, "--monitor-window", metavar="N", help="Monitor: decisions and labels in the analysis window."),
     ) -> None:
-        """Serve calibrated decisions over HTTP: /v1/decide, /v1/moderations, /v1/feedback, /v1/monitor, /health, /ready, /metrics, /v1/info."""
+        """Serve calibrated decisions over HTTP: /v1/decide, /v1/moderations, /v1/feedback, /v1/monitor, /v1/admin/reload, /health, /ready, /metrics, /v1/info."""
         import logging
         import os
 
