@@ -134,11 +134,12 @@ def smollm2():
 
 # --- vLLM engines: one per model per test module --------------------------------------------------
 #
-# A vLLM engine takes 30-80 s to start on this CPU, so the tests of a module share one per model;
-# it is shut down when the module ends (issue #20 item 10), not held, with its worker processes and
-# KV cache, through the rest of the session. Their KV cache is 1 GiB (decal's CPU default is 2). The
-# engines run in worker processes started with `spawn`; pytest's own entry point is the `__main__`
-# they need.
+# On the CPU build an engine's core runs in the test process, one at a time (decal.engines.vllm
+# `_engine_core_here`): the first start of a session takes about 25 s, later ones about 5-10 s; an
+# engine started while another runs gets vLLM's worker processes (spawned; pytest's own entry point
+# is the `__main__` they need) and takes 50-80 s. So the tests of a module share one engine per
+# model, shut down when the module ends (issue #20 item 10), not held with its KV cache through the
+# rest of the session. Their KV cache is 1 GiB (decal's CPU default is 2).
 
 VLLM_TEST_OPTIONS = {"kv_cache_memory_bytes": 1 << 30}
 

