@@ -26,9 +26,9 @@ changes four defaults, each overridable with `--engine-arg`: `enforce_eager=True
 took 146 s at start-up for about 7 % more speed here); `kv_cache_memory_bytes` 2 GiB unless
 `VLLM_CPU_KVCACHE_SPACE` is set (otherwise vLLM reserves `gpu_memory_utilization` of the
 machine's RAM and refuses to start when other processes hold it);
-`enable_chunked_prefill=False`; and, for one engine of one rank, the engine core in this process
-(one at a time)
-(`distributed_executor_backend="uni"` with `VLLM_ENABLE_V1_MULTIPROCESSING=0` while it starts).
+`enable_chunked_prefill=False`; and, for one engine of one rank, the engine core in this process,
+one at a time (`distributed_executor_backend="uni"` with `VLLM_ENABLE_V1_MULTIPROCESSING=0`
+while it starts).
 Chunked prefill off is what makes per-request seeds work on the CPU: when a prompt's prefill is
 split over two steps vLLM rewinds that request's random generator, which CPU generators cannot
 do ("CPU Generator does not use offset"); without chunking no prefill is split.
@@ -36,8 +36,9 @@ do ("CPU Generator does not use offset"); without chunking no prefill is split.
 saves vLLM's two spawned processes (engine core, then worker), each re-importing torch and vLLM,
 and the core vLLM reserves for its scheduler on x86: on 2 cores start-up went from 57 s to 26 s
 and every throughput rose 1.7-2x (docs/design.md, "Measured costs"). Its side effects on this
-process are undone after start-up (`_engine_core_here`); where this process already has a
-torch.distributed group (a multi-process trainer), the engine keeps vLLM's worker processes. A vLLM server that
+process are undone after start-up (`_engine_core_here`); while another engine core runs here,
+or where this process has a torch.distributed group of its own (a multi-process trainer), the
+engine keeps vLLM's worker processes. A vLLM server that
 `--engine remote` calls must be started with the same settings for its records to equal these
 (`server_command` gives the command line; `LocalServer` runs it on a loopback port).
 
@@ -648,19 +649,16 @@ def _engine_core_here(kwargs: dict[str, Any]):
     import numpy as np
     import torch
 
-    if _CORES_HERE:
-        logger.info("a vLLM engine core runs in this process already: this one runs in vLLM's worker processes")
+    from vllm.distributed import parallel_state
+
+    foreign_group = (torch.distributed.is_available() and torch.distributed.is_initialized()
+                     and getattr(parallel_state, "_WORLD", None) is None)  # a group vLLM did not open
+    if _CORES_HERE or foreign_group:
+        logger.info("this process has %s: this vLLM engine runs in vLLM's worker processes",
+                    "a vLLM engine core already" if _CORES_HERE else "a torch.distributed group")
         kwargs["distributed_executor_backend"] = "mp"
         yield
         return
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        from vllm.distributed import parallel_state
-
-        if getattr(parallel_state, "_WORLD", None) is None:  # not vLLM's own group
-            logger.info("torch.distributed is initialised in this process: vLLM runs in its worker processes")
-            kwargs["distributed_executor_backend"] = "mp"
-            yield
-            return
     saved_env = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
     saved = (random.getstate(), np.random.get_state(), torch.get_rng_state(), torch.set_num_threads)
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
