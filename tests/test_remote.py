@@ -54,7 +54,7 @@ def _prompts(tok, task, n):
 
 
 def _max_log_diff(a, b) -> float:
-    return max(abs(math.log(x) - math.log(y)) for p, q in zip(a, b) for x, y in zip(p, q))
+    return max(abs(math.log(x) - math.log(y)) for p, q in zip(a, b, strict=True) for x, y in zip(p, q, strict=True))
 
 
 def _remote(urls, model="smollm2-135m-instruct", **kw):

@@ -221,9 +221,9 @@ def _perturb_lora(model, seed=1):
 # 50x the worst-case bound; a decision read one position off changes the loss by about 1e-2.
 EXACT_RTOL = 1e-9
 # The logged loss against one unpadded row at a time: there the row's tokens sit at other absolute
-# positions than in the left-padded batch, and RoPE's float32 cos/sin tables (u = 6e-8) round
-# differently per position and per CPU's vector math: measured 4.8e-9 relative on an Intel Xeon
-# with AVX512-BF16 (passed at 1e-9 on AMD EPYC AVX2). 1e-6 still fails on a decision read one
+# positions than in the left-padded batch, where RoPE's float32 cos/sin tables (u = 6e-8) are
+# the likely cause (not verified): measured 4.8e-9 relative on an Intel Xeon with AVX512-BF16
+# (passed at 1e-9 on AMD EPYC AVX2). 1e-6 still fails on a decision read one
 # position off (about 1e-2).
 ROW_RTOL = 1e-6
 
