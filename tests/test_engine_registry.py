@@ -11,7 +11,8 @@
   down, and the bearer token sent but never in an error message;
 - `logprob_refusal` on answers shaped like those of servers that cannot give exact probabilities.
 
-The records of the remote engine against real vLLM servers are tested in tests/test_remote.py.
+The records of the remote engine against real vLLM servers are tested in tests/test_remote.py
+(and under faults in tests/test_remote_faults.py).
 """
 
 from __future__ import annotations

