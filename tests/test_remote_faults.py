@@ -59,9 +59,10 @@ def written(tmp_path_factory):
     return tmp_path_factory.mktemp("remote-runs")
 
 
-# The fault runs: 4 batches of 8 reasoning prompts, 32 new tokens each (48 x 40 before issue #20 item 10):
-# long enough that a replica is killed mid-run and a run stops after its first batch.
-FAULT_N, FAULT_TOKENS = 32, 32
+# The fault runs: 6 batches of 8 reasoning prompts, 40 new tokens each, long enough that a replica is
+# killed mid-run and a run is stopped after its first batch (at 32 x 32 the runs ended before the kills
+# on a loaded 2-core machine).
+FAULT_N, FAULT_TOKENS = 48, 40
 
 
 def _evaluate_argv(urls, model, out, name, *extra):
