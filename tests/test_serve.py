@@ -541,15 +541,15 @@ def _has_vllm_engine() -> bool:
 def test_vllm_engine_serves_decal_evaluate_answers(tmp_path, data_dir, monkeypatch):
     import httpx
 
-    from decal.tasks import load_task
-
     import subprocess
     import sys
+
+    from decal.tasks import load_task
 
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")  # keep vLLM's CPU KV cache small on a shared machine
     common = ["test", "--limit", "8", "--data-dir", str(data_dir)]
     # `decal evaluate --engine vllm` from a shell-like subprocess (a fresh interpreter whose `__main__`
-    # is decal's: the CLI guards it for vLLM's spawned workers), then the server on the same engine
+    # is decal's; its one engine core runs in that process), then the server on the same engine
     argv = [sys.executable, "-m", "decal", "evaluate", "--model", "smollm2-135m-instruct", "--task", "xstest",
             "--split", *common, "--out", str(tmp_path / "vllm"), "--name", "run", "--no-progress", "--batch-size", "4",
             "--dtype", "float32", "--engine", "vllm", "--max-model-len", "1024"]
