@@ -28,6 +28,7 @@ def test_the_committed_chain_starts_from_the_committed_warm_start(tmp_path):
     steps = _steps(tmp_path)
     warm = _train_yaml(steps, "warm-start-commit")
     assert (warm["warm_start_labels"], warm["reasoning"], warm["select_split"]) == ("commit", True, "test")
+    assert warm["select_criterion"] == "last"  # GRPO starts from the converged warm start, not the luckiest checkpoint
     assert warm["max_steps"] > 60 and warm["max_steps"] % warm["save_steps"] == 0  # a curve of checkpoints
     for name in ("grpo-commit", "cal-grpo-commit", "cal-grpo-commit-group", "cal-grpo-commit_lambda=0.1",
                  "cal-grpo-commit_lambda=1"):

@@ -92,7 +92,7 @@ def test_a_committed_warm_start_runs_end_to_end_on_the_tiny_qwen3(tiny_qwen3_dir
     out = tmp_path / "warm"
     assert main(["train", "--model", str(tiny_qwen3_dir), "--out", str(out), *FLAGS, "--max-steps", "2",
                  "--save-steps", "1", "--warm-start-labels", "commit", "--select-split", "test", "--select-limit", "4",
-                 "--max-completion-length", "8"]) == 0
+                 "--max-completion-length", "8", "--select-criterion", "last"]) == 0
     assert yaml.safe_load((out / "config.resolved.yaml").read_text())["warm_start_labels"] == "commit"
     env = json.loads((out / "env.json").read_text())
     assert env["warm_start_labels"]["rule"] == "commit"
@@ -103,6 +103,10 @@ def test_a_committed_warm_start_runs_end_to_end_on_the_tiny_qwen3(tiny_qwen3_dir
     selection = json.loads((out / "selection.json").read_text())
     assert [c["step"] for c in selection["checkpoints"]] == [1, 2]
     assert all({"mean_confidence", "tce", "mean_overconfidence", "valid_rate"} <= set(c) for c in selection["checkpoints"])
+    # `last`: the final checkpoint is the adapter GRPO continues, whatever the scores
+    assert (selection["criterion"], selection["best"]) == ("last", 2)
+    best, final = (load_file(str(out / d / "adapter_model.safetensors")) for d in ("best_adapter", "checkpoint-2"))
+    assert best.keys() == final.keys() and all(best[k].equal(final[k]) for k in final)
     # the hedging default records its rule too
     hedge = tmp_path / "hedge"
     assert main(["train", "--model", str(tiny_qwen3_dir), "--out", str(hedge), *FLAGS, "--max-steps", "1"]) == 0

@@ -114,6 +114,7 @@ def register(app: typer.Typer) -> None:
             help="Comma-separated module names, or all-linear."),
         select_split: Optional[str] = _opt("select_split", metavar="SPLIT", panel="Checkpoint selection"),
         select_limit: Optional[int] = _opt("select_limit", metavar="N", panel="Checkpoint selection"),
+        select_criterion: Optional[str] = _opt("select_criterion", metavar="accuracy|last", panel="Checkpoint selection"),
         allow_pickle: Optional[bool] = _bool_opt("allow_pickle", panel="Safety"),
         trust_remote_code: Optional[bool] = _bool_opt("trust_remote_code", panel="Safety"),
     ) -> None:

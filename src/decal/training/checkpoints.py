@@ -129,6 +129,7 @@ def select_checkpoint(
     data_dir: str | None = None,
     reasoning: bool | None = None,
     limit: int | None = None,
+    criterion: str = "accuracy",
     batch_size: int = 8,
     max_new_tokens: int = 256,
     dtype: str = "auto",
@@ -145,6 +146,8 @@ def select_checkpoint(
         data_dir: folder of the paper datasets; None reads the run's config, then $DECAL_DATA_DIR.
         reasoning: prompt mode; None reads the run's config.
         limit: evaluate the first N examples only.
+        criterion: "accuracy" copies the most accurate checkpoint (ties: lower ECE, then the earlier
+            step); "last" copies the final one, and the scores are its training curve.
         batch_size, max_new_tokens, dtype, seed: passed to the evaluation and the model loader.
         progress: show progress bars.
 
@@ -159,6 +162,8 @@ def select_checkpoint(
     from ..evaluation import evaluate
     from ..models import load_model
 
+    if criterion not in ("accuracy", "last"):
+        raise ValueError(f"criterion must be 'accuracy' or 'last'; got {criterion!r}")
     out_dir = Path(out_dir)
     checkpoints = list_checkpoints(out_dir)
     if not checkpoints:
@@ -189,8 +194,8 @@ def select_checkpoint(
         rows.append({"step": step, **_score(Path(predictions))})
         logger.info("checkpoint %d on %s/%s: accuracy %.4f, ECE %.4f", step, task.name, split,
                     rows[-1]["accuracy"], rows[-1]["ece"])
-    best = _best(rows)
-    selection = {"task": task.name, "split": split, "criterion": "accuracy", "checkpoints": rows, "best": best,
+    best = _best(rows) if criterion == "accuracy" else max(r["step"] for r in rows)
+    selection = {"task": task.name, "split": split, "criterion": criterion, "checkpoints": rows, "best": best,
                  "best_adapter": "best_adapter"}
     copy_adapter(dict(checkpoints)[best], out_dir / "best_adapter")
     write_json_atomic(out_dir / SELECTION_NAME, selection)

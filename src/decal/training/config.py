@@ -31,6 +31,7 @@ Method = Literal["sft", "grpo", "cal-grpo"]
 CalTarget = Literal["uniform", "group-accuracy"]
 VllmMode = Literal["server", "colocate"]
 SamplerEngine = Literal["hf", "vllm"]
+SelectCriterion = Literal["accuracy", "last"]
 Dtype = Literal["float32", "bfloat16", "float16", "auto"]
 # TRL 1.16 GRPO loss types (trl/trainer/grpo_config.py).
 LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo"]
@@ -138,6 +139,10 @@ class TrainConfig:
         "After training, evaluate every checkpoint on this split and record the best in selection.json.",
         default=None)
     select_limit: int | None = _help("Evaluate checkpoint selection on the first N examples only.", default=None)
+    select_criterion: SelectCriterion = _help(
+        "Which scored checkpoint becomes best_adapter: accuracy (the most accurate; ties: lower ECE, then the "
+        "earlier step) or last (the final one; the scores are then a curve, e.g. to train a warm start until its "
+        "confidence stops rising).", default="accuracy")
     allow_pickle: bool = _help("Allow loading pickled (non-safetensors) weights.", default=False)
     trust_remote_code: bool = _help("Allow model code from the model folder or hub.", default=False)
 

@@ -69,7 +69,7 @@ ADAPTER_DIR = "adapter"
 # Trackers whose transformers integration needs a package; others pass through unchecked.
 _TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",)}
 # Fields whose change between a run and its resume is expected (more steps, another selection).
-_RESUME_MAY_CHANGE = {"max_steps", "epochs", "save_steps", "select_split", "select_limit", "report_to", "engine"}
+_RESUME_MAY_CHANGE = {"max_steps", "epochs", "save_steps", "select_split", "select_limit", "select_criterion", "report_to", "engine"}
 
 
 def _report_to(value: str) -> list[str] | str:
@@ -413,7 +413,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         return out
     if cfg.select_split:  # 6.
         select_checkpoint(out, cfg.task, cfg.select_split, model=cfg.model, data_dir=cfg.data_dir,
-                          reasoning=cfg.reasoning, limit=cfg.select_limit,
+                          reasoning=cfg.reasoning, limit=cfg.select_limit, criterion=cfg.select_criterion,
                           max_new_tokens=cfg.max_completion_length, seed=cfg.seed, progress=progress)
     write_json_atomic(out / DONE_NAME, {"global_step": trainer.state.global_step, "method": cfg.method,
                                         "seconds": round(time.time() - started, 1),
