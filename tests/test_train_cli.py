@@ -3,6 +3,7 @@ checkpoint selection, GRPO and cal-GRPO, and a two-process CPU run."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -170,6 +171,23 @@ def test_resume_after_sigkill(tiny_qwen3_dir, tmp_path):
     begins = [e["step"] for e in read_train_log(out) if e.get("event") == "train_begin"]
     assert begins[0] == 0 and begins[-1] == killed_at
     assert _logged_steps(out) == list(range(1, 13))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
+def test_grpo_sampling_on_vllm_finishes_as_a_command(tiny_qwen3_32_dir, tmp_path):
+    # `decal train --engine vllm` as a user runs it, in a process of its own: the vLLM engine core
+    # then runs in that process and opens its torch.distributed group. Closing the trainer's group
+    # before the sampler made vLLM's shutdown fail every such run after its last step
+    # ("error: Invalid process group specified", exit 1, seen on the reasoning grid's grpo-commit).
+    out = tmp_path / "grpo-vllm"
+    command = [sys.executable, "-m", "decal", "train", "--model", str(tiny_qwen3_32_dir), "--out", str(out),
+               "--method", "grpo", *GRPO_FLAGS, "--max-steps", "1", "--engine", "vllm"]
+    result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((out / "DONE").read_text())["global_step"] == 1
+    assert [e["step"] for e in read_train_log(out) if "reward" in e] == [1]
+    assert not (out / ".vllm-adapters").exists()  # the step adapters are removed with the engine
 
 
 @pytest.mark.slow

@@ -403,12 +403,16 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
             )
         _save_final_adapter(trainer, out)  # 5. the last collective
     finally:
+        # The sampler first: a vLLM engine core running in this process (one process, the CPU's
+        # "uni" executor) opened the default torch.distributed group, and its shutdown destroys it.
+        # Destroyed first by end_training, vLLM's shutdown then failed every `--engine vllm` run
+        # after its last step ("Invalid process group specified").
+        if sampler is not None:
+            sampler.close()  # the vLLM engine and its step adapters
         # A process that exits with its process group alive can abort at interpreter teardown
         # (gloo's worker threads still hold tensors: SIGABRT, "terminate called without an active
         # exception"), turning a finished multi-process run into a failed one. No-op in one process.
         trainer.accelerator.end_training()
-        if sampler is not None:
-            sampler.close()  # the vLLM engine and its step adapters
     if not trainer.is_world_process_zero():
         return out
     if cfg.select_split:  # 6.
